@@ -1,0 +1,52 @@
+# idcni: see README.md. Every target runs as root on a Debian machine with Go
+# at /usr/local/go; `make deps` installs the rest.
+export PATH := /usr/local/go/bin:$(PATH)
+GO ?= go
+CLANG ?= clang-19
+STRIP ?= llvm-strip-19
+BIN := $(CURDIR)/bin
+STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.7.0
+CNI_PLUGINS := github.com/containernetworking/plugins/plugins
+# Fuzzing the datapath for real (the seed corpus runs in `make test`).
+FUZZTIME ?= 10m
+
+.PHONY: all deps build generate check-generate test unit lint bench fuzz demo clean
+
+all: build
+
+deps:
+	@./scripts/install-deps.sh
+
+build:
+	@mkdir -p $(BIN)
+	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -o $(BIN)/host-local $(CNI_PLUGINS)/ipam/host-local
+	$(GO) build -o $(BIN)/loopback $(CNI_PLUGINS)/main/loopback
+
+# Regenerates the committed bpf2go output from bpf/kernel/*.c.
+generate: deps
+	BPF_CLANG=$(CLANG) BPF_STRIP=$(STRIP) $(GO) generate ./bpf/...
+
+# Fails when the committed objects are not what the C sources compile to.
+check-generate: deps
+	@./scripts/check-generate.sh
+
+lint:
+	@test -z "$$(gofmt -l $$(git ls-files '*.go'))" || { gofmt -l $$(git ls-files '*.go'); echo "gofmt: files above need formatting"; exit 1; }
+	$(GO) vet ./...
+	$(GO) run $(STATICCHECK) ./...
+
+test: deps check-generate lint build
+	$(GO) test -count=1 -timeout 40m ./...
+
+bench: deps build
+	$(GO) test -run '^$$' -bench . -benchtime 2s -timeout 60m ./bpf/ ./identity/ ./policy/...
+
+fuzz: deps
+	$(GO) test -run '^$$' -fuzz FuzzDatapath -fuzztime $(FUZZTIME) ./bpf/
+
+demo: deps build
+	./scripts/demo.sh
+
+clean:
+	rm -rf $(BIN)

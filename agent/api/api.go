@@ -1,0 +1,72 @@
+// Package api is the agent's local API: JSON over HTTP on a root-only unix
+// socket. The plugin registers endpoints through it, and endpointctl and
+// policyctl send manual overrides through it when an agent runs. Both sides
+// share these types so the protocol has one definition.
+package api
+
+import (
+	"net/netip"
+
+	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/policy"
+)
+
+// DefaultSocket is where the agent listens unless told otherwise
+// (IDCNI_AGENT_SOCKET or a flag).
+const DefaultSocket = "/run/idcni/agent.sock"
+
+// Paths of the API. Version the prefix, not the types: a new field is
+// backwards compatible, a new meaning gets a new path.
+const (
+	PathHealth          = "/v1/health"
+	PathEndpoints       = "/v1/endpoints/"          // + container ID; PUT registers, DELETE removes
+	PathManualEndpoints = "/v1/manual/endpoints"    // GET lists, PUT adds, DELETE ?ip= removes
+	PathManualRules     = "/v1/manual/rules"        // GET lists, POST adds
+	PathManualRulesDel  = "/v1/manual/rules/delete" // POST removes matching rules
+	PathDebug           = "/v1/debug"               // PUT {"on":bool}
+	PathEvents          = "/v1/events"              // GET streams NDJSON verdict events
+)
+
+// EndpointRequest is what the plugin knows about a pod at ADD time.
+type EndpointRequest struct {
+	ContainerID  string       `json:"containerID"`
+	Netns        string       `json:"netns"`
+	IfName       string       `json:"ifName"`
+	HostIfName   string       `json:"hostIfName"`
+	HostIfIndex  int          `json:"hostIfIndex"`
+	Addresses    []netip.Addr `json:"addresses"`
+	PodNamespace string       `json:"podNamespace,omitempty"`
+	PodName      string       `json:"podName,omitempty"`
+}
+
+// EndpointResponse is sent once the endpoint's identity, ipcache entry and
+// policy are in the maps.
+type EndpointResponse struct {
+	Identity identity.ID `json:"identity"`
+}
+
+// ManualEndpoint binds an address to a manual identity.
+type ManualEndpoint struct {
+	IP       netip.Addr  `json:"ip"`
+	Identity identity.ID `json:"identity"`
+}
+
+// Debug switches the kernel trace lines.
+type Debug struct {
+	On bool `json:"on"`
+}
+
+// Error is the body of every non-2xx answer.
+type Error struct {
+	Message string `json:"message"`
+}
+
+// RuleList is the answer of GET PathManualRules.
+type RuleList struct {
+	Rules []policy.ManualRule `json:"rules"`
+}
+
+// RuleRequest carries one policyctl allow/deny/delete.
+type RuleRequest struct {
+	Rule policy.ManualRule `json:"rule"`
+}

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Rebuilds the bpf2go objects in a scratch copy and compares them with the
+# committed ones, so a C change without `make generate` fails the build.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+tmp=$(mktemp -d)
+trap 'rm -rf "$tmp"' EXIT
+cp -r bpf "$tmp/bpf"
+cp go.mod go.sum "$tmp/"
+(cd "$tmp" && BPF_CLANG=${CLANG:-clang-19} BPF_STRIP=${STRIP:-llvm-strip-19} go generate ./bpf/... >/dev/null)
+if ! diff -r -q bpf "$tmp/bpf" >/dev/null; then
+	diff -r -q bpf "$tmp/bpf" || true
+	echo "check-generate: committed bpf2go output is stale; run 'make generate' and commit it" >&2
+	exit 1
+fi
+echo "check-generate: bpf objects match bpf/kernel sources"
