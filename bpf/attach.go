@@ -1,0 +1,286 @@
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/link"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+)
+
+// AttachMode chooses how programs are attached to a veth.
+type AttachMode uint8
+
+const (
+	// AttachAuto uses tcx where the kernel has it (6.6+), else legacy.
+	AttachAuto AttachMode = iota
+	// AttachTCX uses tcx links, pinned under <root>/links.
+	AttachTCX
+	// AttachLegacy uses a clsact qdisc with direct-action cls_bpf filters.
+	AttachLegacy
+)
+
+// ParseAttachMode accepts "", "auto", "tcx" and "legacy".
+func ParseAttachMode(s string) (AttachMode, error) {
+	switch s {
+	case "", "auto":
+		return AttachAuto, nil
+	case "tcx":
+		return AttachTCX, nil
+	case "legacy":
+		return AttachLegacy, nil
+	}
+	return AttachAuto, fmt.Errorf("unknown attach mode %q: want auto, tcx or legacy", s)
+}
+
+// Names of the legacy filters, so they can be found again.
+const (
+	legacyFilterPrefix = "idcni-"
+	legacyPriority     = 1
+	legacyHandle       = 1
+)
+
+type hook struct {
+	suffix string
+	tcx    ebpf.AttachType
+	parent uint32 // legacy clsact parent
+	prog   func(d *Datapath) *ebpf.Program
+	name   string
+}
+
+var hooks = []hook{
+	{"ingress", ebpf.AttachTCXIngress, netlink.HANDLE_MIN_INGRESS, func(d *Datapath) *ebpf.Program { return d.objs.FromPod }, progFromPod},
+	{"egress", ebpf.AttachTCXEgress, netlink.HANDLE_MIN_EGRESS, func(d *Datapath) *ebpf.Program { return d.objs.ToPod }, progToPod},
+}
+
+func (d *Datapath) linkPin(ifname, suffix string) string {
+	return filepath.Join(d.root, "links", ifname+"_"+suffix)
+}
+
+// Attach puts from_pod on the TC ingress and to_pod on the TC egress of the
+// host veth ifname. It is idempotent: an existing attachment is moved to the
+// current programs in place, with no moment without a program.
+func (d *Datapath) Attach(ifname string) error {
+	l, err := netlink.LinkByName(ifname)
+	if err != nil {
+		return fmt.Errorf("attach to %s: %w", ifname, err)
+	}
+	ifindex := l.Attrs().Index
+	if d.mode != AttachLegacy {
+		err := d.attachTCX(ifname, ifindex)
+		if err == nil || d.mode == AttachTCX || !errors.Is(err, ebpf.ErrNotSupported) {
+			return err
+		}
+	}
+	return d.attachLegacy(ifname, ifindex)
+}
+
+func (d *Datapath) attachTCX(ifname string, ifindex int) error {
+	if err := os.MkdirAll(filepath.Join(d.root, "links"), 0o700); err != nil {
+		return fmt.Errorf("create link pin directory: %w", err)
+	}
+	for _, h := range hooks {
+		pin := d.linkPin(ifname, h.suffix)
+		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
+			info, ierr := l.Info()
+			if ierr == nil && info.TCX() != nil && int(info.TCX().Ifindex) == ifindex {
+				err := l.Update(h.prog(d))
+				l.Close()
+				if err != nil {
+					return fmt.Errorf("update tcx %s program on %s: %w", h.suffix, ifname, err)
+				}
+				continue
+			}
+			// A pin left from an earlier interface of the same name.
+			_ = l.Unpin()
+			l.Close()
+		}
+		l, err := link.AttachTCX(link.TCXOptions{Interface: ifindex, Program: h.prog(d), Attach: h.tcx})
+		if err != nil {
+			return fmt.Errorf("attach tcx %s to %s: %w", h.suffix, ifname, err)
+		}
+		err = l.Pin(pin)
+		l.Close()
+		if err != nil {
+			return fmt.Errorf("pin tcx %s link of %s: %w", h.suffix, ifname, err)
+		}
+	}
+	return nil
+}
+
+func (d *Datapath) attachLegacy(ifname string, ifindex int) error {
+	qdisc := &netlink.GenericQdisc{
+		QdiscAttrs: netlink.QdiscAttrs{LinkIndex: ifindex, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT},
+		QdiscType:  "clsact",
+	}
+	if err := netlink.QdiscReplace(qdisc); err != nil {
+		return fmt.Errorf("add clsact qdisc to %s: %w", ifname, err)
+	}
+	for _, h := range hooks {
+		if err := netlink.FilterReplace(legacyFilter(ifindex, h, h.prog(d))); err != nil {
+			return fmt.Errorf("attach cls_bpf %s to %s: %w", h.suffix, ifname, err)
+		}
+	}
+	return nil
+}
+
+func legacyFilter(ifindex int, h hook, p *ebpf.Program) *netlink.BpfFilter {
+	return &netlink.BpfFilter{
+		FilterAttrs: netlink.FilterAttrs{
+			LinkIndex: ifindex, Parent: h.parent, Handle: legacyHandle,
+			Protocol: unix.ETH_P_ALL, Priority: legacyPriority,
+		},
+		Fd: p.FD(), Name: legacyFilterPrefix + h.name, DirectAction: true,
+	}
+}
+
+// Detach removes the programs from ifname. It succeeds when nothing is
+// attached and when the interface is already gone.
+func (d *Datapath) Detach(ifname string) error {
+	var errs []error
+	for _, h := range hooks {
+		pin := d.linkPin(ifname, h.suffix)
+		l, err := link.LoadPinnedLink(pin, nil)
+		if err == nil {
+			errs = append(errs, l.Unpin())
+			l.Close()
+		} else if !errors.Is(err, os.ErrNotExist) {
+			// An unreadable pin still must not outlive the pod.
+			errs = append(errs, os.Remove(pin))
+		}
+	}
+	if l, err := netlink.LinkByName(ifname); err == nil {
+		for _, h := range hooks {
+			if f := findLegacy(l.Attrs().Index, h); f != nil {
+				errs = append(errs, netlink.FilterDel(f))
+			}
+		}
+	}
+	if err := errors.Join(errs...); err != nil {
+		return fmt.Errorf("detach from %s: %w", ifname, err)
+	}
+	return nil
+}
+
+func findLegacy(ifindex int, h hook) netlink.Filter {
+	l := &netlink.Dummy{LinkAttrs: netlink.LinkAttrs{Index: ifindex}}
+	filters, err := netlink.FilterList(l, h.parent)
+	if err != nil {
+		return nil
+	}
+	for _, f := range filters {
+		if bf, ok := f.(*netlink.BpfFilter); ok && bf.Name == legacyFilterPrefix+h.name {
+			return f
+		}
+	}
+	return nil
+}
+
+// Attached reports whether both programs of this datapath are attached to
+// ifname (by tcx or legacy).
+func (d *Datapath) Attached(ifname string) (bool, error) {
+	l, err := netlink.LinkByName(ifname)
+	if err != nil {
+		return false, fmt.Errorf("look up %s: %w", ifname, err)
+	}
+	ifindex := l.Attrs().Index
+	for _, h := range hooks {
+		want, err := h.prog(d).Info()
+		if err != nil {
+			return false, fmt.Errorf("program info: %w", err)
+		}
+		wantID, _ := want.ID()
+		ok, err := d.attachedHook(ifname, ifindex, h, wantID)
+		if err != nil || !ok {
+			return false, err
+		}
+	}
+	return true, nil
+}
+
+func (d *Datapath) attachedHook(ifname string, ifindex int, h hook, wantID ebpf.ProgramID) (bool, error) {
+	if l, err := link.LoadPinnedLink(d.linkPin(ifname, h.suffix), nil); err == nil {
+		defer l.Close()
+		info, err := l.Info()
+		if err != nil {
+			return false, fmt.Errorf("tcx link info of %s: %w", ifname, err)
+		}
+		return info.TCX() != nil && int(info.TCX().Ifindex) == ifindex && info.Program == wantID, nil
+	}
+	f := findLegacy(ifindex, h)
+	if f == nil {
+		return false, nil
+	}
+	return f.(*netlink.BpfFilter).Id == int(wantID), nil
+}
+
+// AttachedInterfaces lists the interfaces with tcx pins under the root
+// (legacy attachments leave no pins and go away with their veth).
+func (d *Datapath) AttachedInterfaces() ([]string, error) {
+	entries, err := os.ReadDir(filepath.Join(d.root, "links"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list link pins: %w", err)
+	}
+	seen := map[string]bool{}
+	var out []string
+	for _, e := range entries {
+		name, _, ok := strings.Cut(e.Name(), "_")
+		if ok && !seen[name] {
+			seen[name] = true
+			out = append(out, name)
+		}
+	}
+	return out, nil
+}
+
+// replaceAttachments moves every tcx attachment under the root, and every
+// legacy filter of ours, to the newly loaded programs: the kernel swaps the
+// program atomically, so no packet passes unchecked during an upgrade.
+func (d *Datapath) replaceAttachments() error {
+	names, err := d.AttachedInterfaces()
+	if err != nil {
+		return err
+	}
+	for _, ifname := range names {
+		for _, h := range hooks {
+			l, err := link.LoadPinnedLink(d.linkPin(ifname, h.suffix), nil)
+			if err != nil {
+				continue
+			}
+			if info, err := l.Info(); err == nil && info.TCX() != nil && info.TCX().Ifindex == 0 {
+				// The veth is gone; its pin is all that is left.
+				_ = l.Unpin()
+				l.Close()
+				continue
+			}
+			err = l.Update(h.prog(d))
+			l.Close()
+			if err != nil {
+				return fmt.Errorf("move tcx %s of %s to the new program: %w", h.suffix, ifname, err)
+			}
+		}
+	}
+	links, err := netlink.LinkList()
+	if err != nil {
+		return fmt.Errorf("list links: %w", err)
+	}
+	for _, l := range links {
+		for _, h := range hooks {
+			if findLegacy(l.Attrs().Index, h) == nil {
+				continue
+			}
+			if err := netlink.FilterReplace(legacyFilter(l.Attrs().Index, h, h.prog(d))); err != nil {
+				return fmt.Errorf("move cls_bpf %s of %s to the new program: %w", h.suffix, l.Attrs().Name, err)
+			}
+		}
+	}
+	return nil
+}

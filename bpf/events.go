@@ -1,0 +1,101 @@
+package bpf
+
+import (
+	"bytes"
+	"encoding/binary"
+	"fmt"
+	"net/netip"
+	"time"
+
+	"github.com/cilium/ebpf/ringbuf"
+
+	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/policy"
+)
+
+// Event is one verdict the datapath reported: every drop, and the first
+// packet of every allowed flow.
+type Event struct {
+	Time    time.Time    `json:"time"`
+	Ifindex int          `json:"ifindex"`
+	Src     identity.ID  `json:"srcIdentity"`
+	Dst     identity.ID  `json:"dstIdentity"`
+	SrcAddr netip.Addr   `json:"srcAddr"`
+	DstAddr netip.Addr   `json:"dstAddr"`
+	SrcPort uint16       `json:"srcPort"`
+	DstPort uint16       `json:"dstPort"`
+	Proto   policy.Proto `json:"proto"`
+	Allowed bool         `json:"allowed"`
+	Reason  Reason       `json:"reason"`
+	Scope   Scope        `json:"scope"`
+	Len     uint32       `json:"len"`
+}
+
+func (e Event) String() string {
+	verdict := "ALLOW"
+	if !e.Allowed {
+		verdict = "DROP"
+	}
+	return fmt.Sprintf("%s %s id %s %s -> id %s %s %s (%s, %s)", e.Time.Format("15:04:05.000"), verdict,
+		e.Src, hostPort(e.SrcAddr, e.SrcPort, e.Proto), e.Dst, hostPort(e.DstAddr, e.DstPort, e.Proto), e.Proto, e.Reason, e.Scope)
+}
+
+func hostPort(a netip.Addr, port uint16, p policy.Proto) string {
+	if !p.HasPorts() {
+		return a.String()
+	}
+	return netip.AddrPortFrom(a, port).String()
+}
+
+// EventReader reads verdict events. A ring buffer has one consumer: while
+// an agent runs it owns the stream, and tools ask the agent for events.
+type EventReader struct {
+	rd *ringbuf.Reader
+	// offset turns bpf_ktime_get_ns() into wall-clock time.
+	offset time.Duration
+}
+
+// Events opens the event stream.
+func (d *Datapath) Events() (*EventReader, error) {
+	rd, err := ringbuf.NewReader(d.objs.Events)
+	if err != nil {
+		return nil, fmt.Errorf("open event ring buffer: %w", err)
+	}
+	mono, err := monotonicNow()
+	if err != nil {
+		rd.Close()
+		return nil, err
+	}
+	return &EventReader{rd: rd, offset: time.Duration(time.Now().UnixNano() - int64(mono))}, nil
+}
+
+// SetDeadline makes Read return os.ErrDeadlineExceeded after t.
+func (r *EventReader) SetDeadline(t time.Time) { r.rd.SetDeadline(t) }
+
+// Read blocks until an event arrives, the deadline passes or the reader is
+// closed (ringbuf.ErrClosed).
+func (r *EventReader) Read() (Event, error) {
+	rec, err := r.rd.Read()
+	if err != nil {
+		return Event{}, err
+	}
+	var k datapathEvent
+	if err := binary.Read(bytes.NewReader(rec.RawSample), binary.LittleEndian, &k); err != nil {
+		return Event{}, fmt.Errorf("decode event: %w", err)
+	}
+	return Event{
+		Time:    time.Unix(0, int64(k.Ts)+int64(r.offset)),
+		Ifindex: int(k.Ifindex),
+		Src:     identity.ID(k.SrcIdentity), Dst: identity.ID(k.DstIdentity),
+		SrcAddr: addrFrom16(k.Saddr), DstAddr: addrFrom16(k.Daddr),
+		SrcPort: k.Sport, DstPort: k.Dport,
+		Proto:   policy.Proto(k.Proto),
+		Allowed: k.Verdict == 1,
+		Reason:  Reason(k.Reason),
+		Scope:   Scope(k.Scope),
+		Len:     k.Len,
+	}, nil
+}
+
+// Close stops the reader; a blocked Read returns.
+func (r *EventReader) Close() error { return r.rd.Close() }

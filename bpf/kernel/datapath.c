@@ -1,0 +1,671 @@
+// SPDX-License-Identifier: (GPL-2.0-only OR MIT)
+/* idcni datapath: two TC programs on every pod's host veth.
+ *
+ * from_pod runs on the veth's TC ingress (the packet leaves the pod) and
+ * checks the pod's egress; to_pod runs on its TC egress (the packet enters
+ * the pod) and checks the pod's ingress. Both decide by identity: the
+ * endpoint map names the pod's own identity, the ipcache the peer's.
+ * The rule book is DESIGN.md section 3; policy/reference is the same logic
+ * in Go, and the tests hold the two to each other. */
+#include <linux/bpf.h>
+#include <linux/if_ether.h>
+#include <linux/in.h>
+#include <linux/ip.h>
+#include <linux/ipv6.h>
+#include <linux/pkt_cls.h>
+#include <bpf/bpf_helpers.h>
+#include <bpf/bpf_endian.h>
+
+#include "idcni.h"
+
+char __license[] SEC("license") = "Dual MIT/GPL";
+
+#define NSEC 1000000000ULL
+#define CT_TIMEOUT_SYN (60 * NSEC)
+#define CT_TIMEOUT_TCP (6 * 3600 * NSEC)
+#define CT_TIMEOUT_CLOSE (10 * NSEC)
+#define CT_TIMEOUT_OTHER (60 * NSEC)
+/* Skip rewriting a live entry's deadline unless it moves this much: a
+ * write per packet would bounce the entry's cache line between CPUs. */
+#define CT_REFRESH_SLACK (1 * NSEC)
+
+#define TCP_FIN 0x01
+#define TCP_SYN 0x02
+#define TCP_RST 0x04
+#define TCP_ACK 0x10
+
+#define IPPROTO_ICMPV6_ 58
+#define MAX_IPV6_EXT 4
+/* Enough linear bytes for Ethernet, IPv6 with a few extension headers and
+ * the L4 header. */
+#define PULL_LEN 128
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct ipcache_key);
+	__type(value, struct ipcache_value);
+	__uint(max_entries, 65536);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ipcache SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32); /* host veth ifindex */
+	__type(value, struct endpoint);
+	__uint(max_entries, 16384);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} endpoints SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct policy_key);
+	__type(value, struct policy_value);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} policy SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u32);
+	__type(value, __u32);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} identities SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+	__uint(max_entries, 262144);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} conntrack SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct frag_key);
+	__type(value, struct frag_value);
+	__uint(max_entries, 8192);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} fragments SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct config);
+	__uint(max_entries, 1);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} config SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, struct counter);
+	__uint(max_entries, REASON_MAX * 2);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, STAT_MAX);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} stats SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} events SEC(".maps");
+
+/* Force the types into BTF so bpf2go emits them. */
+const struct event *unused_event __attribute__((unused));
+const enum reason *unused_reason __attribute__((unused));
+const enum stat *unused_stat __attribute__((unused));
+const enum scope *unused_scope __attribute__((unused));
+
+struct pkt {
+	__u32 saddr[4];
+	__u32 daddr[4];
+	__u16 sport; /* host byte order; ICMP echo id in both */
+	__u16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 tcp_flags;
+	__u8 pad;
+};
+
+enum parse_result {
+	PARSE_OK,
+	PARSE_NONIP,
+	PARSE_ND,
+	PARSE_MALFORMED,
+	PARSE_FRAG_UNKNOWN,
+};
+
+static __always_inline void stat_inc(__u32 idx)
+{
+	__u64 *v = bpf_map_lookup_elem(&stats, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+static __always_inline void count(__u32 reason, __u8 scope, __u32 len)
+{
+	__u32 idx = reason * 2 + scope;
+	struct counter *c = bpf_map_lookup_elem(&counters, &idx);
+
+	if (c) {
+		c->packets++;
+		c->bytes += len;
+	}
+}
+
+static __always_inline int has_ports(__u8 proto)
+{
+	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
+}
+
+/* parse_l4 reads ports and flags from the L4 header at l4, of which the
+ * IP header says l4len bytes exist. A header the packet cannot hold is
+ * malformed: passing it would let a tiny first fragment hide its ports. */
+static __always_inline int parse_l4(struct pkt *p, __u8 *l4, void *end, __u32 l4len, __u8 hop_limit)
+{
+	switch (p->proto) {
+	case IPPROTO_TCP:
+		if (l4len < 20 || (void *)(l4 + 20) > end)
+			return PARSE_MALFORMED;
+		if ((l4[12] >> 4) < 5 || (__u32)(l4[12] >> 4) * 4 > l4len)
+			return PARSE_MALFORMED;
+		p->tcp_flags = l4[13];
+		break;
+	case IPPROTO_UDP:
+		if (l4len < 8 || (void *)(l4 + 8) > end)
+			return PARSE_MALFORMED;
+		break;
+	case IPPROTO_SCTP:
+		if (l4len < 12 || (void *)(l4 + 12) > end)
+			return PARSE_MALFORMED;
+		break;
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6_:
+		if (l4len < 8 || (void *)(l4 + 8) > end)
+			return PARSE_MALFORMED;
+		/* Echo request and reply share the identifier: using it as both
+		 * ports makes a reply the exact reverse of its request. */
+		if ((p->family == 4 && p->proto == IPPROTO_ICMP && (l4[0] == 8 || l4[0] == 0)) ||
+		    (p->family == 6 && p->proto == IPPROTO_ICMPV6_ && (l4[0] == 128 || l4[0] == 129))) {
+			p->sport = ((__u16)l4[4] << 8) | l4[5];
+			p->dport = p->sport;
+		}
+		/* Neighbour discovery is IPv6's ARP. RFC 4861 requires hop
+		 * limit 255, which proves it never crossed a router. */
+		if (p->family == 6 && p->proto == IPPROTO_ICMPV6_ && l4[0] >= 133 && l4[0] <= 137 &&
+		    hop_limit == 255)
+			return PARSE_ND;
+		return PARSE_OK;
+	default:
+		return PARSE_OK;
+	}
+	p->sport = ((__u16)l4[0] << 8) | l4[1];
+	p->dport = ((__u16)l4[2] << 8) | l4[3];
+	return PARSE_OK;
+}
+
+/* frag_first remembers the ports of a first fragment for the ones that
+ * follow; frag_later finds them. */
+static __always_inline void frag_first(struct pkt *p, __u32 id)
+{
+	struct frag_key k = { .id = id, .proto = p->proto };
+	struct frag_value v = { .sport = p->sport, .dport = p->dport };
+
+	__builtin_memcpy(k.saddr, p->saddr, 16);
+	__builtin_memcpy(k.daddr, p->daddr, 16);
+	if (bpf_map_update_elem(&fragments, &k, &v, BPF_ANY))
+		stat_inc(STAT_FRAG_INSERT_FAIL);
+}
+
+static __always_inline int frag_later(struct pkt *p, __u32 id)
+{
+	struct frag_key k = { .id = id, .proto = p->proto };
+	struct frag_value *v;
+
+	__builtin_memcpy(k.saddr, p->saddr, 16);
+	__builtin_memcpy(k.daddr, p->daddr, 16);
+	v = bpf_map_lookup_elem(&fragments, &k);
+	if (!v)
+		return PARSE_FRAG_UNKNOWN;
+	p->sport = v->sport;
+	p->dport = v->dport;
+	return PARSE_OK;
+}
+
+static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p, void *data, void *end)
+{
+	struct iphdr *ip = data + ETH_HLEN;
+	__u32 hlen, tot, frag;
+	int ret;
+
+	if ((void *)(ip + 1) > end)
+		return PARSE_MALFORMED;
+	if (ip->version != 4 || ip->ihl < 5)
+		return PARSE_MALFORMED;
+	hlen = ip->ihl * 4;
+	tot = bpf_ntohs(ip->tot_len);
+	if (tot < hlen || tot + ETH_HLEN > skb->len)
+		return PARSE_MALFORMED;
+	p->family = 4;
+	p->proto = ip->protocol;
+	p->saddr[2] = bpf_htonl(0xffff);
+	p->saddr[3] = ip->saddr;
+	p->daddr[2] = bpf_htonl(0xffff);
+	p->daddr[3] = ip->daddr;
+
+	frag = bpf_ntohs(ip->frag_off);
+	if (frag & 0x1fff)
+		return frag_later(p, bpf_ntohs(ip->id));
+	ret = parse_l4(p, (__u8 *)ip + hlen, end, tot - hlen, 0);
+	if (ret == PARSE_OK && (frag & 0x2000))
+		frag_first(p, bpf_ntohs(ip->id));
+	return ret;
+}
+
+static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p, void *data, void *end)
+{
+	struct ipv6hdr *ip6 = data + ETH_HLEN;
+	__u32 payload, off = sizeof(*ip6), is_frag = 0, frag_id = 0;
+	__u8 nexthdr, *hdr;
+	int ret;
+
+	if ((void *)(ip6 + 1) > end)
+		return PARSE_MALFORMED;
+	if (ip6->version != 6)
+		return PARSE_MALFORMED;
+	payload = bpf_ntohs(ip6->payload_len);
+	if (payload == 0 || payload + sizeof(*ip6) + ETH_HLEN > skb->len)
+		return PARSE_MALFORMED;
+	p->family = 6;
+	__builtin_memcpy(p->saddr, &ip6->saddr, 16);
+	__builtin_memcpy(p->daddr, &ip6->daddr, 16);
+	nexthdr = ip6->nexthdr;
+
+	for (int i = 0; i < MAX_IPV6_EXT; i++) {
+		__u32 len;
+
+		if (nexthdr != IPPROTO_HOPOPTS && nexthdr != IPPROTO_ROUTING && nexthdr != IPPROTO_DSTOPTS &&
+		    nexthdr != IPPROTO_FRAGMENT && nexthdr != IPPROTO_AH)
+			break;
+		if (off > 40 + MAX_IPV6_EXT * 2048)
+			return PARSE_MALFORMED;
+		hdr = (__u8 *)ip6 + off;
+		if ((void *)(hdr + 8) > end || off + 8 > payload + sizeof(*ip6))
+			return PARSE_MALFORMED;
+		if (nexthdr == IPPROTO_FRAGMENT) {
+			__u16 fo = ((__u16)hdr[2] << 8) | hdr[3];
+
+			if (is_frag)
+				return PARSE_MALFORMED;
+			is_frag = 1 | (fo & 1) << 1; /* bit 1: more fragments */
+			frag_id = ((__u32)hdr[4] << 24) | ((__u32)hdr[5] << 16) | ((__u32)hdr[6] << 8) | hdr[7];
+			nexthdr = hdr[0];
+			off += 8;
+			if (fo >> 3) {
+				p->proto = nexthdr;
+				return frag_later(p, frag_id);
+			}
+			continue;
+		}
+		len = nexthdr == IPPROTO_AH ? ((__u32)hdr[1] + 2) * 4 : ((__u32)hdr[1] + 1) * 8;
+		nexthdr = hdr[0];
+		off += len;
+	}
+	if (nexthdr == IPPROTO_HOPOPTS || nexthdr == IPPROTO_ROUTING || nexthdr == IPPROTO_DSTOPTS ||
+	    nexthdr == IPPROTO_FRAGMENT || nexthdr == IPPROTO_AH)
+		return PARSE_MALFORMED; /* more extension headers than we read */
+	if (off > payload + sizeof(*ip6) || off > 40 + MAX_IPV6_EXT * 2048)
+		return PARSE_MALFORMED;
+	p->proto = nexthdr;
+	ret = parse_l4(p, (__u8 *)ip6 + off, end, payload + sizeof(*ip6) - off, ip6->hop_limit);
+	if (ret == PARSE_OK && (is_frag & 2))
+		frag_first(p, frag_id);
+	return ret;
+}
+
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	void *data = (void *)(long)skb->data;
+	void *end = (void *)(long)skb->data_end;
+	__u16 proto;
+
+	/* Headers may sit in paged data; pull once when the linear part is
+	 * short of both the packet and the headers we read. */
+	if (end - data < PULL_LEN && end - data < skb->len) {
+		bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
+		data = (void *)(long)skb->data;
+		end = (void *)(long)skb->data_end;
+	}
+	if (data + ETH_HLEN > end)
+		return PARSE_MALFORMED;
+	proto = ((struct ethhdr *)data)->h_proto;
+	if (proto == bpf_htons(ETH_P_IP))
+		return parse_ipv4(skb, p, data, end);
+	if (proto == bpf_htons(ETH_P_IPV6))
+		return parse_ipv6(skb, p, data, end);
+	return PARSE_NONIP;
+}
+
+static __always_inline __u32 ipcache_identity(const __u32 *addr)
+{
+	struct ipcache_key k = { .prefixlen = 128 };
+	struct ipcache_value *v;
+
+	__builtin_memcpy(k.addr, addr, 16);
+	v = bpf_map_lookup_elem(&ipcache, &k);
+	return v ? v->identity : ID_WORLD;
+}
+
+/* decide checks one side of a packet against the policy map. meta packs
+ * direction (bits 0-1), deny-only (bit 2), protocol (8-15) and destination
+ * port (16-31) to stay within the five arguments of a BPF call. It returns
+ * a reason: ALLOW_RULE, ALLOW_OPEN, DROP_DENY or DROP_NO_RULE. */
+static __noinline int decide(__u32 subject, __u32 peer, __u32 meta)
+{
+	__u8 dir = meta & 3, deny_only = meta & 4, proto = (meta >> 8) & 0xff;
+	__u16 dport = meta >> 16;
+	struct policy_key k = { .subject = subject, .dir = dir };
+	int allow = 0, deny = 0, iso, ports = has_ports(proto);
+	__u32 flags, *f;
+
+	f = bpf_map_lookup_elem(&identities, &subject);
+	if (f) {
+		flags = *f;
+	} else {
+		flags = IDF_RULES_INGRESS | IDF_RULES_EGRESS;
+		if ((subject >= ID_MIN_MANUAL && subject <= ID_MAX_MANUAL) || subject == ID_UNRESOLVED)
+			flags |= IDF_ISO_INGRESS | IDF_ISO_EGRESS;
+	}
+	iso = dir == DIR_INGRESS ? flags & IDF_ISO_INGRESS : flags & IDF_ISO_EGRESS;
+	if (!(flags & (dir == DIR_INGRESS ? IDF_RULES_INGRESS : IDF_RULES_EGRESS)))
+		return iso && !deny_only ? REASON_DROP_NO_RULE : REASON_ALLOW_OPEN;
+
+	for (int i = 0; i < 4; i++) {
+		struct policy_value *v;
+
+		k.peer = i < 2 ? peer : ID_ANY;
+		k.proto = (i & 1) ? 0 : proto;
+		v = bpf_map_lookup_elem(&policy, &k);
+		if (!v)
+			continue;
+		allow |= v->allow_all;
+		deny |= v->deny_all;
+		if (!ports)
+			continue;
+		for (int j = 0; j < POLICY_MAX_ALLOW; j++) {
+			if (j >= v->n_allow)
+				break;
+			if (dport >= v->allow[j].lo && dport <= v->allow[j].hi)
+				allow = 1;
+		}
+		for (int j = 0; j < POLICY_MAX_DENY; j++) {
+			if (j >= v->n_deny)
+				break;
+			if (dport >= v->deny[j].lo && dport <= v->deny[j].hi)
+				deny = 1;
+		}
+	}
+	if (deny)
+		return REASON_DROP_DENY;
+	if (deny_only || !iso)
+		return REASON_ALLOW_OPEN;
+	return allow ? REASON_ALLOW_RULE : REASON_DROP_NO_RULE;
+}
+
+static __always_inline int is_drop(int reason)
+{
+	return reason >= REASON_DROP_NO_RULE;
+}
+
+static __always_inline void trace(struct pkt *p, __u32 src, __u32 dst, int reason)
+{
+	bpf_printk("TC: HIT from %x (id=%u) to %x (id=%u)", bpf_ntohl(p->saddr[3]), src,
+		   bpf_ntohl(p->daddr[3]), dst);
+	switch (reason) {
+	case REASON_DROP_NO_RULE:
+		bpf_printk("TC: DENY id %u -> id %u (no rule)", src, dst);
+		break;
+	case REASON_DROP_DENY:
+		bpf_printk("TC: DENY id %u -> id %u (deny rule)", src, dst);
+		break;
+	case REASON_DROP_SPOOF:
+		bpf_printk("TC: DENY id %u -> id %u (spoofed source)", src, dst);
+		break;
+	case REASON_DROP_REVOKED:
+		bpf_printk("TC: DENY id %u -> id %u (revoked)", src, dst);
+		break;
+	case REASON_DROP_MALFORMED:
+	case REASON_DROP_NO_ENDPOINT:
+	case REASON_DROP_FRAG:
+		bpf_printk("TC: DENY id %u -> id %u (reason %d)", src, dst, reason);
+		break;
+	default:
+		bpf_printk("TC: ALLOW id %u -> id %u", src, dst);
+	}
+}
+
+static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u32 src, __u32 dst, int reason,
+				 __u8 scope)
+{
+	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+
+	if (!e) {
+		stat_inc(STAT_EVENT_LOST);
+		return;
+	}
+	e->ts = bpf_ktime_get_ns();
+	e->ifindex = skb->ifindex;
+	e->src_identity = src;
+	e->dst_identity = dst;
+	e->len = skb->len;
+	__builtin_memcpy(e->saddr, p->saddr, 16);
+	__builtin_memcpy(e->daddr, p->daddr, 16);
+	e->sport = p->sport;
+	e->dport = p->dport;
+	e->proto = p->proto;
+	e->family = p->family;
+	e->verdict = is_drop(reason) ? VERDICT_DROP : VERDICT_ALLOW;
+	e->reason = reason;
+	e->scope = scope;
+	__builtin_memset(e->pad, 0, sizeof(e->pad));
+	bpf_ringbuf_submit(e, 0);
+}
+
+/* finish counts, traces and reports a verdict and returns the TC action.
+ * Events go out for every drop and for the first packet of every flow. */
+static __always_inline int finish(struct __sk_buff *skb, struct pkt *p, struct config *cfg, __u32 subject,
+				  __u32 peer, int reason, __u8 scope, int event)
+{
+	__u32 src = scope == SCOPE_EGRESS ? subject : peer;
+	__u32 dst = scope == SCOPE_EGRESS ? peer : subject;
+
+	count(reason, scope, skb->len);
+	if (cfg && cfg->debug)
+		trace(p, src, dst, reason);
+	if (event || is_drop(reason))
+		emit(skb, p, src, dst, reason, scope);
+	return is_drop(reason) ? TC_ACT_SHOT : TC_ACT_OK;
+}
+
+static __always_inline void ct_touch(struct ct_value *ct, struct pkt *p, __u64 now, int reply)
+{
+	__u32 flags = ct->flags;
+	__u64 timeout = CT_TIMEOUT_OTHER, expires;
+
+	if (reply)
+		flags |= CT_F_SEEN_REPLY;
+	if (p->proto == IPPROTO_TCP) {
+		if (p->tcp_flags & TCP_FIN)
+			flags |= reply ? CT_F_SEEN_FIN_REV : CT_F_SEEN_FIN_FWD;
+		if ((p->tcp_flags & TCP_RST) ||
+		    (flags & (CT_F_SEEN_FIN_FWD | CT_F_SEEN_FIN_REV)) == (CT_F_SEEN_FIN_FWD | CT_F_SEEN_FIN_REV))
+			flags |= CT_F_CLOSING;
+		if (flags & CT_F_CLOSING)
+			timeout = CT_TIMEOUT_CLOSE;
+		else if (flags & CT_F_SEEN_REPLY)
+			timeout = CT_TIMEOUT_TCP;
+		else
+			timeout = CT_TIMEOUT_SYN;
+	}
+	expires = now + timeout;
+	if (flags != ct->flags) {
+		ct->flags = flags;
+		ct->expires = expires;
+	} else if (expires > ct->expires + CT_REFRESH_SLACK) {
+		ct->expires = expires;
+	}
+}
+
+static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
+{
+	const __u8 dir = scope == SCOPE_EGRESS ? DIR_EGRESS : DIR_INGRESS;
+	const __u8 rdir = scope == SCOPE_EGRESS ? DIR_INGRESS : DIR_EGRESS;
+	struct pkt p = {};
+	struct ct_key k = {};
+	struct ct_value *ct, nct = {};
+	struct endpoint *ep;
+	struct config *cfg;
+	__u32 zero = 0, ifindex = skb->ifindex, subject, peer = ID_ANY, rev;
+	__u64 now;
+	int ret, reason;
+
+	ret = parse(skb, &p);
+	if (ret == PARSE_NONIP) {
+		count(REASON_ALLOW_NONIP, scope, skb->len);
+		return TC_ACT_OK;
+	}
+	if (ret == PARSE_ND) {
+		count(REASON_ALLOW_ND, scope, skb->len);
+		return TC_ACT_OK;
+	}
+	cfg = bpf_map_lookup_elem(&config, &zero);
+	rev = cfg ? cfg->rev : 0;
+	if (ret == PARSE_MALFORMED)
+		return finish(skb, &p, cfg, 0, 0, REASON_DROP_MALFORMED, scope, 1);
+	ep = bpf_map_lookup_elem(&endpoints, &ifindex);
+	if (!ep)
+		return finish(skb, &p, cfg, 0, 0, REASON_DROP_NO_ENDPOINT, scope, 1);
+	subject = ep->identity;
+
+#define PEER()                                                                                 \
+	({                                                                                     \
+		if (peer == ID_ANY)                                                            \
+			peer = scope == SCOPE_EGRESS ? ipcache_identity(p.daddr)               \
+			       : skb->ingress_ifindex == 0 ? ID_HOST                            \
+							   : ipcache_identity(p.saddr);        \
+		peer;                                                                          \
+	})
+
+	if (scope == SCOPE_EGRESS) {
+		int ok = p.family == 4 ? (ep->flags & EP_HAS_V4) && p.saddr[3] == *(__u32 *)ep->ipv4
+				       : (ep->flags & EP_HAS_V6) && !__builtin_memcmp(p.saddr, ep->ipv6, 16);
+		if (!ok)
+			return finish(skb, &p, cfg, subject, PEER(), REASON_DROP_SPOOF, scope, 1);
+	}
+	if (ret == PARSE_FRAG_UNKNOWN)
+		return finish(skb, &p, cfg, subject, PEER(), REASON_DROP_FRAG, scope, 1);
+
+	now = bpf_ktime_get_ns();
+	__builtin_memcpy(k.saddr, p.saddr, 16);
+	__builtin_memcpy(k.daddr, p.daddr, 16);
+	k.sport = p.sport;
+	k.dport = p.dport;
+	k.proto = p.proto;
+	k.scope = scope;
+	ct = bpf_map_lookup_elem(&conntrack, &k);
+	if (ct && ct->expires > now &&
+	    !((ct->flags & CT_F_CLOSING) && (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)) {
+		if (ct->rev != rev && !(ct->flags & CT_F_HOST)) {
+			reason = decide(subject, PEER(), dir | (__u32)p.proto << 8 | (__u32)p.dport << 16);
+			if (is_drop(reason)) {
+				bpf_map_delete_elem(&conntrack, &k);
+				return finish(skb, &p, cfg, subject, peer, REASON_DROP_REVOKED, scope, 1);
+			}
+			ct->rev = rev;
+		}
+		ct_touch(ct, &p, now, 0);
+		return finish(skb, &p, cfg, subject, cfg && cfg->debug ? PEER() : peer, REASON_ALLOW_ESTABLISHED,
+			      scope, 0);
+	}
+
+	/* A reply is the reverse tuple admitted by this same endpoint's other
+	 * hook. */
+	__builtin_memcpy(k.saddr, p.daddr, 16);
+	__builtin_memcpy(k.daddr, p.saddr, 16);
+	k.sport = p.dport;
+	k.dport = p.sport;
+	k.scope = scope ^ 1;
+	ct = bpf_map_lookup_elem(&conntrack, &k);
+	if (ct && ct->expires > now) {
+		if (!(ct->flags & CT_F_HOST)) {
+			if (ct->rev != rev) {
+				reason = decide(subject, PEER(), rdir | (__u32)p.proto << 8 | (__u32)p.sport << 16);
+				if (is_drop(reason)) {
+					bpf_map_delete_elem(&conntrack, &k);
+					return finish(skb, &p, cfg, subject, peer, REASON_DROP_REVOKED, scope, 1);
+				}
+				ct->rev = rev;
+			}
+			/* Deny rules hold for replies too; the answer is kept per
+			 * revision so replies cost one lookup. */
+			if (ct->reply_rev != rev || ct->reply_rev == 0) {
+				reason = decide(subject, PEER(), dir | 4 | (__u32)p.proto << 8 | (__u32)p.dport << 16);
+				if (reason == REASON_DROP_DENY)
+					ct->flags |= CT_F_REPLY_DENIED;
+				else
+					ct->flags &= ~CT_F_REPLY_DENIED;
+				ct->reply_rev = rev;
+			}
+			if (ct->flags & CT_F_REPLY_DENIED)
+				return finish(skb, &p, cfg, subject, PEER(), REASON_DROP_DENY, scope, 0);
+		}
+		ct_touch(ct, &p, now, 1);
+		return finish(skb, &p, cfg, subject, cfg && cfg->debug ? PEER() : peer, REASON_ALLOW_REPLY, scope, 0);
+	}
+
+	/* A new flow. The local node may always reach its pods (kubelet
+	 * probes), and the flow's replies then pass as such. */
+	if (scope == SCOPE_INGRESS && PEER() == ID_HOST) {
+		reason = REASON_ALLOW_HOST;
+		nct.flags = CT_F_HOST;
+	} else {
+		reason = decide(subject, PEER(), dir | (__u32)p.proto << 8 | (__u32)p.dport << 16);
+	}
+	if (!is_drop(reason)) {
+		__builtin_memcpy(k.saddr, p.saddr, 16);
+		__builtin_memcpy(k.daddr, p.daddr, 16);
+		k.sport = p.sport;
+		k.dport = p.dport;
+		k.scope = scope;
+		nct.rev = rev;
+		nct.subject = subject;
+		nct.peer = peer;
+		ct_touch(&nct, &p, now, 0);
+		if (bpf_map_update_elem(&conntrack, &k, &nct, BPF_ANY))
+			stat_inc(STAT_CT_INSERT_FAIL);
+	}
+	return finish(skb, &p, cfg, subject, peer, reason, scope, 1);
+#undef PEER
+}
+
+SEC("tc")
+int from_pod(struct __sk_buff *skb)
+{
+	return handle(skb, SCOPE_EGRESS);
+}
+
+SEC("tc")
+int to_pod(struct __sk_buff *skb)
+{
+	return handle(skb, SCOPE_INGRESS);
+}

@@ -1,0 +1,177 @@
+/* Types shared by the datapath programs and, through bpf2go, the Go side.
+ * Every struct is padded by hand so its layout is the same in C and Go. */
+#pragma once
+
+#include <linux/types.h>
+
+/* Reserved identities (DESIGN.md section 2). */
+#define ID_ANY 0
+#define ID_HOST 1
+#define ID_WORLD 2
+#define ID_UNRESOLVED 5
+#define ID_MIN_MANUAL 256
+#define ID_MAX_MANUAL 65535
+
+/* Where a check happens: SCOPE_EGRESS on the host veth's TC ingress (the
+ * packet leaves the pod, the pod's egress rules apply), SCOPE_INGRESS on its
+ * TC egress (the packet enters the pod). */
+enum scope {
+	SCOPE_EGRESS = 0,
+	SCOPE_INGRESS = 1,
+};
+
+/* Policy directions, as in policy.Direction. */
+#define DIR_INGRESS 1
+#define DIR_EGRESS 2
+
+/* Identity flags, as in policy.IdentityFlags. */
+#define IDF_ISO_INGRESS (1 << 0)
+#define IDF_ISO_EGRESS (1 << 1)
+#define IDF_RULES_INGRESS (1 << 2)
+#define IDF_RULES_EGRESS (1 << 3)
+
+#define POLICY_MAX_ALLOW 16
+#define POLICY_MAX_DENY 8
+
+/* Why a packet passed or was dropped. Counters are kept per reason and
+ * scope; events carry it. Keep in step with bpf/reason.go. */
+enum reason {
+	REASON_ALLOW_NONIP = 0,       /* ARP and other non-IP frames */
+	REASON_ALLOW_ND = 1,          /* IPv6 neighbour discovery */
+	REASON_ALLOW_ESTABLISHED = 2, /* conntrack: forward packet of a flow */
+	REASON_ALLOW_REPLY = 3,       /* conntrack: reply of a flow */
+	REASON_ALLOW_RULE = 4,        /* new flow allowed by a rule */
+	REASON_ALLOW_OPEN = 5,        /* new flow, subject not isolated */
+	REASON_ALLOW_HOST = 6,        /* from the local node to its pod */
+	REASON_DROP_NO_RULE = 7,      /* isolated, no rule allows it */
+	REASON_DROP_DENY = 8,         /* a deny rule */
+	REASON_DROP_SPOOF = 9,        /* source address not the pod's */
+	REASON_DROP_MALFORMED = 10,   /* truncated or invalid headers */
+	REASON_DROP_NO_ENDPOINT = 11, /* program on a veth with no endpoint */
+	REASON_DROP_FRAG = 12,        /* fragment whose first part was not seen */
+	REASON_DROP_REVOKED = 13,     /* established flow no longer allowed */
+	REASON_MAX = 16,
+};
+
+/* Datapath errors counted apart from packets. */
+enum stat {
+	STAT_CT_INSERT_FAIL = 0,
+	STAT_FRAG_INSERT_FAIL = 1,
+	STAT_EVENT_LOST = 2,
+	STAT_MAX = 4,
+};
+
+/* Addresses are 16 bytes; IPv4 is stored IPv4-mapped (::ffff:a.b.c.d) so
+ * one trie and one conntrack table serve both families. */
+struct ipcache_key {
+	__u32 prefixlen;
+	__u8 addr[16];
+};
+
+struct ipcache_value {
+	__u32 identity;
+	__u32 flags;
+};
+
+#define EP_HAS_V4 (1 << 0)
+#define EP_HAS_V6 (1 << 1)
+
+struct endpoint {
+	__u32 identity;
+	__u32 flags;
+	__u8 ipv4[4];
+	__u8 ipv6[16];
+};
+
+struct policy_key {
+	__u32 subject;
+	__u32 peer;
+	__u8 dir;
+	__u8 proto;
+	__u16 pad;
+};
+
+struct port_range {
+	__u16 lo;
+	__u16 hi;
+};
+
+struct policy_value {
+	__u8 allow_all;
+	__u8 deny_all;
+	__u8 n_allow;
+	__u8 n_deny;
+	struct port_range allow[POLICY_MAX_ALLOW];
+	struct port_range deny[POLICY_MAX_DENY];
+};
+
+struct ct_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport; /* host byte order */
+	__u16 dport;
+	__u8 proto;
+	__u8 scope;
+	__u16 pad;
+};
+
+#define CT_F_SEEN_REPLY (1 << 0)
+#define CT_F_CLOSING (1 << 1)
+#define CT_F_REPLY_DENIED (1 << 2)
+#define CT_F_SEEN_FIN_FWD (1 << 3)
+#define CT_F_SEEN_FIN_REV (1 << 4)
+#define CT_F_HOST (1 << 5) /* admitted as node-to-pod traffic: never re-checked */
+
+struct ct_value {
+	__u64 expires; /* bpf_ktime_get_ns() deadline */
+	__u32 rev;       /* policy revision the flow was admitted under */
+	__u32 reply_rev; /* revision CT_F_REPLY_DENIED was computed under */
+	__u32 subject;   /* identity of the endpoint that admitted it */
+	__u32 peer;
+	__u32 flags;
+	__u32 pad;
+};
+
+struct frag_key {
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u32 id;
+	__u8 proto;
+	__u8 pad[3];
+};
+
+struct frag_value {
+	__u16 sport;
+	__u16 dport;
+};
+
+struct config {
+	__u32 rev;   /* bumped after every policy or ipcache change */
+	__u32 debug; /* non-zero: seed-style lines in the trace pipe */
+};
+
+struct counter {
+	__u64 packets;
+	__u64 bytes;
+};
+
+#define VERDICT_ALLOW 1
+#define VERDICT_DROP 2
+
+struct event {
+	__u64 ts;
+	__u32 ifindex;
+	__u32 src_identity;
+	__u32 dst_identity;
+	__u32 len;
+	__u8 saddr[16];
+	__u8 daddr[16];
+	__u16 sport;
+	__u16 dport;
+	__u8 proto;
+	__u8 family;
+	__u8 verdict;
+	__u8 reason;
+	__u8 scope;
+	__u8 pad[7];
+};

@@ -1,0 +1,290 @@
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"net/netip"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/policy"
+)
+
+// PutEndpoint writes the endpoint behind the host veth with this ifindex.
+func (d *Datapath) PutEndpoint(ifindex int, ep Endpoint) error {
+	v, err := ep.toKernel()
+	if err != nil {
+		return err
+	}
+	if err := d.objs.Endpoints.Update(uint32(ifindex), &v, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write endpoint %d: %w", ifindex, mapFull(err, "endpoints"))
+	}
+	return nil
+}
+
+// DeleteEndpoint removes an endpoint; a missing one is not an error.
+func (d *Datapath) DeleteEndpoint(ifindex int) error {
+	err := d.objs.Endpoints.Delete(uint32(ifindex))
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete endpoint %d: %w", ifindex, err)
+	}
+	return nil
+}
+
+// Endpoint returns the endpoint behind ifindex.
+func (d *Datapath) Endpoint(ifindex int) (Endpoint, bool, error) {
+	var v datapathEndpoint
+	err := d.objs.Endpoints.Lookup(uint32(ifindex), &v)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return Endpoint{}, false, nil
+	}
+	if err != nil {
+		return Endpoint{}, false, fmt.Errorf("read endpoint %d: %w", ifindex, err)
+	}
+	return endpointFromKernel(v), true, nil
+}
+
+// Endpoints returns every endpoint by ifindex.
+func (d *Datapath) Endpoints() (map[int]Endpoint, error) {
+	out := map[int]Endpoint{}
+	var k uint32
+	var v datapathEndpoint
+	it := d.objs.Endpoints.Iterate()
+	for it.Next(&k, &v) {
+		out[int(k)] = endpointFromKernel(v)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list endpoints: %w", err)
+	}
+	return out, nil
+}
+
+// PutIPCache maps a prefix (a pod's /32 or /128, or a CIDR) to an identity.
+func (d *Datapath) PutIPCache(p netip.Prefix, id identity.ID) error {
+	if !p.IsValid() {
+		return fmt.Errorf("invalid prefix %s", p)
+	}
+	k := ipcacheKey(p)
+	v := datapathIpcacheValue{Identity: uint32(id)}
+	if err := d.objs.Ipcache.Update(&k, &v, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write ipcache %s: %w", p, mapFull(err, "ipcache"))
+	}
+	return nil
+}
+
+// DeleteIPCache removes a prefix; a missing one is not an error.
+func (d *Datapath) DeleteIPCache(p netip.Prefix) error {
+	k := ipcacheKey(p)
+	err := d.objs.Ipcache.Delete(&k)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete ipcache %s: %w", p, err)
+	}
+	return nil
+}
+
+// IPCacheLookup resolves an address as the datapath does (longest prefix);
+// ok is false when nothing matches, which the datapath treats as world.
+func (d *Datapath) IPCacheLookup(a netip.Addr) (identity.ID, bool, error) {
+	k := ipcacheKey(netip.PrefixFrom(a, a.BitLen()))
+	var v datapathIpcacheValue
+	err := d.objs.Ipcache.Lookup(&k, &v)
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return identity.World, false, nil
+	}
+	if err != nil {
+		return 0, false, fmt.Errorf("look up %s in ipcache: %w", a, err)
+	}
+	return identity.ID(v.Identity), true, nil
+}
+
+// IPCache returns every ipcache entry.
+func (d *Datapath) IPCache() (map[netip.Prefix]identity.ID, error) {
+	out := map[netip.Prefix]identity.ID{}
+	var k datapathIpcacheKey
+	var v datapathIpcacheValue
+	it := d.objs.Ipcache.Iterate()
+	for it.Next(&k, &v) {
+		out[prefixFromKey(k)] = identity.ID(v.Identity)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list ipcache: %w", err)
+	}
+	return out, nil
+}
+
+// Policy reads the policy and identity maps back as a MapState.
+func (d *Datapath) Policy() (*policy.MapState, error) {
+	ms := &policy.MapState{Entries: map[policy.Key]*policy.Entry{}, Identities: map[identity.ID]policy.IdentityFlags{}}
+	var k datapathPolicyKey
+	var v datapathPolicyValue
+	it := d.objs.Policy.Iterate()
+	for it.Next(&k, &v) {
+		ms.Entries[policyKeyFromKernel(k)] = policyEntryFromKernel(v)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list policy: %w", err)
+	}
+	var id, flags uint32
+	it = d.objs.Identities.Iterate()
+	for it.Next(&id, &flags) {
+		ms.Identities[identity.ID(id)] = policy.IdentityFlags(flags)
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list identities: %w", err)
+	}
+	return ms, nil
+}
+
+// ApplyPolicy makes the policy and identity maps hold exactly want. New and
+// changed entries are written before stale ones are removed, so an allow
+// that stays valid is never missing; then the revision moves on so every
+// established flow is checked again on its next packet.
+func (d *Datapath) ApplyPolicy(want *policy.MapState) error {
+	have, err := d.Policy()
+	if err != nil {
+		return err
+	}
+	upsert, del := policy.Diff(have, want)
+	var ids []uint32
+	var flags []uint32
+	for id, f := range want.Identities {
+		if hf, ok := have.Identities[id]; !ok || hf != f {
+			ids = append(ids, uint32(id))
+			flags = append(flags, uint32(f))
+		}
+	}
+	// Flags first when they open a direction would briefly allow too much;
+	// rules first when they close one would briefly deny. Rules, then flags,
+	// then deletions keeps every allowed flow allowed and every packet
+	// under either the old or the new policy for each single lookup.
+	if err := d.writePolicyEntries(upsert); err != nil {
+		return err
+	}
+	if err := batchUpdate(d.objs.Identities, ids, flags, "identities"); err != nil {
+		return err
+	}
+	for _, k := range del {
+		kk := policyKey(k)
+		if err := d.objs.Policy.Delete(&kk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete policy entry: %w", err)
+		}
+	}
+	for id := range have.Identities {
+		if _, ok := want.Identities[id]; ok {
+			continue
+		}
+		if err := d.objs.Identities.Delete(uint32(id)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete identity flags of %s: %w", id, err)
+		}
+	}
+	return d.BumpRevision()
+}
+
+func (d *Datapath) writePolicyEntries(entries map[policy.Key]*policy.Entry) error {
+	keys := make([]datapathPolicyKey, 0, len(entries))
+	vals := make([]datapathPolicyValue, 0, len(entries))
+	for k, e := range entries {
+		v, err := policyValue(e)
+		if err != nil {
+			return fmt.Errorf("policy entry %+v: %w", k, err)
+		}
+		keys = append(keys, policyKey(k))
+		vals = append(vals, v)
+	}
+	return batchUpdate(d.objs.Policy, keys, vals, "policy")
+}
+
+// batchUpdate writes many entries in few syscalls. Check the capacity first:
+// a full map would otherwise take part of a change and refuse the rest.
+func batchUpdate[K, V any](m *ebpf.Map, keys []K, vals []V, name string) error {
+	if len(keys) == 0 {
+		return nil
+	}
+	const chunk = 4096
+	for i := 0; i < len(keys); i += chunk {
+		j := min(i+chunk, len(keys))
+		if _, err := m.BatchUpdate(keys[i:j], vals[i:j], nil); err != nil {
+			if errors.Is(err, ebpf.ErrNotSupported) {
+				for n := i; n < j; n++ {
+					if err := m.Update(&keys[n], &vals[n], ebpf.UpdateAny); err != nil {
+						return fmt.Errorf("write %s: %w", name, mapFull(err, name))
+					}
+				}
+				continue
+			}
+			return fmt.Errorf("write %s: %w", name, mapFull(err, name))
+		}
+	}
+	return nil
+}
+
+// mapFull turns the kernel's E2BIG on insert into an error an operator can act
+// on.
+func mapFull(err error, name string) error {
+	if errors.Is(err, ebpf.ErrKeyNotExist) {
+		return err
+	}
+	if errors.Is(err, errE2BIG) {
+		return fmt.Errorf("map %s is full: %w (raise its size or remove entries)", name, err)
+	}
+	return err
+}
+
+// Revision returns the current policy revision.
+func (d *Datapath) Revision() (uint32, error) {
+	cfg, err := d.config()
+	return cfg.Rev, err
+}
+
+// BumpRevision moves the policy revision on: every conntrack entry admitted
+// under an older one is checked again on its next packet. Callers hold the
+// root lock or are the only writer.
+func (d *Datapath) BumpRevision() error {
+	cfg, err := d.config()
+	if err != nil {
+		return err
+	}
+	cfg.Rev++
+	if cfg.Rev == 0 {
+		cfg.Rev = 1 // 0 means "never checked" in conntrack entries
+	}
+	return d.setConfig(cfg)
+}
+
+// SetDebug switches the seed-style trace lines on or off.
+func (d *Datapath) SetDebug(on bool) error {
+	cfg, err := d.config()
+	if err != nil {
+		return err
+	}
+	cfg.Debug = uint32(b2u(on))
+	return d.setConfig(cfg)
+}
+
+// Debug reports whether trace lines are on.
+func (d *Datapath) Debug() (bool, error) {
+	cfg, err := d.config()
+	return cfg.Debug != 0, err
+}
+
+func (d *Datapath) config() (datapathConfig, error) {
+	var cfg datapathConfig
+	if err := d.objs.Config.Lookup(uint32(0), &cfg); err != nil {
+		return cfg, fmt.Errorf("read config map: %w", err)
+	}
+	return cfg, nil
+}
+
+func (d *Datapath) setConfig(cfg datapathConfig) error {
+	if err := d.objs.Config.Update(uint32(0), &cfg, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write config map: %w", err)
+	}
+	return nil
+}
+
+// Lock serialises writers in different processes (plugin instances and the
+// CLIs) around read-modify-write sequences such as ApplyPolicy.
+func (d *Datapath) Lock() (unlock func(), err error) {
+	return lockDir(d.root)
+}
