@@ -1,0 +1,842 @@
+package netpol
+
+import (
+	"cmp"
+	"fmt"
+	"maps"
+	"net/netip"
+	"slices"
+	"sync"
+
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	"k8s.io/apimachinery/pkg/labels"
+
+	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/policy"
+)
+
+// CIDRIdentity is one entry the ipcache needs for ipBlock peers: addresses
+// whose longest matching prefix is Prefix resolve to ID.
+type CIDRIdentity struct {
+	Prefix netip.Prefix `json:"prefix"`
+	ID     identity.ID  `json:"id"`
+}
+
+// Delta says what a change did.
+type Delta struct {
+	// Identities are the subject identities whose rules or isolation
+	// changed, sorted: the map entries the agent has to rewrite.
+	Identities []identity.ID
+	// CIDRsAdded must reach the ipcache before the rules that name them;
+	// CIDRsRemoved are no longer named by any rule.
+	CIDRsAdded   []CIDRIdentity
+	CIDRsRemoved []CIDRIdentity
+}
+
+// Empty reports whether the change altered nothing the datapath sees.
+func (d Delta) Empty() bool {
+	return len(d.Identities) == 0 && len(d.CIDRsAdded) == 0 && len(d.CIDRsRemoved) == 0
+}
+
+// Compiler holds the current Namespaces, Pods and NetworkPolicies and their
+// compiled rules. Every method is safe for concurrent use; changes are
+// applied one at a time.
+//
+// The compiler keeps the Pod and Namespace objects it is given (to ask
+// Identities again when a namespace's labels change): callers must not
+// mutate them afterwards, as informer caches already require.
+type Compiler struct {
+	mu  sync.Mutex
+	ids Identities
+
+	namespaces map[string]*corev1.Namespace
+	nsLabels   map[string]labels.Set // effective labels of the namespaces above
+
+	pods       map[string]*podInfo          // endpoint pods by "ns/name"
+	groups     map[string]*group            // by groupKey
+	groupsByNS map[string]map[string]*group // namespace -> groupKey -> group
+
+	policies map[string]*policyState // by "ns/name"
+
+	// subjects[id][policyKey] is what one policy contributes to id.
+	subjects map[identity.ID]map[string]*subjectOut
+	// usedBy[id] holds the policies whose output names id, as subject or
+	// peer: the ones to recompute when id's pods change.
+	usedBy map[identity.ID]map[string]struct{}
+
+	cidrs    map[netip.Prefix]*cidrEntry
+	nextCIDR identity.ID
+}
+
+type cidrEntry struct {
+	id   identity.ID
+	refs int // policies naming the prefix
+}
+
+type policyState struct {
+	p   *parsedPolicy
+	out *policyOut
+}
+
+// podInfo is what the compiler needs of an endpoint pod.
+type podInfo struct {
+	key    string
+	ns     string
+	obj    *corev1.Pod
+	labels labels.Set
+	ips    []netip.Addr
+	ports  []containerPort
+	id     identity.ID
+	grp    *group
+}
+
+type containerPort struct {
+	name  string
+	proto corev1.Protocol
+	port  uint16
+}
+
+// group is the pods of one namespace with the same labels and identity:
+// selectors are evaluated once per group, not once per pod.
+type group struct {
+	key    string
+	ns     string
+	labels labels.Set
+	id     identity.ID
+	pods   map[string]*podInfo
+}
+
+// policyOut is what one policy compiles to.
+type policyOut struct {
+	bySubject map[identity.ID]*subjectOut
+	refs      map[identity.ID]struct{}
+}
+
+type subjectOut struct {
+	iso   policy.Isolation
+	rules []policy.Rule
+}
+
+func (s *subjectOut) equal(o *subjectOut) bool {
+	return s.iso == o.iso && slices.Equal(s.rules, o.rules)
+}
+
+var emptyOut = &policyOut{}
+
+// NewCompiler returns a Compiler with no objects.
+func NewCompiler(ids Identities) *Compiler {
+	return &Compiler{
+		ids:        ids,
+		namespaces: map[string]*corev1.Namespace{},
+		nsLabels:   map[string]labels.Set{},
+		pods:       map[string]*podInfo{},
+		groups:     map[string]*group{},
+		groupsByNS: map[string]map[string]*group{},
+		policies:   map[string]*policyState{},
+		subjects:   map[identity.ID]map[string]*subjectOut{},
+		usedBy:     map[identity.ID]map[string]struct{}{},
+		cidrs:      map[netip.Prefix]*cidrEntry{},
+		nextCIDR:   identity.MinCIDR,
+	}
+}
+
+// Compile compiles a whole cluster state from scratch. The returned Compiler
+// can take incremental changes from there.
+func Compile(ids Identities, namespaces []*corev1.Namespace, pods []*corev1.Pod, policies []*networkingv1.NetworkPolicy) (*Compiler, error) {
+	c := NewCompiler(ids)
+	for _, ns := range namespaces {
+		if ns.Name == "" {
+			return nil, fmt.Errorf("Namespace without a name")
+		}
+		c.namespaces[ns.Name] = ns
+		c.nsLabels[ns.Name] = effectiveNSLabels(ns.Name, ns.Labels)
+	}
+	for _, pod := range pods {
+		pi, err := c.podInfoOf(pod)
+		if err != nil {
+			return nil, err
+		}
+		if pi != nil {
+			if old := c.pods[pi.key]; old != nil {
+				c.removePod(old)
+			}
+			c.addPod(pi)
+		}
+	}
+	for _, np := range policies {
+		p, err := parsePolicy(np)
+		if err != nil {
+			return nil, err
+		}
+		if old := c.policies[p.key]; old != nil {
+			c.releasePrefixes(old.p.prefixes)
+		}
+		c.policies[p.key] = &policyState{p: p, out: emptyOut}
+		c.retainPrefixes(p.prefixes)
+	}
+	// CIDR identities were allocated in input order above; hand them out
+	// again in prefix order so a full compile of the same objects always
+	// numbers them the same way.
+	prefixes := slices.SortedFunc(maps.Keys(c.cidrs), netip.Prefix.Compare)
+	c.nextCIDR = identity.MinCIDR
+	for _, pf := range prefixes {
+		c.cidrs[pf].id = c.nextCIDR
+		c.nextCIDR++
+	}
+	changed := map[identity.ID]struct{}{}
+	for _, key := range slices.Sorted(maps.Keys(c.policies)) {
+		c.recomputeOne(key, changed)
+	}
+	return c, nil
+}
+
+// effectiveNSLabels adds the label the API server puts on every namespace,
+// so selectors on kubernetes.io/metadata.name work on manifests that omit it.
+func effectiveNSLabels(name string, l map[string]string) labels.Set {
+	out := make(labels.Set, len(l)+1)
+	maps.Copy(out, l)
+	if _, ok := out[corev1.LabelMetadataName]; !ok {
+		out[corev1.LabelMetadataName] = name
+	}
+	return out
+}
+
+// nsLabelsOf returns the labels a namespace's selector sees.
+func (c *Compiler) nsLabelsOf(ns string) labels.Set {
+	if l, ok := c.nsLabels[ns]; ok {
+		return l
+	}
+	return labels.Set{corev1.LabelMetadataName: ns}
+}
+
+// nsObjectOf returns the Namespace passed to Identities: always with its
+// effective labels, so a namespace the compiler has not seen yet and one
+// that arrives with only the default label give the same identities.
+func (c *Compiler) nsObjectOf(ns string) *corev1.Namespace {
+	var out corev1.Namespace
+	if o := c.namespaces[ns]; o != nil {
+		out = *o.DeepCopy()
+	}
+	out.Name = ns
+	out.Labels = map[string]string(c.nsLabelsOf(ns))
+	return &out
+}
+
+// isEndpoint reports whether pod's traffic is the pod's own: host-network
+// pods send as the node, finished pods no longer own their address.
+func isEndpoint(pod *corev1.Pod) bool {
+	if pod.Spec.HostNetwork {
+		return false
+	}
+	return pod.Status.Phase != corev1.PodSucceeded && pod.Status.Phase != corev1.PodFailed
+}
+
+// podInfoOf returns nil for pods that are not endpoints.
+func (c *Compiler) podInfoOf(pod *corev1.Pod) (*podInfo, error) {
+	if pod.Name == "" || pod.Namespace == "" {
+		return nil, fmt.Errorf("Pod %q in namespace %q: name and namespace are required", pod.Name, pod.Namespace)
+	}
+	if !isEndpoint(pod) {
+		return nil, nil
+	}
+	key := policyKey(pod.Namespace, pod.Name)
+	pi := &podInfo{key: key, ns: pod.Namespace, obj: pod, labels: labels.Set(maps.Clone(pod.Labels))}
+	if pi.labels == nil {
+		pi.labels = labels.Set{}
+	}
+	seen := map[netip.Addr]bool{}
+	addIP := func(s string) error {
+		if s == "" {
+			return nil
+		}
+		a, err := netip.ParseAddr(s)
+		if err != nil {
+			return fmt.Errorf("Pod %s: status pod IP: %w", key, err)
+		}
+		a = a.Unmap()
+		if !seen[a] {
+			seen[a] = true
+			pi.ips = append(pi.ips, a)
+		}
+		return nil
+	}
+	if err := addIP(pod.Status.PodIP); err != nil {
+		return nil, err
+	}
+	for _, ip := range pod.Status.PodIPs {
+		if err := addIP(ip.IP); err != nil {
+			return nil, err
+		}
+	}
+	slices.SortFunc(pi.ips, netip.Addr.Compare)
+	// Restartable init containers (sidecars) serve ports too.
+	for _, cs := range [][]corev1.Container{pod.Spec.InitContainers, pod.Spec.Containers} {
+		for _, ct := range cs {
+			for _, p := range ct.Ports {
+				if p.Name == "" || p.ContainerPort < 1 || p.ContainerPort > 65535 {
+					continue
+				}
+				proto := p.Protocol
+				if proto == "" {
+					proto = corev1.ProtocolTCP
+				}
+				pi.ports = append(pi.ports, containerPort{name: p.Name, proto: proto, port: uint16(p.ContainerPort)})
+			}
+		}
+	}
+	id, err := c.ids.IdentityOf(pod, c.nsObjectOf(pod.Namespace))
+	if err != nil {
+		return nil, fmt.Errorf("identity of pod %s: %w", key, err)
+	}
+	pi.id = id
+	return pi, nil
+}
+
+// samePod reports whether replacing a with b changes nothing the compiler
+// looks at.
+func samePod(a, b *podInfo) bool {
+	return a.id == b.id && labels.Equals(a.labels, b.labels) &&
+		slices.Equal(a.ips, b.ips) && slices.Equal(a.ports, b.ports)
+}
+
+func groupKey(ns string, l labels.Set, id identity.ID) string {
+	return ns + "\x00" + canonicalLabels(l) + "\x00" + id.String()
+}
+
+// addPod files pi under its group and returns the group.
+func (c *Compiler) addPod(pi *podInfo) *group {
+	k := groupKey(pi.ns, pi.labels, pi.id)
+	g := c.groups[k]
+	if g == nil {
+		g = &group{key: k, ns: pi.ns, labels: pi.labels, id: pi.id, pods: map[string]*podInfo{}}
+		c.groups[k] = g
+		byNS := c.groupsByNS[pi.ns]
+		if byNS == nil {
+			byNS = map[string]*group{}
+			c.groupsByNS[pi.ns] = byNS
+		}
+		byNS[k] = g
+	}
+	g.pods[pi.key] = pi
+	pi.grp = g
+	c.pods[pi.key] = pi
+	return g
+}
+
+func (c *Compiler) removePod(pi *podInfo) {
+	g := pi.grp
+	delete(g.pods, pi.key)
+	if len(g.pods) == 0 {
+		delete(c.groups, g.key)
+		delete(c.groupsByNS[g.ns], g.key)
+		if len(c.groupsByNS[g.ns]) == 0 {
+			delete(c.groupsByNS, g.ns)
+		}
+	}
+	delete(c.pods, pi.key)
+}
+
+// movePods swaps pods out and in and recomputes every policy either side
+// can matter to: policies whose output names an identity of the old pods,
+// and policies that select (as subject or peer) a group of the new ones.
+func (c *Compiler) movePods(out, in []*podInfo) Delta {
+	affected := map[string]struct{}{}
+	for _, pi := range out {
+		maps.Copy(affected, c.usedBy[pi.id])
+		c.removePod(pi)
+	}
+	touched := map[*group]struct{}{}
+	for _, pi := range in {
+		touched[c.addPod(pi)] = struct{}{}
+		maps.Copy(affected, c.usedBy[pi.id])
+	}
+	for key, ps := range c.policies {
+		if _, ok := affected[key]; ok {
+			continue
+		}
+		for g := range touched {
+			if c.mayMatch(ps.p, g) {
+				affected[key] = struct{}{}
+				break
+			}
+		}
+	}
+	changed := map[identity.ID]struct{}{}
+	for key := range affected {
+		c.recomputeOne(key, changed)
+	}
+	return Delta{Identities: sortedIDs(changed)}
+}
+
+// mayMatch reports whether group g can contribute to p's output: as a
+// subject, as a selected or ipBlock-matched peer, or as a destination that
+// resolves an egress named port.
+func (c *Compiler) mayMatch(p *parsedPolicy, g *group) bool {
+	if g.ns == p.ns && p.subject.Matches(g.labels) {
+		return true
+	}
+	var nsl labels.Set
+	for ri := range p.rules {
+		r := &p.rules[ri]
+		if r.allPeers {
+			if r.dir == policy.Egress && p.egressNamed {
+				return true
+			}
+			continue
+		}
+		for pi := range r.peers {
+			peer := &r.peers[pi]
+			if peer.isBlock() {
+				for _, pod := range g.pods {
+					for _, a := range pod.ips {
+						if peer.block.Contains(a) {
+							return true
+						}
+					}
+				}
+				continue
+			}
+			if peer.nsSel == nil {
+				if g.ns != p.ns {
+					continue
+				}
+			} else {
+				if nsl == nil {
+					nsl = c.nsLabelsOf(g.ns)
+				}
+				if !peer.nsSel.Matches(nsl) {
+					continue
+				}
+			}
+			if peer.podSel.Matches(g.labels) {
+				return true
+			}
+		}
+	}
+	return false
+}
+
+// recomputeOne compiles policy key again (or to nothing when it is gone) and
+// records which subjects' output changed.
+func (c *Compiler) recomputeOne(key string, changed map[identity.ID]struct{}) {
+	ps := c.policies[key]
+	old, nw := emptyOut, emptyOut
+	if ps != nil {
+		old = ps.out
+		nw = c.computePolicy(ps.p)
+		ps.out = nw
+	}
+	c.applyOut(key, old, nw, changed)
+}
+
+// applyOut replaces policy key's contribution old by nw in the per-subject
+// and reverse indexes.
+func (c *Compiler) applyOut(key string, old, nw *policyOut, changed map[identity.ID]struct{}) {
+	for id, so := range old.bySubject {
+		if n, ok := nw.bySubject[id]; ok && so.equal(n) {
+			continue
+		}
+		changed[id] = struct{}{}
+		if _, ok := nw.bySubject[id]; !ok {
+			delete(c.subjects[id], key)
+			if len(c.subjects[id]) == 0 {
+				delete(c.subjects, id)
+			}
+		}
+	}
+	for id, so := range nw.bySubject {
+		if o, ok := old.bySubject[id]; ok && o.equal(so) {
+			c.subjects[id][key] = so
+			continue
+		}
+		changed[id] = struct{}{}
+		m := c.subjects[id]
+		if m == nil {
+			m = map[string]*subjectOut{}
+			c.subjects[id] = m
+		}
+		m[key] = so
+	}
+	for id := range old.refs {
+		if _, ok := nw.refs[id]; ok {
+			continue
+		}
+		delete(c.usedBy[id], key)
+		if len(c.usedBy[id]) == 0 {
+			delete(c.usedBy, id)
+		}
+	}
+	for id := range nw.refs {
+		m := c.usedBy[id]
+		if m == nil {
+			m = map[string]struct{}{}
+			c.usedBy[id] = m
+		}
+		m[key] = struct{}{}
+	}
+}
+
+func sortedIDs(m map[identity.ID]struct{}) []identity.ID {
+	if len(m) == 0 {
+		return nil
+	}
+	return slices.Sorted(maps.Keys(m))
+}
+
+// retainPrefixes counts one more user of each prefix, allocating an
+// identity for new ones, and returns the new ones.
+func (c *Compiler) retainPrefixes(pfs []netip.Prefix) []CIDRIdentity {
+	var added []CIDRIdentity
+	for _, pf := range pfs {
+		e := c.cidrs[pf]
+		if e == nil {
+			// Numbers are not reused: a stale ipcache or conntrack entry can
+			// then never make one prefix look like another.
+			e = &cidrEntry{id: c.nextCIDR}
+			c.nextCIDR++
+			c.cidrs[pf] = e
+			added = append(added, CIDRIdentity{Prefix: pf, ID: e.id})
+		}
+		e.refs++
+	}
+	return added
+}
+
+// releasePrefixes is the reverse of retainPrefixes.
+func (c *Compiler) releasePrefixes(pfs []netip.Prefix) []CIDRIdentity {
+	var removed []CIDRIdentity
+	for _, pf := range pfs {
+		e := c.cidrs[pf]
+		if e == nil {
+			continue
+		}
+		e.refs--
+		if e.refs == 0 {
+			delete(c.cidrs, pf)
+			removed = append(removed, CIDRIdentity{Prefix: pf, ID: e.id})
+		}
+	}
+	return removed
+}
+
+// prefixWithin reports whether every address of inner is in outer.
+func prefixWithin(inner, outer netip.Prefix) bool {
+	return outer.Bits() <= inner.Bits() && outer.Contains(inner.Addr())
+}
+
+// UpsertPolicy adds or replaces a NetworkPolicy. An invalid policy is
+// rejected with an error and the previous version, if any, stays in force.
+func (c *Compiler) UpsertPolicy(np *networkingv1.NetworkPolicy) (Delta, error) {
+	p, err := parsePolicy(np)
+	if err != nil {
+		return Delta{}, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.replacePolicy(p.key, p), nil
+}
+
+// DeletePolicy removes a NetworkPolicy; deleting an unknown one is a no-op.
+func (c *Compiler) DeletePolicy(namespace, name string) (Delta, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.replacePolicy(policyKey(namespace, name), nil), nil
+}
+
+func (c *Compiler) replacePolicy(key string, p *parsedPolicy) Delta {
+	old := c.policies[key]
+	if old == nil && p == nil {
+		return Delta{}
+	}
+	var d Delta
+	// Retain before release, so a prefix both versions name keeps its
+	// identity.
+	if p != nil {
+		d.CIDRsAdded = c.retainPrefixes(p.prefixes)
+	}
+	if old != nil {
+		d.CIDRsRemoved = c.releasePrefixes(old.p.prefixes)
+	}
+	affected := map[string]struct{}{key: {}}
+	// A new or vanished prefix changes which CIDR identities an enclosing
+	// block covers, in every policy.
+	for _, list := range [][]CIDRIdentity{d.CIDRsAdded, d.CIDRsRemoved} {
+		for _, ci := range list {
+			for k, ps := range c.policies {
+				if k != key && policyEncloses(ps.p, ci.Prefix) {
+					affected[k] = struct{}{}
+				}
+			}
+		}
+	}
+	if p == nil {
+		delete(c.policies, key)
+	} else if old == nil {
+		c.policies[key] = &policyState{p: p, out: emptyOut}
+	} else {
+		old.p = p
+	}
+	changed := map[identity.ID]struct{}{}
+	if p == nil {
+		c.applyOut(key, old.out, emptyOut, changed)
+		delete(affected, key)
+	}
+	for k := range affected {
+		c.recomputeOne(k, changed)
+	}
+	d.Identities = sortedIDs(changed)
+	return d
+}
+
+// policyEncloses reports whether some ipBlock of p contains pf.
+func policyEncloses(p *parsedPolicy, pf netip.Prefix) bool {
+	for _, b := range p.prefixes {
+		if prefixWithin(pf, b) {
+			return true
+		}
+	}
+	return false
+}
+
+// UpsertPod adds or replaces a Pod. A pod that stops being an endpoint
+// (finished, or host network) is removed.
+func (c *Compiler) UpsertPod(pod *corev1.Pod) (Delta, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	pi, err := c.podInfoOf(pod)
+	if err != nil {
+		return Delta{}, err
+	}
+	var key string
+	if pi != nil {
+		key = pi.key
+	} else {
+		key = policyKey(pod.Namespace, pod.Name)
+	}
+	old := c.pods[key]
+	switch {
+	case old == nil && pi == nil:
+		return Delta{}, nil
+	case old == nil:
+		return c.movePods(nil, []*podInfo{pi}), nil
+	case pi == nil:
+		return c.movePods([]*podInfo{old}, nil), nil
+	case samePod(old, pi):
+		// Nothing compiled changed, but keep the newest object for later
+		// identity look-ups.
+		old.obj = pod
+		return Delta{}, nil
+	}
+	return c.movePods([]*podInfo{old}, []*podInfo{pi}), nil
+}
+
+// DeletePod removes a Pod; deleting an unknown one is a no-op.
+func (c *Compiler) DeletePod(namespace, name string) (Delta, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	old := c.pods[policyKey(namespace, name)]
+	if old == nil {
+		return Delta{}, nil
+	}
+	return c.movePods([]*podInfo{old}, nil), nil
+}
+
+// UpsertNamespace adds or replaces a Namespace. A label change gives its
+// pods new identities, and recompiles whatever selected them before or
+// selects them now.
+func (c *Compiler) UpsertNamespace(ns *corev1.Namespace) (Delta, error) {
+	if ns.Name == "" {
+		return Delta{}, fmt.Errorf("Namespace without a name")
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.setNamespace(ns.Name, ns)
+}
+
+// DeleteNamespace forgets a Namespace's labels. Its pods, if any are left,
+// stay endpoints and see only the default namespace label until deleted.
+func (c *Compiler) DeleteNamespace(name string) (Delta, error) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if c.namespaces[name] == nil {
+		return Delta{}, nil
+	}
+	return c.setNamespace(name, nil)
+}
+
+func (c *Compiler) setNamespace(name string, ns *corev1.Namespace) (Delta, error) {
+	oldObj, oldLabels := c.namespaces[name], c.nsLabels[name]
+	hadLabels := c.nsLabelsOf(name)
+	if ns != nil {
+		c.namespaces[name] = ns
+		c.nsLabels[name] = effectiveNSLabels(name, ns.Labels)
+	} else {
+		delete(c.namespaces, name)
+		delete(c.nsLabels, name)
+	}
+	if labels.Equals(hadLabels, c.nsLabelsOf(name)) {
+		return Delta{}, nil
+	}
+	// Ask for every new identity first, so a failing allocator leaves the
+	// old state whole.
+	var out, in []*podInfo
+	for _, g := range c.groupsByNS[name] {
+		for _, pi := range g.pods {
+			npi, err := c.podInfoOf(pi.obj)
+			if err != nil {
+				if oldObj != nil {
+					c.namespaces[name], c.nsLabels[name] = oldObj, oldLabels
+				} else {
+					delete(c.namespaces, name)
+					delete(c.nsLabels, name)
+				}
+				return Delta{}, fmt.Errorf("namespace %s: %w", name, err)
+			}
+			out = append(out, pi)
+			in = append(in, npi)
+		}
+	}
+	// Even with identities unchanged (an allocator that ignores namespace
+	// labels), namespaceSelectors may now match differently: movePods
+	// recomputes the policies that select the groups, before or after.
+	return c.movePods(out, in), nil
+}
+
+// Set returns every rule and isolation flag, ordered by subject identity,
+// then policy, then rule.
+func (c *Compiler) Set() *policy.Set {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := &policy.Set{Isolation: map[identity.ID]policy.Isolation{}}
+	for _, id := range slices.Sorted(maps.Keys(c.subjects)) {
+		if iso := c.isolationLocked(id); iso.Ingress || iso.Egress {
+			s.Isolation[id] = iso
+		}
+		s.Rules = append(s.Rules, c.rulesLocked(id)...)
+	}
+	return s
+}
+
+// Rules returns the rules whose subject is id.
+func (c *Compiler) Rules(id identity.ID) []policy.Rule {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.rulesLocked(id)
+}
+
+func (c *Compiler) rulesLocked(id identity.ID) []policy.Rule {
+	var out []policy.Rule
+	m := c.subjects[id]
+	for _, k := range slices.Sorted(maps.Keys(m)) {
+		out = append(out, m[k].rules...)
+	}
+	return out
+}
+
+// Isolation returns in which directions NetworkPolicies isolate id. An
+// identity no policy selects is not isolated.
+func (c *Compiler) Isolation(id identity.ID) policy.Isolation {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	return c.isolationLocked(id)
+}
+
+func (c *Compiler) isolationLocked(id identity.ID) policy.Isolation {
+	var iso policy.Isolation
+	for _, so := range c.subjects[id] {
+		iso.Ingress = iso.Ingress || so.iso.Ingress
+		iso.Egress = iso.Egress || so.iso.Egress
+	}
+	return iso
+}
+
+// IsolatedBy names ("ns/name", sorted) the policies that isolate id in dir.
+func (c *Compiler) IsolatedBy(id identity.ID, dir policy.Direction) []string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	var out []string
+	for k, so := range c.subjects[id] {
+		if so.iso.In(dir) {
+			out = append(out, k)
+		}
+	}
+	slices.Sort(out)
+	return out
+}
+
+// CIDRs returns the prefix -> identity list for the ipcache, sorted by
+// prefix.
+func (c *Compiler) CIDRs() []CIDRIdentity {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	out := make([]CIDRIdentity, 0, len(c.cidrs))
+	for pf, e := range c.cidrs {
+		out = append(out, CIDRIdentity{Prefix: pf, ID: e.id})
+	}
+	slices.SortFunc(out, func(a, b CIDRIdentity) int { return a.Prefix.Compare(b.Prefix) })
+	return out
+}
+
+// PodIdentity returns the identity of an endpoint pod.
+func (c *Compiler) PodIdentity(namespace, name string) (identity.ID, bool) {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	pi := c.pods[policyKey(namespace, name)]
+	if pi == nil {
+		return 0, false
+	}
+	return pi.id, true
+}
+
+// Stats counts what the compiler holds.
+type Stats struct {
+	Pods, Groups, Policies, Subjects, Rules, CIDRs int
+}
+
+// Stats returns current counts, for metrics and benchmarks.
+func (c *Compiler) Stats() Stats {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	s := Stats{Pods: len(c.pods), Groups: len(c.groups), Policies: len(c.policies), Subjects: len(c.subjects), CIDRs: len(c.cidrs)}
+	for _, m := range c.subjects {
+		for _, so := range m {
+			s.Rules += len(so.rules)
+		}
+	}
+	return s
+}
+
+// compareRules orders rules within one policy's output.
+func compareRules(a, b policy.Rule) int {
+	return cmp.Or(
+		cmp.Compare(a.Direction, b.Direction),
+		cmp.Compare(a.Origin, b.Origin),
+		cmp.Compare(a.Peer, b.Peer),
+		cmp.Compare(a.Proto, b.Proto),
+		cmp.Compare(a.Ports.Lo, b.Ports.Lo),
+		cmp.Compare(a.Ports.Hi, b.Ports.Hi),
+		cmp.Compare(a.Action, b.Action),
+	)
+}
+
+// IdentityOfAddr resolves an address as the datapath's ipcache would: a pod
+// address to its pod's identity, anything else to the CIDR identity of the
+// longest prefix containing it, or to world.
+func (c *Compiler) IdentityOfAddr(a netip.Addr) identity.ID {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	a = a.Unmap()
+	for _, pi := range c.pods {
+		if slices.Contains(pi.ips, a) {
+			return pi.id
+		}
+	}
+	best, id := -1, identity.World
+	for pf, e := range c.cidrs {
+		if pf.Contains(a) && pf.Bits() > best {
+			best, id = pf.Bits(), e.id
+		}
+	}
+	return id
+}
