@@ -175,16 +175,16 @@ func TestEncodingIsUnambiguous(t *testing.T) {
 
 func TestParseLabelSetRefusesNonCanonical(t *testing.T) {
 	for _, s := range []string{
-		"a",         // no '='
-		"a=1,b",     // last label has no '='
-		"a=1,,b=2",  // empty label
-		"a=1=2",     // unescaped '=' in value
-		"b=1,a=2",   // unsorted
-		"a=1,a=2",   // repeated key
-		`a=\x`,      // needless escape
-		`a=1\`,      // dangling escape
-		",a=1",      // leading separator
-		"a=1,",      // trailing separator
+		"a",        // no '='
+		"a=1,b",    // last label has no '='
+		"a=1,,b=2", // empty label
+		"a=1=2",    // unescaped '=' in value
+		"b=1,a=2",  // unsorted
+		"a=1,a=2",  // repeated key
+		`a=\x`,     // needless escape
+		`a=1\`,     // dangling escape
+		",a=1",     // leading separator
+		"a=1,",     // trailing separator
 	} {
 		if set, err := ParseLabelSet(s); err == nil {
 			t.Errorf("ParseLabelSet(%q) = %v, want error", s, set.Labels())
