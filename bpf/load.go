@@ -218,7 +218,7 @@ func (d *Datapath) load(opts Options) error {
 // repin pins p at path, replacing whatever was pinned there. The rename
 // makes the switch atomic for readers of the pin.
 func repin(p *ebpf.Program, path string) error {
-	tmp := path + ".new"
+	tmp := path + "_new" // bpffs refuses names with a dot
 	_ = os.Remove(tmp)
 	if err := p.Pin(tmp); err != nil {
 		return fmt.Errorf("pin program at %s: %w", tmp, err)

@@ -370,7 +370,7 @@ static __always_inline __u32 ipcache_identity(const __u32 *addr)
  * direction (bits 0-1), deny-only (bit 2), protocol (8-15) and destination
  * port (16-31) to stay within the five arguments of a BPF call. It returns
  * a reason: ALLOW_RULE, ALLOW_OPEN, DROP_DENY or DROP_NO_RULE. */
-static __noinline int decide(__u32 subject, __u32 peer, __u32 meta)
+__noinline int decide(__u32 subject, __u32 peer, __u32 meta)
 {
 	__u8 dir = meta & 3, deny_only = meta & 4, proto = (meta >> 8) & 0xff;
 	__u16 dport = meta >> 16;

@@ -1,0 +1,284 @@
+package bpf
+
+import (
+	"encoding/binary"
+	"errors"
+	"fmt"
+	"net/netip"
+	"runtime"
+	"testing"
+	"unsafe"
+
+	"github.com/cilium/ebpf"
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
+
+	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/policy"
+	"github.com/idcni/idcni/policy/reference"
+)
+
+// testNet is a private network namespace, held by one locked OS thread,
+// with veths whose ifindexes stand for host veths. BPF_PROG_TEST_RUN
+// resolves the ifindex of its context in the caller's namespace, so every
+// run goes through that thread. The namespace dies with the thread.
+type testNet struct {
+	ifindex []int
+	calls   chan func()
+}
+
+func newTestNet(t testing.TB, links int) *testNet {
+	t.Helper()
+	n := &testNet{calls: make(chan func())}
+	ready := make(chan error)
+	go func() {
+		runtime.LockOSThread()
+		// Never unlocked: the thread exits with the goroutine, taking the
+		// namespace with it.
+		if err := unix.Unshare(unix.CLONE_NEWNET); err != nil {
+			ready <- fmt.Errorf("unshare netns: %w", err)
+			return
+		}
+		for i := 0; i < links; i++ {
+			l := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: fmt.Sprintf("ep%d", i)}, PeerName: fmt.Sprintf("pe%d", i)}
+			if err := netlink.LinkAdd(l); err != nil {
+				ready <- fmt.Errorf("add veth: %w", err)
+				return
+			}
+			got, err := netlink.LinkByName(l.Name)
+			if err != nil {
+				ready <- err
+				return
+			}
+			n.ifindex = append(n.ifindex, got.Attrs().Index)
+		}
+		ready <- nil
+		for f := range n.calls {
+			f()
+		}
+	}()
+	if err := <-ready; err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { close(n.calls) })
+	return n
+}
+
+// do runs f on the namespace's thread.
+func (n *testNet) do(f func()) {
+	done := make(chan struct{})
+	n.calls <- func() { f(); close(done) }
+	<-done
+}
+
+// skbCtx is struct __sk_buff up to the fields BPF_PROG_TEST_RUN accepts.
+type skbCtx struct {
+	Len            uint32
+	PktType        uint32
+	Mark           uint32
+	QueueMapping   uint32
+	Protocol       uint32
+	VlanPresent    uint32
+	VlanTci        uint32
+	VlanProto      uint32
+	Priority       uint32
+	IngressIfindex uint32
+	Ifindex        uint32
+	TcIndex        uint32
+	Cb             [5]uint32
+	Hash           uint32
+	TcClassid      uint32
+	Data           uint32
+	DataEnd        uint32
+	NapiID         uint32
+	Family         uint32
+	RemoteIP4      uint32
+	LocalIP4       uint32
+	RemoteIP6      [4]uint32
+	LocalIP6       [4]uint32
+	RemotePort     uint32
+	LocalPort      uint32
+	DataMeta       uint32
+	FlowKeys       uint64
+	Tstamp         uint64
+	WireLen        uint32
+	GsoSegs        uint32
+	Sk             uint64
+	GsoSize        uint32
+	TstampType     uint8
+	_              [3]byte
+	Hwtstamp       uint64
+}
+
+// progRunAttr is the BPF_PROG_TEST_RUN part of union bpf_attr.
+type progRunAttr struct {
+	progFd      uint32
+	retval      uint32
+	dataSizeIn  uint32
+	dataSizeOut uint32
+	dataIn      uint64
+	dataOut     uint64
+	repeat      uint32
+	duration    uint32
+	ctxSizeIn   uint32
+	ctxSizeOut  uint32
+	ctxIn       uint64
+	ctxOut      uint64
+	flags       uint32
+	cpu         uint32
+	batchSize   uint32
+	_           uint32
+}
+
+// testRun runs prog on frame as if it arrived on ifindex (having come in on
+// ingressIfindex), repeat times, and returns the program's return value and
+// the kernel's own time per run. Unlike ebpf.Program.Benchmark it takes a
+// context, which the datapath needs for the ifindex.
+func testRun(prog *ebpf.Program, frame []byte, ifindex, ingressIfindex int, repeat uint32) (uint32, uint32, error) {
+	ctx := skbCtx{Ifindex: uint32(ifindex), IngressIfindex: uint32(ingressIfindex)}
+	out := make([]byte, len(frame)+256)
+	attr := progRunAttr{
+		progFd:      uint32(prog.FD()),
+		dataSizeIn:  uint32(len(frame)),
+		dataSizeOut: uint32(len(out)),
+		dataIn:      uint64(uintptr(unsafe.Pointer(&frame[0]))),
+		dataOut:     uint64(uintptr(unsafe.Pointer(&out[0]))),
+		repeat:      repeat,
+		ctxSizeIn:   uint32(unsafe.Sizeof(ctx)),
+		ctxIn:       uint64(uintptr(unsafe.Pointer(&ctx))),
+	}
+	for {
+		_, _, errno := unix.Syscall(unix.SYS_BPF, unix.BPF_PROG_TEST_RUN, uintptr(unsafe.Pointer(&attr)), unsafe.Sizeof(attr))
+		runtime.KeepAlive(frame)
+		runtime.KeepAlive(out)
+		runtime.KeepAlive(&ctx)
+		if errno == unix.EINTR {
+			continue
+		}
+		if errno != 0 {
+			return 0, 0, fmt.Errorf("BPF_PROG_TEST_RUN: %w", errno)
+		}
+		return attr.retval, attr.duration, nil
+	}
+}
+
+// pair is a datapath and its reference model fed the same state, with
+// endpoints on dummy links in a private namespace.
+type pair struct {
+	t   testing.TB
+	d   *Datapath
+	ref *reference.Datapath
+	net *testNet
+}
+
+func newPair(t testing.TB, links int, opts Options) *pair {
+	t.Helper()
+	return &pair{t: t, d: loadTest(t, opts), ref: reference.New(), net: newTestNet(t, links)}
+}
+
+func (p *pair) endpoint(i int, ep Endpoint) int {
+	p.t.Helper()
+	ifindex := p.net.ifindex[i]
+	if err := p.d.PutEndpoint(ifindex, ep); err != nil {
+		p.t.Fatal(err)
+	}
+	p.ref.Endpoints[ifindex] = reference.Endpoint{Identity: ep.Identity, IPv4: ep.IPv4, IPv6: ep.IPv6}
+	for _, a := range []netip.Addr{ep.IPv4, ep.IPv6} {
+		if a.IsValid() {
+			p.ipcache(netip.PrefixFrom(a, a.BitLen()), ep.Identity)
+		}
+	}
+	return ifindex
+}
+
+func (p *pair) ipcache(pfx netip.Prefix, id identity.ID) {
+	p.t.Helper()
+	if err := p.d.PutIPCache(pfx, id); err != nil {
+		p.t.Fatal(err)
+	}
+	p.ref.IPCache[pfx] = id
+}
+
+func (p *pair) policy(s *policy.Set) {
+	p.t.Helper()
+	ms, err := s.Compile()
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	if err := p.d.ApplyPolicy(ms); err != nil {
+		p.t.Fatal(err)
+	}
+	p.ref.SetPolicy(s)
+}
+
+// send runs frame through the hook on the endpoint's veth in both
+// implementations and fails the test when they disagree. It returns the
+// reason both gave.
+func (p *pair) send(frame []byte, scope Scope, ifindex, ingressIfindex int) Reason {
+	p.t.Helper()
+	got, err := p.run(frame, scope, ifindex, ingressIfindex)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	want := Reason(p.ref.Process(frame, reference.Scope(scope), ifindex, ingressIfindex))
+	if got != want {
+		p.t.Fatalf("datapath says %s, reference says %s for %s packet on ifindex %d (from %d):\n% x", got, want, scope, ifindex, ingressIfindex, frame)
+	}
+	return got
+}
+
+// errRefused means BPF_PROG_TEST_RUN does not take the frame: it wants a
+// whole IPv4 or IPv6 header behind those ethertypes.
+var errRefused = errors.New("BPF_PROG_TEST_RUN refuses frames this short")
+
+func refused(frame []byte) bool {
+	if len(frame) < 14 {
+		return true
+	}
+	switch binary.BigEndian.Uint16(frame[12:14]) {
+	case 0x0800:
+		return len(frame) < 14+20
+	case 0x86dd:
+		return len(frame) < 14+40
+	}
+	return false
+}
+
+// run runs the kernel program and returns the reason it counted.
+func (p *pair) run(frame []byte, scope Scope, ifindex, ingressIfindex int) (Reason, error) {
+	if refused(frame) {
+		return 0, errRefused
+	}
+	prog := p.d.objs.FromPod
+	if scope == ScopeIngress {
+		prog = p.d.objs.ToPod
+	}
+	before, err := p.d.Counters()
+	if err != nil {
+		return 0, err
+	}
+	var ret uint32
+	var runErr error
+	p.net.do(func() { ret, _, runErr = testRun(prog, frame, ifindex, ingressIfindex, 1) })
+	if runErr != nil {
+		return 0, runErr
+	}
+	after, err := p.d.Counters()
+	if err != nil {
+		return 0, err
+	}
+	var reason Reason = 255
+	for k, c := range after {
+		if k.Scope == scope && c.Packets != before[k].Packets {
+			reason = k.Reason
+		}
+	}
+	wantRet := uint32(0)
+	if reason.Drop() {
+		wantRet = 2
+	}
+	if ret != wantRet {
+		return reason, fmt.Errorf("program returned %d but counted %s", int32(ret), reason)
+	}
+	return reason, nil
+}

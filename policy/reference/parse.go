@@ -1,0 +1,215 @@
+package reference
+
+import "encoding/binary"
+
+type parseResult uint8
+
+const (
+	parseOK parseResult = iota
+	parseNonIP
+	parseND
+	parseMalformed
+	parseFragUnknown
+)
+
+type pkt struct {
+	saddr, daddr [16]byte
+	sport, dport uint16
+	proto        uint8
+	family       uint8
+	tcpFlags     uint8
+}
+
+const (
+	ethHLen    = 14
+	maxIPv6Ext = 4
+	protoICMP  = 1
+	protoTCP   = 6
+	protoUDP   = 17
+	protoICMP6 = 58
+	protoSCTP  = 132
+	extHop     = 0
+	extRouting = 43
+	extFrag    = 44
+	extAH      = 51
+	extDst     = 60
+)
+
+func isExt(h uint8) bool {
+	return h == extHop || h == extRouting || h == extDst || h == extFrag || h == extAH
+}
+
+func (d *Datapath) parse(f []byte, p *pkt) parseResult {
+	if len(f) < ethHLen {
+		return parseMalformed
+	}
+	switch binary.BigEndian.Uint16(f[12:14]) {
+	case 0x0800:
+		return d.parseIPv4(f, p)
+	case 0x86dd:
+		return d.parseIPv6(f, p)
+	}
+	return parseNonIP
+}
+
+func (d *Datapath) parseIPv4(f []byte, p *pkt) parseResult {
+	ip := f[ethHLen:]
+	if len(ip) < 20 {
+		return parseMalformed
+	}
+	if ip[0]>>4 != 4 || ip[0]&0xf < 5 {
+		return parseMalformed
+	}
+	hlen := uint32(ip[0]&0xf) * 4
+	tot := uint32(binary.BigEndian.Uint16(ip[2:4]))
+	if tot < hlen || tot+ethHLen > uint32(len(f)) {
+		return parseMalformed
+	}
+	p.family = 4
+	p.proto = ip[9]
+	p.saddr[10], p.saddr[11] = 0xff, 0xff
+	copy(p.saddr[12:], ip[12:16])
+	p.daddr[10], p.daddr[11] = 0xff, 0xff
+	copy(p.daddr[12:], ip[16:20])
+	frag := binary.BigEndian.Uint16(ip[6:8])
+	id := uint32(binary.BigEndian.Uint16(ip[4:6]))
+	if frag&0x1fff != 0 {
+		return d.fragLater(p, id)
+	}
+	var l4 []byte
+	if uint32(len(ip)) > hlen {
+		l4 = ip[hlen:]
+	}
+	res := parseL4(p, l4, tot-hlen, 0)
+	if res == parseOK && frag&0x2000 != 0 {
+		d.fragFirst(p, id)
+	}
+	return res
+}
+
+func (d *Datapath) parseIPv6(f []byte, p *pkt) parseResult {
+	ip6 := f[ethHLen:]
+	if len(ip6) < 40 {
+		return parseMalformed
+	}
+	if ip6[0]>>4 != 6 {
+		return parseMalformed
+	}
+	payload := uint32(binary.BigEndian.Uint16(ip6[4:6]))
+	if payload == 0 || payload+40+ethHLen > uint32(len(f)) {
+		return parseMalformed
+	}
+	p.family = 6
+	copy(p.saddr[:], ip6[8:24])
+	copy(p.daddr[:], ip6[24:40])
+	next := ip6[6]
+	off := uint32(40)
+	isFrag, fragMore := false, false
+	var fragID uint32
+	for i := 0; i < maxIPv6Ext; i++ {
+		if !isExt(next) {
+			break
+		}
+		if off > 40+maxIPv6Ext*2048 {
+			return parseMalformed
+		}
+		if off+8 > uint32(len(ip6)) || off+8 > payload+40 {
+			return parseMalformed
+		}
+		h := ip6[off:]
+		if next == extFrag {
+			if isFrag {
+				return parseMalformed
+			}
+			fo := binary.BigEndian.Uint16(h[2:4])
+			isFrag, fragMore = true, fo&1 != 0
+			fragID = binary.BigEndian.Uint32(h[4:8])
+			next = h[0]
+			off += 8
+			if fo>>3 != 0 {
+				p.proto = next
+				return d.fragLater(p, fragID)
+			}
+			continue
+		}
+		var l uint32
+		if next == extAH {
+			l = (uint32(h[1]) + 2) * 4
+		} else {
+			l = (uint32(h[1]) + 1) * 8
+		}
+		next = h[0]
+		off += l
+	}
+	if isExt(next) {
+		return parseMalformed
+	}
+	if off > payload+40 || off > 40+maxIPv6Ext*2048 {
+		return parseMalformed
+	}
+	p.proto = next
+	var l4 []byte
+	if uint32(len(ip6)) > off {
+		l4 = ip6[off:]
+	}
+	res := parseL4(p, l4, payload+40-off, ip6[7])
+	if res == parseOK && isFrag && fragMore {
+		d.fragFirst(p, fragID)
+	}
+	return res
+}
+
+// parseL4 mirrors parse_l4: l4 is what the frame holds from the L4 header
+// on, l4len what the IP header says the payload is.
+func parseL4(p *pkt, l4 []byte, l4len uint32, hopLimit uint8) parseResult {
+	need := func(n int) bool { return l4len >= uint32(n) && len(l4) >= n }
+	switch p.proto {
+	case protoTCP:
+		if !need(20) {
+			return parseMalformed
+		}
+		if l4[12]>>4 < 5 || uint32(l4[12]>>4)*4 > l4len {
+			return parseMalformed
+		}
+		p.tcpFlags = l4[13]
+	case protoUDP:
+		if !need(8) {
+			return parseMalformed
+		}
+	case protoSCTP:
+		if !need(12) {
+			return parseMalformed
+		}
+	case protoICMP, protoICMP6:
+		if !need(8) {
+			return parseMalformed
+		}
+		if (p.family == 4 && p.proto == protoICMP && (l4[0] == 8 || l4[0] == 0)) ||
+			(p.family == 6 && p.proto == protoICMP6 && (l4[0] == 128 || l4[0] == 129)) {
+			p.sport = binary.BigEndian.Uint16(l4[4:6])
+			p.dport = p.sport
+		}
+		if p.family == 6 && p.proto == protoICMP6 && l4[0] >= 133 && l4[0] <= 137 && hopLimit == 255 {
+			return parseND
+		}
+		return parseOK
+	default:
+		return parseOK
+	}
+	p.sport = binary.BigEndian.Uint16(l4[0:2])
+	p.dport = binary.BigEndian.Uint16(l4[2:4])
+	return parseOK
+}
+
+func (d *Datapath) fragFirst(p *pkt, id uint32) {
+	d.frags[fragKey{p.saddr, p.daddr, id, p.proto}] = [2]uint16{p.sport, p.dport}
+}
+
+func (d *Datapath) fragLater(p *pkt, id uint32) parseResult {
+	ports, ok := d.frags[fragKey{p.saddr, p.daddr, id, p.proto}]
+	if !ok {
+		return parseFragUnknown
+	}
+	p.sport, p.dport = ports[0], ports[1]
+	return parseOK
+}
