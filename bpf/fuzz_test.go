@@ -1,0 +1,209 @@
+package bpf
+
+import (
+	"errors"
+	"net/netip"
+	"testing"
+
+	"github.com/cilium/ebpf"
+
+	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/internal/pkttest"
+	"github.com/idcni/idcni/policy"
+	"github.com/idcni/idcni/policy/reference"
+)
+
+// FuzzDatapath feeds random rule sets and random packet sequences (crafted
+// ones that build flows, and raw bytes) to the kernel datapath and the
+// reference datapath, and fails on the first packet they decide
+// differently.
+func FuzzDatapath(f *testing.F) {
+	for _, seed := range [][]byte{
+		{},
+		{3, 0, 0, 1, 2, 0, 0, 0, 1, 1, 0, 0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13},
+		{5, 1, 2, 1, 2, 1, 3, 2, 2, 3, 0, 3, 4, 1, 1, 4, 0, 0, 1, 1, 7, 9, 16, 3, 4, 5, 6, 1, 2, 3, 4, 5, 6, 7, 8},
+		{2, 2, 1, 0, 1, 1, 4, 5, 2, 8, 16, 32, 64, 128, 255, 1, 3, 5, 7, 11, 13, 17, 19},
+		{1, 0, 1, 1, 3, 1, 0, 0, 8, 0x45, 0, 0, 40, 0, 0, 0x20, 0, 64, 17, 0, 0, 10, 13, 0, 2, 10, 13, 0, 3},
+		{4, 1, 0, 2, 4, 3, 2, 0, 0, 5, 16, 2, 1, 0, 2, 33, 4, 6, 0, 9, 12, 15, 16, 8, 0, 1, 2, 3},
+	} {
+		f.Add(seed)
+	}
+	p := newPair(f, 4, Options{})
+	eps := []int{
+		p.endpoint(0, Endpoint{Identity: 1001, IPv4: netip.MustParseAddr("10.13.0.2"), IPv6: netip.MustParseAddr("fd13::2")}),
+		p.endpoint(1, Endpoint{Identity: 1002, IPv4: netip.MustParseAddr("10.13.0.3"), IPv6: netip.MustParseAddr("fd13::3")}),
+		p.endpoint(2, Endpoint{Identity: 70000, IPv4: netip.MustParseAddr("10.13.0.4"), IPv6: netip.MustParseAddr("fd13::4")}),
+		p.net.ifindex[3], // a veth with programs but no endpoint
+	}
+	p.ipcache(netip.MustParsePrefix("10.20.0.0/16"), 16777300)
+	p.ipcache(netip.MustParsePrefix("10.20.5.5/32"), 70001)
+	p.ipcache(netip.MustParsePrefix("fd20::/64"), 16777301)
+	fixed := p.ref
+
+	f.Fuzz(func(t *testing.T, data []byte) {
+		p.t = t
+		resetKernel(t, p.d)
+		p.ref = reference.New()
+		p.ref.Endpoints, p.ref.IPCache = fixed.Endpoints, fixed.IPCache
+		in := &fuzzInput{b: data}
+		set := in.policySet()
+		p.policy(set)
+		for n := 0; n < 64 && in.more(); n++ {
+			op := in.byte()
+			if op%16 == 0 {
+				set = in.mutate(set)
+				p.policy(set)
+				continue
+			}
+			frame := in.frame()
+			scope := Scope(op & 1)
+			ifindex := eps[int(op>>1)%len(eps)]
+			ingress := []int{0, eps[0], eps[1], eps[2], 999}[int(op>>4)%5]
+			if scope == ScopeEgress {
+				ingress = 0
+			}
+			if refused(frame) {
+				continue
+			}
+			p.send(frame, scope, ifindex, ingress)
+		}
+	})
+}
+
+// resetKernel empties the state one fuzz input leaves behind.
+func resetKernel(t *testing.T, d *Datapath) {
+	for _, m := range []*ebpf.Map{d.objs.Conntrack, d.objs.Fragments} {
+		if err := clearMap(m); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+func clearMap(m *ebpf.Map) error {
+	key := make([]byte, m.KeySize())
+	var keys [][]byte
+	it := m.Iterate()
+	val := make([]byte, m.ValueSize())
+	for it.Next(&key, &val) {
+		keys = append(keys, append([]byte{}, key...))
+	}
+	if err := it.Err(); err != nil {
+		return err
+	}
+	for _, k := range keys {
+		if err := m.Delete(k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return err
+		}
+	}
+	return nil
+}
+
+type fuzzInput struct {
+	b []byte
+	i int
+}
+
+func (in *fuzzInput) more() bool { return in.i < len(in.b) }
+
+func (in *fuzzInput) byte() byte {
+	if in.i >= len(in.b) {
+		return 0
+	}
+	in.i++
+	return in.b[in.i-1]
+}
+
+func pick[T any](in *fuzzInput, xs ...T) T { return xs[int(in.byte())%len(xs)] }
+
+var fuzzAddrs = []netip.Addr{
+	netip.MustParseAddr("10.13.0.2"), netip.MustParseAddr("10.13.0.3"), netip.MustParseAddr("10.13.0.4"),
+	netip.MustParseAddr("10.20.5.5"), netip.MustParseAddr("10.20.9.9"), netip.MustParseAddr("8.8.8.8"),
+	netip.MustParseAddr("fd13::2"), netip.MustParseAddr("fd13::3"), netip.MustParseAddr("fd13::4"),
+	netip.MustParseAddr("fd20::9"), netip.MustParseAddr("2001:db8::1"),
+}
+
+func (in *fuzzInput) rule() policy.Rule {
+	r := policy.Rule{
+		Subject:   pick(in, identity.ID(1001), 1002, 70000),
+		Direction: pick(in, policy.Ingress, policy.Egress),
+		Peer:      pick(in, identity.ID(1001), 1002, 70000, 70001, 16777300, 16777301, identity.Any, identity.World, identity.Host),
+		Proto:     pick(in, policy.ProtoAny, policy.ProtoTCP, policy.ProtoUDP, policy.ProtoSCTP, policy.ProtoICMP, policy.ProtoICMPv6),
+		Action:    pick(in, policy.Allow, policy.Allow, policy.Allow, policy.Deny),
+	}
+	if r.Proto.HasPorts() {
+		r.Ports = pick(in, policy.AnyPort, policy.PortRange{Lo: 53, Hi: 53}, policy.PortRange{Lo: 80, Hi: 80},
+			policy.PortRange{Lo: 1, Hi: 1024}, policy.PortRange{Lo: 443, Hi: 6000}, policy.PortRange{Lo: 6000, Hi: 65535})
+	}
+	return r
+}
+
+func (in *fuzzInput) policySet() *policy.Set {
+	s := &policy.Set{}
+	n := int(in.byte() % 7)
+	for i := 0; i < n; i++ {
+		s.Rules = append(s.Rules, in.rule())
+	}
+	if iso := in.byte(); iso&4 != 0 {
+		s.Isolation = map[identity.ID]policy.Isolation{70000: {Ingress: iso&1 != 0, Egress: iso&2 != 0}}
+	}
+	return s
+}
+
+// mutate adds or removes one rule; the revision moves on either way.
+func (in *fuzzInput) mutate(s *policy.Set) *policy.Set {
+	n := &policy.Set{Rules: append([]policy.Rule{}, s.Rules...), Isolation: s.Isolation}
+	if len(n.Rules) > 0 && in.byte()&1 == 0 {
+		i := int(in.byte()) % len(n.Rules)
+		n.Rules = append(n.Rules[:i], n.Rules[i+1:]...)
+	} else {
+		n.Rules = append(n.Rules, in.rule())
+	}
+	return n
+}
+
+// frame builds a packet likely to meet earlier ones (few addresses and
+// ports), or takes raw bytes behind an IP ethertype.
+func (in *fuzzInput) frame() []byte {
+	kind := in.byte()
+	if kind%8 == 0 {
+		n := int(in.byte()) % 96
+		raw := make([]byte, 0, 14+n)
+		raw = append(raw, 2, 0, 0, 0, 0, 1, 2, 0, 0, 0, 0, 2)
+		raw = append(raw, pick(in, []byte{8, 0}, []byte{0x86, 0xdd}, []byte{8, 6})...)
+		for i := 0; i < n; i++ {
+			raw = append(raw, in.byte())
+		}
+		return raw
+	}
+	src, dst := pick(in, fuzzAddrs...), pick(in, fuzzAddrs...)
+	if src.Is4() != dst.Is4() {
+		same := fuzzAddrs[:6]
+		if src.Is6() {
+			same = fuzzAddrs[6:]
+		}
+		dst = same[int(kind)%len(same)]
+	}
+	pkt := pkttest.Packet{
+		Src: src, Dst: dst,
+		Proto:    pick(in, uint8(pkttest.TCP), pkttest.UDP, pkttest.ICMP, pkttest.ICMPv6, pkttest.SCTP, 47),
+		SrcPort:  pick(in, uint16(1000), 1001, 53, 80),
+		DstPort:  pick(in, uint16(53), 80, 443, 6000, 1000),
+		TCPFlags: pick(in, uint8(pkttest.SYN), pkttest.SYN|pkttest.ACK, pkttest.ACK, pkttest.FIN|pkttest.ACK, pkttest.RST, 0),
+		ICMPType: pick(in, uint8(8), 0, 128, 129, 3, 135),
+		ICMPID:   pick(in, uint16(1), 2),
+		FragID:   uint32(in.byte() % 2),
+		HopLimit: pick(in, uint8(64), 255),
+	}
+	switch kind >> 5 {
+	case 1:
+		pkt.MoreFragments = true
+	case 2:
+		pkt.FragOffset = 3
+	case 3:
+		pkt.FragOffset, pkt.MoreFragments = 2, true
+	}
+	if kind&16 != 0 {
+		pkt.Payload = make([]byte, int(in.byte()%32))
+	}
+	return pkt.Frame()
+}
