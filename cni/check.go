@@ -1,0 +1,260 @@
+package cni
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"net"
+	"net/netip"
+	"slices"
+	"strings"
+
+	"github.com/containernetworking/cni/pkg/invoke"
+	"github.com/containernetworking/cni/pkg/skel"
+	"github.com/containernetworking/cni/pkg/types"
+	current "github.com/containernetworking/cni/pkg/types/100"
+	"github.com/containernetworking/cni/pkg/version"
+	"github.com/containernetworking/plugins/pkg/netlinksafe"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+
+	"github.com/idcni/idcni/bpf"
+)
+
+// CmdCheck implements CHECK: it verifies that everything ADD set up is still
+// in place, and lists every problem it finds, not only the first, so one
+// run tells the person all that needs fixing.
+func CmdCheck(args *skel.CmdArgs) error {
+	conf, err := LoadNetConf(args.StdinData)
+	if err != nil {
+		return err
+	}
+	// The attachment first: a runtime that has none has no prevResult
+	// either, and "no such attachment" is the news.
+	records, err := openRecords(conf.DataDir, conf.Name, false)
+	if err != nil {
+		return fmt.Errorf("idcni: %w", err)
+	}
+	defer records.Close()
+	rec, err := records.Get(args.ContainerID, args.IfName)
+	if err != nil {
+		return fmt.Errorf("idcni: %w", err)
+	}
+	if rec == nil || !rec.Complete {
+		return types.NewError(types.ErrUnknownContainer,
+			fmt.Sprintf("idcni: container %s has no interface %s in network %q: ADD never completed, or DEL already removed it", args.ContainerID, args.IfName, conf.Name), "")
+	}
+
+	if err := version.ParsePrevResult(&conf.PluginConf); err != nil {
+		return types.NewError(types.ErrDecodingFailure, "idcni: cannot parse prevResult", err.Error())
+	}
+	if conf.PrevResult == nil {
+		return types.NewError(types.ErrInvalidNetworkConfig, "idcni: CHECK needs the prevResult of the ADD it checks, and the configuration has none", "")
+	}
+	prev, err := current.NewResultFromResult(conf.PrevResult)
+	if err != nil {
+		return types.NewError(types.ErrDecodingFailure, "idcni: cannot convert prevResult", err.Error())
+	}
+
+	if err := invoke.DelegateCheck(context.Background(), conf.IPAM.Type, args.StdinData, nil); err != nil {
+		return withPrefix(err, fmt.Sprintf("idcni: IPAM plugin %q", conf.IPAM.Type))
+	}
+
+	c := &checker{conf: conf, rec: rec}
+	c.comparePrevResult(prev)
+	hostMAC, podMAC := c.checkHost(prev)
+	c.checkPod(args.Netns, hostMAC, podMAC)
+	c.checkDatapath(hostMAC != nil)
+	if len(c.problems) > 0 {
+		return types.NewError(types.ErrInternal,
+			fmt.Sprintf("idcni: CHECK of container %s interface %s failed: %s", args.ContainerID, args.IfName, strings.Join(c.problems, "; ")),
+			"delete and re-create the pod to repair its network")
+	}
+	return nil
+}
+
+type checker struct {
+	conf     *NetConf
+	rec      *Record
+	problems []string
+}
+
+func (c *checker) fail(format string, a ...any) {
+	c.problems = append(c.problems, fmt.Sprintf(format, a...))
+}
+
+// comparePrevResult checks that the runtime's idea of the attachment is the
+// one the plugin recorded.
+func (c *checker) comparePrevResult(prev *current.Result) {
+	var got []netip.Addr
+	for _, ipc := range prev.IPs {
+		if a, ok := netip.AddrFromSlice(ipc.Address.IP); ok {
+			got = append(got, a.Unmap())
+		}
+	}
+	slices.SortFunc(got, netip.Addr.Compare)
+	want := slices.SortedFunc(slices.Values(c.rec.Addresses), netip.Addr.Compare)
+	if !slices.Equal(got, want) {
+		c.fail("prevResult has addresses %v, but the plugin gave the pod %v", got, want)
+	}
+}
+
+// macOf finds the MAC of an interface in prevResult.
+func macOf(prev *current.Result, name, sandbox string) net.HardwareAddr {
+	for _, i := range prev.Interfaces {
+		if i.Name == name && i.Sandbox == sandbox {
+			if m, err := net.ParseMAC(i.Mac); err == nil {
+				return m
+			}
+		}
+	}
+	return nil
+}
+
+func (c *checker) checkHost(prev *current.Result) (hostMAC, podMAC net.HardwareAddr) {
+	rec := c.rec
+	podMAC = macOf(prev, rec.IfName, rec.Netns)
+	st, err := lookupHostVeth(rec.HostIfName)
+	if err != nil {
+		c.fail("%v", err)
+		return nil, podMAC
+	}
+	if st == nil {
+		c.fail("host veth %s is missing", rec.HostIfName)
+		return nil, podMAC
+	}
+	attrs := st.link.Attrs()
+	hostMAC = attrs.HardwareAddr
+	if want := linkAlias(c.conf.Name, rec.ContainerID, rec.IfName); st.alias != want {
+		c.fail("host veth %s has alias %q, want %q: the link belongs to another attachment", rec.HostIfName, st.alias, want)
+	}
+	if attrs.Index != rec.HostIfIndex {
+		c.fail("host veth %s has ifindex %d, but the datapath knows it as %d: it was re-created behind the plugin's back", rec.HostIfName, attrs.Index, rec.HostIfIndex)
+	}
+	if attrs.Flags&net.FlagUp == 0 {
+		c.fail("host veth %s is down", rec.HostIfName)
+	}
+	if m := macOf(prev, rec.HostIfName, ""); m != nil && m.String() != hostMAC.String() {
+		c.fail("host veth %s has MAC %s, prevResult says %s", rec.HostIfName, hostMAC, m)
+	}
+	for _, a := range rec.Addresses {
+		if ok, err := hasRoute(st.link, hostPrefix(a), netip.Addr{}); err != nil {
+			c.fail("list routes of %s: %v", rec.HostIfName, err)
+		} else if !ok {
+			c.fail("host route %s dev %s is missing", hostPrefix(a), rec.HostIfName)
+		}
+		if podMAC == nil {
+			continue
+		}
+		if ok, err := hasPermanentNeigh(attrs.Index, a, podMAC); err != nil {
+			c.fail("list neighbours of %s: %v", rec.HostIfName, err)
+		} else if !ok {
+			c.fail("permanent neighbour %s lladdr %s dev %s is missing on the host", a, podMAC, rec.HostIfName)
+		}
+	}
+	return hostMAC, podMAC
+}
+
+func (c *checker) checkPod(netns string, hostMAC, podMAC net.HardwareAddr) {
+	rec := c.rec
+	podNS, err := ns.GetNS(netns)
+	if err != nil {
+		c.fail("cannot open the pod's netns %s: %v", netns, err)
+		return
+	}
+	defer podNS.Close()
+	err = podNS.Do(func(ns.NetNS) error {
+		link, err := netlinksafe.LinkByName(rec.IfName)
+		if err != nil {
+			c.fail("%s is missing in the pod: %v", rec.IfName, err)
+			return nil
+		}
+		attrs := link.Attrs()
+		if attrs.Flags&net.FlagUp == 0 {
+			c.fail("%s is down in the pod", rec.IfName)
+		}
+		if podMAC != nil && attrs.HardwareAddr.String() != podMAC.String() {
+			c.fail("%s in the pod has MAC %s, prevResult says %s", rec.IfName, attrs.HardwareAddr, podMAC)
+		}
+		have, err := netlinksafe.AddrList(link, netlink.FAMILY_ALL)
+		if err != nil {
+			c.fail("list addresses of %s in the pod: %v", rec.IfName, err)
+		}
+		for _, a := range rec.Addresses {
+			found := slices.ContainsFunc(have, func(h netlink.Addr) bool {
+				ha, _ := netip.AddrFromSlice(h.IP)
+				ones, _ := h.Mask.Size()
+				return ha.Unmap() == a && ones == a.BitLen()
+			})
+			if !found {
+				c.fail("address %s is missing on %s in the pod", hostPrefix(a), rec.IfName)
+			}
+		}
+		for _, gw := range gateways(rec.Addresses) {
+			if hostMAC != nil {
+				if ok, err := hasPermanentNeigh(attrs.Index, gw, hostMAC); err != nil {
+					c.fail("list neighbours of %s in the pod: %v", rec.IfName, err)
+				} else if !ok {
+					c.fail("permanent neighbour %s lladdr %s (the gateway) is missing on %s in the pod", gw, hostMAC, rec.IfName)
+				}
+			}
+			if ok, err := hasRoute(link, defaultRoute(gw), gw); err != nil {
+				c.fail("list routes of %s in the pod: %v", rec.IfName, err)
+			} else if !ok {
+				c.fail("default route via %s dev %s is missing in the pod", gw, rec.IfName)
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		c.fail("enter the pod's netns %s: %v", netns, err)
+	}
+}
+
+// checkDatapath checks the attachment and the map entries; hostExists says
+// the host veth exists, without which there is no attachment to look at.
+func (c *checker) checkDatapath(hostExists bool) {
+	rec := c.rec
+	dp, err := bpf.Open(c.conf.BPFRoot)
+	if errors.Is(err, bpf.ErrNotLoaded) {
+		c.fail("the datapath is not loaded under %s, so nothing polices the pod", c.conf.BPFRoot)
+		return
+	}
+	if err != nil {
+		c.fail("open the datapath under %s: %v", c.conf.BPFRoot, err)
+		return
+	}
+	defer dp.Close()
+
+	if hostExists {
+		if ok, err := dp.Attached(rec.HostIfName); err != nil {
+			c.fail("read the TC attachments of %s: %v", rec.HostIfName, err)
+		} else if !ok {
+			c.fail("the idcni TC programs are not attached to host veth %s, so the pod's traffic is not policed", rec.HostIfName)
+		}
+	}
+
+	ep, ok, err := dp.Endpoint(rec.HostIfIndex)
+	switch {
+	case err != nil:
+		c.fail("read endpoint entry of ifindex %d: %v", rec.HostIfIndex, err)
+		return
+	case !ok:
+		c.fail("the datapath has no endpoint entry for host veth %s (ifindex %d)", rec.HostIfName, rec.HostIfIndex)
+		return
+	}
+	if got, want := endpointAddrs(ep), rec.Addresses; !slices.Equal(slices.SortedFunc(slices.Values(got), netip.Addr.Compare), slices.SortedFunc(slices.Values(want), netip.Addr.Compare)) {
+		c.fail("the endpoint entry of ifindex %d has addresses %v, want %v", rec.HostIfIndex, got, want)
+	}
+	for _, a := range rec.Addresses {
+		id, ok, err := dp.IPCacheLookup(a)
+		switch {
+		case err != nil:
+			c.fail("look up %s in the ipcache: %v", a, err)
+		case !ok:
+			c.fail("the ipcache has no entry for %s", a)
+		case id != ep.Identity:
+			c.fail("the ipcache maps %s to identity %s, but its endpoint has identity %s", a, id, ep.Identity)
+		}
+	}
+}
