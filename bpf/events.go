@@ -3,8 +3,10 @@ package bpf
 import (
 	"bytes"
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"net/netip"
+	"os"
 	"time"
 
 	"github.com/cilium/ebpf/ringbuf"
@@ -52,7 +54,8 @@ func hostPort(a netip.Addr, port uint16, p policy.Proto) string {
 type EventReader struct {
 	rd *ringbuf.Reader
 	// offset turns bpf_ktime_get_ns() into wall-clock time.
-	offset time.Duration
+	offset   time.Duration
+	deadline time.Time
 }
 
 // Events opens the event stream.
@@ -69,15 +72,34 @@ func (d *Datapath) Events() (*EventReader, error) {
 	return &EventReader{rd: rd, offset: time.Duration(time.Now().UnixNano() - int64(mono))}, nil
 }
 
-// SetDeadline makes Read return os.ErrDeadlineExceeded after t.
-func (r *EventReader) SetDeadline(t time.Time) { r.rd.SetDeadline(t) }
+// pollInterval bounds how long an event waits in the ring: the datapath
+// wakes readers only once a batch is waiting (see emit in datapath.c).
+const pollInterval = 100 * time.Millisecond
+
+// SetDeadline makes Read return os.ErrDeadlineExceeded after t; the zero
+// time waits for ever.
+func (r *EventReader) SetDeadline(t time.Time) { r.deadline = t }
 
 // Read blocks until an event arrives, the deadline passes or the reader is
 // closed (ringbuf.ErrClosed).
 func (r *EventReader) Read() (Event, error) {
-	rec, err := r.rd.Read()
-	if err != nil {
-		return Event{}, err
+	var rec ringbuf.Record
+	for {
+		wake := time.Now().Add(pollInterval)
+		if !r.deadline.IsZero() && r.deadline.Before(wake) {
+			wake = r.deadline
+		}
+		r.rd.SetDeadline(wake)
+		err := r.rd.ReadInto(&rec)
+		if err == nil {
+			break
+		}
+		if !errors.Is(err, os.ErrDeadlineExceeded) {
+			return Event{}, err
+		}
+		if !r.deadline.IsZero() && !time.Now().Before(r.deadline) {
+			return Event{}, err
+		}
 	}
 	var k datapathEvent
 	if err := binary.Read(bytes.NewReader(rec.RawSample), binary.LittleEndian, &k); err != nil {

@@ -4,3 +4,4 @@ package bpf
 
 //go:generate go run github.com/cilium/ebpf/cmd/bpf2go -go-package bpf -target bpfel -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" -type event -type reason -type stat -type scope -type counter datapath kernel/datapath.c
 //go:generate go run github.com/cilium/ebpf/cmd/bpf2go -go-package bpf -target bpfel -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" baseline kernel/baseline.c
+//go:generate go run github.com/cilium/ebpf/cmd/bpf2go -go-package bpf -target bpfel -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" bench kernel/bench.c

@@ -39,6 +39,7 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 /* Enough linear bytes for Ethernet, IPv6 with a few extension headers and
  * the L4 header. */
 #define PULL_LEN 128
+#define EVENTS_WAKEUP_BYTES (64 * 1024)
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -478,7 +479,11 @@ static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u32 src
 	e->reason = reason;
 	e->scope = scope;
 	__builtin_memset(e->pad, 0, sizeof(e->pad));
-	bpf_ringbuf_submit(e, 0);
+	/* Waking the reader for every event costs more than deciding the
+	 * packet; wake it once a batch is waiting, and let it poll for the
+	 * rest (bpf.EventReader does, every 100 ms). */
+	bpf_ringbuf_submit(e, bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= EVENTS_WAKEUP_BYTES ? BPF_RB_FORCE_WAKEUP
+											       : BPF_RB_NO_WAKEUP);
 }
 
 /* finish counts, traces and reports a verdict and returns the TC action.
