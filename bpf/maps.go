@@ -146,6 +146,23 @@ func (d *Datapath) ApplyPolicy(want *policy.MapState) error {
 		return err
 	}
 	upsert, del := policy.Diff(have, want)
+	// Refuse what cannot fit before writing anything: a policy is in the
+	// maps whole or not at all.
+	if max := int(d.objs.Policy.MaxEntries()); len(want.Entries) > max {
+		return fmt.Errorf("policy needs %d map entries; the policy map holds at most %d (raise its size)", len(want.Entries), max)
+	}
+	if max := int(d.objs.Identities.MaxEntries()); len(want.Identities) > max {
+		return fmt.Errorf("policy names %d identities; the identities map holds at most %d", len(want.Identities), max)
+	}
+	// Writing before deleting needs room for old and new at once; when
+	// there is none, delete first and accept that stale allows go a moment
+	// early.
+	if len(have.Entries)+len(upsert)-len(del) > int(d.objs.Policy.MaxEntries()) {
+		if err := d.deletePolicyEntries(del); err != nil {
+			return err
+		}
+		del = nil
+	}
 	var ids []uint32
 	var flags []uint32
 	for id, f := range want.Identities {
@@ -164,11 +181,8 @@ func (d *Datapath) ApplyPolicy(want *policy.MapState) error {
 	if err := batchUpdate(d.objs.Identities, ids, flags, "identities"); err != nil {
 		return err
 	}
-	for _, k := range del {
-		kk := policyKey(k)
-		if err := d.objs.Policy.Delete(&kk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete policy entry: %w", err)
-		}
+	if err := d.deletePolicyEntries(del); err != nil {
+		return err
 	}
 	for id := range have.Identities {
 		if _, ok := want.Identities[id]; ok {
@@ -179,6 +193,16 @@ func (d *Datapath) ApplyPolicy(want *policy.MapState) error {
 		}
 	}
 	return d.BumpRevision()
+}
+
+func (d *Datapath) deletePolicyEntries(del []policy.Key) error {
+	for _, k := range del {
+		kk := policyKey(k)
+		if err := d.objs.Policy.Delete(&kk); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete policy entry: %w", err)
+		}
+	}
+	return nil
 }
 
 func (d *Datapath) writePolicyEntries(entries map[policy.Key]*policy.Entry) error {
