@@ -1,7 +1,6 @@
 package netpol
 
 import (
-	"cmp"
 	"fmt"
 	"maps"
 	"net/netip"
@@ -59,14 +58,28 @@ type Compiler struct {
 
 	policies map[string]*policyState // by "ns/name"
 
-	// subjects[id][policyKey] is what one policy contributes to id.
-	subjects map[identity.ID]map[string]*subjectOut
+	// subjects[id][policyKey] is the output of a policy selecting id.
+	subjects map[identity.ID]map[string]*policyOut
 	// usedBy[id] holds the policies whose output names id, as subject or
 	// peer: the ones to recompute when id's pods change.
 	usedBy map[identity.ID]map[string]struct{}
 
 	cidrs    map[netip.Prefix]*cidrEntry
 	nextCIDR identity.ID
+
+	// idPorts counts, per identity, the pods declaring each containerPort:
+	// named ports resolve on the union of an identity's pods.
+	idPorts map[identity.ID]map[containerPort]int
+	// blocks indexes, per distinct ipBlock, how many endpoint pods of each
+	// identity have an address inside it, so a pod change touches a policy
+	// only when an identity enters or leaves one of its blocks.
+	blocks map[string]*blockIndex
+}
+
+type blockIndex struct {
+	peer   parsedPeer
+	counts map[identity.ID]int // identity -> pods inside, never 0
+	users  map[string]int      // policy key -> peers naming this block
 }
 
 type cidrEntry struct {
@@ -107,23 +120,6 @@ type group struct {
 	pods   map[string]*podInfo
 }
 
-// policyOut is what one policy compiles to.
-type policyOut struct {
-	bySubject map[identity.ID]*subjectOut
-	refs      map[identity.ID]struct{}
-}
-
-type subjectOut struct {
-	iso   policy.Isolation
-	rules []policy.Rule
-}
-
-func (s *subjectOut) equal(o *subjectOut) bool {
-	return s.iso == o.iso && slices.Equal(s.rules, o.rules)
-}
-
-var emptyOut = &policyOut{}
-
 // NewCompiler returns a Compiler with no objects.
 func NewCompiler(ids Identities) *Compiler {
 	return &Compiler{
@@ -134,10 +130,12 @@ func NewCompiler(ids Identities) *Compiler {
 		groups:     map[string]*group{},
 		groupsByNS: map[string]map[string]*group{},
 		policies:   map[string]*policyState{},
-		subjects:   map[identity.ID]map[string]*subjectOut{},
+		subjects:   map[identity.ID]map[string]*policyOut{},
 		usedBy:     map[identity.ID]map[string]struct{}{},
 		cidrs:      map[netip.Prefix]*cidrEntry{},
 		nextCIDR:   identity.MinCIDR,
+		idPorts:    map[identity.ID]map[containerPort]int{},
+		blocks:     map[string]*blockIndex{},
 	}
 }
 
@@ -160,8 +158,10 @@ func Compile(ids Identities, namespaces []*corev1.Namespace, pods []*corev1.Pod,
 		if pi != nil {
 			if old := c.pods[pi.key]; old != nil {
 				c.removePod(old)
+				c.countPorts(old, -1)
 			}
 			c.addPod(pi)
+			c.countPorts(pi, 1)
 		}
 	}
 	for _, np := range policies {
@@ -169,11 +169,13 @@ func Compile(ids Identities, namespaces []*corev1.Namespace, pods []*corev1.Pod,
 		if err != nil {
 			return nil, err
 		}
+		c.retainPrefixes(p.prefixes)
+		c.retainBlocks(p)
 		if old := c.policies[p.key]; old != nil {
 			c.releasePrefixes(old.p.prefixes)
+			c.releaseBlocks(old.p)
 		}
 		c.policies[p.key] = &policyState{p: p, out: emptyOut}
-		c.retainPrefixes(p.prefixes)
 	}
 	// CIDR identities were allocated in input order above; hand them out
 	// again in prefix order so a full compile of the same objects always
@@ -304,11 +306,13 @@ func groupKey(ns string, l labels.Set, id identity.ID) string {
 	return ns + "\x00" + canonicalLabels(l) + "\x00" + id.String()
 }
 
-// addPod files pi under its group and returns the group.
-func (c *Compiler) addPod(pi *podInfo) *group {
+// addPod files pi under its group and returns the group, and whether the
+// group is new.
+func (c *Compiler) addPod(pi *podInfo) (*group, bool) {
 	k := groupKey(pi.ns, pi.labels, pi.id)
 	g := c.groups[k]
-	if g == nil {
+	created := g == nil
+	if created {
 		g = &group{key: k, ns: pi.ns, labels: pi.labels, id: pi.id, pods: map[string]*podInfo{}}
 		c.groups[k] = g
 		byNS := c.groupsByNS[pi.ns]
@@ -321,44 +325,172 @@ func (c *Compiler) addPod(pi *podInfo) *group {
 	g.pods[pi.key] = pi
 	pi.grp = g
 	c.pods[pi.key] = pi
-	return g
+	return g, created
 }
 
-func (c *Compiler) removePod(pi *podInfo) {
+// removePod takes pi out of its group and reports whether the group is
+// gone.
+func (c *Compiler) removePod(pi *podInfo) bool {
 	g := pi.grp
 	delete(g.pods, pi.key)
-	if len(g.pods) == 0 {
-		delete(c.groups, g.key)
-		delete(c.groupsByNS[g.ns], g.key)
-		if len(c.groupsByNS[g.ns]) == 0 {
-			delete(c.groupsByNS, g.ns)
-		}
-	}
 	delete(c.pods, pi.key)
+	if len(g.pods) > 0 {
+		return false
+	}
+	delete(c.groups, g.key)
+	delete(c.groupsByNS[g.ns], g.key)
+	if len(c.groupsByNS[g.ns]) == 0 {
+		delete(c.groupsByNS, g.ns)
+	}
+	return true
 }
 
-// movePods swaps pods out and in and recomputes every policy either side
-// can matter to: policies whose output names an identity of the old pods,
-// and policies that select (as subject or peer) a group of the new ones.
-func (c *Compiler) movePods(out, in []*podInfo) Delta {
-	affected := map[string]struct{}{}
-	for _, pi := range out {
-		maps.Copy(affected, c.usedBy[pi.id])
-		c.removePod(pi)
+// countPorts adds (delta 1) or removes (-1) pi's containerPorts to its
+// identity's and reports whether the identity's set of ports changed.
+func (c *Compiler) countPorts(pi *podInfo, delta int) bool {
+	if len(pi.ports) == 0 {
+		return false
 	}
-	touched := map[*group]struct{}{}
-	for _, pi := range in {
-		touched[c.addPod(pi)] = struct{}{}
-		maps.Copy(affected, c.usedBy[pi.id])
+	m := c.idPorts[pi.id]
+	if m == nil {
+		m = map[containerPort]int{}
+		c.idPorts[pi.id] = m
 	}
-	for key, ps := range c.policies {
-		if _, ok := affected[key]; ok {
+	changed := false
+	for _, cp := range pi.ports {
+		n := m[cp] + delta
+		switch {
+		case n <= 0:
+			delete(m, cp)
+			changed = true
+		case n == 1 && delta > 0:
+			m[cp] = n
+			changed = true
+		default:
+			m[cp] = n
+		}
+	}
+	if len(m) == 0 {
+		delete(c.idPorts, pi.id)
+	}
+	return changed
+}
+
+// countBlocks adds or removes pi in every block index holding one of its
+// addresses; when its identity enters or leaves a block, the policies
+// naming the block go into affected.
+func (c *Compiler) countBlocks(pi *podInfo, delta int, affected map[string]struct{}) {
+	if len(pi.ips) == 0 {
+		return
+	}
+	for _, bi := range c.blocks {
+		if !slices.ContainsFunc(pi.ips, bi.peer.blockMatches) {
 			continue
 		}
-		for g := range touched {
-			if c.mayMatch(ps.p, g) {
+		n := bi.counts[pi.id] + delta
+		if n <= 0 {
+			delete(bi.counts, pi.id)
+		} else {
+			bi.counts[pi.id] = n
+		}
+		if n <= 0 || (n == 1 && delta > 0) {
+			for k := range bi.users {
+				affected[k] = struct{}{}
+			}
+		}
+	}
+}
+
+// retainBlocks registers p's ipBlocks, indexing the pods of blocks no other
+// policy names yet.
+func (c *Compiler) retainBlocks(p *parsedPolicy) {
+	for ri := range p.rules {
+		for _, peer := range p.rules[ri].peers {
+			if !peer.isBlock() {
+				continue
+			}
+			bi := c.blocks[peer.blockKey]
+			if bi == nil {
+				bi = &blockIndex{peer: peer, counts: map[identity.ID]int{}, users: map[string]int{}}
+				for _, pi := range c.pods {
+					if slices.ContainsFunc(pi.ips, peer.blockMatches) {
+						bi.counts[pi.id]++
+					}
+				}
+				c.blocks[peer.blockKey] = bi
+			}
+			bi.users[p.key]++
+		}
+	}
+}
+
+// releaseBlocks is the reverse of retainBlocks.
+func (c *Compiler) releaseBlocks(p *parsedPolicy) {
+	for ri := range p.rules {
+		for _, peer := range p.rules[ri].peers {
+			if !peer.isBlock() {
+				continue
+			}
+			bi := c.blocks[peer.blockKey]
+			if bi == nil {
+				continue
+			}
+			bi.users[p.key]--
+			if bi.users[p.key] <= 0 {
+				delete(bi.users, p.key)
+			}
+			if len(bi.users) == 0 {
+				delete(c.blocks, peer.blockKey)
+			}
+		}
+	}
+}
+
+// movePods swaps pods out and in and recomputes the policies whose output
+// can change: those naming an identity whose group vanished, those that
+// select a new group, those with named ports on an identity whose ports
+// changed, and those with a block that an identity entered or left. A pod
+// that only moves between existing groups with the same ports and blocks
+// recomputes nothing.
+func (c *Compiler) movePods(out, in []*podInfo) Delta {
+	affected := map[string]struct{}{}
+	portsChanged := map[identity.ID]struct{}{}
+	for _, pi := range out {
+		if c.removePod(pi) {
+			maps.Copy(affected, c.usedBy[pi.id])
+		}
+		if c.countPorts(pi, -1) {
+			portsChanged[pi.id] = struct{}{}
+		}
+		c.countBlocks(pi, -1, affected)
+	}
+	var created []*group
+	for _, pi := range in {
+		if g, isNew := c.addPod(pi); isNew {
+			created = append(created, g)
+		}
+		if c.countPorts(pi, 1) {
+			portsChanged[pi.id] = struct{}{}
+		}
+		c.countBlocks(pi, 1, affected)
+	}
+	for id := range portsChanged {
+		for key := range c.usedBy[id] {
+			if c.policies[key].p.hasNamed {
 				affected[key] = struct{}{}
-				break
+			}
+		}
+	}
+	if len(created) > 0 {
+		for key, ps := range c.policies {
+			if _, ok := affected[key]; ok {
+				continue
+			}
+			for _, g := range created {
+				if c.mayMatch(ps.p, g) {
+					affected[key] = struct{}{}
+					break
+				}
 			}
 		}
 	}
@@ -369,9 +501,9 @@ func (c *Compiler) movePods(out, in []*podInfo) Delta {
 	return Delta{Identities: sortedIDs(changed)}
 }
 
-// mayMatch reports whether group g can contribute to p's output: as a
-// subject, as a selected or ipBlock-matched peer, or as a destination that
-// resolves an egress named port.
+// mayMatch reports whether a new group g can contribute to p's output: as a
+// subject, as a selected peer, or as a destination that resolves a named
+// port of an egress rule without "to". (Blocks are tracked by countBlocks.)
 func (c *Compiler) mayMatch(p *parsedPolicy, g *group) bool {
 	if g.ns == p.ns && p.subject.Matches(g.labels) {
 		return true
@@ -388,13 +520,6 @@ func (c *Compiler) mayMatch(p *parsedPolicy, g *group) bool {
 		for pi := range r.peers {
 			peer := &r.peers[pi]
 			if peer.isBlock() {
-				for _, pod := range g.pods {
-					for _, a := range pod.ips {
-						if peer.block.Contains(a) {
-							return true
-						}
-					}
-				}
 				continue
 			}
 			if peer.nsSel == nil {
@@ -428,53 +553,6 @@ func (c *Compiler) recomputeOne(key string, changed map[identity.ID]struct{}) {
 		ps.out = nw
 	}
 	c.applyOut(key, old, nw, changed)
-}
-
-// applyOut replaces policy key's contribution old by nw in the per-subject
-// and reverse indexes.
-func (c *Compiler) applyOut(key string, old, nw *policyOut, changed map[identity.ID]struct{}) {
-	for id, so := range old.bySubject {
-		if n, ok := nw.bySubject[id]; ok && so.equal(n) {
-			continue
-		}
-		changed[id] = struct{}{}
-		if _, ok := nw.bySubject[id]; !ok {
-			delete(c.subjects[id], key)
-			if len(c.subjects[id]) == 0 {
-				delete(c.subjects, id)
-			}
-		}
-	}
-	for id, so := range nw.bySubject {
-		if o, ok := old.bySubject[id]; ok && o.equal(so) {
-			c.subjects[id][key] = so
-			continue
-		}
-		changed[id] = struct{}{}
-		m := c.subjects[id]
-		if m == nil {
-			m = map[string]*subjectOut{}
-			c.subjects[id] = m
-		}
-		m[key] = so
-	}
-	for id := range old.refs {
-		if _, ok := nw.refs[id]; ok {
-			continue
-		}
-		delete(c.usedBy[id], key)
-		if len(c.usedBy[id]) == 0 {
-			delete(c.usedBy, id)
-		}
-	}
-	for id := range nw.refs {
-		m := c.usedBy[id]
-		if m == nil {
-			m = map[string]struct{}{}
-			c.usedBy[id] = m
-		}
-		m[key] = struct{}{}
-	}
 }
 
 func sortedIDs(m map[identity.ID]struct{}) []identity.ID {
@@ -554,9 +632,11 @@ func (c *Compiler) replacePolicy(key string, p *parsedPolicy) Delta {
 	// identity.
 	if p != nil {
 		d.CIDRsAdded = c.retainPrefixes(p.prefixes)
+		c.retainBlocks(p)
 	}
 	if old != nil {
 		d.CIDRsRemoved = c.releasePrefixes(old.p.prefixes)
+		c.releaseBlocks(old.p)
 	}
 	affected := map[string]struct{}{key: {}}
 	// A new or vanished prefix changes which CIDR identities an enclosing
@@ -729,7 +809,7 @@ func (c *Compiler) rulesLocked(id identity.ID) []policy.Rule {
 	var out []policy.Rule
 	m := c.subjects[id]
 	for _, k := range slices.Sorted(maps.Keys(m)) {
-		out = append(out, m[k].rules...)
+		out = m[k].appendRules(out, id)
 	}
 	return out
 }
@@ -744,9 +824,9 @@ func (c *Compiler) Isolation(id identity.ID) policy.Isolation {
 
 func (c *Compiler) isolationLocked(id identity.ID) policy.Isolation {
 	var iso policy.Isolation
-	for _, so := range c.subjects[id] {
-		iso.Ingress = iso.Ingress || so.iso.Ingress
-		iso.Egress = iso.Egress || so.iso.Egress
+	for _, po := range c.subjects[id] {
+		iso.Ingress = iso.Ingress || po.iso.Ingress
+		iso.Egress = iso.Egress || po.iso.Egress
 	}
 	return iso
 }
@@ -756,8 +836,8 @@ func (c *Compiler) IsolatedBy(id identity.ID, dir policy.Direction) []string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	var out []string
-	for k, so := range c.subjects[id] {
-		if so.iso.In(dir) {
+	for k, po := range c.subjects[id] {
+		if po.iso.In(dir) {
 			out = append(out, k)
 		}
 	}
@@ -799,25 +879,14 @@ func (c *Compiler) Stats() Stats {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	s := Stats{Pods: len(c.pods), Groups: len(c.groups), Policies: len(c.policies), Subjects: len(c.subjects), CIDRs: len(c.cidrs)}
-	for _, m := range c.subjects {
-		for _, so := range m {
-			s.Rules += len(so.rules)
+	var buf []policy.Rule
+	for id, m := range c.subjects {
+		for _, po := range m {
+			buf = po.appendRules(buf[:0], id)
+			s.Rules += len(buf)
 		}
 	}
 	return s
-}
-
-// compareRules orders rules within one policy's output.
-func compareRules(a, b policy.Rule) int {
-	return cmp.Or(
-		cmp.Compare(a.Direction, b.Direction),
-		cmp.Compare(a.Origin, b.Origin),
-		cmp.Compare(a.Peer, b.Peer),
-		cmp.Compare(a.Proto, b.Proto),
-		cmp.Compare(a.Ports.Lo, b.Ports.Lo),
-		cmp.Compare(a.Ports.Hi, b.Ports.Hi),
-		cmp.Compare(a.Action, b.Action),
-	)
 }
 
 // IdentityOfAddr resolves an address as the datapath's ipcache would: a pod

@@ -10,205 +10,135 @@ import (
 	"github.com/idcni/idcni/policy"
 )
 
-// peerSet is the label identities one rule's peers select, each with the
-// pods that got it selected (for resolving egress named ports on them).
-type peerSet map[identity.ID]*peerPods
-
-type peerPods struct {
-	groups []*group   // whole groups, from selectors
-	pods   []*podInfo // single pods, from ipBlocks
-	seen   map[*group]bool
-}
-
-func (ps peerSet) addGroup(g *group) {
-	e := ps.entry(g.id)
-	if !e.seen[g] {
-		e.seen[g] = true
-		e.groups = append(e.groups, g)
-	}
-}
-
-func (ps peerSet) addPod(p *podInfo) {
-	e := ps.entry(p.id)
-	e.pods = append(e.pods, p)
-}
-
-func (ps peerSet) entry(id identity.ID) *peerPods {
-	e := ps[id]
-	if e == nil {
-		e = &peerPods{seen: map[*group]bool{}}
-		ps[id] = e
-	}
-	return e
-}
-
-// eachPod calls f for every pod behind a peer identity.
-func (e *peerPods) eachPod(f func(*podInfo)) {
-	for _, g := range e.groups {
-		for _, p := range g.pods {
-			f(p)
-		}
-	}
-	for _, p := range e.pods {
-		f(p)
-	}
-}
-
 // computePolicy compiles one policy against the current pods, namespaces
 // and CIDR identities.
 func (c *Compiler) computePolicy(p *parsedPolicy) *policyOut {
-	subjects := map[identity.ID][]*group{}
+	out := &policyOut{
+		iso:      policy.Isolation{Ingress: p.ingress, Egress: p.egress},
+		subjects: map[identity.ID]struct{}{},
+	}
 	for _, g := range c.groupsByNS[p.ns] {
 		if p.subject.Matches(g.labels) {
-			subjects[g.id] = append(subjects[g.id], g)
+			out.subjects[g.id] = struct{}{}
+			out.refs = append(out.refs, g.id)
 		}
 	}
-	if len(subjects) == 0 {
+	if len(out.subjects) == 0 {
 		return emptyOut
 	}
-	out := &policyOut{bySubject: map[identity.ID]*subjectOut{}, refs: map[identity.ID]struct{}{}}
-	for id := range subjects {
-		out.bySubject[id] = &subjectOut{iso: policy.Isolation{Ingress: p.ingress, Egress: p.egress}}
-		out.refs[id] = struct{}{}
-	}
+	out.rules = make([]ruleOut, len(p.rules))
 	for ri := range p.rules {
-		c.emitRule(p, &p.rules[ri], subjects, out)
+		c.resolveRule(p, &p.rules[ri], out, &out.rules[ri])
 	}
-	for _, so := range out.bySubject {
-		slices.SortFunc(so.rules, compareRules)
-		so.rules = slices.Compact(so.rules)
-	}
+	out.refs = sortUnique(out.refs)
 	return out
 }
 
-// emitRule adds the rules of one ingress or egress rule for every subject.
-func (c *Compiler) emitRule(p *parsedPolicy, r *parsedRule, subjects map[identity.ID][]*group, out *policyOut) {
-	var peers peerSet
-	var cidrPeers []identity.ID
-	if !r.allPeers {
-		peers = c.resolvePeers(p, r)
-		cidrPeers = c.resolveCIDRs(r)
-		for id := range peers {
-			out.refs[id] = struct{}{}
-		}
-	}
-	// fixedPeers are the peers of a port whose number does not depend on
-	// the peer: every peer (any) or the selected ones.
-	var fixedPeers []identity.ID
+// resolveRule resolves one ingress or egress rule: its peers, its ports, and
+// its named ports on the destination pods.
+func (c *Compiler) resolveRule(p *parsedPolicy, r *parsedRule, out *policyOut, ro *ruleOut) {
+	ro.dir, ro.origin = r.dir, r.origin
+	var labelPeers []identity.ID
 	if r.allPeers {
-		fixedPeers = []identity.ID{identity.Any}
+		ro.peers = []identity.ID{identity.Any}
 	} else {
-		fixedPeers = make([]identity.ID, 0, len(peers)+len(cidrPeers))
-		for id := range peers {
-			fixedPeers = append(fixedPeers, id)
-		}
-		fixedPeers = append(fixedPeers, cidrPeers...)
-	}
-	add := func(subject, peer identity.ID, proto policy.Proto, ports policy.PortRange) {
-		so := out.bySubject[subject]
-		so.rules = append(so.rules, policy.Rule{
-			Subject: subject, Direction: r.dir, Peer: peer, Proto: proto, Ports: ports,
-			Action: policy.Allow, Origin: r.origin,
-		})
+		labelPeers = c.resolvePeers(p, r)
+		out.refs = append(out.refs, labelPeers...)
+		ro.peers = append(slices.Clip(labelPeers), c.resolveCIDRs(r)...)
 	}
 	if len(r.ports) == 0 {
-		for s := range subjects {
-			for _, peer := range fixedPeers {
-				add(s, peer, policy.ProtoAny, policy.AnyPort)
+		ro.ports = []portSel{{proto: policy.ProtoAny, ports: policy.AnyPort}}
+		return
+	}
+	var named []parsedPort
+	for _, pt := range r.ports {
+		if pt.isNamed {
+			named = append(named, pt)
+		} else {
+			ro.ports = append(ro.ports, portSel{proto: pt.proto, ports: pt.ports})
+		}
+	}
+	slices.SortFunc(ro.ports, comparePortSel)
+	ro.ports = slices.Compact(ro.ports)
+	if len(named) == 0 {
+		return
+	}
+	if r.dir == policy.Ingress {
+		// The destination is the subject: resolve on its pods.
+		for s := range out.subjects {
+			if ps := resolveNamed(named, c.idPorts[s]); len(ps) > 0 {
+				if ro.bySubject == nil {
+					ro.bySubject = map[identity.ID][]portSel{}
+				}
+				ro.bySubject[s] = ps
 			}
 		}
 		return
 	}
-	for _, pt := range r.ports {
-		switch {
-		case !pt.isNamed:
-			for s := range subjects {
-				for _, peer := range fixedPeers {
-					add(s, peer, pt.proto, pt.ports)
-				}
-			}
-		case r.dir == policy.Ingress:
-			// The destination is the subject: resolve on its pods.
-			for s, gs := range subjects {
-				nums := resolveNamed(pt, func(f func(*podInfo)) {
-					for _, g := range gs {
-						for _, pod := range g.pods {
-							f(pod)
-						}
-					}
-				})
-				for _, n := range nums {
-					for _, peer := range fixedPeers {
-						add(s, peer, pt.proto, policy.PortRange{Lo: n, Hi: n})
-					}
-				}
-			}
-		default:
-			// Egress: the destination is the peer. CIDR peers have no
-			// container ports, so a name never resolves on them.
-			targets := peers
-			if r.allPeers {
-				targets = c.allPodPeers()
-				for id := range targets {
-					out.refs[id] = struct{}{}
-				}
-			}
-			for peer, e := range targets {
-				nums := resolveNamed(pt, e.eachPod)
-				for _, n := range nums {
-					for s := range subjects {
-						add(s, peer, pt.proto, policy.PortRange{Lo: n, Hi: n})
-					}
-				}
-			}
+	// Egress: the destination is the peer. CIDR peers have no container
+	// ports, so a name never resolves on them; a rule without "to" resolves
+	// on every pod.
+	targets := labelPeers
+	if r.allPeers {
+		targets = c.allPodPeers()
+		out.refs = append(out.refs, targets...)
+	}
+	for _, peer := range targets {
+		if ps := resolveNamed(named, c.idPorts[peer]); len(ps) > 0 {
+			ro.byPeer = append(ro.byPeer, peerPorts{peer: peer, ports: ps})
 		}
 	}
 }
 
-// resolveNamed returns the numbers, sorted and unique, the pods given by
-// each map pt's name to, with pt's protocol.
-func resolveNamed(pt parsedPort, each func(func(*podInfo))) []uint16 {
-	var nums []uint16
-	each(func(pod *podInfo) {
-		for _, cp := range pod.ports {
+// resolveNamed returns what named ports are on an identity whose pods
+// declare ports: each name with its protocol, as single-port ranges, sorted
+// and unique.
+func resolveNamed(named []parsedPort, ports map[containerPort]int) []portSel {
+	var out []portSel
+	for cp := range ports {
+		for _, pt := range named {
 			if cp.name == pt.name && cp.proto == pt.k8s {
-				nums = append(nums, cp.port)
+				out = append(out, portSel{proto: pt.proto, ports: policy.PortRange{Lo: cp.port, Hi: cp.port}})
 			}
 		}
-	})
-	slices.Sort(nums)
-	return slices.Compact(nums)
-}
-
-// allPodPeers returns every endpoint group, by identity: the destinations
-// of an egress rule without "to".
-func (c *Compiler) allPodPeers() peerSet {
-	ps := peerSet{}
-	for _, g := range c.groups {
-		ps.addGroup(g)
 	}
-	return ps
+	slices.SortFunc(out, comparePortSel)
+	return slices.Compact(out)
 }
 
-// resolvePeers returns the pod identities a rule's peers select.
-func (c *Compiler) resolvePeers(p *parsedPolicy, r *parsedRule) peerSet {
-	ps := peerSet{}
+// allPodPeers returns every endpoint identity: the destinations of an
+// egress rule without "to".
+func (c *Compiler) allPodPeers() []identity.ID {
+	ps := make([]identity.ID, 0, len(c.groups))
+	for _, g := range c.groups {
+		ps = append(ps, g.id)
+	}
+	return sortUnique(ps)
+}
+
+// sortUnique sorts ids and drops repeats, in place.
+func sortUnique(ids []identity.ID) []identity.ID {
+	slices.Sort(ids)
+	return slices.Compact(ids)
+}
+
+// resolvePeers returns the pod identities a rule's peers select, sorted.
+func (c *Compiler) resolvePeers(p *parsedPolicy, r *parsedRule) []identity.ID {
+	var ps []identity.ID
 	for i := range r.peers {
 		peer := &r.peers[i]
 		if peer.isBlock() {
 			// ipBlock matches pod addresses too; those resolve to the pod's
 			// identity in the ipcache, never to a CIDR identity.
-			for _, pod := range c.pods {
-				if slices.ContainsFunc(pod.ips, peer.blockMatches) {
-					ps.addPod(pod)
-				}
+			for id := range c.blocks[peer.blockKey].counts {
+				ps = append(ps, id)
 			}
 			continue
 		}
 		if peer.nsSel == nil {
 			for _, g := range c.groupsByNS[p.ns] {
 				if peer.podSel.Matches(g.labels) {
-					ps.addGroup(g)
+					ps = append(ps, g.id)
 				}
 			}
 			continue
@@ -219,12 +149,12 @@ func (c *Compiler) resolvePeers(p *parsedPolicy, r *parsedRule) peerSet {
 			}
 			for _, g := range gs {
 				if peer.podSel.Matches(g.labels) {
-					ps.addGroup(g)
+					ps = append(ps, g.id)
 				}
 			}
 		}
 	}
-	return ps
+	return sortUnique(ps)
 }
 
 // resolveCIDRs returns the CIDR identities a rule's ipBlocks allow: every

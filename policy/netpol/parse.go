@@ -3,6 +3,7 @@ package netpol
 import (
 	"fmt"
 	"net/netip"
+	"slices"
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
@@ -26,8 +27,14 @@ type parsedPolicy struct {
 	// prefixes lists every ipBlock cidr and except, masked, without
 	// duplicates: each needs a CIDR identity while the policy exists.
 	prefixes []netip.Prefix
-	// named: some egress rule names a port; such a rule resolves the name on
-	// peer pods, so any pod change may change its output.
+	// blockKeys lists the distinct ipBlocks (cidr and excepts) of the
+	// policy; the compiler keeps one pod index per distinct block.
+	blockKeys []string
+	// hasNamed: some rule names a port, so the output depends on the
+	// containerPorts of subjects or peers.
+	hasNamed bool
+	// egressNamed: an egress rule without "to" names a port; it resolves the
+	// name on every pod of the cluster.
 	egressNamed bool
 }
 
@@ -46,8 +53,9 @@ type parsedPeer struct {
 	nsSel  labels.Selector
 	podSel labels.Selector
 	// ipBlock peer when block is valid.
-	block  netip.Prefix
-	except []netip.Prefix
+	block    netip.Prefix
+	except   []netip.Prefix
+	blockKey string
 }
 
 func (p *parsedPeer) isBlock() bool { return p.block.IsValid() }
@@ -139,9 +147,21 @@ func parsePolicy(np *networkingv1.NetworkPolicy) (*parsedPolicy, error) {
 				return nil, err
 			}
 			for _, pt := range pr.ports {
-				p.egressNamed = p.egressNamed || pt.isNamed
+				p.egressNamed = p.egressNamed || (pt.isNamed && pr.allPeers)
 			}
 			p.rules = append(p.rules, pr)
+		}
+	}
+	seenBlock := map[string]bool{}
+	for _, r := range p.rules {
+		for _, pt := range r.ports {
+			p.hasNamed = p.hasNamed || pt.isNamed
+		}
+		for _, peer := range r.peers {
+			if peer.isBlock() && !seenBlock[peer.blockKey] {
+				seenBlock[peer.blockKey] = true
+				p.blockKeys = append(p.blockKeys, peer.blockKey)
+			}
 		}
 	}
 	return p, nil
@@ -238,6 +258,13 @@ func parsePeer(peer networkingv1.NetworkPolicyPeer, addPrefix func(netip.Prefix)
 			pp.except = append(pp.except, ex)
 			addPrefix(ex)
 		}
+		slices.SortFunc(pp.except, netip.Prefix.Compare)
+		pp.except = slices.Compact(pp.except)
+		key := pp.block.String()
+		for _, ex := range pp.except {
+			key += " except " + ex.String()
+		}
+		pp.blockKey = key
 		return pp, nil
 	}
 	if peer.PodSelector == nil && peer.NamespaceSelector == nil {
