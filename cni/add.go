@@ -46,7 +46,7 @@ func CmdAdd(args *skel.CmdArgs) (err error) {
 		return err
 	}
 
-	dp, err := bpf.Load(bpf.Options{Root: conf.BPFRoot})
+	dp, err := loadDatapath(conf.BPFRoot)
 	if err != nil {
 		return types.NewError(types.ErrInternal, fmt.Sprintf("idcni: cannot load the datapath under %s: %v", conf.BPFRoot, err), "")
 	}

@@ -6,6 +6,8 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/identity"
 )
@@ -123,4 +125,20 @@ func claimedByOther(others map[int]bpf.Endpoint, a netip.Addr) bool {
 		}
 	}
 	return false
+}
+
+// loadDatapath loads the datapath, or opens it when it is pinned already.
+// A first load lists the host's links, and the kernel interrupts that dump
+// when links change meanwhile, as they do on a node starting many pods at
+// once; that error is worth another try, no other is.
+func loadDatapath(root string) (*bpf.Datapath, error) {
+	var err error
+	for range 5 {
+		var dp *bpf.Datapath
+		dp, err = bpf.Load(bpf.Options{Root: root})
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			return dp, err
+		}
+	}
+	return nil, err
 }

@@ -44,7 +44,7 @@ func CmdStatus(args *skel.CmdArgs) error {
 		}
 		dp.Close()
 	} else {
-		dp, err := bpf.Load(bpf.Options{Root: conf.BPFRoot})
+		dp, err := loadDatapath(conf.BPFRoot)
 		if err != nil {
 			return notAvailable("cannot load the datapath under %s: %v", conf.BPFRoot, err)
 		}
