@@ -61,6 +61,12 @@ func teardown(conf *NetConf, rec *Record, releaseIPAM func() error) error {
 	link, err := lookupHostVeth(rec.HostIfName)
 	if err != nil {
 		errs = append(errs, err)
+	} else if link != nil && !ownsLink(conf, rec, link) {
+		// A link with our name that we cannot vouch for (someone
+		// else's, or one our failed ADD ran into) is not ours to
+		// delete, nor are the datapath entries of its ifindex.
+		warn("leaving %s alone: its alias %q does not name container %s interface %s of network %q", rec.HostIfName, link.alias, rec.ContainerID, rec.IfName, conf.Name)
+		link = nil
 	} else if link != nil {
 		// The live link is the best witness of the ifindex; a record
 		// written before the veth existed has none.
@@ -101,6 +107,16 @@ func teardown(conf *NetConf, rec *Record, releaseIPAM func() error) error {
 		}
 	}
 	return nil
+}
+
+// ownsLink reports whether a host veth is the attachment's: its alias says
+// so, or, for a plugin killed before it set the alias, the record holds the
+// link's ifindex.
+func ownsLink(conf *NetConf, rec *Record, l *hostLinkState) bool {
+	if l.alias == linkAlias(conf.Name, rec.ContainerID, rec.IfName) {
+		return true
+	}
+	return l.alias == "" && rec.HostIfIndex != 0 && rec.HostIfIndex == l.link.Attrs().Index
 }
 
 func addrsOrUnknown(addrs []netip.Addr) any {
