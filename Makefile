@@ -25,7 +25,7 @@ build:
 
 # Regenerates the committed bpf2go output from bpf/kernel/*.c.
 generate: deps
-	BPF_CLANG=$(CLANG) BPF_STRIP=$(STRIP) $(GO) generate ./bpf/...
+	BPF2GO_CC=$(CLANG) BPF2GO_STRIP=$(STRIP) $(GO) generate ./bpf/...
 
 # Fails when the committed objects are not what the C sources compile to.
 check-generate: deps

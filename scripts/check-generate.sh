@@ -7,7 +7,7 @@ tmp=$(mktemp -d)
 trap 'rm -rf "$tmp"' EXIT
 cp -r bpf "$tmp/bpf"
 cp go.mod go.sum "$tmp/"
-(cd "$tmp" && BPF_CLANG=${CLANG:-clang-19} BPF_STRIP=${STRIP:-llvm-strip-19} go generate ./bpf/... >/dev/null)
+(cd "$tmp" && BPF2GO_CC=${CLANG:-clang-19} BPF2GO_STRIP=${STRIP:-llvm-strip-19} go generate ./bpf/... >/dev/null)
 if ! diff -r -q bpf "$tmp/bpf" >/dev/null; then
 	diff -r -q bpf "$tmp/bpf" || true
 	echo "check-generate: committed bpf2go output is stale; run 'make generate' and commit it" >&2
