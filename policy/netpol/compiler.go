@@ -145,7 +145,7 @@ func Compile(ids Identities, namespaces []*corev1.Namespace, pods []*corev1.Pod,
 	c := NewCompiler(ids)
 	for _, ns := range namespaces {
 		if ns.Name == "" {
-			return nil, fmt.Errorf("Namespace without a name")
+			return nil, fmt.Errorf("namespace object without a name")
 		}
 		c.namespaces[ns.Name] = ns
 		c.nsLabels[ns.Name] = effectiveNSLabels(ns.Name, ns.Labels)
@@ -225,9 +225,10 @@ func (c *Compiler) nsObjectOf(ns string) *corev1.Namespace {
 	return &out
 }
 
-// isEndpoint reports whether pod's traffic is the pod's own: host-network
-// pods send as the node, finished pods no longer own their address.
-func isEndpoint(pod *corev1.Pod) bool {
+// IsEndpoint reports whether pod's traffic is the pod's own, so that
+// policies apply to it: host-network pods send as the node, and finished
+// pods no longer own their address.
+func IsEndpoint(pod *corev1.Pod) bool {
 	if pod.Spec.HostNetwork {
 		return false
 	}
@@ -237,9 +238,9 @@ func isEndpoint(pod *corev1.Pod) bool {
 // podInfoOf returns nil for pods that are not endpoints.
 func (c *Compiler) podInfoOf(pod *corev1.Pod) (*podInfo, error) {
 	if pod.Name == "" || pod.Namespace == "" {
-		return nil, fmt.Errorf("Pod %q in namespace %q: name and namespace are required", pod.Name, pod.Namespace)
+		return nil, fmt.Errorf("pod %q in namespace %q: name and namespace are required", pod.Name, pod.Namespace)
 	}
-	if !isEndpoint(pod) {
+	if !IsEndpoint(pod) {
 		return nil, nil
 	}
 	key := policyKey(pod.Namespace, pod.Name)
@@ -254,7 +255,7 @@ func (c *Compiler) podInfoOf(pod *corev1.Pod) (*podInfo, error) {
 		}
 		a, err := netip.ParseAddr(s)
 		if err != nil {
-			return fmt.Errorf("Pod %s: status pod IP: %w", key, err)
+			return fmt.Errorf("pod %s: status pod IP: %w", key, err)
 		}
 		a = a.Unmap()
 		if !seen[a] {
@@ -727,7 +728,7 @@ func (c *Compiler) DeletePod(namespace, name string) (Delta, error) {
 // selects them now.
 func (c *Compiler) UpsertNamespace(ns *corev1.Namespace) (Delta, error) {
 	if ns.Name == "" {
-		return Delta{}, fmt.Errorf("Namespace without a name")
+		return Delta{}, fmt.Errorf("namespace object without a name")
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
