@@ -268,9 +268,9 @@ func (d *Datapath) replaceAttachments() error {
 			}
 		}
 	}
-	links, err := netlink.LinkList()
+	links, err := listLinks()
 	if err != nil {
-		return fmt.Errorf("list links: %w", err)
+		return err
 	}
 	for _, l := range links {
 		for _, h := range hooks {
@@ -283,4 +283,21 @@ func (d *Datapath) replaceAttachments() error {
 		}
 	}
 	return nil
+}
+
+// listLinks lists every link, retrying when the kernel interrupts the dump
+// because links changed meanwhile (other pods come and go).
+func listLinks() ([]netlink.Link, error) {
+	var err error
+	for try := 0; try < 10; try++ {
+		var links []netlink.Link
+		links, err = netlink.LinkList()
+		if !errors.Is(err, netlink.ErrDumpInterrupted) {
+			if err != nil {
+				return nil, fmt.Errorf("list links: %w", err)
+			}
+			return links, nil
+		}
+	}
+	return nil, fmt.Errorf("list links: %w", err)
 }

@@ -67,13 +67,23 @@ func Load(opts Options) (*Datapath, error) {
 	if err := ensureBPFFS(root); err != nil {
 		return nil, err
 	}
+	d := &Datapath{root: root, mode: opts.Attach}
+	// Fast path without the lock: pins are created whole (programs last),
+	// so whoever sees the programs pinned sees a complete datapath, and 50
+	// plugin instances at once do not queue behind each other.
+	if !opts.Replace {
+		if err := d.openPinned(opts); !errors.Is(err, ErrNotLoaded) {
+			if err != nil {
+				return nil, err
+			}
+			return d, nil
+		}
+	}
 	unlock, err := lockDir(root)
 	if err != nil {
 		return nil, err
 	}
 	defer unlock()
-
-	d := &Datapath{root: root, mode: opts.Attach}
 	if !opts.Replace {
 		err := d.openPinned(opts)
 		if err == nil {
@@ -127,11 +137,11 @@ func (d *Datapath) openPinned(opts Options) error {
 	for name, dst := range progs {
 		p, err := ebpf.LoadPinnedProgram(filepath.Join(d.root, "progs", name), nil)
 		if errors.Is(err, os.ErrNotExist) {
-			d.Close()
+			d.discard()
 			return fmt.Errorf("%w (nothing pinned at %s)", ErrNotLoaded, d.root)
 		}
 		if err != nil {
-			d.Close()
+			d.discard()
 			return fmt.Errorf("open pinned program %s: %w", name, err)
 		}
 		*dst = p
@@ -140,16 +150,16 @@ func (d *Datapath) openPinned(opts Options) error {
 	for name, dst := range maps {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(d.root, name), nil)
 		if errors.Is(err, os.ErrNotExist) {
-			d.Close()
+			d.discard()
 			return fmt.Errorf("%w (map %s missing under %s)", ErrNotLoaded, name, d.root)
 		}
 		if err != nil {
-			d.Close()
+			d.discard()
 			return fmt.Errorf("open pinned map %s: %w", name, err)
 		}
 		*dst = m
 		if err := spec.Maps[name].Compatible(m); err != nil && opts.sized(name) {
-			d.Close()
+			d.discard()
 			return fmt.Errorf("pinned map %s/%s does not match this idcni build: %w; remove the pins (idcni-agent --uninstall) or run the matching version", d.root, name, err)
 		}
 	}
@@ -245,6 +255,12 @@ func (d *Datapath) initConfig() error {
 		return fmt.Errorf("write config map: %w", err)
 	}
 	return nil
+}
+
+// discard closes whatever a failed open got so far, leaving d reusable.
+func (d *Datapath) discard() {
+	_ = d.objs.Close()
+	d.objs = datapathObjects{}
 }
 
 // Root returns the bpffs directory of the datapath.
