@@ -244,6 +244,37 @@ func TestEgressIPBlockAndDefaults(t *testing.T) {
 	w.expect("a/db", "c/web", tcp, 1, true)
 }
 
+func TestHostAddrs(t *testing.T) {
+	nss, pods := baseCluster()
+	pols := []*networkingv1.NetworkPolicy{
+		mkPolicy("a", "to-apiserver", *sel("app", "web"), func(s *networkingv1.NetworkPolicySpec) {
+			s.PolicyTypes = []networkingv1.PolicyType{networkingv1.PolicyTypeEgress}
+			s.Egress = []networkingv1.NetworkPolicyEgressRule{{
+				To:    []networkingv1.NetworkPolicyPeer{blockPeer("192.0.2.0/24", "192.0.2.128/25")},
+				Ports: []networkingv1.NetworkPolicyPort{tcpPort(6443)},
+			}}
+		}),
+	}
+	w := compileAll(t, nss, pods, pols)
+	w.expect("a/web", "ip:192.0.2.10", tcp, 6443, true) // a CIDR identity so far
+	d := w.c.SetHostAddrs([]netip.Addr{netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("192.0.2.200")})
+	if !slices.Equal(d.Identities, []identity.ID{w.id("a/web")}) {
+		t.Errorf("delta %v", d.Identities)
+	}
+	if got := w.c.IdentityOfAddr(netip.MustParseAddr("192.0.2.10")); got != identity.Host {
+		t.Fatalf("host address resolves to %s", got)
+	}
+	w.expect("a/web", "ip:192.0.2.10", tcp, 6443, true)  // host, inside the block
+	w.expect("a/web", "ip:192.0.2.200", tcp, 6443, true) // host too, but through 192.0.2.10
+	// The rule names host once any host address is inside: the ipcache
+	// cannot tell node addresses apart. Without one inside, no rule.
+	w.c.SetHostAddrs([]netip.Addr{netip.MustParseAddr("192.0.2.200")})
+	w.expect("a/web", "ip:192.0.2.200", tcp, 6443, false)
+	w.c.SetHostAddrs(nil)
+	w.expect("a/web", "ip:192.0.2.200", tcp, 6443, false)
+	w.expect("a/web", "ip:192.0.2.10", tcp, 6443, true)
+}
+
 func TestPorts(t *testing.T) {
 	nss, pods := baseCluster()
 	pods = append(pods,

@@ -74,6 +74,9 @@ type Compiler struct {
 	// identity have an address inside it, so a pod change touches a policy
 	// only when an identity enters or leaves one of its blocks.
 	blocks map[string]*blockIndex
+	// hosts are the addresses the ipcache resolves to identity.Host, as
+	// pseudo pods: they count in block indexes but are never selected.
+	hosts map[netip.Addr]*podInfo
 }
 
 type blockIndex struct {
@@ -136,6 +139,7 @@ func NewCompiler(ids Identities) *Compiler {
 		nextCIDR:   identity.MinCIDR,
 		idPorts:    map[identity.ID]map[containerPort]int{},
 		blocks:     map[string]*blockIndex{},
+		hosts:      map[netip.Addr]*podInfo{},
 	}
 }
 
@@ -416,6 +420,11 @@ func (c *Compiler) retainBlocks(p *parsedPolicy) {
 				for _, pi := range c.pods {
 					if slices.ContainsFunc(pi.ips, peer.blockMatches) {
 						bi.counts[pi.id]++
+					}
+				}
+				for _, h := range c.hosts {
+					if peer.blockMatches(h.ips[0]) {
+						bi.counts[h.id]++
 					}
 				}
 				c.blocks[peer.blockKey] = bi
@@ -890,13 +899,18 @@ func (c *Compiler) Stats() Stats {
 	return s
 }
 
-// IdentityOfAddr resolves an address as the datapath's ipcache would: a pod
-// address to its pod's identity, anything else to the CIDR identity of the
-// longest prefix containing it, or to world.
+// IdentityOfAddr resolves an address as the datapath's ipcache would: a
+// host address to host, a pod address to its pod's identity, anything else
+// to the CIDR identity of the longest prefix containing it, or to world. It
+// scans every pod: a reference for tests and offline tools, not a lookup
+// for hot paths.
 func (c *Compiler) IdentityOfAddr(a netip.Addr) identity.ID {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	a = a.Unmap()
+	if _, ok := c.hosts[a]; ok {
+		return identity.Host
+	}
 	for _, pi := range c.pods {
 		if slices.Contains(pi.ips, a) {
 			return pi.id
@@ -909,4 +923,39 @@ func (c *Compiler) IdentityOfAddr(a netip.Addr) identity.ID {
 		}
 	}
 	return id
+}
+
+// SetHostAddrs declares the addresses the ipcache resolves to
+// identity.Host: the node's own (and, with several nodes, every node's).
+// NetworkPolicy ipBlocks match node addresses like any other, so a block
+// holding one of them (outside its excepts) also allows identity.Host as a
+// peer; without this, egress to a host-network service such as the API
+// server could never be allowed by an ipBlock.
+func (c *Compiler) SetHostAddrs(addrs []netip.Addr) Delta {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	want := map[netip.Addr]bool{}
+	for _, a := range addrs {
+		want[a.Unmap()] = true
+	}
+	affected := map[string]struct{}{}
+	for a, h := range c.hosts {
+		if !want[a] {
+			c.countBlocks(h, -1, affected)
+			delete(c.hosts, a)
+		}
+	}
+	for a := range want {
+		if _, ok := c.hosts[a]; ok {
+			continue
+		}
+		h := &podInfo{key: "host " + a.String(), ips: []netip.Addr{a}, id: identity.Host}
+		c.hosts[a] = h
+		c.countBlocks(h, 1, affected)
+	}
+	changed := map[identity.ID]struct{}{}
+	for key := range affected {
+		c.recomputeOne(key, changed)
+	}
+	return Delta{Identities: sortedIDs(changed)}
 }

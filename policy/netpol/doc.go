@@ -28,7 +28,9 @@
 //     resolves an address inside an except to the except's identity, which
 //     the block's rules do not allow. Pod addresses resolve to the pod's own
 //     identity in the ipcache, so the block also yields rules for every pod
-//     identity with a pod IP inside the cidr and outside every except.
+//     identity with a pod IP inside the cidr and outside every except, and
+//     for identity.Host when a node address given to SetHostAddrs is.
+//     CIDRs lists the prefixes the ipcache must hold for this to work.
 //   - Ports: a number, a number..endPort range, a protocol alone (every port
 //     of it), or a name. Protocol defaults to TCP. A rule without ports allows
 //     every protocol, ICMP included. A named port is looked up in the
@@ -45,14 +47,17 @@
 // labels in the same namespace. Where the API decides per pod, the compiler
 // takes the union over the pods of an identity:
 //
-//   - Named ports: when two pods of one identity map a port name to
-//     different numbers (typically a rolling update that moves a port), the
-//     rules allow both numbers for the whole identity. The alternative,
-//     intersecting, would cut the new pods off during the rollout; the union
-//     only opens a port that the old pods do not listen on.
+//   - Named ports resolve on all pods of the destination identity. When two
+//     of them map a port name to different numbers (typically a rolling
+//     update that moves a port), the rules allow both numbers for the whole
+//     identity. The alternative, intersecting, would cut the new pods off
+//     during the rollout; the union only opens a port that the old pods do
+//     not listen on.
 //   - ipBlock over pod IPs: an identity is a peer when any of its pods has an
 //     address inside the block, so its other pods (same labels, same
-//     namespace, addresses elsewhere) are allowed too.
+//     namespace, addresses elsewhere) are allowed too. Likewise every node
+//     address is identity.Host, so a block holding one node address allows
+//     them all.
 //   - An identity allocator that drops labels (churn labels such as
 //     pod-template-hash) merges pods a selector on such a label would tell
 //     apart; the identity then gets the union of what its pods would get.
@@ -62,6 +67,11 @@
 // A Compiler holds the current objects. Each Upsert/Delete recomputes only
 // the policies the change can affect and returns a Delta naming the subject
 // identities whose rules or isolation changed, so the agent rewrites only
-// their map entries. Compile does the same from scratch; tests hold the two
-// to identical results.
+// their map entries. A policy is recomputed when one of its facts changes:
+// a group of pods (same namespace, labels and identity) that its selectors
+// match appears or vanishes, an identity it names changes its declared
+// ports, or an identity enters or leaves one of its ipBlocks. A pod that
+// joins or leaves an existing group with the same ports and blocks
+// recomputes nothing. Compile does the same from scratch; tests hold the
+// two to identical results.
 package netpol

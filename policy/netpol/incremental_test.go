@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"maps"
 	"math/rand/v2"
+	"net/netip"
 	"slices"
 	"testing"
 
@@ -21,10 +22,11 @@ import (
 // each Delta names every identity whose rules or isolation changed.
 
 type randCluster struct {
-	r    *rand.Rand
-	nss  map[string]*corev1.Namespace
-	pods map[string]*corev1.Pod
-	pols map[string]*networkingv1.NetworkPolicy
+	r     *rand.Rand
+	hosts []netip.Addr
+	nss   map[string]*corev1.Namespace
+	pods  map[string]*corev1.Pod
+	pols  map[string]*networkingv1.NetworkPolicy
 }
 
 var (
@@ -244,6 +246,7 @@ func (rc *randCluster) fullCompile(t *testing.T, ids Identities) *Compiler {
 	if err != nil {
 		t.Fatalf("full compile: %v", err)
 	}
+	c.SetHostAddrs(rc.hosts)
 	return c
 }
 
@@ -264,7 +267,16 @@ func TestIncrementalEqualsFull(t *testing.T) {
 			var d Delta
 			var err error
 			var what string
-			switch op := rc.r.IntN(10); {
+			switch op := rc.r.IntN(11); {
+			case op == 10:
+				rc.hosts = nil
+				for _, a := range []string{"10.0.0.200", "192.168.0.1", "172.16.0.1"} {
+					if rc.r.IntN(2) == 0 {
+						rc.hosts = append(rc.hosts, netip.MustParseAddr(a))
+					}
+				}
+				what = fmt.Sprintf("set host addresses %v", rc.hosts)
+				d = inc.SetHostAddrs(rc.hosts)
 			case op < 1:
 				ns := rc.randNS()
 				what = "upsert namespace " + ns.Name + fmt.Sprint(ns.Labels)
