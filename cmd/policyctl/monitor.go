@@ -1,0 +1,210 @@
+package main
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"net/netip"
+	"net/url"
+	"strconv"
+	"time"
+
+	"github.com/spf13/cobra"
+
+	"github.com/idcni/idcni/agent/api"
+	"github.com/idcni/idcni/bpf"
+	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/manual/cli"
+)
+
+// eventView is a verdict event as -o json prints it: words rather than the
+// datapath's numbers, so that scripts need no table of reasons.
+type eventView struct {
+	Time        time.Time   `json:"time"`
+	Verdict     string      `json:"verdict"`
+	Reason      string      `json:"reason"`
+	Hook        string      `json:"hook"`
+	Ifindex     int         `json:"ifindex"`
+	SrcIdentity identity.ID `json:"srcIdentity"`
+	DstIdentity identity.ID `json:"dstIdentity"`
+	SrcAddr     netip.Addr  `json:"srcAddr"`
+	DstAddr     netip.Addr  `json:"dstAddr"`
+	SrcPort     uint16      `json:"srcPort,omitempty"`
+	DstPort     uint16      `json:"dstPort,omitempty"`
+	Proto       string      `json:"proto"`
+	Len         uint32      `json:"len"`
+}
+
+func viewOf(e bpf.Event) eventView {
+	v := eventView{
+		Time: e.Time, Verdict: verdictOf(e), Reason: e.Reason.String(), Hook: e.Scope.String(), Ifindex: e.Ifindex,
+		SrcIdentity: e.Src, DstIdentity: e.Dst, SrcAddr: e.SrcAddr, DstAddr: e.DstAddr, Proto: e.Proto.String(), Len: e.Len,
+	}
+	if e.Proto.HasPorts() {
+		v.SrcPort, v.DstPort = e.SrcPort, e.DstPort
+	}
+	return v
+}
+
+func verdictOf(e bpf.Event) string {
+	if e.Allowed {
+		return "allow"
+	}
+	return "drop"
+}
+
+type monitorFlags struct {
+	identity uint64
+	verdict  string
+	count    int
+	out      cli.Output
+}
+
+func (f *monitorFlags) match(e bpf.Event) bool {
+	if f.identity != 0 && uint64(e.Src) != f.identity && uint64(e.Dst) != f.identity {
+		return false
+	}
+	return f.verdict == "" || verdictOf(e) == f.verdict
+}
+
+func newMonitor(g *cli.Globals) *cobra.Command {
+	f := &monitorFlags{}
+	cmd := &cobra.Command{
+		Use:   "monitor [--identity N] [--verdict allow|drop] [-o json]",
+		Short: "Print verdicts of the datapath as packets flow",
+		Long: `Print the datapath's verdicts live, until Ctrl-C: every dropped packet, and
+the first packet of every allowed flow, with the identities, addresses, the
+reason and the hook that decided (egress: leaving the source pod; ingress:
+entering the destination pod).
+
+With idcni-agent running the events come through the agent, which owns the
+event stream; otherwise policyctl reads the datapath's ring buffer itself
+(one reader at a time: two monitors share the events between them).`,
+		Example: `  # Everything
+  policyctl monitor
+
+  # Drops from or to identity 1001, as JSON lines
+  policyctl monitor --identity 1001 --verdict drop -o json
+
+  # Stop after the first 10 events
+  policyctl monitor -c 10`,
+		Args: cli.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := f.out.Check(); err != nil {
+				return err
+			}
+			if f.verdict != "" && f.verdict != "allow" && f.verdict != "drop" {
+				return fmt.Errorf("bad --verdict %q: want allow or drop", f.verdict)
+			}
+			if f.identity != 0 && f.identity > uint64(^uint32(0)) {
+				return fmt.Errorf("bad --identity %d: identities are 32-bit numbers", f.identity)
+			}
+			if f.count < 0 {
+				return fmt.Errorf("bad --count %d: want 0 (no limit) or more", f.count)
+			}
+			if err := cli.RequireRoot(tool); err != nil {
+				return err
+			}
+			ctx := cmd.Context()
+			if c := g.Agent(ctx); c != nil {
+				return monitorAgent(ctx, cmd, c, f)
+			}
+			return monitorRing(ctx, cmd, g, f)
+		},
+	}
+	fl := cmd.Flags()
+	fl.Uint64Var(&f.identity, "identity", 0, "only events from or to this `identity`")
+	fl.StringVar(&f.verdict, "verdict", "", "only `allow` or drop events")
+	fl.IntVarP(&f.count, "count", "c", 0, "exit after this many events (default: until Ctrl-C)")
+	cli.AddOutputFlag(cmd, &f.out)
+	return cmd
+}
+
+// emitter prints matching events and says when --count is reached.
+func (f *monitorFlags) emitter(cmd *cobra.Command) func(bpf.Event) (done bool, err error) {
+	w := cmd.OutOrStdout()
+	enc := json.NewEncoder(w)
+	n := 0
+	return func(e bpf.Event) (bool, error) {
+		if !f.match(e) {
+			return false, nil
+		}
+		var err error
+		if f.out == cli.OutputJSON {
+			err = enc.Encode(viewOf(e))
+		} else {
+			_, err = fmt.Fprintln(w, e.String())
+		}
+		if err != nil {
+			return true, fmt.Errorf("write event: %w", err)
+		}
+		n++
+		return f.count > 0 && n >= f.count, nil
+	}
+}
+
+func monitorRing(ctx context.Context, cmd *cobra.Command, g *cli.Globals, f *monitorFlags) error {
+	d, err := g.OpenDatapath()
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	rd, err := d.Events()
+	if err != nil {
+		return err
+	}
+	defer rd.Close()
+	// Closing the reader is the only way to wake a blocked Read.
+	stop := context.AfterFunc(ctx, func() { rd.Close() })
+	defer stop()
+	fmt.Fprintf(cmd.ErrOrStderr(), "Listening for verdicts of the datapath at %s (Ctrl-C to stop)\n", d.Root())
+	emit := f.emitter(cmd)
+	for {
+		e, err := rd.Read()
+		if ctx.Err() != nil {
+			return nil // Ctrl-C is how monitor normally ends
+		}
+		if err != nil {
+			return fmt.Errorf("read verdict events: %w", err)
+		}
+		if done, err := emit(e); done || err != nil {
+			return err
+		}
+	}
+}
+
+func monitorAgent(ctx context.Context, cmd *cobra.Command, c *api.Client, f *monitorFlags) error {
+	socket := c.Socket()
+	q := url.Values{}
+	if f.identity != 0 {
+		q.Set("identity", strconv.FormatUint(f.identity, 10))
+	}
+	if f.verdict != "" {
+		q.Set("verdict", f.verdict)
+	}
+	body, err := c.Events(ctx, q)
+	if err != nil {
+		return fmt.Errorf("open the verdict stream of idcni-agent: %w", err)
+	}
+	defer body.Close()
+	fmt.Fprintf(cmd.ErrOrStderr(), "Listening for verdicts through idcni-agent on %s (Ctrl-C to stop)\n", socket)
+	emit := f.emitter(cmd)
+	sc := bufio.NewScanner(body)
+	for sc.Scan() {
+		var e bpf.Event
+		if err := json.Unmarshal(sc.Bytes(), &e); err != nil {
+			return fmt.Errorf("decode event from idcni-agent: %w", err)
+		}
+		if done, err := emit(e); done || err != nil {
+			return err
+		}
+	}
+	if ctx.Err() != nil {
+		return nil
+	}
+	if err := sc.Err(); err != nil {
+		return fmt.Errorf("read the verdict stream of idcni-agent: %w", err)
+	}
+	return fmt.Errorf("idcni-agent on %s closed the verdict stream", socket)
+}

@@ -1,0 +1,215 @@
+package main
+
+import (
+	"fmt"
+	"sort"
+
+	"github.com/spf13/cobra"
+
+	"github.com/idcni/idcni/manual"
+	"github.com/idcni/idcni/manual/cli"
+)
+
+type statusView struct {
+	Datapath datapathView `json:"datapath"`
+	Agent    agentView    `json:"agent"`
+	// Manual is absent with an agent running: the agent holds the file.
+	Manual   *manualView       `json:"manual,omitempty"`
+	Counters []counterView     `json:"counters"`
+	Stats    map[string]uint64 `json:"stats"`
+}
+
+type datapathView struct {
+	Root          string `json:"root"`
+	Revision      uint32 `json:"revision"`
+	Debug         bool   `json:"debug"`
+	Endpoints     int    `json:"endpoints"`
+	IPCache       int    `json:"ipcacheEntries"`
+	PolicyEntries int    `json:"policyEntries"`
+	Identities    int    `json:"identityEntries"`
+	Flows         int    `json:"conntrackFlows"`
+}
+
+type agentView struct {
+	Socket  string `json:"socket"`
+	Running bool   `json:"running"`
+}
+
+type manualView struct {
+	StatePath string   `json:"statePath"`
+	Endpoints int      `json:"endpoints"`
+	Rules     int      `json:"rules"`
+	InSync    bool     `json:"inSync"`
+	Drift     []string `json:"drift,omitempty"`
+}
+
+type counterView struct {
+	Verdict string `json:"verdict"`
+	Reason  string `json:"reason"`
+	Hook    string `json:"hook"`
+	Packets uint64 `json:"packets"`
+	Bytes   uint64 `json:"bytes"`
+}
+
+func newStatus(g *cli.Globals) *cobra.Command {
+	var out cli.Output
+	var all bool
+	cmd := &cobra.Command{
+		Use:   "status [-o json] [--all]",
+		Short: "Show the datapath's state and packet counters",
+		Long: `Show the datapath's state: policy revision, debug switch, map sizes, whether
+idcni-agent runs, whether the datapath holds the stored manual state, and the
+packet counters by reason and hook (egress: leaving a pod; ingress: entering
+one), then the datapath's error counters.
+
+Counters count since the datapath was loaded. Only non-zero counters are
+shown unless --all is given; -o json always has them all.`,
+		Example: `  policyctl status
+  policyctl status -o json | jq '.counters[] | select(.verdict == "drop")'`,
+		Args: cli.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if err := out.Check(); err != nil {
+				return err
+			}
+			if err := cli.RequireRoot(tool); err != nil {
+				return err
+			}
+			v, err := gatherStatus(cmd, g)
+			if err != nil {
+				return err
+			}
+			if out == cli.OutputJSON {
+				return cli.PrintJSON(cmd.OutOrStdout(), v)
+			}
+			return printStatus(cmd, v, all)
+		},
+	}
+	cli.AddOutputFlag(cmd, &out)
+	cmd.Flags().BoolVar(&all, "all", false, "show zero counters too")
+	return cmd
+}
+
+func gatherStatus(cmd *cobra.Command, g *cli.Globals) (*statusView, error) {
+	d, err := g.OpenDatapath()
+	if err != nil {
+		return nil, err
+	}
+	defer d.Close()
+	v := &statusView{Agent: agentView{Socket: g.AgentSocket}, Stats: map[string]uint64{}}
+	v.Agent.Running = g.Agent(cmd.Context()) != nil
+	dp := &v.Datapath
+	dp.Root = d.Root()
+	if dp.Revision, err = d.Revision(); err != nil {
+		return nil, err
+	}
+	if dp.Debug, err = d.Debug(); err != nil {
+		return nil, err
+	}
+	eps, err := d.Endpoints()
+	if err != nil {
+		return nil, err
+	}
+	ipc, err := d.IPCache()
+	if err != nil {
+		return nil, err
+	}
+	pol, err := d.Policy()
+	if err != nil {
+		return nil, err
+	}
+	flows, err := d.Conntrack()
+	if err != nil {
+		return nil, err
+	}
+	dp.Endpoints, dp.IPCache, dp.PolicyEntries, dp.Identities, dp.Flows = len(eps), len(ipc), len(pol.Entries), len(pol.Identities), len(flows)
+
+	if !v.Agent.Running {
+		st, err := g.LoadState()
+		if err != nil {
+			return nil, err
+		}
+		drift, err := manual.Drift(d, st)
+		if err != nil {
+			return nil, err
+		}
+		v.Manual = &manualView{StatePath: g.StatePath, Endpoints: len(st.Bindings), Rules: len(st.Rules), InSync: len(drift) == 0, Drift: drift}
+	}
+
+	counters, err := d.Counters()
+	if err != nil {
+		return nil, err
+	}
+	for k, c := range counters {
+		verdict := "allow"
+		if k.Reason.Drop() {
+			verdict = "drop"
+		}
+		v.Counters = append(v.Counters, counterView{Verdict: verdict, Reason: k.Reason.String(), Hook: k.Scope.String(), Packets: c.Packets, Bytes: c.Bytes})
+	}
+	sort.Slice(v.Counters, func(i, j int) bool {
+		a, b := v.Counters[i], v.Counters[j]
+		if a.Verdict != b.Verdict {
+			return a.Verdict < b.Verdict
+		}
+		if a.Reason != b.Reason {
+			return a.Reason < b.Reason
+		}
+		return a.Hook < b.Hook
+	})
+	stats, err := d.Stats()
+	if err != nil {
+		return nil, err
+	}
+	for s, n := range stats {
+		v.Stats[s.String()] = n
+	}
+	return v, nil
+}
+
+func printStatus(cmd *cobra.Command, v *statusView, all bool) error {
+	w := cmd.OutOrStdout()
+	dp := v.Datapath
+	fmt.Fprintf(w, "Datapath:     %s (policy revision %d, debug %s)\n", dp.Root, dp.Revision, onOff(dp.Debug))
+	fmt.Fprintf(w, "Maps:         %d endpoints, %d ipcache entries, %d policy entries, %d identity entries, %d conntrack flows\n",
+		dp.Endpoints, dp.IPCache, dp.PolicyEntries, dp.Identities, dp.Flows)
+	if v.Agent.Running {
+		fmt.Fprintf(w, "Agent:        running on %s\n", v.Agent.Socket)
+	} else {
+		fmt.Fprintf(w, "Agent:        not running (%s); the CLIs write the maps directly\n", v.Agent.Socket)
+	}
+	if m := v.Manual; m != nil {
+		sync := "in the datapath"
+		if !m.InSync {
+			sync = fmt.Sprintf("NOT in the datapath (%s): run 'policyctl restore'", cli.Summarize(m.Drift))
+		}
+		fmt.Fprintf(w, "Manual state: %d endpoints, %d rules in %s, %s\n", m.Endpoints, m.Rules, m.StatePath, sync)
+	}
+	fmt.Fprintln(w)
+	var rows [][]string
+	for _, c := range v.Counters {
+		if all || c.Packets > 0 {
+			rows = append(rows, []string{c.Verdict, c.Reason, c.Hook, fmt.Sprint(c.Packets), fmt.Sprint(c.Bytes)})
+		}
+	}
+	if len(rows) == 0 {
+		fmt.Fprintln(w, "No packets counted yet.")
+	} else if err := cli.Table(w, "VERDICT\tREASON\tHOOK\tPACKETS\tBYTES", rows); err != nil {
+		return err
+	}
+	var srows [][]string
+	names := make([]string, 0, len(v.Stats))
+	for n := range v.Stats {
+		names = append(names, n)
+	}
+	sort.Strings(names)
+	for _, n := range names {
+		if all || v.Stats[n] > 0 {
+			srows = append(srows, []string{n, fmt.Sprint(v.Stats[n])})
+		}
+	}
+	if len(srows) == 0 {
+		return nil
+	}
+	fmt.Fprintln(w)
+	return cli.Table(w, "DATAPATH ERROR\tCOUNT", srows)
+}
