@@ -8,6 +8,7 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/idcni/idcni/manual/cli"
+	"github.com/idcni/idcni/policy/simulate"
 )
 
 const tool = "policyctl"
@@ -43,12 +44,17 @@ state file, from which 'policyctl restore' puts them back after a reboot.`,
   policyctl allow --src 1001 --dst 1002 --port 8080
 
   # Watch the verdicts as packets flow
-  policyctl monitor --identity 1002`,
+  policyctl monitor --identity 1002
+
+  # What would these NetworkPolicies allow? (offline, no cluster needed)
+  policyctl simulate -f manifests/`,
 	}
 	g.AddGlobalFlags(root)
 	root.AddCommand(
 		newRuleCmd(g, ruleAllow), newRuleCmd(g, ruleDeny), newRuleCmd(g, ruleDelete),
 		newList(g), newMonitor(g), newDebug(g), newRestore(g), newStatus(g),
+		// Offline: reads manifests, touches no map and no state file.
+		simulate.Command(),
 	)
 	return root
 }

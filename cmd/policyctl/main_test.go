@@ -442,3 +442,17 @@ func TestDebugAndStatus(t *testing.T) {
 		t.Errorf("status:\n%s", r)
 	}
 }
+
+func TestSimulateIsMounted(t *testing.T) {
+	t.Parallel()
+	e := clitest.NewEmpty(t)
+	// Offline: works without a datapath, and as any user.
+	r := e.RunAs(65534, 65534, "policyctl", "simulate", "-f", "../../policy/simulate/testdata/shop", "-o", "json")
+	if r.Code != 0 {
+		t.Fatalf("%s", r)
+	}
+	var results []map[string]any
+	if err := json.Unmarshal([]byte(r.Stdout), &results); err != nil || len(results) == 0 {
+		t.Errorf("simulate -o json = %d results, %v\n%s", len(results), err, r)
+	}
+}
