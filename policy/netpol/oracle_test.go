@@ -70,6 +70,7 @@ type oracleCounts struct {
 	byFamily                       map[string][3]int // cases, cells, documented
 	firstMismatches                []string
 	incrementalChecks, incMismatch int
+	mapStateMismatch               int
 }
 
 const (
@@ -255,6 +256,12 @@ func (oc *oracleCluster) probe(family, desc string, stepIdx int, pc *generator.P
 	fixEmpty := matcher.BuildNetworkPolicies(true, k8sEquivalent(oc.policies, false, true))
 	corrected := matcher.BuildNetworkPolicies(true, k8sEquivalent(oc.policies, true, true))
 	set := oc.c.Set()
+	// The map contents the agent would write must decide the same way: the
+	// datapath is tested against MapState, so this closes the chain.
+	ms, err := set.Compile()
+	if err != nil {
+		t.Fatalf("%s step %d: compile to map state: %v", desc, stepIdx, err)
+	}
 
 	jobs := (&probe.JobBuilder{TimeoutSeconds: 1}).GetJobsForProbeConfig(oc.res, pc)
 	n.unprobeable += len(jobs.BadNamedPort) + len(jobs.BadPortProtocol)
@@ -269,7 +276,14 @@ func (oc *oracleCluster) probe(family, desc string, stepIdx int, pc *generator.P
 		traffic := job.Traffic()
 		rawOK := raw.IsTrafficAllowed(traffic).IsAllowed()
 		want := corrected.IsTrafficAllowed(traffic).IsAllowed()
-		got := set.Allowed(src, dst, oracleProto[job.Protocol], uint16(job.ResolvedPort))
+		proto, port := oracleProto[job.Protocol], uint16(job.ResolvedPort)
+		got := set.Allowed(src, dst, proto, port)
+		eg, _ := ms.Decide(src, policy.Egress, dst, proto, port)
+		in, _ := ms.Decide(dst, policy.Ingress, src, proto, port)
+		if (eg && in) != got {
+			n.mapStateMismatch++
+			t.Errorf("%s step %d: %s -> %s: Set says %v, MapState %v", desc, stepIdx, job.FromKey, job.ToKey, got, eg && in)
+		}
 		n.cells++
 		fam[1]++
 		if got {
@@ -489,7 +503,7 @@ func TestCyclonusOracle(t *testing.T) {
 				allowDNS, n.cases, total, n.cases-total, n.steps, n.cells, n.allowedCells, n.deniedCells, n.unprobeable)
 			fmt.Fprintf(&b, "  agree with raw matcher: %d; documented differences: %d (NotIn with missing key: %d, matchLabels empty value: %d); disagreements with corrected oracle: %d\n",
 				n.agree, n.documented, n.diffNotIn, n.diffEmptyValue, n.mismatches)
-			fmt.Fprintf(&b, "  incremental == full compile: %d/%d steps\n", n.incrementalChecks-n.incMismatch, n.incrementalChecks)
+			fmt.Fprintf(&b, "  incremental == full compile: %d/%d steps; MapState disagreements with Set: %d\n", n.incrementalChecks-n.incMismatch, n.incrementalChecks, n.mapStateMismatch)
 			for _, f := range families {
 				c := n.byFamily[f.name]
 				fmt.Fprintf(&b, "  %-22s %4d cases %7d cells %5d documented differences\n", f.name, c[0], c[1], c[2])
