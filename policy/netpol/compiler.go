@@ -9,6 +9,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/labels"
 
 	"github.com/idcni/idcni/identity"
@@ -144,7 +145,9 @@ func NewCompiler(ids Identities) *Compiler {
 }
 
 // Compile compiles a whole cluster state from scratch. The returned Compiler
-// can take incremental changes from there.
+// can take incremental changes from there (node addresses, if any, go in
+// with SetHostAddrs). Later objects replace earlier ones with the same
+// namespace and name.
 func Compile(ids Identities, namespaces []*corev1.Namespace, pods []*corev1.Pod, policies []*networkingv1.NetworkPolicy) (*Compiler, error) {
 	c := NewCompiler(ids)
 	for _, ns := range namespaces {
@@ -626,7 +629,11 @@ func (c *Compiler) UpsertPolicy(np *networkingv1.NetworkPolicy) (Delta, error) {
 }
 
 // DeletePolicy removes a NetworkPolicy; deleting an unknown one is a no-op.
+// An empty namespace means "default", as for UpsertPolicy.
 func (c *Compiler) DeletePolicy(namespace, name string) (Delta, error) {
+	if namespace == "" {
+		namespace = metav1.NamespaceDefault
+	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	return c.replacePolicy(policyKey(namespace, name), nil), nil

@@ -27,9 +27,6 @@ type parsedPolicy struct {
 	// prefixes lists every ipBlock cidr and except, masked, without
 	// duplicates: each needs a CIDR identity while the policy exists.
 	prefixes []netip.Prefix
-	// blockKeys lists the distinct ipBlocks (cidr and excepts) of the
-	// policy; the compiler keeps one pod index per distinct block.
-	blockKeys []string
 	// hasNamed: some rule names a port, so the output depends on the
 	// containerPorts of subjects or peers.
 	hasNamed bool
@@ -52,7 +49,8 @@ type parsedPeer struct {
 	// Selector peer: nsSel nil means the policy's own namespace.
 	nsSel  labels.Selector
 	podSel labels.Selector
-	// ipBlock peer when block is valid.
+	// ipBlock peer when block is valid. blockKey names the block with its
+	// excepts: the compiler keeps one pod index per distinct block.
 	block    netip.Prefix
 	except   []netip.Prefix
 	blockKey string
@@ -152,16 +150,9 @@ func parsePolicy(np *networkingv1.NetworkPolicy) (*parsedPolicy, error) {
 			p.rules = append(p.rules, pr)
 		}
 	}
-	seenBlock := map[string]bool{}
 	for _, r := range p.rules {
 		for _, pt := range r.ports {
 			p.hasNamed = p.hasNamed || pt.isNamed
-		}
-		for _, peer := range r.peers {
-			if peer.isBlock() && !seenBlock[peer.blockKey] {
-				seenBlock[peer.blockKey] = true
-				p.blockKeys = append(p.blockKeys, peer.blockKey)
-			}
 		}
 	}
 	return p, nil
