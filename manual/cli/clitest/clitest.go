@@ -5,6 +5,7 @@
 package clitest
 
 import (
+	"bufio"
 	"bytes"
 	"crypto/rand"
 	"encoding/hex"
@@ -269,5 +270,115 @@ func PutPod(t testing.TB, d *bpf.Datapath, ifindex int, addrs ...netip.Addr) {
 	}
 	if err := d.PutEndpoint(ifindex, ep); err != nil {
 		t.Fatal(err)
+	}
+}
+
+// ForRoot returns an Env on a datapath someone else owns (an e2e network
+// whose plugin loads it): the bpffs root is theirs to remove, the state
+// file is a private one.
+func ForRoot(t testing.TB, bpfRoot, socket string) *Env {
+	t.Helper()
+	RequireRoot(t)
+	bin, err := Bins()
+	if err != nil {
+		t.Fatal(err)
+	}
+	return &Env{t: t, Bin: bin, BPFRoot: bpfRoot, State: filepath.Join(t.TempDir(), "state.db"), Socket: socket}
+}
+
+// Proc is a tool running in the background (policyctl monitor).
+type Proc struct {
+	cmd    *exec.Cmd
+	lines  chan string
+	stderr *lockedBuffer
+	done   chan error
+}
+
+type lockedBuffer struct {
+	mu sync.Mutex
+	b  bytes.Buffer
+}
+
+func (l *lockedBuffer) Write(p []byte) (int, error) {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.Write(p)
+}
+
+func (l *lockedBuffer) String() string {
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	return l.b.String()
+}
+
+// Start runs a tool in the background; its stdout comes line by line from
+// Lines. It is killed after the test if still running.
+func (e *Env) Start(tool string, args ...string) *Proc {
+	e.t.Helper()
+	cmd := exec.Command(filepath.Join(e.Bin, tool), args...)
+	cmd.Env = append(os.Environ(), "IDCNI_BPF_ROOT="+e.BPFRoot, "IDCNI_STATE="+e.State, "IDCNI_AGENT_SOCKET="+e.Socket)
+	p := &Proc{cmd: cmd, lines: make(chan string, 4096), stderr: &lockedBuffer{}, done: make(chan error, 1)}
+	cmd.Stderr = p.stderr
+	out, err := cmd.StdoutPipe()
+	if err != nil {
+		e.t.Fatal(err)
+	}
+	if err := cmd.Start(); err != nil {
+		e.t.Fatalf("start %s: %v", tool, err)
+	}
+	go func() {
+		sc := bufio.NewScanner(out)
+		for sc.Scan() {
+			p.lines <- sc.Text()
+		}
+		close(p.lines)
+		p.done <- cmd.Wait()
+	}()
+	e.t.Cleanup(func() { _ = cmd.Process.Kill() })
+	return p
+}
+
+// Lines delivers the tool's stdout lines; closed when it exits.
+func (p *Proc) Lines() <-chan string { return p.lines }
+
+// Stderr is what the tool wrote to stderr so far.
+func (p *Proc) Stderr() string { return p.stderr.String() }
+
+// WaitStderr waits until stderr contains s.
+func (p *Proc) WaitStderr(s string, timeout time.Duration) bool {
+	deadline := time.Now().Add(timeout)
+	for time.Now().Before(deadline) {
+		if strings.Contains(p.Stderr(), s) {
+			return true
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	return false
+}
+
+// Interrupt sends SIGINT, as Ctrl-C does, and returns the stdout lines not
+// yet read from Lines and the exit code, once the tool has exited.
+func (p *Proc) Interrupt(timeout time.Duration) (rest []string, code int, err error) {
+	// A tool that ended by itself (monitor -c) is simply waited for.
+	if err := p.cmd.Process.Signal(os.Interrupt); err != nil && !errors.Is(err, os.ErrProcessDone) {
+		return nil, -1, err
+	}
+	deadline := time.After(timeout)
+	for {
+		select {
+		case l, ok := <-p.lines:
+			if ok {
+				rest = append(rest, l)
+				continue
+			}
+			err := <-p.done
+			var ee *exec.ExitError
+			if errors.As(err, &ee) {
+				return rest, ee.ExitCode(), nil
+			}
+			return rest, 0, err
+		case <-deadline:
+			return rest, -1, fmt.Errorf("did not exit within %s of SIGINT", timeout)
+		}
 	}
 }
