@@ -1,0 +1,259 @@
+// Package agent is idcni's node agent: it watches Pods, Namespaces,
+// NetworkPolicies and Nodes through shared informers, turns pods into
+// identities and policies into rules, and keeps the datapath's maps equal to
+// that desired state. The plugin registers local endpoints with it over a
+// unix socket, and the tools send manual overrides the same way.
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net/netip"
+	"sync"
+	"time"
+
+	corev1 "k8s.io/api/core/v1"
+	"k8s.io/client-go/informers"
+	"k8s.io/client-go/kubernetes"
+	corelisters "k8s.io/client-go/listers/core/v1"
+	netlisters "k8s.io/client-go/listers/networking/v1"
+	"k8s.io/client-go/tools/cache"
+	"k8s.io/client-go/tools/record"
+	"k8s.io/client-go/util/workqueue"
+
+	"github.com/idcni/idcni/bpf"
+	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/manual"
+	"github.com/idcni/idcni/policy/netpol"
+	"github.com/idcni/idcni/store"
+)
+
+// Config is what the agent needs to run; cmd/idcni-agent fills it from
+// flags.
+type Config struct {
+	NodeName    string
+	BPFRoot     string
+	StatePath   string
+	Socket      string
+	MetricsAddr string // "" disables the metrics and health listener
+	// CNIConfDir receives the plugin's conflist once the agent is ready,
+	// so the node reports NotReady until pods can be enforced.
+	CNIConfDir  string
+	CNIConfName string
+	// CNIConf is the conflist to write; WriteCNIConf fills agentSocket.
+	CNIConf       []byte
+	IdentityGrace time.Duration
+	ChurnLabels   []string
+	Resync        time.Duration
+	Logger        *slog.Logger
+}
+
+// Agent is one node's agent.
+type Agent struct {
+	cfg    Config
+	log    *slog.Logger
+	client kubernetes.Interface
+
+	factory   informers.SharedInformerFactory
+	pods      corelisters.PodLister
+	nss       corelisters.NamespaceLister
+	policies  netlisters.NetworkPolicyLister
+	nodes     corelisters.NodeLister
+	synced    []cache.InformerSynced
+	queue     workqueue.TypedRateLimitingInterface[string]
+	recorder  record.EventRecorder
+	broadcast record.EventBroadcaster
+
+	db       *store.DB
+	dp       *bpf.Datapath
+	alloc    *identity.Allocator
+	compiler *netpol.Compiler
+	manual   manual.State
+	metrics  *metrics
+	events   *eventHub
+
+	// mu serialises changes to the compiler and writes to the maps: the
+	// reconcile worker and endpoint registrations take turns.
+	mu        sync.Mutex
+	endpoints *endpointRegistry
+	// dirtySince is when the first change not yet in the maps arrived.
+	dirtySince time.Time
+	ready      chan struct{}
+	readyOnce  sync.Once
+}
+
+// New opens the state file and the datapath (loading or upgrading it) and
+// prepares the informers. Nothing runs until Run.
+func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	if cfg.NodeName == "" {
+		return nil, errors.New("node name is empty: set --node-name or NODE_NAME (the DaemonSet passes spec.nodeName)")
+	}
+	a := &Agent{cfg: cfg, log: cfg.Logger, client: client, ready: make(chan struct{})}
+	var err error
+	a.db, err = store.Open(cfg.StatePath, 10*time.Second)
+	if err != nil {
+		return nil, err
+	}
+	fail := func(err error) (*Agent, error) { a.Close(); return nil, err }
+	a.alloc, err = identity.NewAllocator(a.db, identity.Config{Grace: cfg.IdentityGrace})
+	if err != nil {
+		return fail(fmt.Errorf("open identity allocator: %w", err))
+	}
+	a.manual, err = manual.Load(a.db)
+	if err != nil {
+		return fail(fmt.Errorf("open manual state: %w", err))
+	}
+	a.endpoints, err = openEndpointRegistry(a.db)
+	if err != nil {
+		return fail(err)
+	}
+	// Replace: an agent start is how a node upgrades its programs; the
+	// tcx links move to the new ones atomically.
+	a.dp, err = bpf.Load(bpf.Options{Root: cfg.BPFRoot, Replace: true})
+	if err != nil {
+		return fail(fmt.Errorf("load datapath: %w", err))
+	}
+	opts := identity.Options{ChurnLabels: cfg.ChurnLabels}
+	a.compiler = netpol.NewCompiler(&podIdentities{alloc: a.alloc, opts: opts})
+	a.metrics = newMetrics(a)
+	a.events = newEventHub(a)
+
+	a.factory = informers.NewSharedInformerFactory(client, cfg.Resync)
+	podInf := a.factory.Core().V1().Pods()
+	nsInf := a.factory.Core().V1().Namespaces()
+	npInf := a.factory.Networking().V1().NetworkPolicies()
+	nodeInf := a.factory.Core().V1().Nodes()
+	a.pods, a.nss, a.policies, a.nodes = podInf.Lister(), nsInf.Lister(), npInf.Lister(), nodeInf.Lister()
+	a.queue = workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
+		workqueue.TypedRateLimitingQueueConfig[string]{Name: "idcni-agent"})
+	for kind, inf := range map[string]cache.SharedIndexInformer{
+		kindPod: podInf.Informer(), kindNamespace: nsInf.Informer(), kindPolicy: npInf.Informer(), kindNode: nodeInf.Informer(),
+	} {
+		if _, err := inf.AddEventHandler(a.handler(kind)); err != nil {
+			return fail(fmt.Errorf("watch %s: %w", kind, err))
+		}
+		a.synced = append(a.synced, inf.HasSynced)
+	}
+	a.broadcast = record.NewBroadcaster()
+	a.recorder = a.broadcast.NewRecorder(eventScheme(), corev1.EventSource{Component: "idcni-agent", Host: cfg.NodeName})
+	return a, nil
+}
+
+// Close releases the datapath, the state file and the informers' queue.
+// Pins, attachments and maps stay: enforcement goes on without the agent.
+func (a *Agent) Close() {
+	if a.queue != nil {
+		a.queue.ShutDown()
+	}
+	if a.broadcast != nil {
+		a.broadcast.Shutdown()
+	}
+	if a.dp != nil {
+		a.dp.Close()
+	}
+	if a.alloc != nil {
+		a.alloc.Close()
+	}
+	if a.db != nil {
+		a.db.Close()
+	}
+}
+
+// Ready is closed once the caches are synced and the maps hold the
+// cluster's state.
+func (a *Agent) Ready() <-chan struct{} { return a.ready }
+
+// Run serves until ctx ends: informers, the reconcile worker, the local API,
+// metrics and events.
+func (a *Agent) Run(ctx context.Context) error {
+	a.broadcast.StartRecordingToSink(&eventSink{a.client})
+	srv, err := a.serveAPI(ctx)
+	if err != nil {
+		return err
+	}
+	defer srv.Close()
+	if a.cfg.MetricsAddr != "" {
+		ms, err := a.serveMetrics()
+		if err != nil {
+			return err
+		}
+		defer ms.Close()
+	}
+	go a.events.run(ctx)
+
+	a.factory.Start(ctx.Done())
+	defer a.factory.Shutdown()
+	start := time.Now()
+	a.log.Info("waiting for informer caches")
+	if !cache.WaitForCacheSync(ctx.Done(), a.synced...) {
+		return fmt.Errorf("informer caches did not sync: %w", ctx.Err())
+	}
+	a.metrics.synced.Set(1)
+	a.log.Info("informer caches synced", "after", time.Since(start).Round(time.Millisecond))
+
+	// Start from the cluster's truth: everything in the caches goes into
+	// the compiler, then one write makes the maps equal to it, removing
+	// whatever stale state the last run left.
+	if err := a.resync(); err != nil {
+		return fmt.Errorf("first reconcile: %w", err)
+	}
+	if err := a.WriteCNIConf(); err != nil {
+		return err
+	}
+	a.readyOnce.Do(func() { close(a.ready) })
+	a.log.Info("ready", "node", a.cfg.NodeName, "socket", a.cfg.Socket)
+
+	go a.alloc.RunGC(ctx, time.Minute, func(freed []identity.ID, err error) {
+		if err != nil {
+			a.log.Error("identity garbage collection", "err", err)
+		} else if len(freed) > 0 {
+			a.log.Info("released unused identities", "count", len(freed))
+		}
+	})
+	go func() { <-ctx.Done(); a.queue.ShutDown() }()
+	for a.processNext() {
+	}
+	return nil
+}
+
+// podIdentities allocates pod identities from the persistent allocator, one
+// user per pod so an identity is released when its last pod goes.
+type podIdentities struct {
+	alloc *identity.Allocator
+	opts  identity.Options
+}
+
+func (p *podIdentities) IdentityOf(pod *corev1.Pod, ns *corev1.Namespace) (identity.ID, error) {
+	var nsLabels map[string]string
+	if ns != nil {
+		nsLabels = ns.Labels
+	}
+	set, err := identity.FromPod(pod.Labels, pod.Namespace, nsLabels, p.opts)
+	if err != nil {
+		return 0, err
+	}
+	return p.alloc.Acquire(podUser(pod.Namespace, pod.Name), set)
+}
+
+func podUser(ns, name string) string { return "pod/" + ns + "/" + name }
+
+// podAddrs returns a pod's addresses as the API server reports them.
+func podAddrs(pod *corev1.Pod) []netip.Addr {
+	var out []netip.Addr
+	for _, ip := range pod.Status.PodIPs {
+		if a, err := netip.ParseAddr(ip.IP); err == nil {
+			out = append(out, a.Unmap())
+		}
+	}
+	if len(out) == 0 && pod.Status.PodIP != "" {
+		if a, err := netip.ParseAddr(pod.Status.PodIP); err == nil {
+			out = append(out, a.Unmap())
+		}
+	}
+	return out
+}

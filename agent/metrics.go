@@ -1,0 +1,138 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/collectors"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+
+	"github.com/idcni/idcni/bpf"
+	"github.com/idcni/idcni/policy"
+)
+
+// metrics are the agent's Prometheus metrics. Packet counters are read
+// from the datapath at scrape time, so they cost nothing between scrapes.
+type metrics struct {
+	reg              *prometheus.Registry
+	synced           prometheus.Gauge
+	identities       prometheus.Gauge
+	endpoints        prometheus.Gauge
+	ipcache          prometheus.Gauge
+	policyEntries    prometheus.Gauge
+	reconcileSeconds prometheus.Histogram
+	flushSeconds     prometheus.Histogram
+	addSeconds       prometheus.Histogram
+	reconcileErrors  prometheus.Counter
+	events           *prometheus.CounterVec
+}
+
+func newMetrics(a *Agent) *metrics {
+	m := &metrics{reg: prometheus.NewRegistry()}
+	f := func(name, help string) prometheus.GaugeOpts {
+		return prometheus.GaugeOpts{Namespace: "idcni", Name: name, Help: help}
+	}
+	m.synced = prometheus.NewGauge(f("informers_synced", "1 once the informer caches are synced."))
+	m.identities = prometheus.NewGauge(f("identities", "Identities with rules or isolation in the policy map."))
+	m.endpoints = prometheus.NewGauge(f("endpoints", "Local endpoints in the endpoint map."))
+	m.ipcache = prometheus.NewGauge(f("ipcache_entries", "Entries in the ipcache (pods of the cluster and CIDRs)."))
+	m.policyEntries = prometheus.NewGauge(f("policy_map_entries", "Entries in the policy map."))
+	buckets := prometheus.ExponentialBuckets(0.0005, 2, 14)
+	m.reconcileSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "idcni", Name: "reconcile_latency_seconds",
+		Help: "Time from a change in the cluster to its enforcement in the maps.", Buckets: buckets})
+	m.flushSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "idcni", Name: "map_write_seconds",
+		Help: "Time to compute and write the desired state to the maps.", Buckets: buckets})
+	m.addSeconds = prometheus.NewHistogram(prometheus.HistogramOpts{Namespace: "idcni", Name: "endpoint_add_seconds",
+		Help: "Time the agent spends inside a CNI ADD.", Buckets: buckets})
+	m.reconcileErrors = prometheus.NewCounter(prometheus.CounterOpts{Namespace: "idcni", Name: "reconcile_errors_total",
+		Help: "Reconciles that failed and were retried."})
+	m.events = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "idcni", Name: "verdict_events_total",
+		Help: "Verdict events read from the datapath."}, []string{"verdict", "reason"})
+	m.reg.MustRegister(m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
+		m.flushSeconds, m.addSeconds, m.reconcileErrors, m.events,
+		&datapathCollector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+	return m
+}
+
+func (m *metrics) observeState(ipcache, endpoints int, ms *policy.MapState) {
+	m.ipcache.Set(float64(ipcache))
+	m.endpoints.Set(float64(endpoints))
+	m.identities.Set(float64(len(ms.Identities)))
+	m.policyEntries.Set(float64(len(ms.Entries)))
+}
+
+func (m *metrics) observeEvent(ev bpf.Event) {
+	verdict := "allow"
+	if !ev.Allowed {
+		verdict = "drop"
+	}
+	m.events.WithLabelValues(verdict, ev.Reason.String()).Inc()
+}
+
+// datapathCollector reads the per-CPU packet counters on every scrape.
+type datapathCollector struct{ a *Agent }
+
+var (
+	packetsDesc = prometheus.NewDesc("idcni_packets_total", "Packets decided by the datapath, by verdict, reason and direction.",
+		[]string{"verdict", "reason", "direction"}, nil)
+	bytesDesc = prometheus.NewDesc("idcni_bytes_total", "Bytes decided by the datapath, by verdict, reason and direction.",
+		[]string{"verdict", "reason", "direction"}, nil)
+	statsDesc = prometheus.NewDesc("idcni_datapath_errors_total", "Datapath failures: conntrack or fragment inserts that failed, events lost.",
+		[]string{"error"}, nil)
+)
+
+func (c *datapathCollector) Describe(ch chan<- *prometheus.Desc) {
+	ch <- packetsDesc
+	ch <- bytesDesc
+	ch <- statsDesc
+}
+
+func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
+	counters, err := c.a.dp.Counters()
+	if err == nil {
+		for k, v := range counters {
+			verdict := "allow"
+			if k.Reason.Drop() {
+				verdict = "drop"
+			}
+			ch <- prometheus.MustNewConstMetric(packetsDesc, prometheus.CounterValue, float64(v.Packets), verdict, k.Reason.String(), k.Scope.String())
+			ch <- prometheus.MustNewConstMetric(bytesDesc, prometheus.CounterValue, float64(v.Bytes), verdict, k.Reason.String(), k.Scope.String())
+		}
+	}
+	stats, err := c.a.dp.Stats()
+	if err == nil {
+		for s, v := range stats {
+			ch <- prometheus.MustNewConstMetric(statsDesc, prometheus.CounterValue, float64(v), s.String())
+		}
+	}
+}
+
+// serveMetrics serves /metrics, /healthz (the process answers) and /readyz
+// (caches synced, maps written) for the DaemonSet's probes.
+func (a *Agent) serveMetrics() (*http.Server, error) {
+	l, err := net.Listen("tcp", a.cfg.MetricsAddr)
+	if err != nil {
+		return nil, fmt.Errorf("listen for metrics on %s: %w", a.cfg.MetricsAddr, err)
+	}
+	mux := http.NewServeMux()
+	mux.Handle("/metrics", promhttp.HandlerFor(a.metrics.reg, promhttp.HandlerOpts{}))
+	mux.HandleFunc("/healthz", func(w http.ResponseWriter, r *http.Request) { _, _ = w.Write([]byte("ok\n")) })
+	mux.HandleFunc("/readyz", func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-a.ready:
+			_, _ = w.Write([]byte("ok\n"))
+		default:
+			http.Error(w, "informer caches not synced", http.StatusServiceUnavailable)
+		}
+	})
+	srv := &http.Server{Handler: mux}
+	go func() {
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			a.log.Error("metrics listener stopped", "err", err)
+		}
+	}()
+	return srv, nil
+}

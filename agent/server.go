@@ -1,0 +1,313 @@
+package agent
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+	"net/http"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"strconv"
+	"strings"
+	"time"
+
+	apierrors "k8s.io/apimachinery/pkg/api/errors"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+
+	"github.com/idcni/idcni/agent/api"
+	"github.com/idcni/idcni/bpf"
+	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/manual"
+	"github.com/idcni/idcni/policy"
+)
+
+// serveAPI listens on the unix socket. The socket is root-only: whoever
+// can write to it can rename identities.
+func (a *Agent) serveAPI(ctx context.Context) (*http.Server, error) {
+	if err := os.MkdirAll(filepath.Dir(a.cfg.Socket), 0o700); err != nil {
+		return nil, fmt.Errorf("create socket directory: %w", err)
+	}
+	if err := os.Remove(a.cfg.Socket); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("remove stale socket %s: %w", a.cfg.Socket, err)
+	}
+	l, err := net.Listen("unix", a.cfg.Socket)
+	if err != nil {
+		return nil, fmt.Errorf("listen on %s: %w", a.cfg.Socket, err)
+	}
+	if err := os.Chmod(a.cfg.Socket, 0o600); err != nil {
+		l.Close()
+		return nil, fmt.Errorf("restrict %s to root: %w", a.cfg.Socket, err)
+	}
+	mux := http.NewServeMux()
+	mux.HandleFunc("GET "+api.PathHealth, func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-a.ready:
+			reply(w, map[string]string{"status": "ready"})
+		default:
+			fail(w, http.StatusServiceUnavailable, errors.New("idcni-agent is starting: informer caches not synced yet"))
+		}
+	})
+	mux.HandleFunc("PUT "+api.PathEndpoints+"{id}", a.handleRegister)
+	mux.HandleFunc("DELETE "+api.PathEndpoints+"{id}", a.handleUnregister)
+	mux.HandleFunc("GET "+api.PathManualEndpoints, a.handleManualList)
+	mux.HandleFunc("PUT "+api.PathManualEndpoints, a.handleManualBind)
+	mux.HandleFunc("DELETE "+api.PathManualEndpoints, a.handleManualUnbind)
+	mux.HandleFunc("GET "+api.PathManualRules, a.handleRuleList)
+	mux.HandleFunc("POST "+api.PathManualRules, a.handleRuleAdd)
+	mux.HandleFunc("POST "+api.PathManualRulesDel, a.handleRuleDelete)
+	mux.HandleFunc("PUT "+api.PathDebug, a.handleDebug)
+	mux.HandleFunc("GET "+api.PathEvents, a.events.serve)
+	srv := &http.Server{Handler: mux, BaseContext: func(net.Listener) context.Context { return ctx }}
+	go func() {
+		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
+			a.log.Error("local API stopped", "err", err)
+		}
+	}()
+	return srv, nil
+}
+
+func reply(w http.ResponseWriter, v any) {
+	w.Header().Set("Content-Type", "application/json")
+	_ = json.NewEncoder(w).Encode(v)
+}
+
+func fail(w http.ResponseWriter, code int, err error) {
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(code)
+	_ = json.NewEncoder(w).Encode(api.Error{Message: err.Error()})
+}
+
+// waitReady holds requests until the caches are synced: answering earlier
+// would resolve pods against an empty cluster.
+func (a *Agent) waitReady(w http.ResponseWriter, r *http.Request) bool {
+	select {
+	case <-a.ready:
+		return true
+	case <-r.Context().Done():
+		fail(w, http.StatusServiceUnavailable, errors.New("idcni-agent is starting: informer caches not synced yet"))
+		return false
+	}
+}
+
+// handleRegister resolves a new local pod and answers only once its
+// identity, ipcache entry, endpoint and policy are in the maps.
+func (a *Agent) handleRegister(w http.ResponseWriter, r *http.Request) {
+	start := time.Now()
+	var req api.EndpointRequest
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		fail(w, http.StatusBadRequest, fmt.Errorf("idcni-agent: bad endpoint request: %w", err))
+		return
+	}
+	req.ContainerID = r.PathValue("id")
+	if req.PodNamespace == "" || req.PodName == "" {
+		fail(w, http.StatusBadRequest, errors.New("idcni-agent: the runtime passed no K8S_POD_NAMESPACE/K8S_POD_NAME in CNI_ARGS, so the pod cannot be resolved"))
+		return
+	}
+	if !a.waitReady(w, r) {
+		return
+	}
+	pod, err := a.pods.Pods(req.PodNamespace).Get(req.PodName)
+	if apierrors.IsNotFound(err) {
+		// The informer may lag the kubelet: ask the API server.
+		pod, err = a.client.CoreV1().Pods(req.PodNamespace).Get(r.Context(), req.PodName, metav1.GetOptions{})
+	}
+	if err != nil {
+		fail(w, http.StatusNotFound, fmt.Errorf("idcni-agent: pod %s/%s: %w", req.PodNamespace, req.PodName, err))
+		return
+	}
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	if err := a.endpoints.put(req); err != nil {
+		fail(w, http.StatusInternalServerError, err)
+		return
+	}
+	if _, err := a.compiler.UpsertPod(a.withLocalAddrs(pod)); err != nil {
+		_, _, _ = a.endpoints.remove(req.ContainerID)
+		fail(w, http.StatusInternalServerError, fmt.Errorf("idcni-agent: pod %s/%s: %w", req.PodNamespace, req.PodName, err))
+		return
+	}
+	if err := a.flush(); err != nil {
+		fail(w, http.StatusInternalServerError, fmt.Errorf("idcni-agent: write maps for pod %s/%s: %w", req.PodNamespace, req.PodName, err))
+		return
+	}
+	id, _ := a.compiler.PodIdentity(req.PodNamespace, req.PodName)
+	a.metrics.addSeconds.Observe(time.Since(start).Seconds())
+	a.log.Info("endpoint registered", "pod", req.PodNamespace+"/"+req.PodName, "container", short(req.ContainerID),
+		"identity", id, "took", time.Since(start).Round(time.Microsecond))
+	reply(w, api.EndpointResponse{Identity: id})
+}
+
+func short(id string) string { return id[:min(12, len(id))] }
+
+func (a *Agent) handleUnregister(w http.ResponseWriter, r *http.Request) {
+	id := r.PathValue("id")
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	ep, ok, err := a.endpoints.remove(id)
+	if err != nil {
+		fail(w, http.StatusInternalServerError, err)
+		return
+	}
+	if ok {
+		// The plugin removes its own map entries; the pod's ipcache entry
+		// goes when the API server reports the pod gone.
+		if err := a.dp.DeleteEndpoint(ep.HostIfIndex); err != nil {
+			fail(w, http.StatusInternalServerError, err)
+			return
+		}
+		a.log.Info("endpoint removed", "pod", ep.PodNamespace+"/"+ep.PodName, "container", short(id))
+	}
+	reply(w, struct{}{})
+}
+
+// Manual overrides: persisted first, then written, so a crash between the
+// two is repaired by the next start's reconcile.
+func (a *Agent) changeManual(w http.ResponseWriter, change func(*manual.State) error) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	next := a.manual.Clone()
+	if err := change(&next); err != nil {
+		fail(w, http.StatusBadRequest, err)
+		return
+	}
+	if err := next.Validate(); err != nil {
+		fail(w, http.StatusBadRequest, err)
+		return
+	}
+	prev := a.manual
+	a.manual = next
+	if err := a.flush(); err != nil {
+		a.manual = prev
+		_ = a.flush()
+		fail(w, http.StatusInternalServerError, err)
+		return
+	}
+	if err := manual.Save(a.db, next); err != nil {
+		fail(w, http.StatusInternalServerError, err)
+		return
+	}
+	reply(w, struct{}{})
+}
+
+func (a *Agent) handleManualList(w http.ResponseWriter, r *http.Request) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	out := []api.ManualEndpoint{}
+	for _, b := range a.manual.Bindings {
+		out = append(out, api.ManualEndpoint{IP: b.IP, Identity: b.Identity})
+	}
+	reply(w, out)
+}
+
+func (a *Agent) handleManualBind(w http.ResponseWriter, r *http.Request) {
+	var ep api.ManualEndpoint
+	if err := json.NewDecoder(r.Body).Decode(&ep); err != nil {
+		fail(w, http.StatusBadRequest, err)
+		return
+	}
+	a.changeManual(w, func(s *manual.State) error { _, err := s.Bind(ep.IP, ep.Identity); return err })
+}
+
+func (a *Agent) handleManualUnbind(w http.ResponseWriter, r *http.Request) {
+	ip, err := netip.ParseAddr(r.URL.Query().Get("ip"))
+	if err != nil {
+		fail(w, http.StatusBadRequest, fmt.Errorf("bad ip: %w", err))
+		return
+	}
+	a.changeManual(w, func(s *manual.State) error { _, err := s.Unbind(ip.Unmap()); return err })
+}
+
+func (a *Agent) handleRuleList(w http.ResponseWriter, r *http.Request) {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	reply(w, api.RuleList{Rules: append([]policy.ManualRule{}, a.manual.Rules...)})
+}
+
+func (a *Agent) handleRuleAdd(w http.ResponseWriter, r *http.Request) {
+	var req api.RuleRequest
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		fail(w, http.StatusBadRequest, err)
+		return
+	}
+	a.changeManual(w, func(s *manual.State) error { _, err := s.AddRule(req.Rule); return err })
+}
+
+func (a *Agent) handleRuleDelete(w http.ResponseWriter, r *http.Request) {
+	var req api.RuleRequest
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		fail(w, http.StatusBadRequest, err)
+		return
+	}
+	a.changeManual(w, func(s *manual.State) error { _, err := s.DeleteRules(req.Rule); return err })
+}
+
+func (a *Agent) handleDebug(w http.ResponseWriter, r *http.Request) {
+	var d api.Debug
+	if err := json.NewDecoder(r.Body).Decode(&d); err != nil {
+		fail(w, http.StatusBadRequest, err)
+		return
+	}
+	if err := a.dp.SetDebug(d.On); err != nil {
+		fail(w, http.StatusInternalServerError, err)
+		return
+	}
+	reply(w, struct{}{})
+}
+
+// eventFilter is the query of GET /v1/events.
+type eventFilter struct {
+	pod, namespace string
+	identity       identity.ID
+	verdict        string // "", "allow" or "drop"
+}
+
+func parseEventFilter(q map[string][]string) (eventFilter, error) {
+	get := func(k string) string {
+		if v := q[k]; len(v) > 0 {
+			return v[0]
+		}
+		return ""
+	}
+	f := eventFilter{pod: get("pod"), namespace: get("namespace"), verdict: strings.ToLower(get("verdict"))}
+	if s := get("identity"); s != "" {
+		n, err := strconv.ParseUint(s, 10, 32)
+		if err != nil {
+			return f, fmt.Errorf("bad identity %q", s)
+		}
+		f.identity = identity.ID(n)
+	}
+	if f.verdict != "" && f.verdict != "allow" && f.verdict != "drop" {
+		return f, fmt.Errorf("bad verdict %q: want allow or drop", f.verdict)
+	}
+	return f, nil
+}
+
+func (f eventFilter) match(e Event) bool {
+	if f.identity != 0 && e.Src != f.identity && e.Dst != f.identity {
+		return false
+	}
+	if f.verdict == "allow" && !e.Allowed || f.verdict == "drop" && e.Allowed {
+		return false
+	}
+	if f.pod != "" || f.namespace != "" {
+		ok := false
+		for _, p := range []string{e.SrcPod, e.DstPod} {
+			ns, name, _ := strings.Cut(p, "/")
+			if (f.namespace == "" || ns == f.namespace) && (f.pod == "" || name == f.pod || p == f.pod) && p != "" {
+				ok = true
+			}
+		}
+		return ok
+	}
+	return true
+}
+
+// Event is a datapath verdict with the pods behind its addresses.
+type Event struct {
+	bpf.Event
+	SrcPod string `json:"srcPod,omitempty"`
+	DstPod string `json:"dstPod,omitempty"`
+}

@@ -1,0 +1,154 @@
+// Command idcni-agent is idcni's node agent: it turns Pods, Namespaces and
+// NetworkPolicies into identities and rules in the datapath's maps, serves
+// the plugin and the tools on a unix socket, and exports metrics.
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"strings"
+	"syscall"
+	"time"
+
+	"github.com/spf13/cobra"
+	"k8s.io/client-go/kubernetes"
+	"k8s.io/client-go/rest"
+	"k8s.io/client-go/tools/clientcmd"
+
+	"github.com/idcni/idcni/agent"
+	"github.com/idcni/idcni/agent/api"
+	"github.com/idcni/idcni/bpf"
+	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/manifests"
+	"github.com/idcni/idcni/store"
+)
+
+func main() {
+	if err := command().Execute(); err != nil {
+		fmt.Fprintln(os.Stderr, "idcni-agent:", err)
+		os.Exit(1)
+	}
+}
+
+func envOr(key, def string) string {
+	if v := os.Getenv(key); v != "" {
+		return v
+	}
+	return def
+}
+
+func command() *cobra.Command {
+	var (
+		cfg        agent.Config
+		kubeconfig string
+		confFile   string
+		uninstall  bool
+		logLevel   string
+		logJSON    bool
+	)
+	cmd := &cobra.Command{
+		Use:   "idcni-agent",
+		Short: "idcni's node agent: Kubernetes NetworkPolicy to identity-based BPF maps",
+		Long: `idcni-agent runs on every node (a DaemonSet). It watches Pods, Namespaces,
+NetworkPolicies and Nodes, gives every pod an identity derived from its labels
+(kept in the state file, stable across restarts), and keeps the datapath's
+maps under the BPF root equal to the cluster's policy. The idcni CNI plugin
+registers each new pod with it over the local socket and returns only once the
+pod's policy is enforced; endpointctl and policyctl send manual overrides the
+same way.
+
+Once its caches are synced and the maps written, the agent writes the CNI
+config into --cni-conf-dir, so the node only takes pods it can enforce.
+--uninstall removes that config and every pin (programs detach from all veths).`,
+		Example: `  # on a node, as the DaemonSet does
+  idcni-agent --node-name "$NODE_NAME"
+
+  # outside a cluster, for tests
+  idcni-agent --kubeconfig ~/.kube/config --node-name node1 --cni-conf-dir ""`,
+		SilenceUsage:  true,
+		SilenceErrors: true,
+		Args:          cobra.NoArgs,
+		RunE: func(cmd *cobra.Command, _ []string) error {
+			if os.Geteuid() != 0 {
+				return fmt.Errorf("must run as root: it loads BPF programs and writes pinned maps under %s", cfg.BPFRoot)
+			}
+			if uninstall {
+				return agent.Uninstall(cfg.CNIConfDir, cfg.CNIConfName, cfg.BPFRoot)
+			}
+			log, err := newLogger(logLevel, logJSON)
+			if err != nil {
+				return err
+			}
+			cfg.Logger = log
+			cfg.CNIConf = manifests.CNIConflist
+			if confFile != "" {
+				if cfg.CNIConf, err = os.ReadFile(confFile); err != nil {
+					return fmt.Errorf("read --cni-conf-template: %w", err)
+				}
+			}
+			restCfg, err := kubeConfig(kubeconfig)
+			if err != nil {
+				return err
+			}
+			client, err := kubernetes.NewForConfig(restCfg)
+			if err != nil {
+				return fmt.Errorf("kubernetes client: %w", err)
+			}
+			a, err := agent.New(cfg, client)
+			if err != nil {
+				return err
+			}
+			defer a.Close()
+			ctx, stop := signal.NotifyContext(context.Background(), syscall.SIGINT, syscall.SIGTERM)
+			defer stop()
+			return a.Run(ctx)
+		},
+	}
+	f := cmd.Flags()
+	f.StringVar(&kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig file; empty means in-cluster config")
+	f.StringVar(&cfg.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (env NODE_NAME)")
+	f.StringVar(&cfg.BPFRoot, "bpf-root", bpf.RootFromEnv(), "bpffs directory the datapath is pinned under (env IDCNI_BPF_ROOT)")
+	f.StringVar(&cfg.StatePath, "state", envOr("IDCNI_STATE", store.DefaultPath), "state file: identities, manual overrides, local endpoints (env IDCNI_STATE)")
+	f.StringVar(&cfg.Socket, "socket", envOr("IDCNI_AGENT_SOCKET", api.DefaultSocket), "unix socket of the local API (env IDCNI_AGENT_SOCKET)")
+	f.StringVar(&cfg.MetricsAddr, "metrics-addr", ":9965", "address of /metrics, /healthz and /readyz; empty disables")
+	f.StringVar(&cfg.CNIConfDir, "cni-conf-dir", "/etc/cni/net.d", "where to write the CNI config once ready; empty disables")
+	f.StringVar(&cfg.CNIConfName, "cni-conf-name", "10-idcni.conflist", "file name of the CNI config")
+	f.StringVar(&confFile, "cni-conf-template", "", "conflist to install instead of the built-in manifests/cni/10-idcni.conflist")
+	f.DurationVar(&cfg.IdentityGrace, "identity-grace", identity.DefaultGrace, "how long an identity no pod uses keeps its number")
+	f.StringSliceVar(&cfg.ChurnLabels, "churn-labels", nil, "pod labels left out of identities (default: "+strings.Join(identity.DefaultChurnLabels(), ",")+")")
+	f.DurationVar(&cfg.Resync, "resync", 10*time.Minute, "informer resync period")
+	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config and every pin, then exit")
+	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
+	f.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
+	return cmd
+}
+
+func kubeConfig(path string) (*rest.Config, error) {
+	if path == "" {
+		c, err := rest.InClusterConfig()
+		if err != nil {
+			return nil, fmt.Errorf("no --kubeconfig and not in a cluster: %w", err)
+		}
+		return c, nil
+	}
+	c, err := clientcmd.BuildConfigFromFlags("", path)
+	if err != nil {
+		return nil, fmt.Errorf("kubeconfig %s: %w", path, err)
+	}
+	return c, nil
+}
+
+func newLogger(level string, json bool) (*slog.Logger, error) {
+	var l slog.Level
+	if err := l.UnmarshalText([]byte(level)); err != nil {
+		return nil, fmt.Errorf("bad --log-level %q: want debug, info, warn or error", level)
+	}
+	opts := &slog.HandlerOptions{Level: l}
+	if json {
+		return slog.New(slog.NewJSONHandler(os.Stderr, opts)), nil
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, opts)), nil
+}
