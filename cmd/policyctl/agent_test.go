@@ -29,7 +29,7 @@ type agentPeer struct {
 	mu     sync.Mutex
 	st     manual.State
 	debug  *bool
-	events []bpf.Event
+	events []agentEvent
 	query  url.Values
 }
 
@@ -121,9 +121,10 @@ func TestThroughAgent(t *testing.T) {
 	t.Parallel()
 	e, d := clitest.New(t)
 	now := time.Now()
-	p := &agentPeer{events: []bpf.Event{
-		{Time: now, Src: 1001, Dst: 1002, SrcAddr: podA, DstAddr: podB, Proto: policy.ProtoICMP, Allowed: true, Reason: bpf.ReasonAllowRule, Scope: bpf.ScopeEgress},
-		{Time: now, Src: 1002, Dst: 1001, SrcAddr: podB, DstAddr: podA, Proto: policy.ProtoTCP, DstPort: 8080, Reason: bpf.ReasonDropDeny, Scope: bpf.ScopeEgress},
+	p := &agentPeer{events: []agentEvent{
+		{Event: bpf.Event{Time: now, Src: 1001, Dst: 1002, SrcAddr: podA, DstAddr: podB, Proto: policy.ProtoICMP, Allowed: true, Reason: bpf.ReasonAllowRule, Scope: bpf.ScopeEgress}},
+		{Event: bpf.Event{Time: now, Src: 1002, Dst: 1001, SrcAddr: podB, DstAddr: podA, Proto: policy.ProtoTCP, DstPort: 8080, Reason: bpf.ReasonDropDeny, Scope: bpf.ScopeEgress},
+			SrcPod: "shop/backend", DstPod: "shop/frontend"},
 	}}
 	p.serve(t, e.Socket)
 	before := snap(t, e, d)
@@ -164,19 +165,24 @@ func TestThroughAgent(t *testing.T) {
 	}
 
 	// Events come from the agent's stream, filtered there and here.
-	r = e.MustRun("policyctl", "monitor", "--verdict", "drop", "-o", "json", "-c", "1")
+	r = e.MustRun("policyctl", "monitor", "--verdict", "drop", "--namespace", "shop", "-o", "json", "-c", "1")
 	var ev eventView
-	if err := json.Unmarshal([]byte(r.Stdout), &ev); err != nil || ev.Verdict != "drop" || ev.Reason != "deny-rule" || ev.SrcIdentity != 1002 || ev.DstPort != 8080 || ev.Proto != "tcp" {
+	if err := json.Unmarshal([]byte(r.Stdout), &ev); err != nil || ev.Verdict != "drop" || ev.Reason != "deny-rule" || ev.SrcIdentity != 1002 || ev.DstPort != 8080 || ev.Proto != "tcp" || ev.SrcPod != "shop/backend" {
 		t.Errorf("monitor through the agent = %+v, %v\n%s", ev, err, r)
 	}
 	if !strings.Contains(r.Stderr, "through idcni-agent on "+e.Socket) {
 		t.Errorf("monitor does not say it reads from the agent:\n%s", r)
 	}
 	p.mu.Lock()
-	if p.query.Get("verdict") != "drop" {
+	if p.query.Get("verdict") != "drop" || p.query.Get("namespace") != "shop" {
 		t.Errorf("monitor asked the agent for %v", p.query)
 	}
 	p.mu.Unlock()
+
+	r = e.MustRun("policyctl", "monitor", "-c", "2")
+	if lines := strings.Split(strings.TrimSpace(r.Stdout), "\n"); len(lines) != 2 || !strings.HasSuffix(lines[1], "[shop/backend -> shop/frontend]") {
+		t.Errorf("monitor text through the agent:\n%s", r)
+	}
 
 	e.MustFail("idcni-agent runs on "+e.Socket+" and owns the datapath", false, "policyctl", "restore")
 

@@ -238,6 +238,7 @@ func TestErrorsChangeNothing(t *testing.T) {
 		{`unknown command "permit"`, true, []string{"permit", "--src", "1001", "--dst", "1002"}},
 		{"want 'on' or 'off'", true, []string{"debug", "yes"}},
 		{`bad --verdict "deny"`, false, []string{"monitor", "--verdict", "deny"}},
+		{"--pod and --namespace need idcni-agent", false, []string{"monitor", "--pod", "frontend"}},
 		{`unknown output format "wide"`, true, []string{"list", "-o", "wide"}},
 		{`unknown output format "yaml"`, true, []string{"status", "-o", "yaml"}},
 	} {

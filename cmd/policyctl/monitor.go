@@ -34,12 +34,25 @@ type eventView struct {
 	DstPort     uint16      `json:"dstPort,omitempty"`
 	Proto       string      `json:"proto"`
 	Len         uint32      `json:"len"`
+	// Pods are known to idcni-agent only ("namespace/name").
+	SrcPod string `json:"srcPod,omitempty"`
+	DstPod string `json:"dstPod,omitempty"`
 }
 
-func viewOf(e bpf.Event) eventView {
+// agentEvent is a line of the agent's event stream: a datapath event and
+// the pods behind its addresses.
+type agentEvent struct {
+	bpf.Event
+	SrcPod string `json:"srcPod,omitempty"`
+	DstPod string `json:"dstPod,omitempty"`
+}
+
+func viewOf(ae agentEvent) eventView {
+	e := ae.Event
 	v := eventView{
 		Time: e.Time, Verdict: verdictOf(e), Reason: e.Reason.String(), Hook: e.Scope.String(), Ifindex: e.Ifindex,
 		SrcIdentity: e.Src, DstIdentity: e.Dst, SrcAddr: e.SrcAddr, DstAddr: e.DstAddr, Proto: e.Proto.String(), Len: e.Len,
+		SrcPod: ae.SrcPod, DstPod: ae.DstPod,
 	}
 	if e.Proto.HasPorts() {
 		v.SrcPort, v.DstPort = e.SrcPort, e.DstPort
@@ -55,10 +68,11 @@ func verdictOf(e bpf.Event) string {
 }
 
 type monitorFlags struct {
-	identity uint64
-	verdict  string
-	count    int
-	out      cli.Output
+	identity       uint64
+	verdict        string
+	pod, namespace string
+	count          int
+	out            cli.Output
 }
 
 func (f *monitorFlags) match(e bpf.Event) bool {
@@ -71,7 +85,7 @@ func (f *monitorFlags) match(e bpf.Event) bool {
 func newMonitor(g *cli.Globals) *cobra.Command {
 	f := &monitorFlags{}
 	cmd := &cobra.Command{
-		Use:   "monitor [--identity N] [--verdict allow|drop] [-o json]",
+		Use:   "monitor [--identity N] [--verdict allow|drop] [--pod POD] [--namespace NS] [-o json]",
 		Short: "Print verdicts of the datapath as packets flow",
 		Long: `Print the datapath's verdicts live, until Ctrl-C: every dropped packet, and
 the first packet of every allowed flow, with the identities, addresses, the
@@ -79,7 +93,8 @@ reason and the hook that decided (egress: leaving the source pod; ingress:
 entering the destination pod).
 
 With idcni-agent running the events come through the agent, which owns the
-event stream; otherwise policyctl reads the datapath's ring buffer itself
+event stream and adds the pods' names (and filters by --pod and
+--namespace); otherwise policyctl reads the datapath's ring buffer itself
 (one reader at a time: two monitors share the events between them).`,
 		Example: `  # Everything
   policyctl monitor
@@ -88,7 +103,10 @@ event stream; otherwise policyctl reads the datapath's ring buffer itself
   policyctl monitor --identity 1001 --verdict drop -o json
 
   # Stop after the first 10 events
-  policyctl monitor -c 10`,
+  policyctl monitor -c 10
+
+  # With idcni-agent: events of one pod, with pod names
+  policyctl monitor --namespace shop --pod frontend-7d4b9`,
 		Args: cli.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
 			if err := f.out.Check(); err != nil {
@@ -110,31 +128,36 @@ event stream; otherwise policyctl reads the datapath's ring buffer itself
 			if c := g.Agent(ctx); c != nil {
 				return monitorAgent(ctx, cmd, c, f)
 			}
+			if f.pod != "" || f.namespace != "" {
+				return fmt.Errorf("--pod and --namespace need idcni-agent, which knows the pods; none answers on %s (filter with --identity instead)", g.AgentSocket)
+			}
 			return monitorRing(ctx, cmd, g, f)
 		},
 	}
 	fl := cmd.Flags()
 	fl.Uint64Var(&f.identity, "identity", 0, "only events from or to this `identity`")
 	fl.StringVar(&f.verdict, "verdict", "", "only `allow` or drop events")
+	fl.StringVar(&f.pod, "pod", "", "only events from or to this `POD` (name or namespace/name; needs idcni-agent)")
+	fl.StringVar(&f.namespace, "namespace", "", "only events from or to pods in this `NAMESPACE` (needs idcni-agent)")
 	fl.IntVarP(&f.count, "count", "c", 0, "exit after this many events (default: until Ctrl-C)")
 	cli.AddOutputFlag(cmd, &f.out)
 	return cmd
 }
 
 // emitter prints matching events and says when --count is reached.
-func (f *monitorFlags) emitter(cmd *cobra.Command) func(bpf.Event) (done bool, err error) {
+func (f *monitorFlags) emitter(cmd *cobra.Command) func(agentEvent) (done bool, err error) {
 	w := cmd.OutOrStdout()
 	enc := json.NewEncoder(w)
 	n := 0
-	return func(e bpf.Event) (bool, error) {
-		if !f.match(e) {
+	return func(e agentEvent) (bool, error) {
+		if !f.match(e.Event) {
 			return false, nil
 		}
 		var err error
 		if f.out == cli.OutputJSON {
 			err = enc.Encode(viewOf(e))
 		} else {
-			_, err = fmt.Fprintln(w, e.String())
+			_, err = fmt.Fprintln(w, textOf(e))
 		}
 		if err != nil {
 			return true, fmt.Errorf("write event: %w", err)
@@ -168,10 +191,26 @@ func monitorRing(ctx context.Context, cmd *cobra.Command, g *cli.Globals, f *mon
 		if err != nil {
 			return fmt.Errorf("read verdict events: %w", err)
 		}
-		if done, err := emit(e); done || err != nil {
+		if done, err := emit(agentEvent{Event: e}); done || err != nil {
 			return err
 		}
 	}
+}
+
+// textOf is the datapath's one-line form, with the pods when known.
+func textOf(e agentEvent) string {
+	s := e.Event.String()
+	if e.SrcPod != "" || e.DstPod != "" {
+		s += fmt.Sprintf(" [%s -> %s]", orDash(e.SrcPod), orDash(e.DstPod))
+	}
+	return s
+}
+
+func orDash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
 }
 
 func monitorAgent(ctx context.Context, cmd *cobra.Command, c *api.Client, f *monitorFlags) error {
@@ -183,6 +222,12 @@ func monitorAgent(ctx context.Context, cmd *cobra.Command, c *api.Client, f *mon
 	if f.verdict != "" {
 		q.Set("verdict", f.verdict)
 	}
+	if f.pod != "" {
+		q.Set("pod", f.pod)
+	}
+	if f.namespace != "" {
+		q.Set("namespace", f.namespace)
+	}
 	body, err := c.Events(ctx, q)
 	if err != nil {
 		return fmt.Errorf("open the verdict stream of idcni-agent: %w", err)
@@ -192,7 +237,7 @@ func monitorAgent(ctx context.Context, cmd *cobra.Command, c *api.Client, f *mon
 	emit := f.emitter(cmd)
 	sc := bufio.NewScanner(body)
 	for sc.Scan() {
-		var e bpf.Event
+		var e agentEvent
 		if err := json.Unmarshal(sc.Bytes(), &e); err != nil {
 			return fmt.Errorf("decode event from idcni-agent: %w", err)
 		}
