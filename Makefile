@@ -22,6 +22,7 @@ build:
 	$(GO) build -o $(BIN)/ ./cmd/...
 	$(GO) build -o $(BIN)/host-local $(CNI_PLUGINS)/ipam/host-local
 	$(GO) build -o $(BIN)/loopback $(CNI_PLUGINS)/main/loopback
+	$(GO) build -o $(BIN)/cnitool github.com/containernetworking/cni/cnitool
 
 # Regenerates the committed bpf2go output from bpf/kernel/*.c.
 generate: deps
@@ -37,7 +38,7 @@ lint:
 	$(GO) run $(STATICCHECK) ./...
 
 test: deps check-generate lint build
-	$(GO) test -count=1 -timeout 40m ./...
+	IDCNI_E2E_BIN=$(BIN) $(GO) test -count=1 -timeout 60m ./...
 
 bench: deps build
 	$(GO) test -run '^$$' -bench . -benchtime 2s -timeout 60m ./bpf/ ./identity/ ./policy/...
