@@ -34,27 +34,31 @@ var (
 )
 
 // Bins builds endpointctl and policyctl once per test process and returns
-// their directory. Building from the working tree every time means a test
-// never runs a stale binary.
+// their directory; the package's TestMain removes it with RemoveBins.
+// Building from the working tree every time means a test never runs a
+// stale binary.
 func Bins() (string, error) {
 	buildOnce.Do(func() {
 		binDir, buildErr = os.MkdirTemp("", "idcni-clitest-bin-")
-		if buildErr != nil {
-			return
-		}
-		// Readable by everyone: one test runs the tools as nobody.
-		if buildErr = os.Chmod(binDir, 0o755); buildErr != nil {
-			return
-		}
-		for _, name := range []string{"endpointctl", "policyctl"} {
-			cmd := exec.Command("go", "build", "-o", filepath.Join(binDir, name), "github.com/idcni/idcni/cmd/"+name)
-			if out, err := cmd.CombinedOutput(); err != nil {
-				buildErr = fmt.Errorf("go build %s: %v\n%s", name, err, out)
-				return
-			}
+		if buildErr == nil {
+			buildErr = build(binDir)
 		}
 	})
 	return binDir, buildErr
+}
+
+func build(dir string) error {
+	// Readable by everyone: one test runs the tools as nobody.
+	if err := os.Chmod(dir, 0o755); err != nil {
+		return err
+	}
+	for _, name := range []string{"endpointctl", "policyctl"} {
+		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, name), "github.com/idcni/idcni/cmd/"+name)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			return fmt.Errorf("go build %s: %v\n%s", name, err, out)
+		}
+	}
+	return nil
 }
 
 // RemoveBins deletes what Bins built; TestMain calls it.
@@ -275,15 +279,21 @@ func PutPod(t testing.TB, d *bpf.Datapath, ifindex int, addrs ...netip.Addr) {
 
 // ForRoot returns an Env on a datapath someone else owns (an e2e network
 // whose plugin loads it): the bpffs root is theirs to remove, the state
-// file is a private one.
+// file is a private one. The binaries are built into the test's own
+// temporary directory, as the caller's package has no TestMain of ours to
+// remove a shared one.
 func ForRoot(t testing.TB, bpfRoot, socket string) *Env {
 	t.Helper()
 	RequireRoot(t)
-	bin, err := Bins()
-	if err != nil {
+	tmp := t.TempDir()
+	bin := filepath.Join(tmp, "bin")
+	if err := os.Mkdir(bin, 0o755); err != nil {
 		t.Fatal(err)
 	}
-	return &Env{t: t, Bin: bin, BPFRoot: bpfRoot, State: filepath.Join(t.TempDir(), "state.db"), Socket: socket}
+	if err := build(bin); err != nil {
+		t.Fatal(err)
+	}
+	return &Env{t: t, Bin: bin, BPFRoot: bpfRoot, State: filepath.Join(tmp, "state.db"), Socket: socket}
 }
 
 // Proc is a tool running in the background (policyctl monitor).
