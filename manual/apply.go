@@ -108,7 +108,16 @@ func planBindings(eps map[int]bpf.Endpoint, ipc map[netip.Prefix]identity.ID, bi
 		}
 		if want == identity.Unknown {
 			if !ep.Identity.IsManual() {
-				continue // not ours: the plugin's unresolved pod or an agent's
+				// Not ours (the plugin's unresolved pod, or an
+				// agent's), but an address of it still resolving to
+				// a manual identity is a binding half undone: the
+				// pod's own identity is the truth.
+				for _, a := range addrs {
+					if ipc[hostPrefix(a)].IsManual() {
+						put(a, ep.Identity)
+					}
+				}
+				continue
 			}
 			want = identity.Unresolved
 		}
@@ -206,13 +215,32 @@ func Drift(d *bpf.Datapath, st State) ([]string, error) {
 	}
 	var out []string
 	if !p.empty() {
+		bound := map[netip.Prefix]identity.ID{}
 		for _, b := range st.Bindings {
-			if id, ok := ipc[hostPrefix(b.IP)]; !ok || id != b.Identity {
-				out = append(out, fmt.Sprintf("endpoint %s is not identity %s in the datapath", b.IP, b.Identity))
+			bound[hostPrefix(b.IP)] = b.Identity
+		}
+		pfxs := make([]netip.Prefix, 0, len(p.putIPCache))
+		for pfx := range p.putIPCache {
+			pfxs = append(pfxs, pfx)
+		}
+		slices.SortFunc(pfxs, func(a, b netip.Prefix) int { return a.Addr().Compare(b.Addr()) })
+		for _, pfx := range pfxs {
+			want := p.putIPCache[pfx]
+			if id, ok := bound[pfx]; ok && id == want {
+				out = append(out, fmt.Sprintf("endpoint %s is not identity %s in the datapath", pfx.Addr(), want))
+			} else if have, ok := ipc[pfx]; ok {
+				out = append(out, fmt.Sprintf("ipcache entry %s is identity %s, should be %s", pfx, have, want))
+			} else {
+				out = append(out, fmt.Sprintf("ipcache entry %s is missing, should be identity %s", pfx, want))
 			}
 		}
-		for idx, ep := range p.putEndpoint {
-			out = append(out, fmt.Sprintf("the pod on ifindex %d should be identity %s, is %s", idx, ep.Identity, eps[idx].Identity))
+		idxs := make([]int, 0, len(p.putEndpoint))
+		for idx := range p.putEndpoint {
+			idxs = append(idxs, idx)
+		}
+		sort.Ints(idxs)
+		for _, idx := range idxs {
+			out = append(out, fmt.Sprintf("the pod on ifindex %d should be identity %s, is %s", idx, p.putEndpoint[idx].Identity, eps[idx].Identity))
 		}
 		for _, pfx := range p.delIPCache {
 			out = append(out, fmt.Sprintf("ipcache entry %s -> %s has no manual endpoint behind it", pfx, ipc[pfx]))

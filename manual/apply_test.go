@@ -286,3 +286,26 @@ func TestDriftAfterReboot(t *testing.T) {
 		t.Errorf("Drift after Apply = %q", drift)
 	}
 }
+
+func TestApplyRepairsHalfUndoneBinding(t *testing.T) {
+	d := loadDatapath(t)
+	putPod(t, d, 101, podA, podA6)
+	// As if an unbind stopped between resetting the endpoint and its
+	// ipcache entries.
+	if err := d.PutIPCache(hostPrefix(podA), 1001); err != nil {
+		t.Fatal(err)
+	}
+	var st State
+	if drift, _ := Drift(d, st); len(drift) == 0 {
+		t.Error("Drift does not see the leftover ipcache entry")
+	}
+	if err := Apply(d, st); err != nil {
+		t.Fatal(err)
+	}
+	if got, _ := mustLookup(t, d, podA); got != identity.Unresolved {
+		t.Errorf("ipcache %s = %s, want the pod's own identity (unresolved)", podA, got)
+	}
+	if drift, _ := Drift(d, st); len(drift) != 0 {
+		t.Errorf("Drift after Apply = %q", drift)
+	}
+}
