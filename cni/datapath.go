@@ -46,12 +46,30 @@ func enforce(dp *bpf.Datapath, u *undo, hostName string, ifindex int, id identit
 	}
 	u.push("attach of TC programs to "+hostName, func() error { return dp.Detach(hostName) })
 
+	// endpointctl and policyctl change these maps too; take turns.
+	unlock, err := dp.Lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
+	// An address bound with `endpointctl add` keeps its identity for
+	// whichever pod gets it: the seed binds addresses, not pods.
+	bound := map[netip.Addr]bool{}
+	for _, a := range addrs {
+		if b, ok, err := dp.IPCacheLookup(a); err == nil && ok && b.IsManual() {
+			id = b
+			bound[a] = true
+		}
+	}
 	if err := dp.PutEndpoint(ifindex, endpointOf(id, addrs)); err != nil {
 		return fmt.Errorf("add endpoint (ifindex %d, %v) to the datapath: %w", ifindex, addrs, err)
 	}
 	u.push(fmt.Sprintf("endpoint entry of ifindex %d", ifindex), func() error { return dp.DeleteEndpoint(ifindex) })
 
 	for _, a := range addrs {
+		if bound[a] {
+			continue // the binding's entry stays as it is, ADD failing or not
+		}
 		p := hostPrefix(a)
 		if err := dp.PutIPCache(p, id); err != nil {
 			return fmt.Errorf("add ipcache entry %s -> identity %s: %w", p, id, err)
@@ -74,6 +92,11 @@ func release(dp *bpf.Datapath, hostName string, ifindex int, addrs []netip.Addr)
 	if err := dp.Detach(hostName); err != nil {
 		errs = append(errs, fmt.Errorf("detach TC programs from %s: %w", hostName, err))
 	}
+	unlock, err := dp.Lock()
+	if err != nil {
+		return errors.Join(append(errs, err)...)
+	}
+	defer unlock()
 
 	eps, err := dp.Endpoints()
 	if err != nil {
@@ -99,6 +122,12 @@ func release(dp *bpf.Datapath, hostName string, ifindex int, addrs []netip.Addr)
 	var gone []netip.Addr
 	for _, a := range addrs {
 		if claimedByOther(eps, a) {
+			continue
+		}
+		// A manual binding outlives the pod (see enforce); its flows do
+		// not.
+		if bound, ok, err := dp.IPCacheLookup(a); err == nil && ok && bound.IsManual() {
+			gone = append(gone, a)
 			continue
 		}
 		if err := dp.DeleteIPCache(hostPrefix(a)); err != nil {

@@ -50,6 +50,14 @@ func newWalk(t *testing.T) *walk {
 				t.Errorf("DEL %s: %v", p.Name, err)
 			}
 		}
+		// Manual bindings are the operator's, not the pod's: they outlive
+		// DEL (the next pod with the address gets the identity) and go
+		// with endpointctl del.
+		for _, ip := range []netip.Addr{w.frontIP, w.backIP} {
+			if r := w.ctl.Run("endpointctl", "del", "--ip", ip.String()); r.Code != 0 && !strings.Contains(r.Stderr, "not bound") {
+				t.Logf("endpointctl del --ip %s: %s", ip, r)
+			}
+		}
 		e.AssertNoLeaks(t, w.front, w.back)
 	})
 	// Nothing listens on the Env's agent socket: the CLIs write the maps.
@@ -473,4 +481,34 @@ func TestPortRules(t *testing.T) {
 	w.ctlRun("policyctl", "allow", "--src", "1001", "--dst", "1002", "--port", "8080-8081")
 	w.expectExchange(w.front, "tcp4", w.backIP, 8081, true, "tcp 8081 in range")
 	w.expectExchange(w.front, "tcp4", w.backIP, 8080, true, "tcp 8080 in range")
+}
+
+// An address bound with endpointctl keeps its identity for a pod created
+// after the binding, and across that pod's DEL: the seed binds addresses.
+func TestBindingBeforePod(t *testing.T) {
+	w := newWalk(t)
+	w.bind()
+	w.ctlRun("policyctl", "allow", "--src", "1001", "--dst", "1002", "--symmetric")
+	// host-local hands out addresses in order: the next pod gets .4.
+	next := w.backIP.Next()
+	w.ctlRun("endpointctl", "add", "--ip", next.String(), "--identity", "1001")
+	late := w.net.NewPod(t)
+	if got := walkAddr(t, w.net.MustAdd(t, late)); got != next {
+		t.Fatalf("third pod got %s, want %s", got, next)
+	}
+	t.Cleanup(func() {
+		if err := w.net.Del(late); err != nil {
+			t.Errorf("DEL: %v", err)
+		}
+		w.ctl.Run("endpointctl", "del", "--ip", next.String())
+	})
+	w.expectPing(late, w.backIP, 3, "pod created after its binding, as 1001 -> 1002")
+
+	if err := w.net.Del(late); err != nil {
+		t.Fatal(err)
+	}
+	d := w.net.Datapath(t)
+	if id, ok, err := d.IPCacheLookup(next); err != nil || !ok || id != 1001 {
+		t.Fatalf("binding after DEL: %v %v %v, want 1001", id, ok, err)
+	}
 }

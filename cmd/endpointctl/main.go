@@ -92,9 +92,9 @@ becomes the identity. An address that is already bound moves to the new
 identity. The identity starts with no rules, so it is denied everything until
 'policyctl allow' says otherwise.
 
-Bind addresses of pods that exist: without idcni-agent, a pod the CNI plugin
-creates later starts as the unresolved identity even if its address is
-bound, until 'policyctl restore' (or endpointctl add again) names it.`,
+A binding belongs to the address, not to a pod: a pod the CNI plugin creates
+later with a bound address starts as the bound identity, and the binding
+stays when that pod is deleted, until 'endpointctl del' removes it.`,
 		Example: `  # The seed walkthrough: frontend is 1001, backend is 1002
   endpointctl add --ip 10.13.0.2 --identity 1001
   endpointctl add --ip 10.13.0.3 --identity 1002
