@@ -10,7 +10,7 @@ CNI_PLUGINS := github.com/containernetworking/plugins/plugins
 # Fuzzing the datapath for real (the seed corpus runs in `make test`).
 FUZZTIME ?= 10m
 
-.PHONY: all deps build generate check-generate test unit lint bench fuzz demo clean
+.PHONY: all deps build generate check-generate test unit lint bench fuzz demo clean kube
 
 all: build
 
@@ -37,7 +37,12 @@ lint:
 	$(GO) vet ./...
 	$(GO) run $(STATICCHECK) ./...
 
-test: deps check-generate lint build
+# Kubernetes binaries for the agent's tests against a real apiserver, cached in
+# ~/.cache/idcni/kube/<release> (IDCNI_KUBE_BIN overrides); a no-op when built.
+kube:
+	@./scripts/build-kube.sh >/dev/null
+
+test: deps check-generate lint build kube
 	IDCNI_E2E_BIN=$(BIN) $(GO) test -count=1 -timeout 60m ./...
 
 bench: deps build

@@ -13,6 +13,8 @@ have ip || need+=(iproute2)
 have ping || need+=(iputils-ping)
 have iptables || need+=(iptables)
 have nc.openbsd || need+=(netcat-openbsd)
+have etcd || need+=(etcd-server)
+[ -x /bin/busybox ] || need+=(busybox-static)
 
 if [ ${#need[@]} -gt 0 ]; then
 	echo "install-deps: installing ${need[*]}"
