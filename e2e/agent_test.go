@@ -1,0 +1,475 @@
+package e2e
+
+import (
+	"bufio"
+	"context"
+	"fmt"
+	"net"
+	"net/netip"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"syscall"
+	"testing"
+	"time"
+
+	"github.com/containernetworking/plugins/pkg/ns"
+	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
+	"k8s.io/apimachinery/pkg/types"
+	"k8s.io/apimachinery/pkg/util/intstr"
+	"k8s.io/client-go/kubernetes"
+
+	"github.com/idcni/idcni/agent/api"
+	"github.com/idcni/idcni/e2e/internal/cnitest"
+	"github.com/idcni/idcni/e2e/kube"
+)
+
+// agentProc is a running idcni-agent binary.
+type agentProc struct {
+	t      testing.TB
+	cmd    *exec.Cmd
+	args   []string
+	bin    string
+	log    string
+	socket string
+}
+
+var agentBin string
+
+// buildAgent builds cmd/idcni-agent once per test process.
+func buildAgent(t testing.TB) string {
+	t.Helper()
+	if agentBin != "" {
+		return agentBin
+	}
+	dir, err := os.MkdirTemp("", "idcni-agent-bin-")
+	if err != nil {
+		t.Fatal(err)
+	}
+	bin := filepath.Join(dir, "idcni-agent")
+	cmd := exec.Command("go", "build", "-o", bin, "github.com/idcni/idcni/cmd/idcni-agent")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		t.Fatalf("build idcni-agent: %v\n%s", err, out)
+	}
+	agentBin = bin
+	return bin
+}
+
+// agentEnv is a real apiserver, a node object, a private idcni network and
+// an agent serving it.
+type agentEnv struct {
+	*cnitest.Env
+	kube  *kube.Cluster
+	node  string
+	agent *agentProc
+	state string
+}
+
+func newAgentEnv(t *testing.T) *agentEnv {
+	t.Helper()
+	cnitest.RequireRoot(t)
+	c := kube.Start(t, kube.Options{})
+	dir := t.TempDir()
+	socket := filepath.Join(dir, "agent.sock")
+	env := cnitest.New(t, cnitest.Options{Plugin: map[string]any{"agentSocket": socket, "agentRequired": true}})
+	e := &agentEnv{Env: env, kube: c, node: "node-" + cnitest.RandHex(6), state: filepath.Join(dir, "state.db")}
+	ctx := context.Background()
+	_, err := c.Client.CoreV1().Nodes().Create(ctx, &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: e.node},
+		Status:     corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "192.0.2.10"}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	confDir := filepath.Join(dir, "net.d")
+	tmpl := filepath.Join(dir, "template.conflist")
+	if err := os.WriteFile(tmpl, env.ConfListBytes("1.1.0", env.PluginConf()), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	e.agent = &agentProc{t: t, bin: buildAgent(t), log: filepath.Join(dir, "agent.log"), socket: socket, args: []string{
+		"--kubeconfig", c.Kubeconfig, "--node-name", e.node, "--bpf-root", env.BPFRoot, "--state", e.state,
+		"--socket", socket, "--metrics-addr", freeAddr(t), "--cni-conf-dir", confDir, "--cni-conf-template", tmpl,
+		"--identity-grace", "1m",
+	}}
+	e.agent.start()
+	t.Cleanup(e.agent.stop)
+	// Ready means the CNI config is written.
+	waitFor(t, 60*time.Second, "agent writes the CNI config", func() bool {
+		_, err := os.Stat(filepath.Join(confDir, "10-idcni.conflist"))
+		return err == nil
+	})
+	return e
+}
+
+func freeAddr(t testing.TB) string {
+	l, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer l.Close()
+	return l.Addr().String()
+}
+
+func (p *agentProc) start() {
+	p.t.Helper()
+	logf, err := os.OpenFile(p.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	p.cmd = exec.Command(p.bin, p.args...)
+	p.cmd.Stdout, p.cmd.Stderr = logf, logf
+	p.cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := p.cmd.Start(); err != nil {
+		p.t.Fatal(err)
+	}
+	logf.Close()
+	waitFor(p.t, 60*time.Second, "agent answers on its socket", func() bool {
+		return api.NewClient(p.socket).Running(context.Background())
+	})
+}
+
+// kill9 kills the agent the hard way, as an OOM kill or a node hiccup would.
+func (p *agentProc) kill9() {
+	if p.cmd != nil && p.cmd.Process != nil {
+		_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+		_ = p.cmd.Wait()
+		p.cmd = nil
+	}
+}
+
+func (p *agentProc) stop() {
+	if p.cmd == nil {
+		return
+	}
+	_ = p.cmd.Process.Signal(syscall.SIGTERM)
+	done := make(chan struct{})
+	go func() { _ = p.cmd.Wait(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(10 * time.Second):
+		p.kill9()
+	}
+	if p.t.Failed() {
+		if b, err := os.ReadFile(p.log); err == nil {
+			lines := strings.Split(string(b), "\n")
+			p.t.Logf("agent log tail:\n%s", strings.Join(lines[max(0, len(lines)-40):], "\n"))
+		}
+	}
+	p.cmd = nil
+}
+
+func waitFor(t testing.TB, d time.Duration, what string, cond func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(d)
+	for !cond() {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out after %s waiting until %s", d, what)
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
+// kpod is a netns pod backed by a Pod object in the API server.
+type kpod struct {
+	*cnitest.Pod
+	ns, name string
+	ip       netip.Addr
+}
+
+// newPod creates the Pod object (on the env's node, with container ports),
+// plugs a netns through the plugin, which registers it with the agent, and
+// reports the address in the Pod's status as a kubelet would.
+func (e *agentEnv) newPod(t *testing.T, ns, name string, labels map[string]string, ports ...corev1.ContainerPort) *kpod {
+	t.Helper()
+	ctx := context.Background()
+	_, err := e.kube.Client.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: name, Namespace: ns, Labels: labels},
+		Spec: corev1.PodSpec{NodeName: e.node, Containers: []corev1.Container{{
+			Name: "c", Image: "idcni/test:none", Ports: ports,
+		}}},
+	}, metav1.CreateOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := &kpod{Pod: e.NewPod(t), ns: ns, name: name}
+	// As the kubelet passes them: IgnoreUnknown lets host-local skip the K8S_ keys.
+	p.Args = [][2]string{{"IgnoreUnknown", "1"}, {"K8S_POD_NAMESPACE", ns}, {"K8S_POD_NAME", name}}
+	res := e.MustAdd(t, p.Pod)
+	t.Cleanup(func() { _ = e.Del(p.Pod) })
+	p.ip, _ = netip.AddrFromSlice(res.IPs[0].Address.IP.To4())
+	pod, err := e.kube.Client.CoreV1().Pods(ns).Get(ctx, name, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	pod.Status.PodIP = p.ip.String()
+	pod.Status.PodIPs = []corev1.PodIP{{IP: p.ip.String()}}
+	pod.Status.Phase = corev1.PodRunning
+	if _, err := e.kube.Client.CoreV1().Pods(ns).UpdateStatus(ctx, pod, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	return p
+}
+
+// serve runs a TCP echo server inside the pod on each port.
+func (p *kpod) serve(t *testing.T, ports ...int) {
+	t.Helper()
+	for _, port := range ports {
+		var l net.Listener
+		err := ns.WithNetNSPath(p.NSPath, func(ns.NetNS) error {
+			var err error
+			l, err = net.Listen("tcp", fmt.Sprintf(":%d", port))
+			return err
+		})
+		if err != nil {
+			t.Fatal(err)
+		}
+		t.Cleanup(func() { l.Close() })
+		go func() {
+			for {
+				c, err := l.Accept()
+				if err != nil {
+					return
+				}
+				go func() {
+					defer c.Close()
+					sc := bufio.NewScanner(c)
+					for sc.Scan() {
+						if _, err := fmt.Fprintln(c, sc.Text()); err != nil {
+							return
+						}
+					}
+				}()
+			}
+		}()
+	}
+}
+
+// dial opens a TCP connection from inside the pod.
+func (p *kpod) dial(dst netip.Addr, port int, timeout time.Duration) (net.Conn, error) {
+	var c net.Conn
+	err := ns.WithNetNSPath(p.NSPath, func(ns.NetNS) error {
+		var err error
+		c, err = net.DialTimeout("tcp", netip.AddrPortFrom(dst, uint16(port)).String(), timeout)
+		return err
+	})
+	return c, err
+}
+
+// echoOK reports whether a line sent on c comes back.
+func echoOK(c net.Conn) bool {
+	_ = c.SetDeadline(time.Now().Add(2 * time.Second))
+	if _, err := fmt.Fprintln(c, "ping"); err != nil {
+		return false
+	}
+	line, err := bufio.NewReader(c).ReadString('\n')
+	return err == nil && line == "ping\n"
+}
+
+// reach reports whether a new connection from p to dst:port carries data.
+func (p *kpod) reach(dst *kpod, port int) bool {
+	c, err := p.dial(dst.ip, port, time.Second)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	return echoOK(c)
+}
+
+// eventually waits until reach gives want: enforcement follows the API
+// server asynchronously (informer, reconcile, map write).
+func eventually(t *testing.T, what string, want bool, probe func() bool) {
+	t.Helper()
+	deadline := time.Now().Add(15 * time.Second)
+	for probe() != want {
+		if time.Now().After(deadline) {
+			t.Fatalf("%s: still %v after 15s, want %v", what, !want, want)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+}
+
+func tcpPort(p int32) []networkingv1.NetworkPolicyPort {
+	tcp := corev1.ProtocolTCP
+	port := intstr.FromInt32(p)
+	return []networkingv1.NetworkPolicyPort{{Protocol: &tcp, Port: &port}}
+}
+
+func (e *agentEnv) apply(t *testing.T, np *networkingv1.NetworkPolicy) {
+	t.Helper()
+	ctx := context.Background()
+	c := e.kube.Client.NetworkingV1().NetworkPolicies(np.Namespace)
+	cur, err := c.Get(ctx, np.Name, metav1.GetOptions{})
+	if err == nil {
+		np.ResourceVersion = cur.ResourceVersion
+		_, err = c.Update(ctx, np, metav1.UpdateOptions{})
+	} else {
+		_, err = c.Create(ctx, np, metav1.CreateOptions{})
+	}
+	if err != nil {
+		t.Fatal(err)
+	}
+}
+
+func relabel(t *testing.T, c kubernetes.Interface, p *kpod, labels map[string]string) {
+	t.Helper()
+	patch := `{"metadata":{"labels":null}}`
+	if _, err := c.CoreV1().Pods(p.ns).Patch(context.Background(), p.name, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	var sb strings.Builder
+	sb.WriteString(`{"metadata":{"labels":{`)
+	first := true
+	for k, v := range labels {
+		if !first {
+			sb.WriteString(",")
+		}
+		first = false
+		fmt.Fprintf(&sb, "%q:%q", k, v)
+	}
+	sb.WriteString(`}}}`)
+	if _, err := c.CoreV1().Pods(p.ns).Patch(context.Background(), p.name, types.MergePatchType, []byte(sb.String()), metav1.PatchOptions{}); err != nil {
+		t.Fatal(err)
+	}
+}
+
+func TestAgentEnforcesNetworkPolicies(t *testing.T) {
+	e := newAgentEnv(t)
+	e.kube.CreateNamespace(t, "shop", map[string]string{"team": "shop"})
+	e.kube.CreateNamespace(t, "ops", map[string]string{"team": "ops"})
+	web := e.newPod(t, "shop", "web", map[string]string{"app": "frontend"})
+	db := e.newPod(t, "shop", "db", map[string]string{"app": "backend"},
+		corev1.ContainerPort{Name: "http", ContainerPort: 8080, Protocol: corev1.ProtocolTCP})
+	prom := e.newPod(t, "ops", "prom", map[string]string{"app": "prom"})
+	db.serve(t, 80, 81, 8080)
+	prom.serve(t, 80)
+
+	// Unselected pods are open.
+	if !web.reach(db, 80) || !prom.reach(db, 81) {
+		t.Fatal("traffic between unselected pods is denied")
+	}
+
+	// Selected for ingress: isolated.
+	e.apply(t, &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "default-deny-ingress", Namespace: "shop"},
+		Spec:       networkingv1.NetworkPolicySpec{PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress}},
+	})
+	eventually(t, "web -> db:80 under default deny", false, func() bool { return web.reach(db, 80) })
+
+	// Allowed by pod label on one port.
+	e.apply(t, &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "allow-frontend", Namespace: "shop"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "backend"}},
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{
+				From:  []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "frontend"}}}},
+				Ports: tcpPort(80),
+			}},
+		},
+	})
+	eventually(t, "web -> db:80 allowed by label", true, func() bool { return web.reach(db, 80) })
+	if web.reach(db, 81) {
+		t.Fatal("web -> db:81 allowed, but only port 80 is")
+	}
+	if prom.reach(db, 80) {
+		t.Fatal("ops/prom -> db:80 allowed by a pod selector of namespace shop")
+	}
+
+	// Allowed by namespace label and named port.
+	http := intstr.FromString("http")
+	e.apply(t, &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "allow-ops-http", Namespace: "shop"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "backend"}},
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{
+				From:  []networkingv1.NetworkPolicyPeer{{NamespaceSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"team": "ops"}}}},
+				Ports: []networkingv1.NetworkPolicyPort{{Port: &http}},
+			}},
+		},
+	})
+	eventually(t, "ops/prom -> db:http(8080) by namespace label", true, func() bool { return prom.reach(db, 8080) })
+	if prom.reach(db, 80) {
+		t.Fatal("ops/prom -> db:80 allowed, but only the named port is")
+	}
+
+	// Egress: web may only talk to db.
+	e.apply(t, &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "web-egress", Namespace: "shop"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "frontend"}},
+			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress},
+			Egress: []networkingv1.NetworkPolicyEgressRule{{
+				To: []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"app": "backend"}}}},
+			}},
+		},
+	})
+	eventually(t, "web -> ops/prom:80 cut by egress policy", false, func() bool { return web.reach(prom, 80) })
+	if !web.reach(db, 80) {
+		t.Fatal("web -> db:80 lost under the egress policy that allows it")
+	}
+
+	// A label change moves web to another identity; its traffic follows.
+	relabel(t, e.kube.Client, web, map[string]string{"app": "other"})
+	eventually(t, "web relabelled app=other -> db:80", false, func() bool { return web.reach(db, 80) })
+	eventually(t, "web relabelled escapes the egress policy", true, func() bool { return web.reach(prom, 80) })
+	relabel(t, e.kube.Client, web, map[string]string{"app": "frontend"})
+	eventually(t, "web back to app=frontend -> db:80", true, func() bool { return web.reach(db, 80) })
+
+	// Deleting the isolating policies restores access.
+	for _, name := range []string{"default-deny-ingress", "allow-frontend", "allow-ops-http"} {
+		if err := e.kube.Client.NetworkingV1().NetworkPolicies("shop").Delete(context.Background(), name, metav1.DeleteOptions{}); err != nil {
+			t.Fatal(err)
+		}
+	}
+	eventually(t, "prom -> db:81 after deleting the policies", true, func() bool { return prom.reach(db, 81) })
+}
+
+func TestAgentRestartKeepsFlowsAndEnforcement(t *testing.T) {
+	e := newAgentEnv(t)
+	e.kube.CreateNamespace(t, "app", nil)
+	client := e.newPod(t, "app", "client", map[string]string{"role": "client"})
+	server := e.newPod(t, "app", "server", map[string]string{"role": "server"})
+	intruder := e.newPod(t, "app", "intruder", map[string]string{"role": "intruder"})
+	server.serve(t, 80)
+	e.apply(t, &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "server", Namespace: "app"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"role": "server"}},
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{
+				From: []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"role": "client"}}}},
+			}},
+		},
+	})
+	eventually(t, "intruder cut off", false, func() bool { return intruder.reach(server, 80) })
+	conn, err := client.dial(server.ip, 80, time.Second)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer conn.Close()
+	if !echoOK(conn) {
+		t.Fatal("established connection does not carry data")
+	}
+
+	e.agent.kill9()
+	if !echoOK(conn) {
+		t.Fatal("established connection broke while the agent is down")
+	}
+	if intruder.reach(server, 80) {
+		t.Fatal("enforcement stopped with the agent")
+	}
+	e.agent.start()
+	waitFor(t, 30*time.Second, "restarted agent is ready", func() bool {
+		return api.NewClient(e.agent.socket).Running(context.Background())
+	})
+	if !echoOK(conn) {
+		t.Fatal("established connection broke when the agent restarted")
+	}
+	if intruder.reach(server, 80) {
+		t.Fatal("restarted agent lost enforcement")
+	}
+	if !client.reach(server, 80) {
+		t.Fatal("restarted agent lost the allow")
+	}
+}
