@@ -68,7 +68,7 @@ type agentEnv struct {
 	state string
 }
 
-func newAgentEnv(t *testing.T) *agentEnv {
+func newAgentEnv(t testing.TB) *agentEnv {
 	t.Helper()
 	cnitest.RequireRoot(t)
 	c := kube.Start(t, kube.Options{})
@@ -182,7 +182,7 @@ type kpod struct {
 // newPod creates the Pod object (on the env's node, with container ports),
 // plugs a netns through the plugin, which registers it with the agent, and
 // reports the address in the Pod's status as a kubelet would.
-func (e *agentEnv) newPod(t *testing.T, ns, name string, labels map[string]string, ports ...corev1.ContainerPort) *kpod {
+func (e *agentEnv) newPod(t testing.TB, ns, name string, labels map[string]string, ports ...corev1.ContainerPort) *kpod {
 	t.Helper()
 	ctx := context.Background()
 	_, err := e.kube.Client.CoreV1().Pods(ns).Create(ctx, &corev1.Pod{
@@ -214,7 +214,7 @@ func (e *agentEnv) newPod(t *testing.T, ns, name string, labels map[string]strin
 }
 
 // serve runs a TCP echo server inside the pod on each port.
-func (p *kpod) serve(t *testing.T, ports ...int) {
+func (p *kpod) serve(t testing.TB, ports ...int) {
 	t.Helper()
 	for _, port := range ports {
 		var l net.Listener
@@ -297,7 +297,7 @@ func tcpPort(p int32) []networkingv1.NetworkPolicyPort {
 	return []networkingv1.NetworkPolicyPort{{Protocol: &tcp, Port: &port}}
 }
 
-func (e *agentEnv) apply(t *testing.T, np *networkingv1.NetworkPolicy) {
+func (e *agentEnv) apply(t testing.TB, np *networkingv1.NetworkPolicy) {
 	t.Helper()
 	ctx := context.Background()
 	c := e.kube.Client.NetworkingV1().NetworkPolicies(np.Namespace)
@@ -313,7 +313,7 @@ func (e *agentEnv) apply(t *testing.T, np *networkingv1.NetworkPolicy) {
 	}
 }
 
-func relabel(t *testing.T, c kubernetes.Interface, p *kpod, labels map[string]string) {
+func relabel(t testing.TB, c kubernetes.Interface, p *kpod, labels map[string]string) {
 	t.Helper()
 	patch := `{"metadata":{"labels":null}}`
 	if _, err := c.CoreV1().Pods(p.ns).Patch(context.Background(), p.name, types.MergePatchType, []byte(patch), metav1.PatchOptions{}); err != nil {
