@@ -9,7 +9,6 @@ import (
 	"sync"
 
 	"github.com/cilium/ebpf/ringbuf"
-
 )
 
 // eventHub reads the datapath's verdict events (a ring buffer has one
@@ -102,4 +101,3 @@ func (h *eventHub) serve(w http.ResponseWriter, r *http.Request) {
 		}
 	}
 }
-

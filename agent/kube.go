@@ -35,4 +35,3 @@ func (s *eventSink) Patch(e *corev1.Event, data []byte) (*corev1.Event, error) {
 }
 
 func removePins(root string) error { return bpf.Unpin(root) }
-

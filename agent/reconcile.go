@@ -374,4 +374,3 @@ func (a *Agent) flush() error {
 	a.metrics.observeState(len(ipc), len(eps), ms)
 	return nil
 }
-

@@ -23,14 +23,17 @@ import (
 )
 
 // BenchmarkAgent measures, against a real kube-apiserver:
+//
 //   - policy-p50/p99-ms: NetworkPolicy create to its rule in the datapath's
 //     policy map, over 100 policies created one after another;
+//
 //   - add-p50/p99-ms: time the agent spends inside CNI ADD (its own log),
 //     over 20 pods plugged through the plugin;
+//
 //   - rss-MiB: the agent's resident memory with 1,000 pods and 200 policies
 //     in the API server.
 //
-//	go test -run '^$' -bench Agent -benchtime 1x ./e2e/
+//     go test -run '^$' -bench Agent -benchtime 1x ./e2e/
 func BenchmarkAgent(b *testing.B) {
 	for range b.N {
 		benchAgentOnce(b)
