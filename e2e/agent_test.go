@@ -4,11 +4,14 @@ import (
 	"bufio"
 	"context"
 	"fmt"
+	"io"
 	"net"
+	"net/http"
 	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -25,16 +28,18 @@ import (
 	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/e2e/internal/cnitest"
 	"github.com/idcni/idcni/e2e/kube"
+	"github.com/idcni/idcni/manual/cli/clitest"
 )
 
 // agentProc is a running idcni-agent binary.
 type agentProc struct {
-	t      testing.TB
-	cmd    *exec.Cmd
-	args   []string
-	bin    string
-	log    string
-	socket string
+	t       testing.TB
+	cmd     *exec.Cmd
+	args    []string
+	bin     string
+	log     string
+	socket  string
+	metrics string
 }
 
 var agentBin string
@@ -56,6 +61,12 @@ func buildAgent(t testing.TB) string {
 	}
 	agentBin = bin
 	return bin
+}
+
+func removeAgentBin() {
+	if agentBin != "" {
+		os.RemoveAll(filepath.Dir(agentBin))
+	}
 }
 
 // agentEnv is a real apiserver, a node object, a private idcni network and
@@ -89,9 +100,10 @@ func newAgentEnv(t testing.TB) *agentEnv {
 	if err := os.WriteFile(tmpl, env.ConfListBytes("1.1.0", env.PluginConf()), 0o600); err != nil {
 		t.Fatal(err)
 	}
-	e.agent = &agentProc{t: t, bin: buildAgent(t), log: filepath.Join(dir, "agent.log"), socket: socket, args: []string{
+	metrics := freeAddr(t)
+	e.agent = &agentProc{t: t, bin: buildAgent(t), log: filepath.Join(dir, "agent.log"), socket: socket, metrics: metrics, args: []string{
 		"--kubeconfig", c.Kubeconfig, "--node-name", e.node, "--bpf-root", env.BPFRoot, "--state", e.state,
-		"--socket", socket, "--metrics-addr", freeAddr(t), "--cni-conf-dir", confDir, "--cni-conf-template", tmpl,
+		"--socket", socket, "--metrics-addr", metrics, "--cni-conf-dir", confDir, "--cni-conf-template", tmpl,
 		"--identity-grace", "1m",
 	}}
 	e.agent.start()
@@ -471,5 +483,146 @@ func TestAgentRestartKeepsFlowsAndEnforcement(t *testing.T) {
 	}
 	if !client.reach(server, 80) {
 		t.Fatal("restarted agent lost the allow")
+	}
+
+	// Drops reach policyctl monitor through the agent, with pod names.
+	bins, err := clitest.Bins()
+	if err != nil {
+		t.Fatal(err)
+	}
+	mon := exec.Command(filepath.Join(bins, "policyctl"), "monitor", "--agent-socket", e.agent.socket,
+		"--verdict", "drop", "--namespace", "app", "-c", "1", "-o", "json")
+	out := make(chan []byte, 1)
+	go func() { b, _ := mon.Output(); out <- b }()
+	time.Sleep(500 * time.Millisecond) // let the monitor attach
+	deadline := time.After(15 * time.Second)
+	var ev []byte
+	for ev == nil {
+		intruder.reach(server, 80)
+		select {
+		case ev = <-out:
+		case <-deadline:
+			_ = mon.Process.Kill()
+			t.Fatal("policyctl monitor saw no drop through the agent")
+		case <-time.After(300 * time.Millisecond):
+		}
+	}
+	if !strings.Contains(string(ev), `"app/intruder"`) || !strings.Contains(string(ev), `"app/server"`) {
+		t.Fatalf("monitor event without pod names: %s", ev)
+	}
+
+	// Metrics count the drops by reason.
+	resp, err := http.Get("http://" + e.agent.metrics + "/metrics")
+	if err != nil {
+		t.Fatal(err)
+	}
+	body, _ := io.ReadAll(resp.Body)
+	resp.Body.Close()
+	if !regexp.MustCompile(`idcni_packets_total\{direction="ingress",reason="no-rule",verdict="drop"\} [1-9]`).Match(body) {
+		t.Fatalf("no ingress no-rule drops in /metrics:\n%s", grepLines(string(body), "idcni_packets_total"))
+	}
+
+	// A policy deleted while the agent is down is gone from the maps once
+	// it is back: start-up reconciles to the cluster's truth.
+	e.agent.kill9()
+	if err := e.kube.Client.NetworkingV1().NetworkPolicies("app").Delete(context.Background(), "server", metav1.DeleteOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	if intruder.reach(server, 80) {
+		t.Fatal("policy deleted while the agent is down stopped enforcing by itself")
+	}
+	e.agent.start()
+	eventually(t, "stale policy removed after restart", true, func() bool { return intruder.reach(server, 80) })
+}
+
+func grepLines(s, sub string) string {
+	var out []string
+	for _, l := range strings.Split(s, "\n") {
+		if strings.Contains(l, sub) {
+			out = append(out, l)
+		}
+	}
+	return strings.Join(out, "\n")
+}
+
+// A policy that does not fit a map entry is refused whole, with an Event
+// on the policy, and what was enforced before stays.
+func TestAgentRefusesPolicyThatDoesNotFit(t *testing.T) {
+	e := newAgentEnv(t)
+	e.kube.CreateNamespace(t, "fit", nil)
+	a := e.newPod(t, "fit", "a", map[string]string{"role": "a"})
+	b := e.newPod(t, "fit", "b", map[string]string{"role": "b"})
+	b.serve(t, 80)
+	e.apply(t, &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "b-from-a", Namespace: "fit"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"role": "b"}},
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{
+				From:  []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"role": "a"}}}},
+				Ports: tcpPort(80),
+			}},
+		},
+	})
+	eventually(t, "a -> b:80 allowed", true, func() bool { return a.reach(b, 80) })
+
+	// 17 separate ports from one peer: one more range than an entry holds.
+	var ports []networkingv1.NetworkPolicyPort
+	for i := int32(0); i < 17; i++ {
+		ports = append(ports, tcpPort(9000+2*i)...)
+	}
+	e.apply(t, &networkingv1.NetworkPolicy{
+		ObjectMeta: metav1.ObjectMeta{Name: "too-many-ports", Namespace: "fit"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"role": "b"}},
+			Ingress: []networkingv1.NetworkPolicyIngressRule{{
+				From:  []networkingv1.NetworkPolicyPeer{{PodSelector: &metav1.LabelSelector{MatchLabels: map[string]string{"role": "a"}}}},
+				Ports: ports,
+			}},
+		},
+	})
+	waitFor(t, 15*time.Second, "a PolicyRejected event on too-many-ports", func() bool {
+		evs, err := e.kube.Client.CoreV1().Events("fit").List(context.Background(), metav1.ListOptions{})
+		if err != nil {
+			return false
+		}
+		for _, ev := range evs.Items {
+			if ev.Reason == "PolicyRejected" && ev.InvolvedObject.Name == "too-many-ports" {
+				return true
+			}
+		}
+		return false
+	})
+	if !a.reach(b, 80) {
+		t.Fatal("the earlier policy's allow was lost when the new one was refused")
+	}
+	d := e.Datapath(t)
+	ms, err := d.Policy()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for k, en := range ms.Entries {
+		for _, r := range en.Allow {
+			if r.Lo >= 9000 {
+				t.Fatalf("refused policy half applied: %+v %+v", k, en)
+			}
+		}
+	}
+
+	// --uninstall removes the CNI config and every pin.
+	e.agent.stop()
+	confDir := ""
+	for i, arg := range e.agent.args {
+		if arg == "--cni-conf-dir" {
+			confDir = e.agent.args[i+1]
+		}
+	}
+	out, err := exec.Command(e.agent.bin, "--uninstall", "--cni-conf-dir", confDir, "--bpf-root", e.BPFRoot).CombinedOutput()
+	if err != nil {
+		t.Fatalf("uninstall: %v\n%s", err, out)
+	}
+	for _, path := range []string{filepath.Join(confDir, "10-idcni.conflist"), e.BPFRoot} {
+		if _, err := os.Stat(path); !os.IsNotExist(err) {
+			t.Fatalf("%s still there after --uninstall", path)
+		}
 	}
 }

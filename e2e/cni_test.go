@@ -26,12 +26,15 @@ import (
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/cni"
 	"github.com/idcni/idcni/e2e/internal/cnitest"
+	"github.com/idcni/idcni/manual/cli/clitest"
 	"github.com/idcni/idcni/identity"
 )
 
 func TestMain(m *testing.M) {
 	code := m.Run()
 	cnitest.RemoveBuilt()
+	clitest.RemoveBins()
+	removeAgentBin()
 	os.Exit(code)
 }
 
