@@ -123,6 +123,7 @@ config into --cni-conf-dir, so the node only takes pods it can enforce.
 	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config and every pin, then exit")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
+	addInstallCNI(cmd)
 	return cmd
 }
 
