@@ -50,7 +50,22 @@ const (
 	// no deny rules.
 	FlagRulesIngress IdentityFlags = 1 << 2
 	FlagRulesEgress  IdentityFlags = 1 << 3
+	// FlagAnyPeer* and FlagAnyProto* say rules with a wildcard peer or
+	// protocol exist in that direction; without them the datapath skips the
+	// lookups of wildcard entries.
+	FlagAnyPeerIngress  IdentityFlags = 1 << 4
+	FlagAnyPeerEgress   IdentityFlags = 1 << 5
+	FlagAnyProtoIngress IdentityFlags = 1 << 6
+	FlagAnyProtoEgress  IdentityFlags = 1 << 7
 )
+
+// dirFlag picks the ingress or egress variant of a flag pair.
+func dirFlag(dir Direction, ingress, egress IdentityFlags) IdentityFlags {
+	if dir == Ingress {
+		return ingress
+	}
+	return egress
+}
 
 // Isolated reports whether dir is isolated.
 func (f IdentityFlags) Isolated(dir Direction) bool {
@@ -62,16 +77,23 @@ func (f IdentityFlags) Isolated(dir Direction) bool {
 
 // HasRules reports whether rules exist for dir.
 func (f IdentityFlags) HasRules(dir Direction) bool {
-	if dir == Ingress {
-		return f&FlagRulesIngress != 0
-	}
-	return f&FlagRulesEgress != 0
+	return f&dirFlag(dir, FlagRulesIngress, FlagRulesEgress) != 0
+}
+
+// HasAnyPeer reports whether rules with a wildcard peer exist for dir.
+func (f IdentityFlags) HasAnyPeer(dir Direction) bool {
+	return f&dirFlag(dir, FlagAnyPeerIngress, FlagAnyPeerEgress) != 0
+}
+
+// HasAnyProto reports whether rules with a wildcard protocol exist for dir.
+func (f IdentityFlags) HasAnyProto(dir Direction) bool {
+	return f&dirFlag(dir, FlagAnyProtoIngress, FlagAnyProtoEgress) != 0
 }
 
 // DefaultFlags are what the datapath assumes for an identity with no entry:
 // its range's isolation, and rules possibly present.
 func DefaultFlags(id identity.ID) IdentityFlags {
-	f := FlagRulesIngress | FlagRulesEgress
+	f := FlagRulesIngress | FlagRulesEgress | FlagAnyPeerIngress | FlagAnyPeerEgress | FlagAnyProtoIngress | FlagAnyProtoEgress
 	if id.IsolatedByDefault() {
 		f |= FlagIsolatedIngress | FlagIsolatedEgress
 	}
@@ -110,11 +132,12 @@ func (s *Set) Compile() (*MapState, error) {
 		if err := r.Validate(); err != nil {
 			return nil, fmt.Errorf("rule %s: %w", r, err)
 		}
-		f := flags(r.Subject)
-		if r.Direction == Ingress {
-			f |= FlagRulesIngress
-		} else {
-			f |= FlagRulesEgress
+		f := flags(r.Subject) | dirFlag(r.Direction, FlagRulesIngress, FlagRulesEgress)
+		if r.Peer == identity.Any {
+			f |= dirFlag(r.Direction, FlagAnyPeerIngress, FlagAnyPeerEgress)
+		}
+		if r.Proto == ProtoAny {
+			f |= dirFlag(r.Direction, FlagAnyProtoIngress, FlagAnyProtoEgress)
 		}
 		ms.Identities[r.Subject] = f
 
@@ -189,12 +212,15 @@ func (m *MapState) Decide(subject identity.ID, dir Direction, peer identity.ID, 
 		return true, ReasonNotIsolated
 	}
 	var allow, deny bool
-	for _, k := range []Key{
+	for i, k := range []Key{
 		{subject, peer, dir, proto},
 		{subject, peer, dir, ProtoAny},
 		{subject, identity.Any, dir, proto},
 		{subject, identity.Any, dir, ProtoAny},
 	} {
+		if (i >= 2 && !f.HasAnyPeer(dir)) || (i%2 == 1 && !f.HasAnyProto(dir)) {
+			continue
+		}
 		e := m.Entries[k]
 		if e == nil {
 			continue

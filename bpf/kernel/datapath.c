@@ -376,14 +376,15 @@ __noinline int decide(__u32 subject, __u32 peer, __u32 meta)
 	__u8 dir = meta & 3, deny_only = meta & 4, proto = (meta >> 8) & 0xff;
 	__u16 dport = meta >> 16;
 	struct policy_key k = { .subject = subject, .dir = dir };
-	int allow = 0, deny = 0, iso, ports = has_ports(proto);
+	int allow = 0, deny = 0, iso, ports = has_ports(proto), any_peer, any_proto;
 	__u32 flags, *f;
 
 	f = bpf_map_lookup_elem(&identities, &subject);
 	if (f) {
 		flags = *f;
 	} else {
-		flags = IDF_RULES_INGRESS | IDF_RULES_EGRESS;
+		flags = IDF_RULES_INGRESS | IDF_RULES_EGRESS | IDF_ANYPEER_INGRESS | IDF_ANYPEER_EGRESS |
+			IDF_ANYPROTO_INGRESS | IDF_ANYPROTO_EGRESS;
 		if ((subject >= ID_MIN_MANUAL && subject <= ID_MAX_MANUAL) || subject == ID_UNRESOLVED)
 			flags |= IDF_ISO_INGRESS | IDF_ISO_EGRESS;
 	}
@@ -391,9 +392,14 @@ __noinline int decide(__u32 subject, __u32 peer, __u32 meta)
 	if (!(flags & (dir == DIR_INGRESS ? IDF_RULES_INGRESS : IDF_RULES_EGRESS)))
 		return iso && !deny_only ? REASON_DROP_NO_RULE : REASON_ALLOW_OPEN;
 
+	any_peer = flags & (dir == DIR_INGRESS ? IDF_ANYPEER_INGRESS : IDF_ANYPEER_EGRESS);
+	any_proto = flags & (dir == DIR_INGRESS ? IDF_ANYPROTO_INGRESS : IDF_ANYPROTO_EGRESS);
 	for (int i = 0; i < 4; i++) {
 		struct policy_value *v;
 
+		/* Wildcard entries are looked up only where they exist. */
+		if ((i >= 2 && !any_peer) || ((i & 1) && !any_proto))
+			continue;
 		k.peer = i < 2 ? peer : ID_ANY;
 		k.proto = (i & 1) ? 0 : proto;
 		v = bpf_map_lookup_elem(&policy, &k);
@@ -459,6 +465,7 @@ static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u32 src
 				 __u8 scope)
 {
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	__u64 avail;
 
 	if (!e) {
 		stat_inc(STAT_EVENT_LOST);
@@ -480,10 +487,12 @@ static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u32 src
 	e->scope = scope;
 	__builtin_memset(e->pad, 0, sizeof(e->pad));
 	/* Waking the reader for every event costs more than deciding the
-	 * packet; wake it once a batch is waiting, and let it poll for the
-	 * rest (bpf.EventReader does, every 100 ms). */
-	bpf_ringbuf_submit(e, bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) >= EVENTS_WAKEUP_BYTES ? BPF_RB_FORCE_WAKEUP
-											       : BPF_RB_NO_WAKEUP);
+	 * packet. Wake it when the waiting data crosses a batch size, once,
+	 * and let it poll for the rest (bpf.EventReader does, every 100 ms). */
+	avail = bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA);
+	bpf_ringbuf_submit(e, avail >= EVENTS_WAKEUP_BYTES && avail < EVENTS_WAKEUP_BYTES + 2 * sizeof(*e) + 16
+				      ? BPF_RB_FORCE_WAKEUP
+				      : BPF_RB_NO_WAKEUP);
 }
 
 /* finish counts, traces and reports a verdict and returns the TC action.
@@ -604,7 +613,10 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	}
 
 	/* A reply is the reverse tuple admitted by this same endpoint's other
-	 * hook. */
+	 * hook. A bare SYN opens a connection and is never a reply, which
+	 * spares new TCP flows the lookup. */
+	if (p.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+		goto new_flow;
 	__builtin_memcpy(k.saddr, p.daddr, 16);
 	__builtin_memcpy(k.daddr, p.saddr, 16);
 	k.sport = p.dport;
@@ -638,6 +650,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 		return finish(skb, &p, cfg, subject, cfg && cfg->debug ? PEER() : peer, REASON_ALLOW_REPLY, scope, 0);
 	}
 
+new_flow:
 	/* A new flow. The local node may always reach its pods (kubelet
 	 * probes), and the flow's replies then pass as such. */
 	if (scope == SCOPE_INGRESS && PEER() == ID_HOST) {

@@ -29,6 +29,10 @@ enum scope {
 #define IDF_ISO_EGRESS (1 << 1)
 #define IDF_RULES_INGRESS (1 << 2)
 #define IDF_RULES_EGRESS (1 << 3)
+#define IDF_ANYPEER_INGRESS (1 << 4)
+#define IDF_ANYPEER_EGRESS (1 << 5)
+#define IDF_ANYPROTO_INGRESS (1 << 6)
+#define IDF_ANYPROTO_EGRESS (1 << 7)
 
 #define POLICY_MAX_ALLOW 16
 #define POLICY_MAX_DENY 8

@@ -207,7 +207,8 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 	}
 
 	rk := ctKey{p.daddr, p.saddr, p.dport, p.sport, p.proto, scope ^ 1}
-	if ct := d.ct[rk]; ct != nil {
+	bareSYN := p.proto == protoTCP && p.tcpFlags&(tcpSYN|tcpACK) == tcpSYN
+	if ct := d.ct[rk]; ct != nil && !bareSYN {
 		if ct.flags&ctHost == 0 {
 			if ct.rev != d.Rev {
 				if r := d.decide(subject, rdir, peer(), p.proto, p.sport, false); r.Drop() {
