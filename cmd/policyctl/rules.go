@@ -184,18 +184,8 @@ func addRule(cmd *cobra.Command, g *cli.Globals, r policy.ManualRule) error {
 		fmt.Fprintf(out, "rule added (through idcni-agent): %s\n", r)
 		return nil
 	}
-	d, err := g.OpenDatapath()
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	db, err := g.OpenState()
-	if err != nil {
-		return err
-	}
-	defer db.Close()
 	var added bool
-	_, _, err = manual.Update(db, d, func(st *manual.State) error {
+	err := g.UpdateManual(func(st *manual.State) error {
 		var err error
 		added, err = st.AddRule(r)
 		return err
@@ -221,18 +211,8 @@ func deleteRule(cmd *cobra.Command, g *cli.Globals, sel policy.ManualRule) error
 		fmt.Fprintf(out, "rules deleted (through idcni-agent): %s\n", flagsOf(sel))
 		return nil
 	}
-	d, err := g.OpenDatapath()
-	if err != nil {
-		return err
-	}
-	defer d.Close()
-	db, err := g.OpenState()
-	if err != nil {
-		return err
-	}
-	defer db.Close()
 	var removed []policy.ManualRule
-	_, _, err = manual.Update(db, d, func(st *manual.State) error {
+	err := g.UpdateManual(func(st *manual.State) error {
 		var err error
 		removed, err = st.DeleteRules(sel)
 		return err

@@ -93,6 +93,24 @@ func (g *Globals) OpenState() (*store.DB, error) {
 	return store.Open(g.StatePath, StateLockTimeout)
 }
 
+// UpdateManual changes the manual state in the state file and the maps
+// together (manual.Update), opening and closing both: every change a tool
+// makes without an agent goes through here.
+func (g *Globals) UpdateManual(fn func(*manual.State) error) error {
+	d, err := g.OpenDatapath()
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	db, err := g.OpenState()
+	if err != nil {
+		return err
+	}
+	defer db.Close()
+	_, _, err = manual.Update(db, d, fn)
+	return err
+}
+
 // OpenStateIfExists opens the state file, or returns nil when there is
 // none, so a listing does not create one.
 func (g *Globals) OpenStateIfExists() (*store.DB, error) {
