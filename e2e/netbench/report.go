@@ -2,6 +2,8 @@ package main
 
 import (
 	"context"
+	"crypto/sha256"
+	"encoding/hex"
 	"encoding/json"
 	"fmt"
 	"io"
@@ -42,6 +44,9 @@ type hostInfo struct {
 	LoadStart  [3]float64 `json:"loadavg_start"`
 	LoadEnd    [3]float64 `json:"loadavg_end"`
 	Iptables   string     `json:"iptables"`
+	GitHead    string     `json:"git_head,omitempty"`
+	GitDirty   []string   `json:"git_dirty,omitempty"` // uncommitted changes under bpf/, cni/, cmd/idcni
+	PluginSHA  string     `json:"idcni_sha256"`
 	Conntrack0 string     `json:"nf_conntrack_count_start"`
 }
 
@@ -204,6 +209,13 @@ func formatValue(v float64, unit string) string {
 
 func (r *report) print(out io.Writer) {
 	fmt.Fprintf(out, "\nidcni netbench  %s  kernel %s, %d CPUs, %s\n", r.Started.Format(time.RFC3339), r.Host.Kernel, r.Host.CPUs, r.Host.GoVersion)
+	if r.Host.GitHead != "" {
+		dirty := "clean"
+		if len(r.Host.GitDirty) > 0 {
+			dirty = fmt.Sprintf("%d uncommitted changes under bpf/, cni/, cmd/idcni", len(r.Host.GitDirty))
+		}
+		fmt.Fprintf(out, "tree %s (%s), idcni sha256 %.16s\n", r.Host.GitHead, dirty, r.Host.PluginSHA)
+	}
 	fmt.Fprintf(out, "load average at start %.2f %.2f %.2f, at end %.2f %.2f %.2f\n",
 		r.Host.LoadStart[0], r.Host.LoadStart[1], r.Host.LoadStart[2], r.Host.LoadEnd[0], r.Host.LoadEnd[1], r.Host.LoadEnd[2])
 	if len(r.Summary) > 0 {
@@ -269,4 +281,34 @@ func (r *report) writeJSON(path string) error {
 		return err
 	}
 	return os.WriteFile(path, append(b, '\n'), 0o644)
+}
+
+// noteSource records what was measured: the commit, uncommitted changes to
+// the datapath or the plugin, and the plugin binary itself.
+func (r *report) noteSource(ctx context.Context, plugin string) {
+	if f, err := os.Open(plugin); err == nil {
+		h := sha256.New()
+		if _, err := io.Copy(h, f); err == nil {
+			r.Host.PluginSHA = hex.EncodeToString(h.Sum(nil))
+		}
+		f.Close()
+	}
+	root, err := repoRoot()
+	if err != nil {
+		return
+	}
+	cmd := command(ctx, "git", "rev-parse", "--short=12", "HEAD")
+	cmd.Dir = root
+	if out, err := cmd.Output(); err == nil {
+		r.Host.GitHead = strings.TrimSpace(string(out))
+	}
+	cmd = command(ctx, "git", "status", "--porcelain", "--", "bpf", "cni", "cmd/idcni")
+	cmd.Dir = root
+	if out, err := cmd.Output(); err == nil {
+		for l := range strings.SplitSeq(strings.TrimRight(string(out), "\n"), "\n") {
+			if l != "" {
+				r.Host.GitDirty = append(r.Host.GitDirty, strings.TrimSpace(l))
+			}
+		}
+	}
 }

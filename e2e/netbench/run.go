@@ -51,6 +51,7 @@ func run(ctx context.Context, o *options) (err error) {
 			return fmt.Errorf("plugin %s: %w", name, err)
 		}
 	}
+	rep.noteSource(ctx, filepath.Join(binDir, "idcni"))
 
 	suffix := randHex(8)
 	subnet, err := pickSubnet()
