@@ -269,6 +269,16 @@ func TestNonIPAndMalformed(t *testing.T) {
 	if r := s.send(ns.Frame(), ScopeEgress, s.a, 0); r != ReasonDropSpoof {
 		t.Fatalf("routed neighbour solicitation: %s, want spoofed-source (fe80:: is not the pod's)", r)
 	}
+	// An MLDv2 report, as every pod sends when its interface comes up,
+	// passes with hop limit 1 only.
+	mld := pkttest.Packet{Src: netip.MustParseAddr("fe80::2"), Dst: netip.MustParseAddr("ff02::16"), Proto: pkttest.ICMPv6, ICMPType: 143, HopLimit: 1}
+	if r := s.send(mld.Frame(), ScopeEgress, s.a, 0); r != ReasonAllowND {
+		t.Fatalf("MLDv2 report: %s", r)
+	}
+	mld.HopLimit = 2
+	if r := s.send(mld.Frame(), ScopeEgress, s.a, 0); r != ReasonDropSpoof {
+		t.Fatalf("MLD report with hop limit 2: %s, want spoofed-source", r)
+	}
 }
 
 func withByte(b []byte, i int, v byte) []byte {

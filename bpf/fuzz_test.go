@@ -189,10 +189,10 @@ func (in *fuzzInput) frame() []byte {
 		SrcPort:  pick(in, uint16(1000), 1001, 53, 80),
 		DstPort:  pick(in, uint16(53), 80, 443, 6000, 1000),
 		TCPFlags: pick(in, uint8(pkttest.SYN), pkttest.SYN|pkttest.ACK, pkttest.ACK, pkttest.FIN|pkttest.ACK, pkttest.RST, 0),
-		ICMPType: pick(in, uint8(8), 0, 128, 129, 3, 135),
+		ICMPType: pick(in, uint8(8), 0, 128, 129, 3, 135, 143, 130),
 		ICMPID:   pick(in, uint16(1), 2),
 		FragID:   uint32(in.byte() % 2),
-		HopLimit: pick(in, uint8(64), 255),
+		HopLimit: pick(in, uint8(64), 255, 1),
 	}
 	switch kind >> 5 {
 	case 1:

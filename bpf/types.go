@@ -48,7 +48,7 @@ const (
 
 var reasonNames = map[Reason]string{
 	ReasonAllowNonIP:       "non-ip",
-	ReasonAllowND:          "neighbour-discovery",
+	ReasonAllowND:          "ipv6-link-control",
 	ReasonAllowEstablished: "established",
 	ReasonAllowReply:       "reply",
 	ReasonAllowRule:        "rule",

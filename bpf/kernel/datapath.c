@@ -201,10 +201,13 @@ static __always_inline int parse_l4(struct pkt *p, __u8 *l4, void *end, __u32 l4
 			p->sport = ((__u16)l4[4] << 8) | l4[5];
 			p->dport = p->sport;
 		}
-		/* Neighbour discovery is IPv6's ARP. RFC 4861 requires hop
-		 * limit 255, which proves it never crossed a router. */
-		if (p->family == 6 && p->proto == IPPROTO_ICMPV6_ && l4[0] >= 133 && l4[0] <= 137 &&
-		    hop_limit == 255)
+		/* IPv6's link-local control passes like ARP: neighbour
+		 * discovery with the hop limit 255 RFC 4861 requires (it never
+		 * crossed a router), and multicast listener queries and reports
+		 * (MLD, RFC 2710/3810) with hop limit 1 (it cannot cross one). */
+		if (p->family == 6 && p->proto == IPPROTO_ICMPV6_ &&
+		    ((l4[0] >= 133 && l4[0] <= 137 && hop_limit == 255) ||
+		     (((l4[0] >= 130 && l4[0] <= 132) || l4[0] == 143) && hop_limit == 1)))
 			return PARSE_ND;
 		return PARSE_OK;
 	default:
@@ -334,19 +337,12 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p, void
 	return ret;
 }
 
-static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+static __always_inline int parse_headers(struct __sk_buff *skb, struct pkt *p)
 {
 	void *data = (void *)(long)skb->data;
 	void *end = (void *)(long)skb->data_end;
 	__u16 proto;
 
-	/* Headers may sit in paged data; pull once when the linear part is
-	 * short of both the packet and the headers we read. */
-	if (end - data < PULL_LEN && end - data < skb->len) {
-		bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
-		data = (void *)(long)skb->data;
-		end = (void *)(long)skb->data_end;
-	}
 	if (data + ETH_HLEN > end)
 		return PARSE_MALFORMED;
 	proto = ((struct ethhdr *)data)->h_proto;
@@ -355,6 +351,23 @@ static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
 	if (proto == bpf_htons(ETH_P_IPV6))
 		return parse_ipv6(skb, p, data, end);
 	return PARSE_NONIP;
+}
+
+/* parse reads the headers in place. Only when they run past the linear part
+ * into paged data does it pull and read again: a pull copies (and unclones)
+ * the head of every TCP segment a pod sends, which costs more than the whole
+ * decision and keeps the receiver from coalescing segments. A malformed
+ * result has no side effects, so reading twice is safe. */
+static __always_inline int parse(struct __sk_buff *skb, struct pkt *p)
+{
+	int ret = parse_headers(skb, p);
+
+	if (ret == PARSE_MALFORMED && skb->data_end - skb->data < skb->len) {
+		bpf_skb_pull_data(skb, skb->len < PULL_LEN ? skb->len : PULL_LEN);
+		__builtin_memset(p, 0, sizeof(*p));
+		ret = parse_headers(skb, p);
+	}
+	return ret;
 }
 
 static __always_inline __u32 ipcache_identity(const __u32 *addr)

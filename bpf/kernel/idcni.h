@@ -41,7 +41,7 @@ enum scope {
  * scope; events carry it. Keep in step with bpf/reason.go. */
 enum reason {
 	REASON_ALLOW_NONIP = 0,       /* ARP and other non-IP frames */
-	REASON_ALLOW_ND = 1,          /* IPv6 neighbour discovery */
+	REASON_ALLOW_ND = 1,          /* IPv6 neighbour discovery and MLD */
 	REASON_ALLOW_ESTABLISHED = 2, /* conntrack: forward packet of a flow */
 	REASON_ALLOW_REPLY = 3,       /* conntrack: reply of a flow */
 	REASON_ALLOW_RULE = 4,        /* new flow allowed by a rule */

@@ -189,7 +189,8 @@ func parseL4(p *pkt, l4 []byte, l4len uint32, hopLimit uint8) parseResult {
 			p.sport = binary.BigEndian.Uint16(l4[4:6])
 			p.dport = p.sport
 		}
-		if p.family == 6 && p.proto == protoICMP6 && l4[0] >= 133 && l4[0] <= 137 && hopLimit == 255 {
+		if p.family == 6 && p.proto == protoICMP6 &&
+			((l4[0] >= 133 && l4[0] <= 137 && hopLimit == 255) || ((l4[0] >= 130 && l4[0] <= 132) || l4[0] == 143) && hopLimit == 1) {
 			return parseND
 		}
 		return parseOK

@@ -46,7 +46,7 @@ const (
 // Drop reports whether the reason drops the packet.
 func (r Reason) Drop() bool { return r >= DropNoRule }
 
-var reasonNames = [...]string{"non-ip", "neighbour-discovery", "established", "reply", "rule", "not-isolated", "from-host",
+var reasonNames = [...]string{"non-ip", "ipv6-link-control", "established", "reply", "rule", "not-isolated", "from-host",
 	"no-rule", "deny-rule", "spoofed-source", "malformed", "no-endpoint", "unknown-fragment", "revoked"}
 
 func (r Reason) String() string {
