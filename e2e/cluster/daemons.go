@@ -1,0 +1,363 @@
+package cluster
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"time"
+)
+
+// apiPort is the apiserver's port. Every daemon listens inside the node's
+// network namespace, so fixed, well-known ports never collide with another
+// cluster or anything on the host.
+const apiPort = 6443
+
+// serviceCIDR is never routed: no kube-proxy runs, and nothing here talks
+// to a ClusterIP.
+const serviceCIDR = "10.96.0.0/16"
+
+// pki holds the paths of the cluster's certificates and kubeconfigs.
+type pki struct {
+	ca                                  *authority
+	apiCert, apiKey                     string
+	kubeletClientCert, kubeletClientKey string // the apiserver's, towards kubelets
+	kubeletCert, kubeletKey             string // the kubelet's serving pair
+	saKey, saPub                        string
+	admin, adminNode                    string // admin kubeconfigs: from the host, on the node
+	controllerManager, scheduler        string
+	kubelet                             string
+}
+
+// makePKI issues every certificate and kubeconfig the cluster needs. The
+// node's components reach the apiserver at 127.0.0.1 in the node's
+// namespace; the host at NodeIP.
+func (c *Cluster) makePKI() error {
+	ca, err := newAuthority(filepath.Join(c.Dir, "pki"))
+	if err != nil {
+		return err
+	}
+	p := &pki{ca: ca}
+	node := net.IP(c.NodeIP.AsSlice())
+	if p.apiCert, p.apiKey, err = ca.issue(leaf{
+		name: "apiserver", cn: "kube-apiserver", server: true,
+		dns: []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local", c.NodeName},
+		ips: []net.IP{net.IPv4(127, 0, 0, 1), node, net.IPv4(10, 96, 0, 1)},
+	}); err != nil {
+		return err
+	}
+	if p.kubeletClientCert, p.kubeletClientKey, err = ca.issue(leaf{
+		name: "apiserver-kubelet-client", cn: "kube-apiserver-kubelet-client", orgs: []string{"system:masters"}, client: true,
+	}); err != nil {
+		return err
+	}
+	if p.kubeletCert, p.kubeletKey, err = ca.issue(leaf{
+		name: "kubelet-serving", cn: c.NodeName, server: true, dns: []string{c.NodeName}, ips: []net.IP{node},
+	}); err != nil {
+		return err
+	}
+	if p.saKey, p.saPub, err = ca.keyPair("sa"); err != nil {
+		return err
+	}
+	local := fmt.Sprintf("https://127.0.0.1:%d", apiPort)
+	c.APIServer = fmt.Sprintf("https://%s:%d", c.NodeIP, apiPort)
+	for _, k := range []struct {
+		dst          *string
+		file, server string
+		cn           string
+		orgs         []string
+	}{
+		{&p.admin, "admin.kubeconfig", c.APIServer, "idcni-cluster-admin", []string{"system:masters"}},
+		{&p.adminNode, "admin-node.kubeconfig", local, "idcni-cluster-admin", []string{"system:masters"}},
+		// The built-in identities the default RBAC policy grants each
+		// component's rights to.
+		{&p.controllerManager, "controller-manager.kubeconfig", local, "system:kube-controller-manager", nil},
+		{&p.scheduler, "scheduler.kubeconfig", local, "system:kube-scheduler", nil},
+		// The Node authorizer and NodeRestriction know a kubelet by this.
+		{&p.kubelet, "kubelet.kubeconfig", local, "system:node:" + c.NodeName, []string{"system:nodes"}},
+	} {
+		name := strings.TrimSuffix(k.file, ".kubeconfig")
+		if *k.dst, err = ca.kubeconfig(filepath.Join(c.Dir, k.file), k.server, name, k.cn, k.orgs...); err != nil {
+			return err
+		}
+	}
+	c.Kubeconfig = p.admin
+	c.pki = p
+	return nil
+}
+
+// startDaemon starts argv on the node, in the cluster's cgroup, logging to
+// logs/<name>.log.
+func (c *Cluster) startDaemon(name string, argv ...string) error {
+	cmd, err := c.command(true, argv...)
+	if err != nil {
+		return err
+	}
+	logPath := filepath.Join(c.Dir, "logs", name+".log")
+	logf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return err
+	}
+	defer logf.Close() // the child has its own descriptor
+	fmt.Fprintf(logf, "+ %s\n", strings.Join(argv, " "))
+	cmd.Stdout, cmd.Stderr = logf, logf
+	if err := cmd.Start(); err != nil {
+		return fmt.Errorf("start %s: %w", name, err)
+	}
+	c.track(name, cmd)
+	return nil
+}
+
+// track reaps a started process and notes when it exits. A persistent
+// cluster's daemons are adopted by init when this process exits.
+func (c *Cluster) track(name string, cmd *exec.Cmd) {
+	done := make(chan struct{})
+	c.procs = append(c.procs, &daemon{name: name, cmd: cmd, done: done})
+	go func() {
+		_ = cmd.Wait()
+		close(done)
+	}()
+}
+
+// daemon is a process this one started.
+type daemon struct {
+	name string
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// exited returns the name of a tracked daemon that has exited, if any: a
+// wait that a dead daemon can never satisfy stops at once with its log.
+func (c *Cluster) exited() string {
+	for _, d := range c.procs {
+		select {
+		case <-d.done:
+			return d.name
+		default:
+		}
+	}
+	return ""
+}
+
+func (c *Cluster) startEtcd() error {
+	return c.startDaemon("etcd", c.bins.Etcd,
+		"--name=node",
+		"--data-dir="+filepath.Join(c.Dir, "etcd"),
+		"--listen-client-urls=http://127.0.0.1:2379",
+		"--advertise-client-urls=http://127.0.0.1:2379",
+		"--listen-peer-urls=http://127.0.0.1:2380",
+		"--initial-advertise-peer-urls=http://127.0.0.1:2380",
+		"--initial-cluster=node=http://127.0.0.1:2380",
+		"--initial-cluster-state=new",
+		"--logger=zap", "--log-outputs=stderr",
+	)
+}
+
+func (c *Cluster) startAPIServer() error {
+	p := c.pki
+	return c.startDaemon("kube-apiserver", c.bins.APIServer,
+		"--etcd-servers=http://127.0.0.1:2379",
+		"--bind-address=0.0.0.0",
+		"--advertise-address="+c.NodeIP.String(),
+		fmt.Sprintf("--secure-port=%d", apiPort),
+		"--cert-dir="+filepath.Join(c.Dir, "pki"),
+		"--tls-cert-file="+p.apiCert, "--tls-private-key-file="+p.apiKey,
+		"--client-ca-file="+p.ca.CertFile,
+		"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
+		"--service-account-key-file="+p.saPub,
+		"--service-account-signing-key-file="+p.saKey,
+		"--service-cluster-ip-range="+serviceCIDR,
+		"--authorization-mode=Node,RBAC",
+		"--enable-admission-plugins=NodeRestriction",
+		// Nothing would serve the kubernetes Service's endpoints (no
+		// kube-proxy); the agent is told the apiserver's address instead.
+		"--endpoint-reconciler-type=none",
+		"--allow-privileged=true",
+		"--kubelet-client-certificate="+p.kubeletClientCert,
+		"--kubelet-client-key="+p.kubeletClientKey,
+		"--kubelet-certificate-authority="+p.ca.CertFile,
+		"--kubelet-preferred-address-types=InternalIP",
+		"--profiling=false",
+	)
+}
+
+func (c *Cluster) startControllerManager() error {
+	p := c.pki
+	return c.startDaemon("kube-controller-manager", c.bins.ControllerManager,
+		"--kubeconfig="+p.controllerManager,
+		"--leader-elect=false",
+		// Each controller under its own ServiceAccount, as kubeadm runs it:
+		// the default RBAC policy grants the controllers' rights to those.
+		"--use-service-account-credentials=true",
+		"--service-account-private-key-file="+p.saKey,
+		// Published in every namespace as kube-root-ca.crt, which every
+		// pod's projected token volume mounts.
+		"--root-ca-file="+p.ca.CertFile,
+		"--secure-port=0",
+		"--profiling=false",
+	)
+}
+
+func (c *Cluster) startScheduler() error {
+	return c.startDaemon("kube-scheduler", c.bins.Scheduler,
+		"--kubeconfig="+c.pki.scheduler,
+		"--leader-elect=false",
+		"--secure-port=0",
+		"--profiling=false",
+	)
+}
+
+// containerdConfig follows the measured notes: OOM score adjustments
+// restricted (root here lacks CAP_SYS_RESOURCE, so a negative one fails
+// every sandbox), cgroupfs, the imported sandbox image, and the CNI
+// directories at their standard paths, which the node's mounts make its own.
+func (c *Cluster) containerdConfig() string {
+	d := filepath.Join(c.Dir, "containerd")
+	q := func(s string) string { return fmt.Sprintf("%q", s) }
+	return fmt.Sprintf(`version = 2
+root = %s
+state = %s
+# Snapshotters that cannot work here only log errors at start.
+disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapshotter.v1.zfs", "io.containerd.snapshotter.v1.devmapper", "io.containerd.snapshotter.v1.aufs"]
+
+[grpc]
+  address = %s
+
+[ttrpc]
+  address = %s
+
+[plugins."io.containerd.internal.v1.opt"]
+  path = %s
+
+[plugins."io.containerd.grpc.v1.cri"]
+  sandbox_image = "docker.io/idcni/pause:dev"
+  restrict_oom_score_adj = true
+  stream_server_address = "127.0.0.1"
+  stream_server_port = "0"
+  [plugins."io.containerd.grpc.v1.cri".containerd]
+    snapshotter = "overlayfs"
+    default_runtime_name = "runc"
+    [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc]
+      runtime_type = "io.containerd.runc.v2"
+      [plugins."io.containerd.grpc.v1.cri".containerd.runtimes.runc.options]
+        SystemdCgroup = false
+  [plugins."io.containerd.grpc.v1.cri".cni]
+    bin_dir = "/opt/cni/bin"
+    conf_dir = "/etc/cni/net.d"
+    max_conf_num = 1
+`, q(filepath.Join(d, "root")), q(filepath.Join(d, "state")), q(c.containerdSocket()), q(c.containerdSocket()+".ttrpc"), q(filepath.Join(d, "opt")))
+}
+
+func (c *Cluster) containerdSocket() string {
+	return filepath.Join(c.Dir, "containerd", "containerd.sock")
+}
+
+func (c *Cluster) startContainerd() error {
+	cfg := filepath.Join(c.Dir, "containerd", "config.toml")
+	if err := os.WriteFile(cfg, []byte(c.containerdConfig()), 0o644); err != nil {
+		return err
+	}
+	return c.startDaemon("containerd", c.bins.Containerd, "--config", cfg)
+}
+
+// waitContainerd waits until containerd answers on its socket.
+func (c *Cluster) waitContainerd(ctx context.Context) error {
+	return c.poll(ctx, "containerd", func(ctx context.Context) error {
+		out, err := exec.CommandContext(ctx, c.bins.Ctr, "--address", c.containerdSocket(), "version").CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("%w: %s", err, strings.TrimSpace(string(out)))
+		}
+		return nil
+	})
+}
+
+// kubeletConfig follows the measured notes (cgroupfs, no swap check, cgroup
+// v1 allowed, loopback health endpoint, no read-only port) and keeps
+// everything the kubelet writes in the run directory or the node's mounts.
+func (c *Cluster) kubeletConfig() string {
+	p := c.pki
+	q := func(s string) string { return fmt.Sprintf("%q", s) }
+	return fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
+kind: KubeletConfiguration
+address: %s
+port: 10250
+healthzBindAddress: 127.0.0.1
+healthzPort: 10248
+readOnlyPort: 0
+tlsCertFile: %s
+tlsPrivateKeyFile: %s
+authentication:
+  anonymous:
+    enabled: false
+  webhook:
+    enabled: true
+  x509:
+    clientCAFile: %s
+authorization:
+  mode: Webhook
+containerRuntimeEndpoint: %s
+cgroupDriver: cgroupfs
+# The cluster's own cgroup: teardown kills and removes everything under it.
+cgroupRoot: %s
+failSwapOn: false
+failCgroupV1: false
+# Sets the host's kernel tunables anyway; teardown restores them.
+protectKernelDefaults: false
+# The flexvolume directory would otherwise be created under /usr.
+volumePluginDir: %s
+# Neither image garbage collection nor eviction: the images were imported,
+# nothing could pull them back, and the disk is shared with other tests.
+imageGCHighThresholdPercent: 100
+imageGCLowThresholdPercent: 99
+evictionHard:
+  memory.available: "1Mi"
+  nodefs.available: "1%%"
+  nodefs.inodesFree: "1%%"
+  imagefs.available: "1%%"
+# Faster status reports: the node turns Ready a few seconds after the
+# agent writes the CNI configuration instead of up to 10 s later.
+nodeStatusUpdateFrequency: 4s
+clusterDomain: cluster.local
+serializeImagePulls: false
+`, q(c.NodeIP.String()), q(p.kubeletCert), q(p.kubeletKey), q(p.ca.CertFile), q("unix://"+c.containerdSocket()),
+		q("/"+c.Cgroup), q(filepath.Join(c.Dir, "kubelet", "volume-plugins")))
+}
+
+func (c *Cluster) startKubelet() error {
+	cfg := filepath.Join(c.Dir, "kubelet", "config.yaml")
+	if err := os.WriteFile(cfg, []byte(c.kubeletConfig()), 0o644); err != nil {
+		return err
+	}
+	return c.startDaemon("kubelet", c.bins.Kubelet,
+		"--config="+cfg,
+		"--kubeconfig="+c.pki.kubelet,
+		"--root-dir="+filepath.Join(c.Dir, "kubelet"),
+		"--hostname-override="+c.NodeName,
+		"--node-ip="+c.NodeIP.String(),
+	)
+}
+
+// poll runs check until it succeeds or ctx ends, failing early when a
+// daemon exited (then the error carries its log's tail).
+func (c *Cluster) poll(ctx context.Context, what string, check func(context.Context) error) error {
+	var last error
+	for {
+		cctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+		last = check(cctx)
+		cancel()
+		if last == nil {
+			return nil
+		}
+		if name := c.exited(); name != "" {
+			return fmt.Errorf("waiting for %s: %s exited:\n%s", what, name, tailFile(filepath.Join(c.Dir, "logs", name+".log"), 25))
+		}
+		select {
+		case <-ctx.Done():
+			return fmt.Errorf("waiting for %s: %w; last: %v", what, ctx.Err(), last)
+		case <-time.After(200 * time.Millisecond):
+		}
+	}
+}

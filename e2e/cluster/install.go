@@ -1,0 +1,90 @@
+package cluster
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+)
+
+// buildImages builds the agent, test and pause images with the project's
+// image builder (go run ./e2e/image), from the checkout as it is, so the
+// agent under test is the code under test.
+func (c *Cluster) buildImages(ctx context.Context) ([]string, error) {
+	out := filepath.Join(c.Dir, "images")
+	logPath := filepath.Join(c.Dir, "logs", "images.log")
+	logf, err := os.Create(logPath)
+	if err != nil {
+		return nil, err
+	}
+	defer logf.Close()
+	var stdout bytes.Buffer
+	cmd := exec.CommandContext(ctx, goCmd(), "run", "./e2e/image", "-out", out)
+	cmd.Dir = c.Root
+	cmd.Stdout, cmd.Stderr = &stdout, logf
+	if err := cmd.Run(); err != nil {
+		return nil, fmt.Errorf("go run ./e2e/image: %w\n%s", err, tailFile(logPath, 20))
+	}
+	var paths []string
+	for _, l := range strings.Split(stdout.String(), "\n") {
+		if l = strings.TrimSpace(l); l != "" {
+			paths = append(paths, l)
+		}
+	}
+	if len(paths) == 0 {
+		return nil, fmt.Errorf("go run ./e2e/image wrote no image")
+	}
+	return paths, nil
+}
+
+// importImages loads the tarballs into containerd's k8s.io namespace, where
+// the CRI plugin finds them: no registry exists, so every pod uses an
+// imported image.
+func (c *Cluster) importImages(ctx context.Context, paths []string) error {
+	for _, p := range paths {
+		out, err := exec.CommandContext(ctx, c.bins.Ctr, "--address", c.containerdSocket(), "--namespace", "k8s.io",
+			"images", "import", p).CombinedOutput()
+		if err != nil {
+			return fmt.Errorf("ctr images import %s: %w\n%s", p, err, tail(out, 10))
+		}
+	}
+	return nil
+}
+
+// agentNamespace and agentDaemonSet are where manifests/idcni.yaml puts the
+// agent.
+const (
+	agentNamespace = "idcni-system"
+	agentDaemonSet = "idcni-agent"
+)
+
+// installIdcni does what an operator of a cluster without kube-proxy does,
+// as the manifest's ConfigMap describes: apply the manifest, tell the agent
+// where the apiserver is (no kube-proxy serves the in-cluster address),
+// restart the DaemonSet to take the setting, and wait for its rollout. The
+// agent then writes the CNI configuration and the node turns Ready.
+func (c *Cluster) installIdcni(ctx context.Context, manifest string) error {
+	if _, err := c.Kubectl(ctx, "apply", "-f", manifest); err != nil {
+		return err
+	}
+	patch := fmt.Sprintf(`{"data":{"kubernetes-service-host":"127.0.0.1","kubernetes-service-port":"%d"}}`, apiPort)
+	if _, err := c.Kubectl(ctx, "-n", agentNamespace, "patch", "configmap", agentDaemonSet, "--type", "merge", "-p", patch); err != nil {
+		return err
+	}
+	if _, err := c.Kubectl(ctx, "-n", agentNamespace, "rollout", "restart", "daemonset/"+agentDaemonSet); err != nil {
+		return err
+	}
+	return c.WaitAgentRollout(ctx)
+}
+
+// WaitAgentRollout waits until the agent's DaemonSet is rolled out and
+// ready on the node.
+func (c *Cluster) WaitAgentRollout(ctx context.Context) error {
+	return c.poll(ctx, "the idcni agent's rollout", func(ctx context.Context) error {
+		_, err := c.Kubectl(ctx, "-n", agentNamespace, "rollout", "status", "daemonset/"+agentDaemonSet, "--timeout=5s")
+		return err
+	})
+}

@@ -1,0 +1,96 @@
+package cluster
+
+import (
+	"errors"
+	"fmt"
+	"net"
+	"os"
+	"os/exec"
+	"strings"
+	"time"
+)
+
+// waitLinkGone waits for the host's end of the node link to disappear with
+// the node's network namespace, then deletes it if it has not.
+func waitLinkGone(name string, timeout time.Duration) error {
+	deadline := time.Now().Add(timeout)
+	for {
+		if _, err := net.InterfaceByName(name); err != nil {
+			return nil
+		}
+		if time.Now().After(deadline) {
+			break
+		}
+		time.Sleep(50 * time.Millisecond)
+	}
+	ip, err := lookPath("ip")
+	if err != nil {
+		return err
+	}
+	if out, err := exec.Command(ip, "link", "del", name).CombinedOutput(); err != nil {
+		if _, gone := net.InterfaceByName(name); gone != nil {
+			return nil
+		}
+		return fmt.Errorf("ip link del %s: %w: %s", name, err, strings.TrimSpace(string(out)))
+	}
+	return nil
+}
+
+// Leftovers lists what of the cluster s is still on the host: processes in
+// its cgroup or namespaces, its cgroup directories, its link, its run
+// directory, mounts under it, and, when no other cluster runs, kernel
+// tunables that differ from want (the values before the first Up).
+func Leftovers(s *State, want map[string]string) []string {
+	var out []string
+	add := func(format string, a ...any) { out = append(out, fmt.Sprintf(format, a...)) }
+	if pids, err := cgroupPIDs(s.Cgroup); err != nil {
+		add("list cgroup %s: %v", s.Cgroup, err)
+	} else if len(pids) > 0 {
+		add("processes in cgroup %s: %v", s.Cgroup, pids)
+	}
+	for _, d := range CgroupDirs(s.Cgroup) {
+		add("cgroup %s", d)
+	}
+	for kind, ino := range map[string]uint64{"net": s.NetNS, "mnt": s.MntNS} {
+		if ino == 0 {
+			continue
+		}
+		if pids := ProcessesInNamespace(kind, ino); len(pids) > 0 {
+			add("processes in the node's %s namespace (inode %d): %v", kind, ino, pids)
+		}
+	}
+	if _, err := net.InterfaceByName(s.HostVeth); err == nil {
+		add("link %s", s.HostVeth)
+	}
+	if _, err := os.Stat(s.Dir); err == nil {
+		add("run directory %s", s.Dir)
+	} else if !errors.Is(err, os.ErrNotExist) {
+		add("run directory %s: %v", s.Dir, err)
+	}
+	if mounts, err := readMountinfo("/proc/self/mountinfo"); err == nil {
+		for _, m := range mounts {
+			if strings.HasPrefix(m.point, s.Dir+"/") || m.point == s.Dir {
+				add("mount %s (%s)", m.point, m.fstype)
+			}
+		}
+	}
+	if want != nil {
+		others, _ := List()
+		live := false
+		for _, o := range others {
+			live = live || o.Name != s.Name && !o.stale()
+		}
+		if !live {
+			got, err := ReadSysctls()
+			if err != nil {
+				add("read sysctls: %v", err)
+			}
+			for k, v := range want {
+				if got[k] != v {
+					add("sysctl %s = %s, was %s", strings.ReplaceAll(k, "/", "."), got[k], v)
+				}
+			}
+		}
+	}
+	return out
+}
