@@ -325,26 +325,55 @@ func (k *kctl) agentPod() string {
 	return ""
 }
 
-// waitReady waits for demo pods to be Ready; on timeout the error has
-// their events (a CNI failure shows there).
+// waitReady waits for demo pods to be Ready. A pod whose sandbox keeps
+// failing (the CNI ADD, usually) fails the test at its third failure, with
+// the events, instead of after the timeout.
 func (k *kctl) waitReady(pods ...string) {
 	k.t.Helper()
-	args := []string{"-n", demoNS, "wait", "--for=condition=Ready", "--timeout=120s"}
-	for _, p := range pods {
-		args = append(args, "pod/"+p)
-	}
-	out, err := k.c.Kubectl(k.ctx, args...)
-	k.t.Logf("$ kubectl %s\n%s", shellJoin(args), indent(out))
-	if err != nil {
-		ev, _ := k.c.Kubectl(k.ctx, "-n", demoNS, "get", "events", "--sort-by=.lastTimestamp")
-		hint := ""
-		if strings.Contains(string(ev), "unsupported CNI result version") {
-			// Seen with Debian 12's containerd 1.6, whose CNI library
-			// knows spec versions up to 1.0.0.
-			hint = "\nthe container runtime's CNI library does not know the cniVersion of manifests/cni/10-idcni.conflist"
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		notReady := 0
+		for _, name := range pods {
+			p, err := k.c.Client.CoreV1().Pods(demoNS).Get(k.ctx, name, metav1.GetOptions{})
+			if err != nil || !isReady(p) {
+				notReady++
+			}
 		}
-		k.t.Fatalf("%v\nevents:\n%s%s", err, ev, hint)
+		if notReady == 0 {
+			return
+		}
+		evs, err := k.c.Client.CoreV1().Events(demoNS).List(k.ctx, metav1.ListOptions{FieldSelector: "reason=FailedCreatePodSandBox"})
+		failed := false
+		if err == nil {
+			// Each failure is an event of its own (the sandbox id in the
+			// message differs), or a count once the kubelet aggregates.
+			perPod := map[string]int32{}
+			for _, e := range evs.Items {
+				perPod[e.InvolvedObject.Name] += max(e.Count, 1)
+				failed = failed || perPod[e.InvolvedObject.Name] >= 3
+			}
+		}
+		if failed || time.Now().After(deadline) {
+			ev, _ := k.c.Kubectl(k.ctx, "-n", demoNS, "get", "events", "--sort-by=.lastTimestamp")
+			hint := ""
+			if strings.Contains(string(ev), "unsupported CNI result version") {
+				// Seen with Debian 12's containerd 1.6, whose CNI library
+				// knows spec versions up to 1.0.0.
+				hint = "\nthe container runtime's CNI library does not know the cniVersion of manifests/cni/10-idcni.conflist"
+			}
+			k.t.Fatalf("pods %v not Ready; events:\n%s%s", pods, ev, hint)
+		}
+		time.Sleep(500 * time.Millisecond)
 	}
+}
+
+func isReady(p *corev1.Pod) bool {
+	for _, c := range p.Status.Conditions {
+		if c.Type == corev1.PodReady {
+			return c.Status == corev1.ConditionTrue
+		}
+	}
+	return false
 }
 
 func (k *kctl) podIP(name string) netip.Addr {
