@@ -22,6 +22,7 @@ import (
 	"errors"
 	"fmt"
 	"io"
+	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -373,6 +374,11 @@ func teardown(s *State, log io.Writer) error {
 		// The kernel deletes the pair with the node's namespace, in a
 		// deferred work item; wait for that, then delete it by hand.
 		if err := waitLinkGone(s.HostVeth, 10*time.Second); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if s.HostIP.IsValid() {
+		if err := flushConntrack(netip.PrefixFrom(s.HostIP, 30)); err != nil {
 			errs = append(errs, err)
 		}
 	}

@@ -37,6 +37,10 @@ func TestCluster(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
 	defer cancel()
 	k := &kctl{t: t, c: c, ctx: ctx}
+	if out, err := c.NodeExec("iptables-save"); err == nil {
+		// The kubelet's chains exist, in the node's namespace only.
+		t.Logf("iptables chains the kubelet made on the node: %s", strings.Join(regexp.MustCompile(`(?m)^:(KUBE-\S+)`).FindAllString(string(out), -1), " "))
+	}
 
 	var fe netip.Addr
 	step(t, "seed walkthrough", func(t *testing.T) {
@@ -78,6 +82,9 @@ func up(t testing.TB) *cluster.Cluster {
 		// own values.
 		before = saved
 	}
+	// The kubelet's chains go to the node's network namespace; the host's
+	// tables must not change.
+	chainsBefore := kubeChains(t)
 	start := time.Now()
 	c, err := cluster.Up(context.Background(), cluster.Options{Log: logWriter{t}})
 	if err != nil {
@@ -105,11 +112,34 @@ func up(t testing.TB) *cluster.Cluster {
 			t.Errorf("teardown: %v", err)
 		}
 		t.Logf("teardown in %s", time.Since(start).Round(10*time.Millisecond))
-		if left := cluster.Leftovers(&c.State, before); len(left) > 0 {
+		left := cluster.Leftovers(&c.State, before)
+		if after := kubeChains(t); after != chainsBefore {
+			left = append(left, fmt.Sprintf("the host's KUBE-* iptables chains changed:\nbefore:\n%s\nafter:\n%s", chainsBefore, after))
+		}
+		if len(left) > 0 {
 			t.Errorf("left on the host after teardown:\n  %s", strings.Join(left, "\n  "))
 		}
 	})
 	return c
+}
+
+// kubeChains lists the host's iptables and ip6tables chains named KUBE-*.
+func kubeChains(t testing.TB) string {
+	t.Helper()
+	var b strings.Builder
+	for _, tool := range []string{"iptables-save", "ip6tables-save"} {
+		out, err := exec.Command(tool).Output()
+		if err != nil {
+			t.Logf("%s: %v (not checked)", tool, err)
+			continue
+		}
+		for _, l := range strings.Split(string(out), "\n") {
+			if strings.HasPrefix(l, ":KUBE-") {
+				b.WriteString(tool + " " + strings.Fields(l)[0] + "\n")
+			}
+		}
+	}
+	return b.String()
 }
 
 // step runs f as a subtest and logs how long it took.

@@ -4,11 +4,65 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"net/netip"
 	"os"
 	"os/exec"
 	"strings"
 	"time"
+
+	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
+
+// flushConntrack deletes the host's connection tracking entries to and from
+// the node link's /30. A connection still open when the node's namespace
+// went away (an API client of the process that tore it down) can never
+// send its FIN (the route went with the link), and its ESTABLISHED entry
+// would stay for days.
+func flushConntrack(p netip.Prefix) error {
+	if !p.IsValid() {
+		return nil
+	}
+	if _, err := os.Stat("/proc/sys/net/netfilter/nf_conntrack_count"); err != nil {
+		return nil // no connection tracking on the host: nothing to flush
+	}
+	ipn := &net.IPNet{IP: p.Masked().Addr().AsSlice(), Mask: net.CIDRMask(p.Bits(), 32)}
+	var filters []netlink.CustomConntrackFilter
+	for _, tp := range []netlink.ConntrackFilterType{netlink.ConntrackOrigSrcIP, netlink.ConntrackOrigDstIP} {
+		f := &netlink.ConntrackFilter{}
+		if err := f.AddIPNet(tp, ipn); err != nil {
+			return err
+		}
+		filters = append(filters, f)
+	}
+	var err error
+	for range 5 {
+		// Other tests change the table; an interrupted dump is retried.
+		if _, err = netlink.ConntrackDeleteFilters(netlink.ConntrackTable, unix.AF_INET, filters...); !errors.Is(err, netlink.ErrDumpInterrupted) {
+			break
+		}
+	}
+	if err != nil {
+		return fmt.Errorf("flush conntrack entries of %s: %w", p, err)
+	}
+	return nil
+}
+
+// conntrackEntries counts the host's connection tracking entries that
+// mention addr.
+func conntrackEntries(addr netip.Addr) int {
+	b, err := os.ReadFile("/proc/net/nf_conntrack")
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, "src="+addr.String()+" ") || strings.Contains(l, "dst="+addr.String()+" ") {
+			n++
+		}
+	}
+	return n
+}
 
 // waitLinkGone waits for the host's end of the node link to disappear with
 // the node's network namespace, then deletes it if it has not.
@@ -37,9 +91,10 @@ func waitLinkGone(name string, timeout time.Duration) error {
 }
 
 // Leftovers lists what of the cluster s is still on the host: processes in
-// its cgroup or namespaces, its cgroup directories, its link, its run
-// directory, mounts under it, and, when no other cluster runs, kernel
-// tunables that differ from want (the values before the first Up).
+// its cgroup or namespaces, its cgroup directories, its link, connection
+// tracking entries of the link, its run directory, mounts under it, and,
+// when no other cluster runs, kernel tunables that differ from want (the
+// values before the first Up).
 func Leftovers(s *State, want map[string]string) []string {
 	var out []string
 	add := func(format string, a ...any) { out = append(out, fmt.Sprintf(format, a...)) }
@@ -61,6 +116,11 @@ func Leftovers(s *State, want map[string]string) []string {
 	}
 	if _, err := net.InterfaceByName(s.HostVeth); err == nil {
 		add("link %s", s.HostVeth)
+	}
+	if s.NodeIP.IsValid() {
+		if n := conntrackEntries(s.NodeIP); n > 0 {
+			add("%d conntrack entries of %s", n, s.NodeIP)
+		}
 	}
 	if _, err := os.Stat(s.Dir); err == nil {
 		add("run directory %s", s.Dir)
