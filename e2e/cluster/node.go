@@ -319,7 +319,7 @@ func tailFile(path string, n int) string {
 	return tail(b, n)
 }
 
-// randomSuffix returns n hex digits, for unique names.
+// randomSuffix returns 8 random hex digits, for unique names.
 func randomSuffix() string {
 	var b [4]byte
 	binary.LittleEndian.PutUint32(b[:], rand.Uint32())
