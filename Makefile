@@ -10,7 +10,7 @@ CNI_PLUGINS := github.com/containernetworking/plugins/plugins
 # Fuzzing the datapath for real (the seed corpus runs in `make test`).
 FUZZTIME ?= 10m
 
-.PHONY: all deps build generate check-generate test unit lint bench fuzz demo clean kube
+.PHONY: all deps build generate check-generate test unit lint bench fuzz demo clean kube cluster cluster-down
 
 all: build
 
@@ -47,12 +47,23 @@ test: deps check-generate lint build kube
 
 bench: deps build
 	$(GO) test -run '^$$' -bench . -benchtime 2s -timeout 60m ./bpf/ ./identity/ ./policy/...
+	$(GO) test -run '^$$' -bench Agent -benchtime 1x -timeout 30m ./e2e/
+	$(GO) test -run '^$$' -bench PodStartup -timeout 30m ./e2e/cluster/
 
 fuzz: deps
 	$(GO) test -run '^$$' -fuzz FuzzDatapath -fuzztime $(FUZZTIME) ./bpf/
 
 demo: deps build
 	./scripts/demo.sh
+
+# A real single-node Kubernetes (etcd, kube-apiserver, controller-manager,
+# scheduler, kubelet, containerd) with idcni installed from
+# manifests/idcni.yaml; eval "$$(make -s cluster)" to use kubectl on it.
+cluster: deps
+	@./scripts/cluster.sh up
+
+cluster-down:
+	@./scripts/cluster.sh down
 
 clean:
 	rm -rf $(BIN)
