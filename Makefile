@@ -10,7 +10,7 @@ CNI_PLUGINS := github.com/containernetworking/plugins/plugins
 # Fuzzing the datapath for real (the seed corpus runs in `make test`).
 FUZZTIME ?= 10m
 
-.PHONY: all deps build generate check-generate test unit lint bench fuzz demo clean kube cluster cluster-down
+.PHONY: all deps build generate check-generate test unit lint bench fuzz demo demo-netns clean kube cluster cluster-down
 
 all: build
 
@@ -53,7 +53,13 @@ bench: deps build
 fuzz: deps
 	$(GO) test -run '^$$' -fuzz FuzzDatapath -fuzztime $(FUZZTIME) ./bpf/
 
-demo: deps build
+# The walkthrough on a real single-node Kubernetes, kubectl all the way.
+demo: deps build kube
+	./scripts/demo-cluster.sh
+
+# The same walkthrough without Kubernetes: network namespaces as pods,
+# plugged by cnitool, no agent (the seed's setting).
+demo-netns: deps build
 	./scripts/demo.sh
 
 # A real single-node Kubernetes (etcd, kube-apiserver, controller-manager,
