@@ -72,7 +72,7 @@ type Cluster struct {
 
 	persistent bool
 	bins       *binaries
-	pki        *pki
+	pki        *certs
 	procs      []*daemon
 	log        io.Writer
 	phase      time.Time

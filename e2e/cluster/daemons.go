@@ -3,6 +3,7 @@ package cluster
 import (
 	"context"
 	"fmt"
+	"github.com/idcni/idcni/e2e/internal/pki"
 	"net"
 	"os"
 	"os/exec"
@@ -20,9 +21,9 @@ const apiPort = 6443
 // to a ClusterIP.
 const serviceCIDR = "10.96.0.0/16"
 
-// pki holds the paths of the cluster's certificates and kubeconfigs.
-type pki struct {
-	ca                                  *authority
+// certs holds the paths of the cluster's certificates and kubeconfigs.
+type certs struct {
+	ca                                  *pki.Authority
 	apiCert, apiKey                     string
 	kubeletClientCert, kubeletClientKey string // the apiserver's, towards kubelets
 	kubeletCert, kubeletKey             string // the kubelet's serving pair
@@ -36,30 +37,30 @@ type pki struct {
 // node's components reach the apiserver at 127.0.0.1 in the node's
 // namespace; the host at NodeIP.
 func (c *Cluster) makePKI() error {
-	ca, err := newAuthority(filepath.Join(c.Dir, "pki"))
+	ca, err := pki.New(filepath.Join(c.Dir, "pki"))
 	if err != nil {
 		return err
 	}
-	p := &pki{ca: ca}
+	p := &certs{ca: ca}
 	node := net.IP(c.NodeIP.AsSlice())
-	if p.apiCert, p.apiKey, err = ca.issue(leaf{
-		name: "apiserver", cn: "kube-apiserver", server: true,
-		dns: []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local", c.NodeName},
-		ips: []net.IP{net.IPv4(127, 0, 0, 1), node, net.IPv4(10, 96, 0, 1)},
+	if p.apiCert, p.apiKey, err = ca.Issue(pki.Leaf{
+		Name: "apiserver", CN: "kube-apiserver", Server: true,
+		DNS: []string{"localhost", "kubernetes", "kubernetes.default", "kubernetes.default.svc", "kubernetes.default.svc.cluster.local", c.NodeName},
+		IPs: []net.IP{net.IPv4(127, 0, 0, 1), node, net.IPv4(10, 96, 0, 1)},
 	}); err != nil {
 		return err
 	}
-	if p.kubeletClientCert, p.kubeletClientKey, err = ca.issue(leaf{
-		name: "apiserver-kubelet-client", cn: "kube-apiserver-kubelet-client", orgs: []string{"system:masters"}, client: true,
+	if p.kubeletClientCert, p.kubeletClientKey, err = ca.Issue(pki.Leaf{
+		Name: "apiserver-kubelet-client", CN: "kube-apiserver-kubelet-client", Orgs: []string{"system:masters"}, Client: true,
 	}); err != nil {
 		return err
 	}
-	if p.kubeletCert, p.kubeletKey, err = ca.issue(leaf{
-		name: "kubelet-serving", cn: c.NodeName, server: true, dns: []string{c.NodeName}, ips: []net.IP{node},
+	if p.kubeletCert, p.kubeletKey, err = ca.Issue(pki.Leaf{
+		Name: "kubelet-serving", CN: c.NodeName, Server: true, DNS: []string{c.NodeName}, IPs: []net.IP{node},
 	}); err != nil {
 		return err
 	}
-	if p.saKey, p.saPub, err = ca.keyPair("sa"); err != nil {
+	if p.saKey, p.saPub, err = ca.KeyPair("sa"); err != nil {
 		return err
 	}
 	local := fmt.Sprintf("https://127.0.0.1:%d", apiPort)
@@ -80,7 +81,7 @@ func (c *Cluster) makePKI() error {
 		{&p.kubelet, "kubelet.kubeconfig", local, "system:node:" + c.NodeName, []string{"system:nodes"}},
 	} {
 		name := strings.TrimSuffix(k.file, ".kubeconfig")
-		if *k.dst, err = ca.kubeconfig(filepath.Join(c.Dir, k.file), k.server, name, k.cn, k.orgs...); err != nil {
+		if *k.dst, err = ca.Kubeconfig(filepath.Join(c.Dir, k.file), k.server, name, k.cn, k.orgs...); err != nil {
 			return err
 		}
 	}

@@ -14,6 +14,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/idcni/idcni/e2e/internal/pki"
 	"net"
 	"net/http"
 	"os"
@@ -79,7 +80,7 @@ type Cluster struct {
 	// StartupTime is how long Start took, binaries already built.
 	StartupTime time.Duration
 
-	ca        *ca
+	ca        *pki.Authority
 	pkiDir    string
 	etcd      *process
 	apiserver *process
@@ -150,10 +151,10 @@ func (c *Cluster) start(etcdBin string, opts Options) error {
 		return fmt.Errorf("create PKI directory: %w", err)
 	}
 	var err error
-	if c.ca, err = newCA(c.pkiDir); err != nil {
+	if c.ca, err = pki.New(c.pkiDir); err != nil {
 		return err
 	}
-	c.CAFile, c.CAKeyFile = c.ca.certFile, c.ca.keyFile
+	c.CAFile, c.CAKeyFile = c.ca.CertFile, c.ca.KeyFile
 
 	ctx, cancel := context.WithTimeout(context.Background(), opts.ReadyTimeout)
 	defer cancel()
@@ -279,29 +280,29 @@ func (c *Cluster) startAPIServer(ctx context.Context, opts Options) error {
 	if host != "" {
 		servingDNS = append(servingDNS, host)
 	}
-	serving, servingKey, err := c.ca.issue(c.pkiDir, certSpec{
-		name: "apiserver", cn: "kube-apiserver", server: true,
-		dns: servingDNS,
-		ips: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback, serviceIP},
+	serving, servingKey, err := c.ca.Issue(pki.Leaf{
+		Name: "apiserver", CN: "kube-apiserver", Server: true,
+		DNS: servingDNS,
+		IPs: []net.IP{net.IPv4(127, 0, 0, 1), net.IPv6loopback, serviceIP},
 	})
 	if err != nil {
 		return err
 	}
 	// The apiserver's client identity towards kubelets (exec, logs), for
 	// tests that add a kubelet.
-	kubeletClient, kubeletClientKey, err := c.ca.issue(c.pkiDir, certSpec{
-		name: "apiserver-kubelet-client", cn: "kube-apiserver-kubelet-client",
-		orgs: []string{"system:masters"}, client: true,
+	kubeletClient, kubeletClientKey, err := c.ca.Issue(pki.Leaf{
+		Name: "apiserver-kubelet-client", CN: "kube-apiserver-kubelet-client",
+		Orgs: []string{"system:masters"}, Client: true,
 	})
 	if err != nil {
 		return err
 	}
-	saKey, saPub, err := newServiceAccountKeys(c.pkiDir)
+	saKey, saPub, err := c.ca.KeyPair("sa")
 	if err != nil {
 		return err
 	}
-	adminCert, adminKey, err := c.ca.issue(c.pkiDir, certSpec{
-		name: "admin", cn: "idcni-e2e-admin", orgs: []string{"system:masters"}, client: true,
+	adminCert, adminKey, err := c.ca.Issue(pki.Leaf{
+		Name: "admin", CN: "idcni-e2e-admin", Orgs: []string{"system:masters"}, Client: true,
 	})
 	if err != nil {
 		return err
@@ -321,7 +322,7 @@ func (c *Cluster) startAPIServer(ctx context.Context, opts Options) error {
 			"--cert-dir=" + c.pkiDir,
 			"--tls-cert-file=" + serving,
 			"--tls-private-key-file=" + servingKey,
-			"--client-ca-file=" + c.ca.certFile,
+			"--client-ca-file=" + c.ca.CertFile,
 			"--service-account-issuer=https://kubernetes.default.svc.cluster.local",
 			"--service-account-key-file=" + saPub,
 			"--service-account-signing-key-file=" + saKey,
@@ -350,7 +351,7 @@ func (c *Cluster) startAPIServer(ctx context.Context, opts Options) error {
 		c.Config = &rest.Config{
 			Host: c.URL,
 			TLSClientConfig: rest.TLSClientConfig{
-				CAFile: c.ca.certFile, CertFile: adminCert, KeyFile: adminKey,
+				CAFile: c.ca.CertFile, CertFile: adminCert, KeyFile: adminKey,
 			},
 			// Tests create objects in bursts; client-go's default of 5 QPS
 			// would make them wait on the client, not on the server.
@@ -371,7 +372,7 @@ func (c *Cluster) startAPIServer(ctx context.Context, opts Options) error {
 		return fmt.Errorf("kube-apiserver did not become ready: %w", err)
 	}
 	c.Kubeconfig = filepath.Join(c.Dir, "kubeconfig")
-	if err := writeKubeconfig(c.Kubeconfig, c.URL, c.ca.certFile, "admin", adminCert, adminKey); err != nil {
+	if err := pki.WriteKubeconfig(c.Kubeconfig, c.URL, c.ca.CertFile, adminCert, adminKey); err != nil {
 		return err
 	}
 	return nil
@@ -466,17 +467,17 @@ func (c *Cluster) logTails(t testing.TB) {
 // client that RBAC restricts, such as the agent under its own ClusterRole.
 func (c *Cluster) UserConfig(user string, groups ...string) (*rest.Config, string, error) {
 	stem := "user-" + sanitize(user)
-	cert, key, err := c.ca.issue(c.pkiDir, certSpec{name: stem, cn: user, orgs: groups, client: true})
+	cert, key, err := c.ca.Issue(pki.Leaf{Name: stem, CN: user, Orgs: groups, Client: true})
 	if err != nil {
 		return nil, "", err
 	}
 	path := filepath.Join(c.Dir, stem+".kubeconfig")
-	if err := writeKubeconfig(path, c.URL, c.ca.certFile, user, cert, key); err != nil {
+	if err := pki.WriteKubeconfig(path, c.URL, c.ca.CertFile, cert, key); err != nil {
 		return nil, "", err
 	}
 	cfg := &rest.Config{
 		Host:            c.URL,
-		TLSClientConfig: rest.TLSClientConfig{CAFile: c.ca.certFile, CertFile: cert, KeyFile: key},
+		TLSClientConfig: rest.TLSClientConfig{CAFile: c.ca.CertFile, CertFile: cert, KeyFile: key},
 		QPS:             c.Config.QPS,
 		Burst:           c.Config.Burst,
 	}
@@ -533,37 +534,4 @@ func (c *Cluster) EnsureDefaultServiceAccount(ctx context.Context, namespace str
 		case <-time.After(100 * time.Millisecond):
 		}
 	}
-}
-
-// writeKubeconfig writes a single-context kubeconfig that refers to the
-// certificate files by path. Strings are JSON-quoted, which YAML reads as
-// double-quoted scalars, so no path can break the file.
-func writeKubeconfig(path, server, caFile, user, certFile, keyFile string) error {
-	q := func(s string) string {
-		b, _ := json.Marshal(s) // a string always marshals
-		return string(b)
-	}
-	content := fmt.Sprintf(`apiVersion: v1
-kind: Config
-clusters:
-- name: idcni-e2e
-  cluster:
-    server: %s
-    certificate-authority: %s
-users:
-- name: %s
-  user:
-    client-certificate: %s
-    client-key: %s
-contexts:
-- name: idcni-e2e
-  context:
-    cluster: idcni-e2e
-    user: %s
-current-context: idcni-e2e
-`, q(server), q(caFile), q(user), q(certFile), q(keyFile), q(user))
-	if err := os.WriteFile(path, []byte(content), 0o600); err != nil {
-		return fmt.Errorf("write kubeconfig: %w", err)
-	}
-	return nil
 }

@@ -1,4 +1,7 @@
-package cluster
+// Package pki is the throw-away certificate authority of a test cluster
+// (e2e/kube, e2e/cluster): a CA, leaf certificates, key pairs and
+// kubeconfigs, all as PEM files in one directory.
+package pki
 
 import (
 	"crypto"
@@ -17,10 +20,10 @@ import (
 	"time"
 )
 
-// authority is the throw-away CA of one cluster: nothing outside the cluster
+// Authority is the throw-away CA of one cluster: nothing outside the cluster
 // trusts it, and it trusts nothing else. ECDSA P-256 keys are generated in
 // microseconds, which keeps a dozen certificates out of the start-up time.
-type authority struct {
+type Authority struct {
 	dir  string
 	cert *x509.Certificate
 	key  crypto.Signer
@@ -32,7 +35,8 @@ type authority struct {
 // leaked key short-lived.
 const validity = 7 * 24 * time.Hour
 
-func newAuthority(dir string) (*authority, error) {
+// New creates a CA in dir.
+func New(dir string) (*Authority, error) {
 	if err := os.MkdirAll(dir, 0o700); err != nil {
 		return nil, err
 	}
@@ -60,7 +64,7 @@ func newAuthority(dir string) (*authority, error) {
 	if err != nil {
 		return nil, err
 	}
-	a := &authority{dir: dir, cert: cert, key: key,
+	a := &Authority{dir: dir, cert: cert, key: key,
 		CertFile: filepath.Join(dir, "ca.crt"), KeyFile: filepath.Join(dir, "ca.key")}
 	if err := writePEM(a.CertFile, "CERTIFICATE", der); err != nil {
 		return nil, err
@@ -72,18 +76,19 @@ func newAuthority(dir string) (*authority, error) {
 }
 
 // leaf describes one certificate the CA issues.
-type leaf struct {
-	name   string // file stem
-	cn     string
-	orgs   []string
-	dns    []string
-	ips    []net.IP
-	server bool
-	client bool
+// Leaf describes a certificate to issue.
+type Leaf struct {
+	Name   string // file stem
+	CN     string
+	Orgs   []string
+	DNS    []string
+	IPs    []net.IP
+	Server bool
+	Client bool
 }
 
-// issue writes dir/<name>.crt and .key and returns their paths.
-func (a *authority) issue(l leaf) (certFile, keyFile string, err error) {
+// Issue writes dir/<name>.crt and .key and returns their paths.
+func (a *Authority) Issue(l Leaf) (certFile, keyFile string, err error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return "", "", err
@@ -91,33 +96,33 @@ func (a *authority) issue(l leaf) (certFile, keyFile string, err error) {
 	now := time.Now().Add(-time.Minute)
 	tmpl := &x509.Certificate{
 		SerialNumber: serial(),
-		Subject:      pkix.Name{CommonName: l.cn, Organization: l.orgs},
+		Subject:      pkix.Name{CommonName: l.CN, Organization: l.Orgs},
 		NotBefore:    now,
 		NotAfter:     now.Add(validity),
 		KeyUsage:     x509.KeyUsageDigitalSignature,
-		DNSNames:     l.dns,
-		IPAddresses:  l.ips,
+		DNSNames:     l.DNS,
+		IPAddresses:  l.IPs,
 	}
-	if l.server {
+	if l.Server {
 		tmpl.ExtKeyUsage = append(tmpl.ExtKeyUsage, x509.ExtKeyUsageServerAuth)
 	}
-	if l.client {
+	if l.Client {
 		tmpl.ExtKeyUsage = append(tmpl.ExtKeyUsage, x509.ExtKeyUsageClientAuth)
 	}
 	der, err := x509.CreateCertificate(rand.Reader, tmpl, a.cert, key.Public(), a.key)
 	if err != nil {
-		return "", "", fmt.Errorf("sign %s: %w", l.name, err)
+		return "", "", fmt.Errorf("sign %s: %w", l.Name, err)
 	}
-	certFile = filepath.Join(a.dir, l.name+".crt")
-	keyFile = filepath.Join(a.dir, l.name+".key")
+	certFile = filepath.Join(a.dir, l.Name+".crt")
+	keyFile = filepath.Join(a.dir, l.Name+".key")
 	if err := writePEM(certFile, "CERTIFICATE", der); err != nil {
 		return "", "", err
 	}
 	return certFile, keyFile, writeKey(keyFile, key)
 }
 
-// keyPair writes a bare key pair (the service account token signer).
-func (a *authority) keyPair(name string) (keyFile, pubFile string, err error) {
+// KeyPair writes a bare key pair (the service account token signer).
+func (a *Authority) KeyPair(name string) (keyFile, pubFile string, err error) {
 	key, err := ecdsa.GenerateKey(elliptic.P256(), rand.Reader)
 	if err != nil {
 		return "", "", err
@@ -133,19 +138,19 @@ func (a *authority) keyPair(name string) (keyFile, pubFile string, err error) {
 	return keyFile, pubFile, writePEM(pubFile, "PUBLIC KEY", pub)
 }
 
-// kubeconfig writes a kubeconfig for server that authenticates with a
+// Kubeconfig writes a kubeconfig for server that authenticates with a
 // client certificate of the CA for user cn in orgs, and returns its path.
-func (a *authority) kubeconfig(path, server, name, cn string, orgs ...string) (string, error) {
-	cert, key, err := a.issue(leaf{name: name, cn: cn, orgs: orgs, client: true})
+func (a *Authority) Kubeconfig(path, server, name, cn string, orgs ...string) (string, error) {
+	cert, key, err := a.Issue(Leaf{Name: name, CN: cn, Orgs: orgs, Client: true})
 	if err != nil {
 		return "", err
 	}
-	return path, writeKubeconfig(path, server, a.CertFile, cert, key)
+	return path, WriteKubeconfig(path, server, a.CertFile, cert, key)
 }
 
-// writeKubeconfig refers to the PEM files by path. Strings are JSON-quoted,
+// WriteKubeconfig writes a kubeconfig for server and a client certificate. It refers to the PEM files by path. Strings are JSON-quoted,
 // which YAML reads as double-quoted scalars, so no path breaks the file.
-func writeKubeconfig(path, server, ca, cert, key string) error {
+func WriteKubeconfig(path, server, ca, cert, key string) error {
 	q := func(s string) string { b, _ := json.Marshal(s); return string(b) }
 	content := fmt.Sprintf(`apiVersion: v1
 kind: Config
