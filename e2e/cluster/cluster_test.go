@@ -112,7 +112,14 @@ func up(t testing.TB) *cluster.Cluster {
 			t.Errorf("teardown: %v", err)
 		}
 		t.Logf("teardown in %s", time.Since(start).Round(10*time.Millisecond))
+		// Killed processes leave their namespaces when the kernel has torn
+		// them down, which can take a moment after Down returns: give it
+		// a few seconds before calling anything a leftover.
 		left := cluster.Leftovers(&c.State, before)
+		for deadline := time.Now().Add(15 * time.Second); len(left) > 0 && time.Now().Before(deadline); {
+			time.Sleep(250 * time.Millisecond)
+			left = cluster.Leftovers(&c.State, before)
+		}
 		if after := kubeChains(t); after != chainsBefore {
 			left = append(left, fmt.Sprintf("the host's KUBE-* iptables chains changed:\nbefore:\n%s\nafter:\n%s", chainsBefore, after))
 		}
