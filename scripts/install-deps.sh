@@ -17,7 +17,7 @@ have etcd || need+=(etcd-server)
 [ -x /bin/busybox ] || need+=(busybox-static)
 
 if [ ${#need[@]} -gt 0 ]; then
-	echo "install-deps: installing ${need[*]}"
+	echo "install-deps: installing ${need[*]}" >&2
 	export DEBIAN_FRONTEND=noninteractive
 	apt-get update -qq || true
 	apt-get install -y -qq "${need[@]}" >/dev/null
