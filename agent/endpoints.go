@@ -19,10 +19,13 @@ var endpointBucket = []byte("agent/endpoints")
 type endpointRegistry struct {
 	db   *store.DB
 	byID map[string]api.EndpointRequest
+	// pods maps "ns/name" to a container ID: every flush asks it for every
+	// pod of the cluster.
+	pods map[string]string
 }
 
 func openEndpointRegistry(db *store.DB) (*endpointRegistry, error) {
-	r := &endpointRegistry{db: db, byID: map[string]api.EndpointRequest{}}
+	r := &endpointRegistry{db: db, byID: map[string]api.EndpointRequest{}, pods: map[string]string{}}
 	err := db.Update(func(tx *bolt.Tx) error {
 		b, err := tx.CreateBucketIfNotExists(endpointBucket)
 		if err != nil {
@@ -33,7 +36,7 @@ func openEndpointRegistry(db *store.DB) (*endpointRegistry, error) {
 			if err := json.Unmarshal(v, &ep); err != nil {
 				return fmt.Errorf("endpoint record %q: %w", k, err)
 			}
-			r.byID[string(k)] = ep
+			r.index(ep)
 			return nil
 		})
 	})
@@ -54,8 +57,13 @@ func (r *endpointRegistry) put(ep api.EndpointRequest) error {
 	if err != nil {
 		return fmt.Errorf("store endpoint %s: %w", ep.ContainerID, err)
 	}
-	r.byID[ep.ContainerID] = ep
+	r.index(ep)
 	return nil
+}
+
+func (r *endpointRegistry) index(ep api.EndpointRequest) {
+	r.byID[ep.ContainerID] = ep
+	r.pods[ep.PodNamespace+"/"+ep.PodName] = ep.ContainerID
 }
 
 func (r *endpointRegistry) remove(containerID string) (api.EndpointRequest, bool, error) {
@@ -70,16 +78,18 @@ func (r *endpointRegistry) remove(containerID string) (api.EndpointRequest, bool
 		return ep, true, fmt.Errorf("forget endpoint %s: %w", containerID, err)
 	}
 	delete(r.byID, containerID)
+	if key := ep.PodNamespace + "/" + ep.PodName; r.pods[key] == containerID {
+		delete(r.pods, key)
+	}
 	return ep, true, nil
 }
 
 func (r *endpointRegistry) byPod(ns, name string) (api.EndpointRequest, bool) {
-	for _, ep := range r.byID {
-		if ep.PodNamespace == ns && ep.PodName == name {
-			return ep, true
-		}
+	id, ok := r.pods[ns+"/"+name]
+	if !ok {
+		return api.EndpointRequest{}, false
 	}
-	return api.EndpointRequest{}, false
+	return r.byID[id], true
 }
 
 func (r *endpointRegistry) all() []api.EndpointRequest {

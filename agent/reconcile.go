@@ -42,7 +42,8 @@ func (a *Agent) handler(kind string) cache.ResourceEventHandler {
 }
 
 // processNext syncs one key into the compiler, and writes the maps once
-// the queue is empty, so a burst of changes costs one write.
+// the queue is empty and something changed, so a burst of changes costs one
+// write and a resync that changes nothing costs none.
 func (a *Agent) processNext() bool {
 	key, quit := a.queue.Get()
 	if quit {
@@ -51,7 +52,7 @@ func (a *Agent) processNext() bool {
 	defer a.queue.Done(key)
 	a.mu.Lock()
 	err := a.sync(key)
-	if err == nil && a.queue.Len() == 0 {
+	if err == nil && a.queue.Len() == 0 && !a.dirtySince.IsZero() {
 		err = a.flush()
 	}
 	a.mu.Unlock()
@@ -86,26 +87,35 @@ func (a *Agent) sync(key string) error {
 	default:
 		return fmt.Errorf("unknown key %q", key)
 	}
-	if changed && a.dirtySince.IsZero() {
-		a.dirtySince = time.Now()
+	if changed {
+		a.markDirty()
 	}
 	return err
+}
+
+// markDirty records that the maps lag the compiler, and since when.
+func (a *Agent) markDirty() {
+	if a.dirtySince.IsZero() {
+		a.dirtySince = time.Now()
+	}
 }
 
 func (a *Agent) syncPod(ns, name string) (bool, error) {
 	pod, err := a.pods.Pods(ns).Get(name)
 	if apierrors.IsNotFound(err) {
-		d, err := a.compiler.DeletePod(ns, name)
-		if err != nil {
+		if _, err := a.compiler.DeletePod(ns, name); err != nil {
 			return false, err
 		}
-		return !d.Empty(), a.alloc.Release(podUser(ns, name))
+		return true, a.alloc.Release(podUser(ns, name))
 	}
 	if err != nil {
 		return false, err
 	}
-	d, err := a.compiler.UpsertPod(a.withLocalAddrs(pod))
-	return !d.Empty(), err
+	// Changed even when the compiler's Delta is empty: the Delta names
+	// identities whose rules changed, not addresses that moved in the
+	// ipcache.
+	_, err = a.compiler.UpsertPod(a.withLocalAddrs(pod))
+	return true, err
 }
 
 // syncNodes hands every node address to the compiler: they resolve to the
@@ -116,7 +126,8 @@ func (a *Agent) syncNodes() (bool, error) {
 	if err != nil {
 		return false, err
 	}
-	return !a.compiler.SetHostAddrs(addrs).Empty(), nil
+	a.compiler.SetHostAddrs(addrs)
+	return true, nil // node addresses are ipcache entries too
 }
 
 func (a *Agent) nodeAddrs() ([]netip.Addr, error) {
@@ -141,14 +152,16 @@ func (a *Agent) nodeAddrs() ([]netip.Addr, error) {
 func (a *Agent) syncNamespace(name string) (bool, error) {
 	ns, err := a.nss.Get(name)
 	if apierrors.IsNotFound(err) {
-		d, err := a.compiler.DeleteNamespace(name)
-		return !d.Empty(), err
+		_, err := a.compiler.DeleteNamespace(name)
+		return true, err
 	}
 	if err != nil {
 		return false, err
 	}
-	d, err := a.compiler.UpsertNamespace(ns)
-	return !d.Empty(), err
+	// A label change moves the namespace's pods to other identities in
+	// the ipcache, which the Delta does not report.
+	_, err = a.compiler.UpsertNamespace(ns)
+	return true, err
 }
 
 func (a *Agent) syncPolicy(ns, name string) (bool, error) {
@@ -173,6 +186,7 @@ func (a *Agent) syncPolicy(ns, name string) (bool, error) {
 	}
 	// A policy that does not fit the maps is refused whole: write now, and
 	// take the policy out again when the maps cannot hold it.
+	a.markDirty()
 	if err := a.flush(); err != nil {
 		if _, derr := a.compiler.DeletePolicy(ns, name); derr != nil {
 			return true, errors.Join(err, derr)
@@ -341,12 +355,12 @@ func (a *Agent) flush() error {
 			}
 		}
 	}
+	haveEps, err := a.dp.Endpoints()
+	if err != nil {
+		return err
+	}
 	for ifindex, ep := range eps {
-		cur, ok, err := a.dp.Endpoint(ifindex)
-		if err != nil {
-			return err
-		}
-		if !ok || cur != ep {
+		if cur, ok := haveEps[ifindex]; !ok || cur != ep {
 			if err := a.dp.PutEndpoint(ifindex, ep); err != nil {
 				return err
 			}

@@ -14,8 +14,6 @@ import (
 	"github.com/idcni/idcni/policy"
 )
 
-var errE2BIG = unix.E2BIG
-
 // Flow is one conntrack entry.
 type Flow struct {
 	Src, Dst         netip.Addr

@@ -6,6 +6,7 @@ import (
 	"net/netip"
 
 	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
 
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/policy"
@@ -243,12 +244,11 @@ func batchUpdate[K, V any](m *ebpf.Map, keys []K, vals []V, name string) error {
 	return nil
 }
 
+var errE2BIG = unix.E2BIG
+
 // mapFull turns the kernel's E2BIG on insert into an error an operator can act
 // on.
 func mapFull(err error, name string) error {
-	if errors.Is(err, ebpf.ErrKeyNotExist) {
-		return err
-	}
 	if errors.Is(err, errE2BIG) {
 		return fmt.Errorf("map %s is full: %w (raise its size or remove entries)", name, err)
 	}

@@ -125,33 +125,25 @@ stays when that pod is deleted, until 'endpointctl del' removes it.`,
 				fmt.Fprintf(cmd.OutOrStdout(), "endpoint %s bound to identity %s (through idcni-agent)\n", ip, ident)
 				return nil
 			}
-			d, err := g.OpenDatapath()
-			if err != nil {
-				return err
-			}
-			defer d.Close()
-			db, err := g.OpenState()
-			if err != nil {
-				return err
-			}
-			defer db.Close()
 			var prev identity.ID
-			_, _, err = manual.Update(db, d, func(st *manual.State) error {
+			bind := func(st *manual.State) error {
 				var err error
 				prev, err = st.Bind(ip, ident)
 				return err
-			})
-			if err != nil {
-				return fmt.Errorf("bind %s to identity %s: %w", ip, ident, err)
 			}
-			out := cmd.OutOrStdout()
-			switch prev {
-			case ident:
-				fmt.Fprintf(out, "endpoint %s unchanged: already identity %s%s\n", ip, ident, localLine(d, ip))
-			case identity.Unknown:
-				fmt.Fprintf(out, "endpoint %s bound to identity %s%s\n", ip, ident, localLine(d, ip))
-			default:
-				fmt.Fprintf(out, "endpoint %s moved from identity %s to %s%s\n", ip, prev, ident, localLine(d, ip))
+			report := func(d *bpf.Datapath) {
+				out := cmd.OutOrStdout()
+				switch prev {
+				case ident:
+					fmt.Fprintf(out, "endpoint %s unchanged: already identity %s%s\n", ip, ident, localLine(d, ip))
+				case identity.Unknown:
+					fmt.Fprintf(out, "endpoint %s bound to identity %s%s\n", ip, ident, localLine(d, ip))
+				default:
+					fmt.Fprintf(out, "endpoint %s moved from identity %s to %s%s\n", ip, prev, ident, localLine(d, ip))
+				}
+			}
+			if err := g.UpdateManual(bind, report); err != nil {
+				return fmt.Errorf("bind %s to identity %s: %w", ip, ident, err)
 			}
 			return nil
 		},
@@ -194,31 +186,19 @@ soon as an address is bound to it.`,
 				fmt.Fprintf(cmd.OutOrStdout(), "endpoint %s removed (through idcni-agent)\n", ip)
 				return nil
 			}
-			d, err := g.OpenDatapath()
-			if err != nil {
-				return err
-			}
-			defer d.Close()
-			db, err := g.OpenState()
-			if err != nil {
-				return err
-			}
-			defer db.Close()
 			var gone manual.Binding
-			_, _, err = manual.Update(db, d, func(st *manual.State) error {
+			unbind := func(st *manual.State) error {
 				var err error
 				gone, err = st.Unbind(ip)
 				return err
+			}
+			return g.UpdateManual(unbind, func(d *bpf.Datapath) {
+				suffix := ""
+				if _, ok := localOf(d, ip); ok {
+					suffix = "; the local pod is unresolved (5) again"
+				}
+				fmt.Fprintf(cmd.OutOrStdout(), "endpoint %s removed (was identity %s)%s\n", ip, gone.Identity, suffix)
 			})
-			if err != nil {
-				return err
-			}
-			suffix := ""
-			if _, ok := localOf(d, ip); ok {
-				suffix = "; the local pod is unresolved (5) again"
-			}
-			fmt.Fprintf(cmd.OutOrStdout(), "endpoint %s removed (was identity %s)%s\n", ip, gone.Identity, suffix)
-			return nil
 		},
 	}
 	cmd.Flags().StringVar(&ipFlag, "ip", "", "address `IP` whose binding to remove (required)")

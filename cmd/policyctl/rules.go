@@ -189,7 +189,7 @@ func addRule(cmd *cobra.Command, g *cli.Globals, r policy.ManualRule) error {
 		var err error
 		added, err = st.AddRule(r)
 		return err
-	})
+	}, nil)
 	if err != nil {
 		return fmt.Errorf("add rule %s: %w", r, err)
 	}
@@ -216,7 +216,7 @@ func deleteRule(cmd *cobra.Command, g *cli.Globals, sel policy.ManualRule) error
 		var err error
 		removed, err = st.DeleteRules(sel)
 		return err
-	})
+	}, nil)
 	if err != nil {
 		return err
 	}

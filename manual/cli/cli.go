@@ -95,8 +95,10 @@ func (g *Globals) OpenState() (*store.DB, error) {
 
 // UpdateManual changes the manual state in the state file and the maps
 // together (manual.Update), opening and closing both: every change a tool
-// makes without an agent goes through here.
-func (g *Globals) UpdateManual(fn func(*manual.State) error) error {
+// makes without an agent goes through here. report, when not nil, runs after
+// a successful change with the maps still open, for messages that describe
+// the result.
+func (g *Globals) UpdateManual(fn func(*manual.State) error, report func(*bpf.Datapath)) error {
 	d, err := g.OpenDatapath()
 	if err != nil {
 		return err
@@ -107,8 +109,13 @@ func (g *Globals) UpdateManual(fn func(*manual.State) error) error {
 		return err
 	}
 	defer db.Close()
-	_, _, err = manual.Update(db, d, fn)
-	return err
+	if _, _, err := manual.Update(db, d, fn); err != nil {
+		return err
+	}
+	if report != nil {
+		report(d)
+	}
+	return nil
 }
 
 // OpenStateIfExists opens the state file, or returns nil when there is
