@@ -48,11 +48,13 @@ type benchCtValue struct {
 }
 
 type benchEndpoint struct {
-	_        structs.HostLayout
-	Identity uint32
-	Flags    uint32
-	Ipv4     [4]uint8
-	Ipv6     [16]uint8
+	_            structs.HostLayout
+	Identity     uint32
+	Flags        uint32
+	Ipv4         [4]uint8
+	Ipv6         [16]uint8
+	Pad          uint32
+	IdFlagsCache uint64
 }
 
 type benchFragKey struct {
@@ -80,6 +82,13 @@ type benchIpcacheValue struct {
 	_        structs.HostLayout
 	Identity uint32
 	Flags    uint32
+}
+
+type benchLocalPod struct {
+	_       structs.HostLayout
+	Ifindex uint32
+	Mac     [6]uint8
+	HostMac [6]uint8
 }
 
 type benchPolicyKey struct {
@@ -121,9 +130,11 @@ const (
 	benchMapFragments         = "fragments"
 	benchMapIdentities        = "identities"
 	benchMapIpcache           = "ipcache"
+	benchMapLocalPods         = "local_pods"
 	benchMapPolicy            = "policy"
 	benchMapStats             = "stats"
 	benchProgBenchBumpOnly    = "bench_bump_only"
+	benchProgBenchExpireOnly  = "bench_expire_only"
 	benchProgBenchNewFlow     = "bench_new_flow"
 	benchProgBenchNewFlowWarm = "bench_new_flow_warm"
 	benchProgFromPod          = "from_pod"
@@ -177,6 +188,7 @@ type benchSpecs struct {
 // It can be passed ebpf.CollectionSpec.Assign.
 type benchProgramSpecs struct {
 	BenchBumpOnly    *ebpf.ProgramSpec `ebpf:"bench_bump_only"`
+	BenchExpireOnly  *ebpf.ProgramSpec `ebpf:"bench_expire_only"`
 	BenchNewFlow     *ebpf.ProgramSpec `ebpf:"bench_new_flow"`
 	BenchNewFlowWarm *ebpf.ProgramSpec `ebpf:"bench_new_flow_warm"`
 	FromPod          *ebpf.ProgramSpec `ebpf:"from_pod"`
@@ -195,6 +207,7 @@ type benchMapSpecs struct {
 	Fragments  *ebpf.MapSpec `ebpf:"fragments"`
 	Identities *ebpf.MapSpec `ebpf:"identities"`
 	Ipcache    *ebpf.MapSpec `ebpf:"ipcache"`
+	LocalPods  *ebpf.MapSpec `ebpf:"local_pods"`
 	Policy     *ebpf.MapSpec `ebpf:"policy"`
 	Stats      *ebpf.MapSpec `ebpf:"stats"`
 }
@@ -237,6 +250,7 @@ type benchMaps struct {
 	Fragments  *ebpf.Map `ebpf:"fragments"`
 	Identities *ebpf.Map `ebpf:"identities"`
 	Ipcache    *ebpf.Map `ebpf:"ipcache"`
+	LocalPods  *ebpf.Map `ebpf:"local_pods"`
 	Policy     *ebpf.Map `ebpf:"policy"`
 	Stats      *ebpf.Map `ebpf:"stats"`
 }
@@ -251,6 +265,7 @@ func (m *benchMaps) Close() error {
 		m.Fragments,
 		m.Identities,
 		m.Ipcache,
+		m.LocalPods,
 		m.Policy,
 		m.Stats,
 	)
@@ -271,6 +286,7 @@ type benchVariables struct {
 // It can be passed to loadBenchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type benchPrograms struct {
 	BenchBumpOnly    *ebpf.Program `ebpf:"bench_bump_only"`
+	BenchExpireOnly  *ebpf.Program `ebpf:"bench_expire_only"`
 	BenchNewFlow     *ebpf.Program `ebpf:"bench_new_flow"`
 	BenchNewFlowWarm *ebpf.Program `ebpf:"bench_new_flow_warm"`
 	FromPod          *ebpf.Program `ebpf:"from_pod"`
@@ -280,6 +296,7 @@ type benchPrograms struct {
 func (p *benchPrograms) Close() error {
 	return _BenchClose(
 		p.BenchBumpOnly,
+		p.BenchExpireOnly,
 		p.BenchNewFlow,
 		p.BenchNewFlowWarm,
 		p.FromPod,

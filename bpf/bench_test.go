@@ -38,7 +38,7 @@ func BenchmarkDatapath(b *testing.B) {
 				drainEvents(b, p.d)
 			}
 			a := p.endpoint(0, Endpoint{Identity: idA, IPv4: ipA})
-			p.endpoint(1, Endpoint{Identity: idB, IPv4: ipB})
+			bIf := p.endpoint(1, Endpoint{Identity: idB, IPv4: ipB})
 			ms, err := benchRules(rules).Compile()
 			if err != nil {
 				b.Fatal(err)
@@ -75,6 +75,24 @@ func BenchmarkDatapath(b *testing.B) {
 			b.Run("new-warm", func(b *testing.B) {
 				benchRepeat(b, p, bench.BenchNewFlowWarm, syn.Frame(), a)
 			})
+			b.Run("new-warm-baseline", func(b *testing.B) {
+				benchRepeat(b, p, bench.BenchExpireOnly, syn.Frame(), a)
+			})
+			// B becomes a local pod: from_pod checks B's ingress too and
+			// hands the packet over, doing the work of both programs.
+			p.local(bIf, ipB)
+			b.Run("established-local", func(b *testing.B) {
+				if r, err := p.run(syn.Frame(), ScopeEgress, a, 0); err != nil || r.Drop() {
+					b.Fatalf("first packet: %s %v", r, err)
+				}
+				benchRepeat(b, p, p.d.objs.FromPod, ack.Frame(), a)
+			})
+			b.Run("new-warm-local", func(b *testing.B) {
+				benchRepeat(b, p, bench.BenchNewFlowWarm, syn.Frame(), a)
+			})
+			b.Run("new-warm-local-baseline", func(b *testing.B) {
+				benchRepeat(b, p, bench.BenchExpireOnly, syn.Frame(), a)
+			})
 		})
 	}
 }
@@ -101,7 +119,7 @@ func benchRepeat(b *testing.B, p *pair, prog *ebpf.Program, frame []byte, ifinde
 	var dur uint32
 	var err error
 	b.ResetTimer()
-	p.net.do(func() { _, dur, err = testRun(prog, frame, ifindex, 0, uint32(b.N)) })
+	p.net.do(func() { _, dur, err = testRun(prog, frame, ifindex, 0, uint32(b.N), nil) })
 	if err != nil {
 		b.Fatal(err)
 	}
@@ -109,7 +127,7 @@ func benchRepeat(b *testing.B, p *pair, prog *ebpf.Program, frame []byte, ifinde
 }
 
 // loadBenchProgs loads the benchmark programs onto the datapath's own maps.
-func loadBenchProgs(b *testing.B, d *Datapath) *benchObjects {
+func loadBenchProgs(b testing.TB, d *Datapath) *benchObjects {
 	spec, err := loadBench()
 	if err != nil {
 		b.Fatal(err)

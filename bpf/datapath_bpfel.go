@@ -48,11 +48,13 @@ type datapathCtValue struct {
 }
 
 type datapathEndpoint struct {
-	_        structs.HostLayout
-	Identity uint32
-	Flags    uint32
-	Ipv4     [4]uint8
-	Ipv6     [16]uint8
+	_            structs.HostLayout
+	Identity     uint32
+	Flags        uint32
+	Ipv4         [4]uint8
+	Ipv6         [16]uint8
+	Pad          uint32
+	IdFlagsCache uint64
 }
 
 type datapathEvent struct {
@@ -99,6 +101,13 @@ type datapathIpcacheValue struct {
 	_        structs.HostLayout
 	Identity uint32
 	Flags    uint32
+}
+
+type datapathLocalPod struct {
+	_       structs.HostLayout
+	Ifindex uint32
+	Mac     [6]uint8
+	HostMac [6]uint8
 }
 
 type datapathPolicyKey struct {
@@ -176,6 +185,7 @@ const (
 	datapathMapFragments    = "fragments"
 	datapathMapIdentities   = "identities"
 	datapathMapIpcache      = "ipcache"
+	datapathMapLocalPods    = "local_pods"
 	datapathMapPolicy       = "policy"
 	datapathMapStats        = "stats"
 	datapathProgFromPod     = "from_pod"
@@ -244,6 +254,7 @@ type datapathMapSpecs struct {
 	Fragments  *ebpf.MapSpec `ebpf:"fragments"`
 	Identities *ebpf.MapSpec `ebpf:"identities"`
 	Ipcache    *ebpf.MapSpec `ebpf:"ipcache"`
+	LocalPods  *ebpf.MapSpec `ebpf:"local_pods"`
 	Policy     *ebpf.MapSpec `ebpf:"policy"`
 	Stats      *ebpf.MapSpec `ebpf:"stats"`
 }
@@ -286,6 +297,7 @@ type datapathMaps struct {
 	Fragments  *ebpf.Map `ebpf:"fragments"`
 	Identities *ebpf.Map `ebpf:"identities"`
 	Ipcache    *ebpf.Map `ebpf:"ipcache"`
+	LocalPods  *ebpf.Map `ebpf:"local_pods"`
 	Policy     *ebpf.Map `ebpf:"policy"`
 	Stats      *ebpf.Map `ebpf:"stats"`
 }
@@ -300,6 +312,7 @@ func (m *datapathMaps) Close() error {
 		m.Fragments,
 		m.Identities,
 		m.Ipcache,
+		m.LocalPods,
 		m.Policy,
 		m.Stats,
 	)

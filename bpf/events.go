@@ -51,11 +51,24 @@ func hostPort(a netip.Addr, port uint16, p policy.Proto) string {
 
 // EventReader reads verdict events. A ring buffer has one consumer: while
 // an agent runs it owns the stream, and tools ask the agent for events.
+//
+// It consumes the ring in batches. A reader that takes each event as soon
+// as it is written shares the ring's positions and data with the producing
+// CPU line by line, and that cost lands on the packet: a new flow took 100
+// to 300 ns longer with such a reader than with none. So the reader drains
+// what is waiting once a batch has gathered (or the oldest event has waited
+// pollInterval), hands it out from memory, and leaves the ring alone in
+// between.
 type EventReader struct {
 	rd *ringbuf.Reader
 	// offset turns bpf_ktime_get_ns() into wall-clock time.
 	offset   time.Duration
 	deadline time.Time
+
+	rec       ringbuf.Record
+	batch     []datapathEvent
+	next      int
+	lastDrain time.Time
 }
 
 // Events opens the event stream.
@@ -69,42 +82,38 @@ func (d *Datapath) Events() (*EventReader, error) {
 		rd.Close()
 		return nil, err
 	}
-	return &EventReader{rd: rd, offset: time.Duration(time.Now().UnixNano() - int64(mono))}, nil
+	return &EventReader{rd: rd, offset: time.Duration(time.Now().UnixNano() - int64(mono)), lastDrain: time.Now()}, nil
 }
 
-// pollInterval bounds how long an event waits in the ring: the datapath
-// wakes readers only once a batch is waiting (see emit in datapath.c).
-const pollInterval = 100 * time.Millisecond
+const (
+	// pollInterval bounds how long an event waits in the ring.
+	pollInterval = 100 * time.Millisecond
+	// batchBytes is the waiting data that makes a batch; the datapath
+	// wakes a blocked reader when it crosses this (EVENTS_WAKEUP_BYTES in
+	// datapath.c).
+	batchBytes = 64 << 10
+	// pollStep is how often a reader with a partial batch looks again.
+	// At 80 bytes an event the 1 MiB ring holds 13,000 events: more than
+	// a million new flows a second fill it within one step.
+	pollStep = 10 * time.Millisecond
+	// recordBytes is one event in the ring: header and padded sample.
+	recordBytes = 8 + (int(unsafe.Sizeof(datapathEvent{}))+7)/8*8
+)
 
 // SetDeadline makes Read return os.ErrDeadlineExceeded after t; the zero
 // time waits for ever.
 func (r *EventReader) SetDeadline(t time.Time) { r.deadline = t }
 
-// Read blocks until an event arrives, the deadline passes or the reader is
-// closed (ringbuf.ErrClosed).
+// Read returns the next event. It blocks until one arrives, the deadline
+// passes or the reader is closed (ringbuf.ErrClosed).
 func (r *EventReader) Read() (Event, error) {
-	var rec ringbuf.Record
-	for {
-		wake := time.Now().Add(pollInterval)
-		if !r.deadline.IsZero() && r.deadline.Before(wake) {
-			wake = r.deadline
-		}
-		r.rd.SetDeadline(wake)
-		err := r.rd.ReadInto(&rec)
-		if err == nil {
-			break
-		}
-		if !errors.Is(err, os.ErrDeadlineExceeded) {
-			return Event{}, err
-		}
-		if !r.deadline.IsZero() && !time.Now().Before(r.deadline) {
+	for r.next >= len(r.batch) {
+		if err := r.fill(); err != nil {
 			return Event{}, err
 		}
 	}
-	k, err := decodeEvent(rec.RawSample)
-	if err != nil {
-		return Event{}, err
-	}
+	k := r.batch[r.next]
+	r.next++
 	return Event{
 		Time:    time.Unix(0, int64(k.Ts)+int64(r.offset)),
 		Ifindex: int(k.Ifindex),
@@ -117,6 +126,84 @@ func (r *EventReader) Read() (Event, error) {
 		Scope:   Scope(k.Scope),
 		Len:     k.Len,
 	}, nil
+}
+
+// fill waits until a batch is due and reads it from the ring.
+func (r *EventReader) fill() error {
+	r.batch, r.next = r.batch[:0], 0
+	for {
+		now := time.Now()
+		if !r.deadline.IsZero() && !now.Before(r.deadline) {
+			return os.ErrDeadlineExceeded
+		}
+		avail := r.rd.AvailableBytes()
+		due := r.lastDrain.Add(pollInterval)
+		if avail >= batchBytes || (avail > 0 && !now.Before(due)) {
+			return r.drain(avail)
+		}
+		if avail > 0 {
+			wake := now.Add(pollStep)
+			if due.Before(wake) {
+				wake = due
+			}
+			if !r.deadline.IsZero() && r.deadline.Before(wake) {
+				wake = r.deadline
+			}
+			time.Sleep(wake.Sub(now))
+			continue
+		}
+		// Nothing waits: block until the datapath wakes us for a batch,
+		// or for the poll interval, which catches a trickle of events
+		// too small to wake anyone.
+		wake := now.Add(pollInterval)
+		if !r.deadline.IsZero() && r.deadline.Before(wake) {
+			wake = r.deadline
+		}
+		r.rd.SetDeadline(wake)
+		err := r.rd.ReadInto(&r.rec)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			r.lastDrain = time.Now()
+			continue
+		}
+		if err != nil {
+			return err
+		}
+		if err := r.keep(r.rec.RawSample); err != nil {
+			return err
+		}
+		return r.drain(r.rec.Remaining)
+	}
+}
+
+// drain reads the records that were waiting when it was called, about
+// avail bytes, and not the ones written meanwhile: chasing the producer is
+// what the batching avoids.
+func (r *EventReader) drain(avail int) error {
+	r.lastDrain = time.Now()
+	// The deadline only matters when the ring runs dry under us.
+	r.rd.SetDeadline(r.lastDrain)
+	for n := 0; n < avail; n += recordBytes {
+		err := r.rd.ReadInto(&r.rec)
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			break
+		}
+		if err != nil {
+			return err
+		}
+		if err := r.keep(r.rec.RawSample); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+func (r *EventReader) keep(raw []byte) error {
+	k, err := decodeEvent(raw)
+	if err != nil {
+		return err
+	}
+	r.batch = append(r.batch, k)
+	return nil
 }
 
 // decodeEvent reads struct event field by field: binary.Read's reflection

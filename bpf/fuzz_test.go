@@ -35,6 +35,10 @@ func FuzzDatapath(f *testing.F) {
 		p.endpoint(2, Endpoint{Identity: 70000, IPv4: netip.MustParseAddr("10.13.0.4"), IPv6: netip.MustParseAddr("fd13::4")}),
 		p.net.ifindex[3], // a veth with programs but no endpoint
 	}
+	// Two of the three pods take packets from_pod delivers itself; the
+	// third is reached through routing.
+	p.local(eps[0], netip.MustParseAddr("10.13.0.2"), netip.MustParseAddr("fd13::2"))
+	p.local(eps[1], netip.MustParseAddr("10.13.0.3"), netip.MustParseAddr("fd13::3"))
 	p.ipcache(netip.MustParsePrefix("10.20.0.0/16"), 16777300)
 	p.ipcache(netip.MustParsePrefix("10.20.5.5/32"), 70001)
 	p.ipcache(netip.MustParsePrefix("fd20::/64"), 16777301)
@@ -44,7 +48,7 @@ func FuzzDatapath(f *testing.F) {
 		p.t = t
 		resetKernel(t, p.d)
 		p.ref = reference.New()
-		p.ref.Endpoints, p.ref.IPCache = fixed.Endpoints, fixed.IPCache
+		p.ref.Endpoints, p.ref.IPCache, p.ref.Local = fixed.Endpoints, fixed.IPCache, fixed.Local
 		in := &fuzzInput{b: data}
 		set := in.policySet()
 		p.policy(set)

@@ -4,6 +4,7 @@ import (
 	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 	"runtime"
 	"testing"
@@ -133,16 +134,17 @@ type progRunAttr struct {
 // testRun runs prog on frame as if it arrived on ifindex (having come in on
 // ingressIfindex), repeat times, and returns the program's return value and
 // the kernel's own time per run. Unlike ebpf.Program.Benchmark it takes a
-// context, which the datapath needs for the ifindex.
-func testRun(prog *ebpf.Program, frame []byte, ifindex, ingressIfindex int, repeat uint32) (uint32, uint32, error) {
+// context, which the datapath needs for the ifindex. The frame as the
+// program left it goes to out, when out is not nil.
+func testRun(prog *ebpf.Program, frame []byte, ifindex, ingressIfindex int, repeat uint32, out *[]byte) (uint32, uint32, error) {
 	ctx := skbCtx{Ifindex: uint32(ifindex), IngressIfindex: uint32(ingressIfindex)}
-	out := make([]byte, len(frame)+256)
+	buf := make([]byte, len(frame)+256)
 	attr := progRunAttr{
 		progFd:      uint32(prog.FD()),
 		dataSizeIn:  uint32(len(frame)),
-		dataSizeOut: uint32(len(out)),
+		dataSizeOut: uint32(len(buf)),
 		dataIn:      uint64(uintptr(unsafe.Pointer(&frame[0]))),
-		dataOut:     uint64(uintptr(unsafe.Pointer(&out[0]))),
+		dataOut:     uint64(uintptr(unsafe.Pointer(&buf[0]))),
 		repeat:      repeat,
 		ctxSizeIn:   uint32(unsafe.Sizeof(ctx)),
 		ctxIn:       uint64(uintptr(unsafe.Pointer(&ctx))),
@@ -150,13 +152,16 @@ func testRun(prog *ebpf.Program, frame []byte, ifindex, ingressIfindex int, repe
 	for {
 		_, _, errno := unix.Syscall(unix.SYS_BPF, unix.BPF_PROG_TEST_RUN, uintptr(unsafe.Pointer(&attr)), unsafe.Sizeof(attr))
 		runtime.KeepAlive(frame)
-		runtime.KeepAlive(out)
+		runtime.KeepAlive(buf)
 		runtime.KeepAlive(&ctx)
 		if errno == unix.EINTR {
 			continue
 		}
 		if errno != 0 {
 			return 0, 0, fmt.Errorf("BPF_PROG_TEST_RUN: %w", errno)
+		}
+		if out != nil {
+			*out = buf[:attr.dataSizeOut]
 		}
 		return attr.retval, attr.duration, nil
 	}
@@ -191,6 +196,27 @@ func (p *pair) endpoint(i int, ep Endpoint) int {
 	return ifindex
 }
 
+// local makes the endpoint on ifindex a local pod that from_pod delivers
+// to, at each of its addresses, as the CNI plugin does.
+func (p *pair) local(ifindex int, addrs ...netip.Addr) {
+	p.t.Helper()
+	for _, a := range addrs {
+		if err := p.d.PutLocalPod(a, LocalPod{Ifindex: ifindex, MAC: podMAC(ifindex), HostMAC: hostMAC(ifindex)}); err != nil {
+			p.t.Fatal(err)
+		}
+		p.ref.Local[a] = ifindex
+	}
+}
+
+// podMAC and hostMAC are the MAC addresses the tests give a local pod's
+// interface and its host veth.
+func podMAC(ifindex int) net.HardwareAddr {
+	return net.HardwareAddr{0x02, 0xaa, 0, 0, 0, byte(ifindex)}
+}
+func hostMAC(ifindex int) net.HardwareAddr {
+	return net.HardwareAddr{0x02, 0xbb, 0, 0, 0, byte(ifindex)}
+}
+
 func (p *pair) ipcache(pfx netip.Prefix, id identity.ID) {
 	p.t.Helper()
 	if err := p.d.PutIPCache(pfx, id); err != nil {
@@ -216,12 +242,24 @@ func (p *pair) policy(s *policy.Set) {
 // reason both gave.
 func (p *pair) send(frame []byte, scope Scope, ifindex, ingressIfindex int) Reason {
 	p.t.Helper()
-	got, err := p.run(frame, scope, ifindex, ingressIfindex)
+	return p.sendFull(frame, scope, ifindex, ingressIfindex).reason
+}
+
+// sendFull is send, with the local pod's ingress check that from_pod may
+// have made too.
+func (p *pair) sendFull(frame []byte, scope Scope, ifindex, ingressIfindex int) outcome {
+	p.t.Helper()
+	got, err := p.exec(frame, scope, ifindex, ingressIfindex)
 	if err != nil {
 		p.t.Fatal(err)
 	}
-	want := Reason(p.ref.Process(frame, reference.Scope(scope), ifindex, ingressIfindex))
-	if got != want {
+	v := p.ref.Process(frame, reference.Scope(scope), ifindex, ingressIfindex)
+	want := outcome{reason: Reason(v.Reason), ingress: noCheck}
+	if v.To != 0 {
+		want.ingress = Reason(v.Ingress)
+	}
+	want.delivered = v.Delivered()
+	if got.reason != want.reason || got.ingress != want.ingress || got.delivered != want.delivered {
 		p.t.Fatalf("datapath says %s, reference says %s for %s packet on ifindex %d (from %d):\n% x", got, want, scope, ifindex, ingressIfindex, frame)
 	}
 	return got
@@ -244,10 +282,39 @@ func refused(frame []byte) bool {
 	return false
 }
 
-// run runs the kernel program and returns the reason it counted.
+// outcome is what one run of a program did, as its return value and the
+// counters tell.
+type outcome struct {
+	reason Reason // the hook's own check
+	// ingress is the local pod's ingress check from_pod made on the way
+	// to it, noCheck when it made none.
+	ingress   Reason
+	delivered bool // handed to the local pod (TC_ACT_REDIRECT)
+	out       []byte
+}
+
+const noCheck Reason = 255
+
+func (o outcome) String() string {
+	if o.ingress == noCheck {
+		return o.reason.String()
+	}
+	return fmt.Sprintf("%s, then %s at the local pod (delivered %t)", o.reason, o.ingress, o.delivered)
+}
+
+// run runs the kernel program and returns the reason it counted for the
+// hook's own check.
 func (p *pair) run(frame []byte, scope Scope, ifindex, ingressIfindex int) (Reason, error) {
+	o, err := p.exec(frame, scope, ifindex, ingressIfindex)
+	return o.reason, err
+}
+
+// exec runs the kernel program and reads what it did from its return value
+// and the counters of both scopes.
+func (p *pair) exec(frame []byte, scope Scope, ifindex, ingressIfindex int) (outcome, error) {
+	o := outcome{reason: noCheck, ingress: noCheck}
 	if refused(frame) {
-		return 0, errRefused
+		return o, errRefused
 	}
 	prog := p.d.objs.FromPod
 	if scope == ScopeIngress {
@@ -255,30 +322,39 @@ func (p *pair) run(frame []byte, scope Scope, ifindex, ingressIfindex int) (Reas
 	}
 	before, err := p.d.Counters()
 	if err != nil {
-		return 0, err
+		return o, err
 	}
 	var ret uint32
 	var runErr error
-	p.net.do(func() { ret, _, runErr = testRun(prog, frame, ifindex, ingressIfindex, 1) })
+	p.net.do(func() { ret, _, runErr = testRun(prog, frame, ifindex, ingressIfindex, 1, &o.out) })
 	if runErr != nil {
-		return 0, runErr
+		return o, runErr
 	}
 	after, err := p.d.Counters()
 	if err != nil {
-		return 0, err
+		return o, err
 	}
-	var reason Reason = 255
 	for k, c := range after {
-		if k.Scope == scope && c.Packets != before[k].Packets {
-			reason = k.Reason
+		if c.Packets == before[k].Packets {
+			continue
+		}
+		if k.Scope == scope {
+			o.reason = k.Reason
+		} else {
+			o.ingress = k.Reason
 		}
 	}
+	const tcActRedirect = 7
 	wantRet := uint32(0)
-	if reason.Drop() {
+	switch {
+	case o.reason.Drop() || (o.ingress != noCheck && o.ingress.Drop()):
 		wantRet = 2
+	case o.ingress != noCheck:
+		wantRet = tcActRedirect
+		o.delivered = true
 	}
 	if ret != wantRet {
-		return reason, fmt.Errorf("program returned %d but counted %s", int32(ret), reason)
+		return o, fmt.Errorf("program returned %d but counted %s", int32(ret), o)
 	}
-	return reason, nil
+	return o, nil
 }

@@ -186,7 +186,8 @@ func (d *Datapath) mapFields() map[string]**ebpf.Map {
 	return map[string]**ebpf.Map{
 		"config": &m.Config, "conntrack": &m.Conntrack, "counters": &m.Counters,
 		"endpoints": &m.Endpoints, "events": &m.Events, "fragments": &m.Fragments,
-		"identities": &m.Identities, "ipcache": &m.Ipcache, "policy": &m.Policy, "stats": &m.Stats,
+		"identities": &m.Identities, "ipcache": &m.Ipcache, "local_pods": &m.LocalPods, "policy": &m.Policy,
+		"stats": &m.Stats,
 	}
 }
 

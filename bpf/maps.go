@@ -1,8 +1,10 @@
 package bpf
 
 import (
+	"bytes"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 
 	"github.com/cilium/ebpf"
@@ -57,6 +59,67 @@ func (d *Datapath) Endpoints() (map[int]Endpoint, error) {
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list endpoints: %w", err)
+	}
+	return out, nil
+}
+
+// LocalPod is where from_pod hands packets for a pod on this node, past the
+// node's routing: the pod's host veth, the pod interface's MAC address and
+// the host veth's (the pod's gateway).
+type LocalPod struct {
+	Ifindex int              `json:"ifindex"`
+	MAC     net.HardwareAddr `json:"mac"`
+	HostMAC net.HardwareAddr `json:"hostMAC"`
+}
+
+// PutLocalPod makes from_pod deliver packets for a directly to lp.
+func (d *Datapath) PutLocalPod(a netip.Addr, lp LocalPod) error {
+	if !a.IsValid() {
+		return fmt.Errorf("local pod: invalid address")
+	}
+	if lp.Ifindex <= 0 || len(lp.MAC) != 6 || len(lp.HostMAC) != 6 {
+		return fmt.Errorf("local pod %s: need an ifindex and two 6-byte MAC addresses, got %d, %q, %q", a, lp.Ifindex, lp.MAC, lp.HostMAC)
+	}
+	v := datapathLocalPod{Ifindex: uint32(lp.Ifindex)}
+	copy(v.Mac[:], lp.MAC)
+	copy(v.HostMac[:], lp.HostMAC)
+	k := addr16(a)
+	if err := d.objs.LocalPods.Update(&k, &v, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("write local pod %s: %w", a, mapFull(err, "local_pods"))
+	}
+	return nil
+}
+
+// DeleteLocalPod removes a's entry if it still names the host veth
+// ifindex: the kernel reuses addresses, and the entry may be another pod's
+// by now. A missing entry is not an error.
+func (d *Datapath) DeleteLocalPod(a netip.Addr, ifindex int) error {
+	k := addr16(a)
+	var v datapathLocalPod
+	err := d.objs.LocalPods.Lookup(&k, &v)
+	if errors.Is(err, ebpf.ErrKeyNotExist) || (err == nil && int(v.Ifindex) != ifindex) {
+		return nil
+	}
+	if err == nil {
+		err = d.objs.LocalPods.Delete(&k)
+	}
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("delete local pod %s: %w", a, err)
+	}
+	return nil
+}
+
+// LocalPods returns every local pod entry by address.
+func (d *Datapath) LocalPods() (map[netip.Addr]LocalPod, error) {
+	out := map[netip.Addr]LocalPod{}
+	var k [16]byte
+	var v datapathLocalPod
+	it := d.objs.LocalPods.Iterate()
+	for it.Next(&k, &v) {
+		out[addrFrom16(k)] = LocalPod{Ifindex: int(v.Ifindex), MAC: bytes.Clone(v.Mac[:]), HostMAC: bytes.Clone(v.HostMac[:])}
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list local pods: %w", err)
 	}
 	return out, nil
 }

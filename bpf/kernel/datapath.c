@@ -18,6 +18,10 @@
 
 #include "idcni.h"
 
+#ifndef offsetof
+#define offsetof(t, m) __builtin_offsetof(t, m)
+#endif
+
 char __license[] SEC("license") = "Dual MIT/GPL";
 
 #define NSEC 1000000000ULL
@@ -57,6 +61,17 @@ struct {
 	__uint(max_entries, 16384);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } endpoints SEC(".maps");
+
+/* Pods on this node that from_pod delivers to directly, by address
+ * (IPv4-mapped like the ipcache). Only the CNI plugin writes it: a pod
+ * without an entry is reached through the node's routing. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, __u8[16]);
+	__type(value, struct local_pod);
+	__uint(max_entries, 16384);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} local_pods SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -134,7 +149,7 @@ struct pkt {
 	__u8 proto;
 	__u8 family;
 	__u8 tcp_flags;
-	__u8 pad;
+	__u8 ttl; /* or hop limit */
 };
 
 enum parse_result {
@@ -262,6 +277,7 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p, void
 		return PARSE_MALFORMED;
 	p->family = 4;
 	p->proto = ip->protocol;
+	p->ttl = ip->ttl;
 	p->saddr[2] = bpf_htonl(0xffff);
 	p->saddr[3] = ip->saddr;
 	p->daddr[2] = bpf_htonl(0xffff);
@@ -291,6 +307,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p, void
 	if (payload == 0 || payload + sizeof(*ip6) + ETH_HLEN > skb->len)
 		return PARSE_MALFORMED;
 	p->family = 6;
+	p->ttl = ip6->hop_limit;
 	__builtin_memcpy(p->saddr, &ip6->saddr, 16);
 	__builtin_memcpy(p->daddr, &ip6->daddr, 16);
 	nexthdr = ip6->nexthdr;
@@ -380,18 +397,19 @@ static __always_inline __u32 ipcache_identity(const __u32 *addr)
 	return v ? v->identity : ID_WORLD;
 }
 
-/* decide checks one side of a packet against the policy map. meta packs
- * direction (bits 0-1), deny-only (bit 2), protocol (8-15) and destination
- * port (16-31) to stay within the five arguments of a BPF call. It returns
- * a reason: ALLOW_RULE, ALLOW_OPEN, DROP_DENY or DROP_NO_RULE. */
-__noinline int decide(__u32 subject, __u32 peer, __u32 meta)
+/* subject_flags returns the identity flags of the endpoint's identity.
+ * The endpoint keeps a copy stamped with the policy revision it was read
+ * under; every change to the identities map bumps the revision after it,
+ * so a matching stamp is current and a new flow skips the lookup. The
+ * revision is read before the map, so a copy read during a change is
+ * stamped old and read again. */
+static __always_inline __u32 subject_flags(struct endpoint *ep, __u32 rev)
 {
-	__u8 dir = meta & 3, deny_only = meta & 4, proto = (meta >> 8) & 0xff;
-	__u16 dport = meta >> 16;
-	struct policy_key k = { .subject = subject, .dir = dir };
-	int allow = 0, deny = 0, iso, ports = has_ports(proto), any_peer, any_proto;
-	__u32 flags, *f;
+	__u64 cache = ep->id_flags_cache;
+	__u32 flags, subject = ep->identity, *f;
 
+	if (rev && (__u32)(cache >> 32) == rev)
+		return (__u32)cache;
 	f = bpf_map_lookup_elem(&identities, &subject);
 	if (f) {
 		flags = *f;
@@ -401,6 +419,22 @@ __noinline int decide(__u32 subject, __u32 peer, __u32 meta)
 		if ((subject >= ID_MIN_MANUAL && subject <= ID_MAX_MANUAL) || subject == ID_UNRESOLVED)
 			flags |= IDF_ISO_INGRESS | IDF_ISO_EGRESS;
 	}
+	ep->id_flags_cache = (__u64)rev << 32 | flags;
+	return flags;
+}
+
+/* decide checks one side of a packet against the policy map. flags are
+ * the subject identity's (subject_flags). meta packs direction (bits 0-1),
+ * deny-only (bit 2), protocol (8-15) and destination port (16-31) to stay
+ * within the five arguments of a BPF call. It returns a reason: ALLOW_RULE,
+ * ALLOW_OPEN, DROP_DENY or DROP_NO_RULE. */
+__noinline int decide(__u32 subject, __u32 peer, __u32 meta, __u32 flags)
+{
+	__u8 dir = meta & 3, deny_only = meta & 4, proto = (meta >> 8) & 0xff;
+	__u16 dport = meta >> 16;
+	struct policy_key k = { .subject = subject, .dir = dir };
+	int allow = 0, deny = 0, iso, ports = has_ports(proto), any_peer, any_proto;
+
 	iso = dir == DIR_INGRESS ? flags & IDF_ISO_INGRESS : flags & IDF_ISO_EGRESS;
 	if (!(flags & (dir == DIR_INGRESS ? IDF_RULES_INGRESS : IDF_RULES_EGRESS)))
 		return iso && !deny_only ? REASON_DROP_NO_RULE : REASON_ALLOW_OPEN;
@@ -474,8 +508,8 @@ static __always_inline void trace(struct pkt *p, __u32 src, __u32 dst, int reaso
 	}
 }
 
-static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u32 src, __u32 dst, int reason,
-				 __u8 scope)
+static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u32 ifindex, __u32 src, __u32 dst,
+				 int reason, __u8 scope, __u64 now)
 {
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	__u64 avail;
@@ -484,8 +518,8 @@ static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u32 src
 		stat_inc(STAT_EVENT_LOST);
 		return;
 	}
-	e->ts = bpf_ktime_get_ns();
-	e->ifindex = skb->ifindex;
+	e->ts = now ? now : bpf_ktime_get_ns();
+	e->ifindex = ifindex;
 	e->src_identity = src;
 	e->dst_identity = dst;
 	e->len = skb->len;
@@ -508,10 +542,11 @@ static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u32 src
 				      : BPF_RB_NO_WAKEUP);
 }
 
-/* finish counts, traces and reports a verdict and returns the TC action.
- * Events go out for every drop and for the first packet of every flow. */
-static __always_inline int finish(struct __sk_buff *skb, struct pkt *p, struct config *cfg, __u32 subject,
-				  __u32 peer, int reason, __u8 scope, int event)
+/* report counts, traces and reports the verdict of one hook on ifindex and
+ * returns its reason. Events go out for every drop and for the first packet
+ * of every flow; now is 0 where the clock was not read yet. */
+static __always_inline int report(struct __sk_buff *skb, struct pkt *p, struct config *cfg, __u32 ifindex,
+				  __u32 subject, __u32 peer, int reason, __u8 scope, int event, __u64 now)
 {
 	__u32 src = scope == SCOPE_EGRESS ? subject : peer;
 	__u32 dst = scope == SCOPE_EGRESS ? peer : subject;
@@ -520,8 +555,8 @@ static __always_inline int finish(struct __sk_buff *skb, struct pkt *p, struct c
 	if (cfg && cfg->debug)
 		trace(p, src, dst, reason);
 	if (event || is_drop(reason))
-		emit(skb, p, src, dst, reason, scope);
-	return is_drop(reason) ? TC_ACT_SHOT : TC_ACT_OK;
+		emit(skb, p, ifindex, src, dst, reason, scope, now);
+	return reason;
 }
 
 static __always_inline void ct_touch(struct ct_value *ct, struct pkt *p, __u64 now, int reply)
@@ -553,16 +588,175 @@ static __always_inline void ct_touch(struct ct_value *ct, struct pkt *p, __u64 n
 	}
 }
 
-static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
+/* CHECK_STACK is check()'s answer when a packet would start a flow at a
+ * hook that from_pod runs on a local pod's behalf: see handle(). */
+#define CHECK_STACK -1
+
+/* check decides a parsed packet at one hook of the endpoint ep on ifindex
+ * and reports the verdict as that hook. from_host says the node's own stack
+ * sent the packet. With no_new, a packet that would start a flow is neither
+ * decided nor reported: check returns CHECK_STACK. It leaves the flow's
+ * conntrack flags in ct_flags, and for a new flow leaving a pod, the local
+ * pod it goes to (or NULL) in lpp. */
+static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct config *cfg, __u32 rev,
+				 __u32 ifindex, struct endpoint *ep, const __u8 scope, int from_host, __u64 now,
+				 int no_new, __u32 *ct_flags, struct local_pod **lpp)
 {
+	__u32 subject = ep->identity;
 	const __u8 dir = scope == SCOPE_EGRESS ? DIR_EGRESS : DIR_INGRESS;
 	const __u8 rdir = scope == SCOPE_EGRESS ? DIR_INGRESS : DIR_EGRESS;
-	struct pkt p = {};
 	struct ct_key k = {};
 	struct ct_value *ct, nct = {};
-	struct endpoint *ep;
+	__u32 peer = ID_ANY;
+	int reason;
+
+#define PEER()                                                                                 \
+	({                                                                                     \
+		if (peer == ID_ANY)                                                            \
+			peer = scope == SCOPE_EGRESS ? ipcache_identity(p->daddr)              \
+			       : from_host	     ? ID_HOST                                 \
+						     : ipcache_identity(p->saddr);             \
+		peer;                                                                          \
+	})
+
+	__builtin_memcpy(k.saddr, p->saddr, 16);
+	__builtin_memcpy(k.daddr, p->daddr, 16);
+	k.sport = p->sport;
+	k.dport = p->dport;
+	k.proto = p->proto;
+	k.scope = scope;
+	ct = bpf_map_lookup_elem(&conntrack, &k);
+	if (ct && ct->expires > now &&
+	    !((ct->flags & CT_F_CLOSING) && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)) {
+		if (ct->rev != rev && !(ct->flags & CT_F_HOST)) {
+			reason = decide(subject, PEER(), dir | (__u32)p->proto << 8 | (__u32)p->dport << 16, subject_flags(ep, rev));
+			if (is_drop(reason)) {
+				bpf_map_delete_elem(&conntrack, &k);
+				return report(skb, p, cfg, ifindex, subject, peer, REASON_DROP_REVOKED, scope, 1, now);
+			}
+			ct->rev = rev;
+		}
+		ct_touch(ct, p, now, 0);
+		*ct_flags = ct->flags;
+		return report(skb, p, cfg, ifindex, subject, cfg && cfg->debug ? PEER() : peer,
+			      REASON_ALLOW_ESTABLISHED, scope, 0, now);
+	}
+
+	/* A reply is the reverse tuple admitted by this same endpoint's other
+	 * hook. A bare SYN opens a connection and is never a reply, which
+	 * spares new TCP flows the lookup. */
+	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
+		goto new_flow;
+	__builtin_memcpy(k.saddr, p->daddr, 16);
+	__builtin_memcpy(k.daddr, p->saddr, 16);
+	k.sport = p->dport;
+	k.dport = p->sport;
+	k.scope = scope ^ 1;
+	ct = bpf_map_lookup_elem(&conntrack, &k);
+	if (ct && ct->expires > now) {
+		if (!(ct->flags & CT_F_HOST)) {
+			if (ct->rev != rev) {
+				reason = decide(subject, PEER(), rdir | (__u32)p->proto << 8 | (__u32)p->sport << 16,
+						 subject_flags(ep, rev));
+				if (is_drop(reason)) {
+					bpf_map_delete_elem(&conntrack, &k);
+					return report(skb, p, cfg, ifindex, subject, peer, REASON_DROP_REVOKED, scope,
+						      1, now);
+				}
+				ct->rev = rev;
+			}
+			/* Deny rules hold for replies too; the answer is kept per
+			 * revision so replies cost one lookup. */
+			if (ct->reply_rev != rev || ct->reply_rev == 0) {
+				reason = decide(subject, PEER(), dir | 4 | (__u32)p->proto << 8 | (__u32)p->dport << 16,
+						 subject_flags(ep, rev));
+				if (reason == REASON_DROP_DENY)
+					ct->flags |= CT_F_REPLY_DENIED;
+				else
+					ct->flags &= ~CT_F_REPLY_DENIED;
+				ct->reply_rev = rev;
+			}
+			if (ct->flags & CT_F_REPLY_DENIED)
+				return report(skb, p, cfg, ifindex, subject, PEER(), REASON_DROP_DENY, scope, 0, now);
+		}
+		ct_touch(ct, p, now, 1);
+		*ct_flags = ct->flags;
+		return report(skb, p, cfg, ifindex, subject, cfg && cfg->debug ? PEER() : peer, REASON_ALLOW_REPLY,
+			      scope, 0, now);
+	}
+
+new_flow:
+	if (no_new)
+		return CHECK_STACK;
+	/* A new flow. The local node may always reach its pods (kubelet
+	 * probes), and the flow's replies then pass as such. */
+	if (scope == SCOPE_INGRESS && PEER() == ID_HOST) {
+		reason = REASON_ALLOW_HOST;
+		nct.flags = CT_F_HOST;
+	} else {
+		reason = decide(subject, PEER(), dir | (__u32)p->proto << 8 | (__u32)p->dport << 16, subject_flags(ep, rev));
+	}
+	if (!is_drop(reason)) {
+		/* Where do this flow's packets leaving a pod go: to the local
+		 * pod at its far end, or to routing? Asked once, here, so its
+		 * packets after this one skip the question when the answer is
+		 * routing. A pod that appears at that address later is reached
+		 * through routing (and to_pod) until the flow ends. */
+		if (scope == SCOPE_EGRESS)
+			*lpp = bpf_map_lookup_elem(&local_pods, p->daddr);
+		if (scope == SCOPE_EGRESS ? !*lpp : !bpf_map_lookup_elem(&local_pods, p->saddr))
+			nct.flags |= CT_F_ROUTED;
+		*ct_flags = nct.flags;
+		__builtin_memcpy(k.saddr, p->saddr, 16);
+		__builtin_memcpy(k.daddr, p->daddr, 16);
+		k.sport = p->sport;
+		k.dport = p->dport;
+		k.scope = scope;
+		nct.rev = rev;
+		nct.subject = subject;
+		nct.peer = peer;
+		ct_touch(&nct, p, now, 0);
+		if (bpf_map_update_elem(&conntrack, &k, &nct, BPF_ANY))
+			stat_inc(STAT_CT_INSERT_FAIL);
+	}
+	return report(skb, p, cfg, ifindex, subject, peer, reason, scope, 1, now);
+#undef PEER
+}
+
+/* deliver hands a packet from_pod allowed straight to the local pod behind
+ * lp, past the node's routing and the pod's own to_pod (whose check from_pod
+ * made): as routing would, it rewrites the Ethernet addresses and counts
+ * the hop. The helpers write only those bytes: a direct packet write would
+ * make the verifier unclone every packet's head first, which is what the
+ * pull in parse() avoids. */
+static __always_inline int deliver(struct __sk_buff *skb, struct pkt *p, struct local_pod *lp)
+{
+	if (bpf_skb_store_bytes(skb, 0, lp->mac, 12, 0))
+		return TC_ACT_SHOT;
+	if (p->family == 4) {
+		__u16 old = bpf_htons((__u16)p->ttl << 8 | p->proto);
+		__u16 new = bpf_htons((__u16)(p->ttl - 1) << 8 | p->proto);
+		__u8 ttl = p->ttl - 1;
+
+		if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old, new, 2) ||
+		    bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, ttl), &ttl, 1, 0))
+			return TC_ACT_SHOT;
+	} else {
+		__u8 hops = p->ttl - 1;
+
+		if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, hop_limit), &hops, 1, 0))
+			return TC_ACT_SHOT;
+	}
+	return bpf_redirect_peer(lp->ifindex, 0);
+}
+
+static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
+{
+	struct pkt p = {};
+	struct endpoint *ep, *dep;
+	struct local_pod *lp = NULL;
 	struct config *cfg;
-	__u32 zero = 0, ifindex = skb->ifindex, subject, peer = ID_ANY, rev;
+	__u32 zero = 0, ifindex = skb->ifindex, rev, dst_ifindex, ct_flags = 0, dst_ct_flags = 0;
 	__u64 now;
 	int ret, reason;
 
@@ -577,116 +771,63 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	}
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	rev = cfg ? cfg->rev : 0;
-	if (ret == PARSE_MALFORMED)
-		return finish(skb, &p, cfg, 0, 0, REASON_DROP_MALFORMED, scope, 1);
+	if (ret == PARSE_MALFORMED) {
+		report(skb, &p, cfg, ifindex, 0, 0, REASON_DROP_MALFORMED, scope, 1, 0);
+		return TC_ACT_SHOT;
+	}
 	ep = bpf_map_lookup_elem(&endpoints, &ifindex);
-	if (!ep)
-		return finish(skb, &p, cfg, 0, 0, REASON_DROP_NO_ENDPOINT, scope, 1);
-	subject = ep->identity;
-
-#define PEER()                                                                                 \
-	({                                                                                     \
-		if (peer == ID_ANY)                                                            \
-			peer = scope == SCOPE_EGRESS ? ipcache_identity(p.daddr)               \
-			       : skb->ingress_ifindex == 0 ? ID_HOST                            \
-							   : ipcache_identity(p.saddr);        \
-		peer;                                                                          \
-	})
-
+	if (!ep) {
+		report(skb, &p, cfg, ifindex, 0, 0, REASON_DROP_NO_ENDPOINT, scope, 1, 0);
+		return TC_ACT_SHOT;
+	}
 	if (scope == SCOPE_EGRESS) {
 		int ok = p.family == 4 ? (ep->flags & EP_HAS_V4) && p.saddr[3] == *(__u32 *)ep->ipv4
 				       : (ep->flags & EP_HAS_V6) && !__builtin_memcmp(p.saddr, ep->ipv6, 16);
-		if (!ok)
-			return finish(skb, &p, cfg, subject, PEER(), REASON_DROP_SPOOF, scope, 1);
+		if (!ok) {
+			report(skb, &p, cfg, ifindex, ep->identity, ipcache_identity(p.daddr), REASON_DROP_SPOOF,
+			       scope, 1, 0);
+			return TC_ACT_SHOT;
+		}
 	}
-	if (ret == PARSE_FRAG_UNKNOWN)
-		return finish(skb, &p, cfg, subject, PEER(), REASON_DROP_FRAG, scope, 1);
+	if (ret == PARSE_FRAG_UNKNOWN) {
+		report(skb, &p, cfg, ifindex, ep->identity,
+		       scope == SCOPE_EGRESS	      ? ipcache_identity(p.daddr)
+		       : skb->ingress_ifindex == 0 ? ID_HOST
+						   : ipcache_identity(p.saddr),
+		       REASON_DROP_FRAG, scope, 1, 0);
+		return TC_ACT_SHOT;
+	}
 
 	now = bpf_ktime_get_ns();
-	__builtin_memcpy(k.saddr, p.saddr, 16);
-	__builtin_memcpy(k.daddr, p.daddr, 16);
-	k.sport = p.sport;
-	k.dport = p.dport;
-	k.proto = p.proto;
-	k.scope = scope;
-	ct = bpf_map_lookup_elem(&conntrack, &k);
-	if (ct && ct->expires > now &&
-	    !((ct->flags & CT_F_CLOSING) && (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)) {
-		if (ct->rev != rev && !(ct->flags & CT_F_HOST)) {
-			reason = decide(subject, PEER(), dir | (__u32)p.proto << 8 | (__u32)p.dport << 16);
-			if (is_drop(reason)) {
-				bpf_map_delete_elem(&conntrack, &k);
-				return finish(skb, &p, cfg, subject, peer, REASON_DROP_REVOKED, scope, 1);
-			}
-			ct->rev = rev;
-		}
-		ct_touch(ct, &p, now, 0);
-		return finish(skb, &p, cfg, subject, cfg && cfg->debug ? PEER() : peer, REASON_ALLOW_ESTABLISHED,
-			      scope, 0);
-	}
+	reason = check(skb, &p, cfg, rev, ifindex, ep, scope, scope == SCOPE_INGRESS && skb->ingress_ifindex == 0,
+		       now, 0, &ct_flags, &lp);
+	if (is_drop(reason))
+		return TC_ACT_SHOT;
+	if (scope == SCOPE_INGRESS || (ct_flags & CT_F_ROUTED))
+		return TC_ACT_OK;
 
-	/* A reply is the reverse tuple admitted by this same endpoint's other
-	 * hook. A bare SYN opens a connection and is never a reply, which
-	 * spares new TCP flows the lookup. */
-	if (p.proto == IPPROTO_TCP && (p.tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
-		goto new_flow;
-	__builtin_memcpy(k.saddr, p.daddr, 16);
-	__builtin_memcpy(k.daddr, p.saddr, 16);
-	k.sport = p.dport;
-	k.dport = p.sport;
-	k.scope = scope ^ 1;
-	ct = bpf_map_lookup_elem(&conntrack, &k);
-	if (ct && ct->expires > now) {
-		if (!(ct->flags & CT_F_HOST)) {
-			if (ct->rev != rev) {
-				reason = decide(subject, PEER(), rdir | (__u32)p.proto << 8 | (__u32)p.sport << 16);
-				if (is_drop(reason)) {
-					bpf_map_delete_elem(&conntrack, &k);
-					return finish(skb, &p, cfg, subject, peer, REASON_DROP_REVOKED, scope, 1);
-				}
-				ct->rev = rev;
-			}
-			/* Deny rules hold for replies too; the answer is kept per
-			 * revision so replies cost one lookup. */
-			if (ct->reply_rev != rev || ct->reply_rev == 0) {
-				reason = decide(subject, PEER(), dir | 4 | (__u32)p.proto << 8 | (__u32)p.dport << 16);
-				if (reason == REASON_DROP_DENY)
-					ct->flags |= CT_F_REPLY_DENIED;
-				else
-					ct->flags &= ~CT_F_REPLY_DENIED;
-				ct->reply_rev = rev;
-			}
-			if (ct->flags & CT_F_REPLY_DENIED)
-				return finish(skb, &p, cfg, subject, PEER(), REASON_DROP_DENY, scope, 0);
-		}
-		ct_touch(ct, &p, now, 1);
-		return finish(skb, &p, cfg, subject, cfg && cfg->debug ? PEER() : peer, REASON_ALLOW_REPLY, scope, 0);
-	}
-
-new_flow:
-	/* A new flow. The local node may always reach its pods (kubelet
-	 * probes), and the flow's replies then pass as such. */
-	if (scope == SCOPE_INGRESS && PEER() == ID_HOST) {
-		reason = REASON_ALLOW_HOST;
-		nct.flags = CT_F_HOST;
-	} else {
-		reason = decide(subject, PEER(), dir | (__u32)p.proto << 8 | (__u32)p.dport << 16);
-	}
-	if (!is_drop(reason)) {
-		__builtin_memcpy(k.saddr, p.saddr, 16);
-		__builtin_memcpy(k.daddr, p.daddr, 16);
-		k.sport = p.sport;
-		k.dport = p.dport;
-		k.scope = scope;
-		nct.rev = rev;
-		nct.subject = subject;
-		nct.peer = peer;
-		ct_touch(&nct, &p, now, 0);
-		if (bpf_map_update_elem(&conntrack, &k, &nct, BPF_ANY))
-			stat_inc(STAT_CT_INSERT_FAIL);
-	}
-	return finish(skb, &p, cfg, subject, peer, reason, scope, 1);
-#undef PEER
+	/* A packet for a pod on this node goes to it directly, checked here
+	 * against that pod's ingress as its to_pod would. Routing it through
+	 * the node costs more than both checks. A reply whose flow this node
+	 * never saw leave a local pod (check says CHECK_STACK) is one the
+	 * node translated, such as a Service's: only the stack can undo
+	 * that, so it goes there, and to_pod checks it after. So does a
+	 * packet whose hop limit routing would have to refuse. */
+	if (!lp)
+		lp = bpf_map_lookup_elem(&local_pods, p.daddr);
+	if (!lp || lp->ifindex == ifindex || p.ttl <= 1)
+		return TC_ACT_OK;
+	dst_ifindex = lp->ifindex;
+	dep = bpf_map_lookup_elem(&endpoints, &dst_ifindex);
+	if (!dep)
+		return TC_ACT_OK;
+	reason = check(skb, &p, cfg, rev, dst_ifindex, dep, SCOPE_INGRESS, 0, now, reason == REASON_ALLOW_REPLY,
+		       &dst_ct_flags, &lp);
+	if (reason == CHECK_STACK)
+		return TC_ACT_OK;
+	if (is_drop(reason))
+		return TC_ACT_SHOT;
+	return deliver(skb, &p, lp);
 }
 
 SEC("tc")

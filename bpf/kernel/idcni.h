@@ -85,6 +85,20 @@ struct endpoint {
 	__u32 flags;
 	__u8 ipv4[4];
 	__u8 ipv6[16];
+	__u32 pad;
+	/* The datapath's own copy of the identity's flags (low 32 bits) and
+	 * the policy revision it read them under (high 32 bits), one store so
+	 * no reader sees half of it. Writers leave it 0. */
+	__u64 id_flags_cache;
+};
+
+/* A pod on this node: its host veth, and the Ethernet header a packet
+ * delivered to it carries (destination: the pod's interface; source: its
+ * host veth, the pod's gateway). */
+struct local_pod {
+	__u32 ifindex;
+	__u8 mac[6];
+	__u8 host_mac[6];
 };
 
 struct policy_key {
@@ -125,6 +139,7 @@ struct ct_key {
 #define CT_F_SEEN_FIN_FWD (1 << 3)
 #define CT_F_SEEN_FIN_REV (1 << 4)
 #define CT_F_HOST (1 << 5) /* admitted as node-to-pod traffic: never re-checked */
+#define CT_F_ROUTED (1 << 6) /* the flow's far end was no local pod: from_pod leaves it to routing */
 
 struct ct_value {
 	__u64 expires; /* bpf_ktime_get_ns() deadline */

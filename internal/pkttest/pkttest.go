@@ -38,7 +38,7 @@ type Packet struct {
 	FragOffset    uint16
 	MoreFragments bool
 	FragID        uint32
-	HopLimit      uint8
+	HopLimit      uint8 // IPv4 TTL or IPv6 hop limit; 0 means 64
 	// L4 is used verbatim instead of a built L4 header when not nil.
 	L4      []byte
 	Payload []byte
@@ -105,7 +105,10 @@ func (p Packet) ipv4(l4 []byte) []byte {
 		fo |= 0x2000
 	}
 	binary.BigEndian.PutUint16(b[6:], fo)
-	b[8] = 64
+	b[8] = p.HopLimit
+	if b[8] == 0 {
+		b[8] = 64
+	}
 	b[9] = p.Proto
 	s, d := p.Src.As4(), p.Dst.As4()
 	copy(b[12:], s[:])

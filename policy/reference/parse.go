@@ -18,6 +18,7 @@ type pkt struct {
 	proto        uint8
 	family       uint8
 	tcpFlags     uint8
+	ttl          uint8 // or hop limit
 }
 
 const (
@@ -67,6 +68,7 @@ func (d *Datapath) parseIPv4(f []byte, p *pkt) parseResult {
 	}
 	p.family = 4
 	p.proto = ip[9]
+	p.ttl = ip[8]
 	p.saddr[10], p.saddr[11] = 0xff, 0xff
 	copy(p.saddr[12:], ip[12:16])
 	p.daddr[10], p.daddr[11] = 0xff, 0xff
@@ -100,6 +102,7 @@ func (d *Datapath) parseIPv6(f []byte, p *pkt) parseResult {
 		return parseMalformed
 	}
 	p.family = 6
+	p.ttl = ip6[7]
 	copy(p.saddr[:], ip6[8:24])
 	copy(p.daddr[:], ip6[24:40])
 	next := ip6[6]

@@ -66,7 +66,10 @@ type Endpoint struct {
 type Datapath struct {
 	Endpoints map[int]Endpoint
 	IPCache   map[netip.Prefix]identity.ID
-	Policy    *policy.Set
+	// Local names the pods on this node that from_pod delivers to
+	// itself, by address: the host veth of each (the local_pods map).
+	Local  map[netip.Addr]int
+	Policy *policy.Set
 	// Rev is the policy revision; conntrack entries remember theirs.
 	Rev uint32
 
@@ -79,6 +82,7 @@ func New() *Datapath {
 	return &Datapath{
 		Endpoints: map[int]Endpoint{},
 		IPCache:   map[netip.Prefix]identity.ID{},
+		Local:     map[netip.Addr]int{},
 		Policy:    &policy.Set{},
 		Rev:       1,
 		ct:        map[ctKey]*ctEntry{},
@@ -139,25 +143,83 @@ const (
 	tcpACK = 0x10
 )
 
+// Verdict is what one program run did with a frame.
+type Verdict struct {
+	// Reason is the hook's own check.
+	Reason Reason
+	// To is the host veth of the local pod from_pod checked the frame for
+	// on its way there, 0 when it did not.
+	To int
+	// Ingress is that pod's ingress check, made by from_pod.
+	Ingress Reason
+}
+
+// Delivered reports whether from_pod handed the frame to a local pod itself,
+// past the node's routing.
+func (v Verdict) Delivered() bool { return v.To != 0 && !v.Ingress.Drop() }
+
 // Process decides one frame at a hook. ifindex is the host veth the frame
 // is on; ingressIfindex is the device the frame came in on before being
 // forwarded, 0 when the local node sent it.
-func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex int) Reason {
+func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex int) Verdict {
 	var p pkt
 	res := d.parse(frame, &p)
 	switch res {
 	case parseNonIP:
-		return AllowNonIP
+		return Verdict{Reason: AllowNonIP}
 	case parseND:
-		return AllowND
+		return Verdict{Reason: AllowND}
 	case parseMalformed:
-		return DropMalformed
+		return Verdict{Reason: DropMalformed}
 	}
 	ep, ok := d.Endpoints[ifindex]
 	if !ok {
-		return DropNoEndpoint
+		return Verdict{Reason: DropNoEndpoint}
 	}
-	subject := ep.Identity
+	if scope == Egress {
+		var ok bool
+		if p.family == 4 {
+			ok = ep.IPv4.IsValid() && p.saddr == netip.AddrFrom16(ep.IPv4.As16()).As16()
+		} else {
+			ok = ep.IPv6.IsValid() && p.saddr == ep.IPv6.As16()
+		}
+		if !ok {
+			return Verdict{Reason: DropSpoof}
+		}
+	}
+	if res == parseFragUnknown {
+		return Verdict{Reason: DropFrag}
+	}
+	v := Verdict{Reason: d.check(&p, scope, ep.Identity, scope == Ingress && ingressIfindex == 0, false)}
+	if v.Reason.Drop() || scope == Ingress {
+		return v
+	}
+	// A packet for a local pod is checked against its ingress here and
+	// handed to it, unless it is a reply to a flow that never left a
+	// local pod (the node translated it: only the stack can undo that),
+	// or routing would refuse its hop limit.
+	to, ok := d.Local[netip.AddrFrom16(p.daddr).Unmap()]
+	if !ok || to == ifindex || p.ttl <= 1 {
+		return v
+	}
+	dst, ok := d.Endpoints[to]
+	if !ok {
+		return v
+	}
+	in := d.check(&p, Ingress, dst.Identity, false, v.Reason == AllowReply)
+	if in == toStack {
+		return v
+	}
+	v.To, v.Ingress = to, in
+	return v
+}
+
+// toStack is check's answer when noNew forbids starting a flow.
+const toStack Reason = 255
+
+// check is the datapath's check(): conntrack and rules for one hook of the
+// endpoint whose identity is subject.
+func (d *Datapath) check(p *pkt, scope Scope, subject identity.ID, fromHost, noNew bool) Reason {
 	peerOnce := false
 	var peerID identity.ID
 	peer := func() identity.ID {
@@ -166,7 +228,7 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 			switch {
 			case scope == Egress:
 				peerID = d.lookup(p.daddr)
-			case ingressIfindex == 0:
+			case fromHost:
 				peerID = identity.Host
 			default:
 				peerID = d.lookup(p.saddr)
@@ -178,20 +240,6 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 	if scope == Ingress {
 		dir, rdir = policy.Ingress, policy.Egress
 	}
-	if scope == Egress {
-		var ok bool
-		if p.family == 4 {
-			ok = ep.IPv4.IsValid() && p.saddr == netip.AddrFrom16(ep.IPv4.As16()).As16()
-		} else {
-			ok = ep.IPv6.IsValid() && p.saddr == ep.IPv6.As16()
-		}
-		if !ok {
-			return DropSpoof
-		}
-	}
-	if res == parseFragUnknown {
-		return DropFrag
-	}
 
 	k := ctKey{p.saddr, p.daddr, p.sport, p.dport, p.proto, scope}
 	if ct := d.ct[k]; ct != nil && !(ct.flags&ctClosing != 0 && p.tcpFlags&(tcpSYN|tcpACK) == tcpSYN) {
@@ -202,7 +250,7 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 			}
 			ct.rev = d.Rev
 		}
-		ct.touch(&p, false)
+		ct.touch(p, false)
 		return AllowEstablished
 	}
 
@@ -229,10 +277,13 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 				return DropDeny
 			}
 		}
-		ct.touch(&p, true)
+		ct.touch(p, true)
 		return AllowReply
 	}
 
+	if noNew {
+		return toStack
+	}
 	var reason Reason
 	nct := &ctEntry{}
 	if scope == Ingress && peer() == identity.Host {
@@ -245,7 +296,7 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 		nct.rev = d.Rev
 		nct.subject = subject
 		nct.peer = peer()
-		nct.touch(&p, false)
+		nct.touch(p, false)
 		d.ct[k] = nct
 	}
 	return reason
