@@ -159,7 +159,11 @@ func (a *adder) add(ctx context.Context) (*current.Result, error) {
 	// Enforcement comes before the pod has an address: from its first
 	// packet on, the pod is the unresolved identity, which is denied,
 	// until someone names it.
-	if err := enforce(a.dp, &a.undo, rec.HostIfName, rec.HostIfIndex, identity.Unresolved, addrs); err != nil {
+	var local *bpf.LocalPod
+	if conf.LocalDelivery == LocalDirect {
+		local = &bpf.LocalPod{Ifindex: rec.HostIfIndex, MAC: podIf.HardwareAddr, HostMAC: hostIf.HardwareAddr}
+	}
+	if err := enforce(a.dp, &a.undo, rec.HostIfName, rec.HostIfIndex, identity.Unresolved, addrs, local); err != nil {
 		return nil, fmt.Errorf("idcni: %w", err)
 	}
 

@@ -64,7 +64,7 @@ func CmdCheck(args *skel.CmdArgs) error {
 	c.comparePrevResult(prev)
 	hostMAC, podMAC := c.checkHost(prev)
 	c.checkPod(args.Netns, hostMAC, podMAC)
-	c.checkDatapath(hostMAC != nil)
+	c.checkDatapath(hostMAC, podMAC)
 	if len(c.problems) > 0 {
 		return types.NewError(types.ErrInternal,
 			fmt.Sprintf("idcni: CHECK of container %s interface %s failed: %s", args.ContainerID, args.IfName, strings.Join(c.problems, "; ")),
@@ -213,7 +213,7 @@ func (c *checker) checkPod(netns string, hostMAC, podMAC net.HardwareAddr) {
 
 // checkDatapath checks the attachment and the map entries; hostExists says
 // the host veth exists, without which there is no attachment to look at.
-func (c *checker) checkDatapath(hostExists bool) {
+func (c *checker) checkDatapath(hostMAC, podMAC net.HardwareAddr) {
 	rec := c.rec
 	dp, err := bpf.Open(c.conf.BPFRoot)
 	if errors.Is(err, bpf.ErrNotLoaded) {
@@ -226,7 +226,7 @@ func (c *checker) checkDatapath(hostExists bool) {
 	}
 	defer dp.Close()
 
-	if hostExists {
+	if hostMAC != nil {
 		if ok, err := dp.Attached(rec.HostIfName); err != nil {
 			c.fail("read the TC attachments of %s: %v", rec.HostIfName, err)
 		} else if !ok {
@@ -246,6 +246,7 @@ func (c *checker) checkDatapath(hostExists bool) {
 	if got, want := endpointAddrs(ep), rec.Addresses; !slices.Equal(slices.SortedFunc(slices.Values(got), netip.Addr.Compare), slices.SortedFunc(slices.Values(want), netip.Addr.Compare)) {
 		c.fail("the endpoint entry of ifindex %d has addresses %v, want %v", rec.HostIfIndex, got, want)
 	}
+	c.checkLocal(dp, hostMAC, podMAC)
 	for _, a := range rec.Addresses {
 		id, ok, err := dp.IPCacheLookup(a)
 		switch {
@@ -255,6 +256,37 @@ func (c *checker) checkDatapath(hostExists bool) {
 			c.fail("the ipcache has no entry for %s", a)
 		case id != ep.Identity:
 			c.fail("the ipcache maps %s to identity %s, but its endpoint has identity %s", a, id, ep.Identity)
+		}
+	}
+}
+
+// checkLocal checks the local pod entries of the pod's addresses: with
+// direct local delivery each names the host veth and both MAC addresses
+// (where CHECK knows them); with routed delivery none names the pod.
+func (c *checker) checkLocal(dp *bpf.Datapath, hostMAC, podMAC net.HardwareAddr) {
+	rec := c.rec
+	locals, err := dp.LocalPods()
+	if err != nil {
+		c.fail("%v", err)
+		return
+	}
+	for _, a := range rec.Addresses {
+		lp, ok := locals[a]
+		if c.conf.LocalDelivery == LocalRouted {
+			if ok && lp.Ifindex == rec.HostIfIndex {
+				c.fail("the datapath delivers packets for %s directly to host veth %s, but this network routes them", a, rec.HostIfName)
+			}
+			continue
+		}
+		switch {
+		case !ok:
+			c.fail("the datapath has no local pod entry for %s, so pods of this node reach it only through routing", a)
+		case lp.Ifindex != rec.HostIfIndex:
+			c.fail("the local pod entry of %s names ifindex %d, not host veth %s (ifindex %d)", a, lp.Ifindex, rec.HostIfName, rec.HostIfIndex)
+		case hostMAC != nil && lp.HostMAC.String() != hostMAC.String():
+			c.fail("the local pod entry of %s has host MAC %s, host veth %s has %s", a, lp.HostMAC, rec.HostIfName, hostMAC)
+		case podMAC != nil && lp.MAC.String() != podMAC.String():
+			c.fail("the local pod entry of %s has pod MAC %s, prevResult says %s", a, lp.MAC, podMAC)
 		}
 	}
 }

@@ -53,7 +53,19 @@ type NetConf struct {
 	AgentRequired bool `json:"agentRequired,omitempty"`
 	// MTU of both ends of the veth pair; 0 means DefaultMTU.
 	MTU int `json:"mtu,omitempty"`
+	// LocalDelivery says how packets between two pods of this node travel:
+	// "direct" (the default) has the sender's program check the receiver's
+	// ingress too and hand the packet over, past the node's routing and
+	// netfilter; "routed" sends them through the node's routing, where
+	// iptables FORWARD rules and the receiver's own program see them.
+	LocalDelivery string `json:"localDelivery,omitempty"`
 }
+
+// Values of NetConf.LocalDelivery.
+const (
+	LocalDirect = "direct"
+	LocalRouted = "routed"
+)
 
 // LoadNetConf parses and validates stdin of any command, and fills in
 // defaults. Its errors are *types.Error with the spec's codes, so skel prints
@@ -74,6 +86,9 @@ func LoadNetConf(stdin []byte) (*NetConf, error) {
 	}
 	if conf.AgentSocket == "" {
 		conf.AgentSocket = api.DefaultSocket
+	}
+	if conf.LocalDelivery == "" {
+		conf.LocalDelivery = LocalDirect
 	}
 	if conf.MTU == 0 {
 		conf.MTU = DefaultMTU
@@ -110,6 +125,9 @@ func (c *NetConf) validate() *types.Error {
 	}
 	if c.BPFRoot == "/sys/fs/bpf" {
 		return invalid(`"bpfRoot" must be a directory of its own under the bpffs mount, e.g. %q, not the mount itself`, DefaultBPFRoot)
+	}
+	if c.LocalDelivery != "" && c.LocalDelivery != LocalDirect && c.LocalDelivery != LocalRouted {
+		return invalid(`"localDelivery" must be %q or %q, got %q`, LocalDirect, LocalRouted, c.LocalDelivery)
 	}
 	if c.MTU != 0 && (c.MTU < minMTU || c.MTU > maxMTU) {
 		return invalid(`"mtu" %d is out of range: use %d-%d (at least %d for IPv6 pods), or leave it out for %d`, c.MTU, minMTU, maxMTU, minMTUIPv6, DefaultMTU)

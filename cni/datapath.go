@@ -40,7 +40,7 @@ func endpointAddrs(ep bpf.Endpoint) []netip.Addr {
 // the maps under id, pushing the inverse of each step on u. It runs before
 // the pod has an address or a route, so the pod never sends a packet the
 // programs do not judge.
-func enforce(dp *bpf.Datapath, u *undo, hostName string, ifindex int, id identity.ID, addrs []netip.Addr) error {
+func enforce(dp *bpf.Datapath, u *undo, hostName string, ifindex int, id identity.ID, addrs []netip.Addr, local *bpf.LocalPod) error {
 	if err := dp.Attach(hostName); err != nil {
 		return fmt.Errorf("attach TC programs to host veth %s: %w", hostName, err)
 	}
@@ -75,6 +75,16 @@ func enforce(dp *bpf.Datapath, u *undo, hostName string, ifindex int, id identit
 			return fmt.Errorf("add ipcache entry %s -> identity %s: %w", p, id, err)
 		}
 		u.push("ipcache entry "+p.String(), func() error { return dp.DeleteIPCache(p) })
+	}
+	// Last, once the pod's endpoint and identity are in place: other pods'
+	// programs may now deliver to it directly.
+	if local != nil {
+		for _, a := range addrs {
+			if err := dp.PutLocalPod(a, *local); err != nil {
+				return fmt.Errorf("add local pod entry %s -> ifindex %d: %w", a, ifindex, err)
+			}
+			u.push("local pod entry "+a.String(), func() error { return dp.DeleteLocalPod(a, ifindex) })
+		}
 	}
 	return nil
 }
@@ -116,6 +126,13 @@ func release(dp *bpf.Datapath, hostName string, ifindex int, addrs []netip.Addr)
 				addrs = epAddrs
 			}
 			delete(eps, ifindex)
+		}
+	}
+	// Only entries that still name this pod's host veth: with ifindex
+	// unknown, GC finds them once the veth is gone.
+	for _, a := range addrs {
+		if err := dp.DeleteLocalPod(a, ifindex); err != nil {
+			errs = append(errs, err)
 		}
 	}
 

@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"slices"
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/invoke"
@@ -172,6 +173,20 @@ func gcOrphans(conf *NetConf) error {
 	if len(gone) > 0 {
 		if _, err := dp.FlushConntrack(gone...); err != nil {
 			errs = append(errs, fmt.Errorf("flush connection tracking of %v: %w", gone, err))
+		}
+	}
+	// Local pod entries whose endpoint is gone, or no longer holds the
+	// address.
+	locals, err := dp.LocalPods()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	for a, lp := range locals {
+		if ep, ok := eps[lp.Ifindex]; ok && slices.Contains(endpointAddrs(ep), a) {
+			continue
+		}
+		if err := dp.DeleteLocalPod(a, lp.Ifindex); err != nil {
+			errs = append(errs, err)
 		}
 	}
 	return errors.Join(errs...)

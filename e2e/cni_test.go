@@ -145,6 +145,12 @@ func TestAddGivesAddressRoutesAndUnresolvedIdentity(t *testing.T) {
 	if id, ok, err := dp.IPCacheLookup(addr); err != nil || !ok || id != identity.Unresolved {
 		t.Errorf("ipcache %s = %v, %v, %v; want 5", addr, id, ok, err)
 	}
+	locals, err := dp.LocalPods()
+	if lp, ok := locals[addr]; err != nil || !ok || lp.Ifindex != hostLink.Attrs().Index ||
+		lp.HostMAC.String() != hostLink.Attrs().HardwareAddr.String() || lp.MAC.String() != res.Interfaces[1].Mac {
+		t.Errorf("local pod entry of %s = %+v, %v, %v; want ifindex %d, MAC %s, host MAC %s", addr, lp, ok, err,
+			hostLink.Attrs().Index, res.Interfaces[1].Mac, hostLink.Attrs().HardwareAddr)
+	}
 
 	if err := e.Check(pod); err != nil {
 		t.Errorf("CHECK on a good pod: %v", err)

@@ -125,6 +125,13 @@ func (e *Env) datapathLeaks() []string {
 			add("ipcache %s -> %s", p, id)
 		}
 	}
+	locals, err := dp.LocalPods()
+	if err != nil {
+		add("list local pods: %v", err)
+	}
+	for a, lp := range locals {
+		add("local pod %s -> ifindex %d", a, lp.Ifindex)
+	}
 	ifs, err := dp.AttachedInterfaces()
 	if err != nil {
 		add("list attachments: %v", err)
