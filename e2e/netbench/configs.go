@@ -33,7 +33,7 @@ const (
 
 // config is one way of running the same two pods.
 type config struct {
-	Name  string `json:"name"` // bare, idcni, iptables
+	Name  string `json:"name"` // bare, idcni, idcni-routed, iptables
 	Rules int    `json:"rules"`
 }
 
@@ -98,7 +98,13 @@ type bench struct {
 	// empty chain would still put a netfilter hook on every forwarded
 	// packet of the bare and idcni runs after the first iptables run.
 	nftFilter bool
+	// locals are the pods' local pod entries as the plugin wrote them:
+	// idcni keeps them (direct delivery), idcni-routed removes them.
+	locals map[netip.Addr]bpf.LocalPod
 }
+
+// isIdcni reports whether c runs idcni's programs.
+func (c config) isIdcni() bool { return c.Name == "idcni" || c.Name == "idcni-routed" }
 
 // setIdentities names the two pods as endpointctl add would: endpoint
 // entry of the host veth and ipcache entry of the address.
@@ -126,7 +132,38 @@ func (b *bench) setIdentities() error {
 			return err
 		}
 	}
+	all, err := b.dp.LocalPods()
+	if err != nil {
+		return err
+	}
+	b.locals = map[netip.Addr]bpf.LocalPod{}
+	for _, p := range []*pod{b.client, b.server} {
+		lp, ok := all[p.addr]
+		if !ok {
+			return fmt.Errorf("the plugin left no local pod entry for %s (%s)", p.name, p.addr)
+		}
+		b.locals[p.addr] = lp
+	}
 	return nil
+}
+
+// setLocal makes the two pods deliver to each other directly, or through
+// the node's routing.
+func (b *bench) setLocal(direct bool) error {
+	for a, lp := range b.locals {
+		var err error
+		if direct {
+			err = b.dp.PutLocalPod(a, lp)
+		} else {
+			err = b.dp.DeleteLocalPod(a, lp.Ifindex)
+		}
+		if err != nil {
+			return err
+		}
+	}
+	// Flows remember whether their far end was a local pod.
+	_, err := b.dp.FlushConntrack(b.client.addr, b.server.addr)
+	return err
 }
 
 // applyPolicy writes the n-rule policy and checks that the map holds
@@ -178,8 +215,11 @@ func (b *bench) enter(ctx context.Context, c config) (map[string]any, error) {
 		if err := b.detach(); err != nil {
 			return nil, err
 		}
-	case "idcni":
+	case "idcni", "idcni-routed":
 		if err := b.removeIptables(); err != nil {
+			return nil, err
+		}
+		if err := b.setLocal(c.Name == "idcni"); err != nil {
 			return nil, err
 		}
 		entries, err := b.applyPolicy(c.Rules)

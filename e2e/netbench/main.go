@@ -91,7 +91,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&o.sched, "sched", "fifo", "scheduling of the client and server threads (only those): fifo (SCHED_FIFO priority 1: other load on their CPU cannot delay a wake-up), nice (nice -20) or none")
 	fs.StringVar(&o.pin, "pin", "same", "where the client and server threads run: same (both on CPU 0), split (client on CPU 0, server on CPU 1) or none")
 	fs.BoolVar(&o.profile, "profile", true, "after the rounds, run each workload once more per idcni configuration with BPF run-time statistics on (reported apart, not in the medians)")
-	configs := fs.String("configs", "bare,idcni,iptables", "comma-separated configurations to measure (ratios need bare)")
+	configs := fs.String("configs", "bare,idcni,idcni-routed,iptables", "comma-separated configurations to measure (ratios need bare)")
 	fs.StringVar(&o.metricsArg, "metrics", "rr,crr,stream", "comma-separated workloads: rr, crr, stream")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: go run ./e2e/netbench [flags]   (as root)\n\n"+
@@ -138,8 +138,8 @@ func parseFlags(args []string) (*options, error) {
 	o.configs = map[string]bool{}
 	for s := range strings.SplitSeq(*configs, ",") {
 		s = strings.TrimSpace(s)
-		if s != "bare" && s != "idcni" && s != "iptables" {
-			return nil, fmt.Errorf("-configs: unknown configuration %q: want bare, idcni or iptables", s)
+		if s != "bare" && s != "idcni" && s != "idcni-routed" && s != "iptables" {
+			return nil, fmt.Errorf("-configs: unknown configuration %q: want bare, idcni, idcni-routed or iptables", s)
 		}
 		o.configs[s] = true
 	}

@@ -65,7 +65,7 @@ func (b *bench) profile(ctx context.Context, configs []config, w workload, root 
 	w.warmup = 0 // count every packet of the run against its traffic
 	var rows []profileRow
 	for _, c := range configs {
-		if c.Name != "idcni" {
+		if !c.isIdcni() {
 			continue
 		}
 		if _, err := b.enter(ctx, c); err != nil {

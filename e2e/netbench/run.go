@@ -12,6 +12,8 @@ import (
 	"strings"
 	"time"
 
+	"github.com/vishvananda/netlink"
+
 	"github.com/idcni/idcni/bpf"
 )
 
@@ -186,7 +188,7 @@ func traffic(ctx context.Context, o *options, n *network, dp *bpf.Datapath, suff
 	if o.configs["bare"] {
 		configs = append(configs, config{Name: "bare"})
 	}
-	for _, name := range []string{"idcni", "iptables"} {
+	for _, name := range []string{"idcni", "idcni-routed", "iptables"} {
 		for _, r := range o.rules {
 			if o.configs[name] {
 				configs = append(configs, config{Name: name, Rules: r})
@@ -256,6 +258,10 @@ func (b *bench) measure(ctx context.Context, c config, m metric, w workload) (re
 	if err != nil {
 		return rec, err
 	}
+	tx0, err := txPackets(b.server.hostIf)
+	if err != nil {
+		return rec, err
+	}
 	var hits0 uint64
 	if c.Name == "iptables" {
 		if hits0, err = b.realRuleHits(ctx); err != nil {
@@ -279,7 +285,17 @@ func (b *bench) measure(ctx context.Context, c config, m metric, w workload) (re
 		if p1 != p0 || d1 != d0 {
 			return rec, fmt.Errorf("bare: the datapath counted %d packets: programs are still on the path", p1-p0+d1-d0)
 		}
-	case "idcni":
+	case "idcni", "idcni-routed":
+		// Direct delivery hands the client's packets to the server past
+		// its host veth; routing sends them out through it.
+		tx1, err := txPackets(b.server.hostIf)
+		if err != nil {
+			return rec, err
+		}
+		rec.Checks["server_host_veth_tx_packets"] = tx1 - tx0
+		if routed := tx1-tx0 > (p1-p0)/10; routed != (c.Name == "idcni-routed") {
+			return rec, fmt.Errorf("%s: the server's host veth sent %d packets while the programs passed %d: the path is not what the configuration says", c, tx1-tx0, p1-p0)
+		}
 		rec.Checks["datapath_passed_packets"] = p1 - p0
 		rec.Checks["datapath_dropped_packets"] = d1 - d0
 		if p1 == p0 {
@@ -319,4 +335,16 @@ func loadavg() float64 {
 		return -1
 	}
 	return l
+}
+
+// txPackets is the transmit counter of a host link.
+func txPackets(name string) (uint64, error) {
+	l, err := netlink.LinkByName(name)
+	if err != nil {
+		return 0, fmt.Errorf("read statistics of %s: %w", name, err)
+	}
+	if l.Attrs().Statistics == nil {
+		return 0, fmt.Errorf("no statistics for %s", name)
+	}
+	return l.Attrs().Statistics.TxPackets, nil
 }
