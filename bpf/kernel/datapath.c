@@ -402,14 +402,19 @@ static __always_inline __u32 ipcache_identity(const __u32 *addr)
  * under; every change to the identities map bumps the revision after it,
  * so a matching stamp is current and a new flow skips the lookup. The
  * revision is read before the map, so a copy read during a change is
- * stamped old and read again. */
-static __always_inline __u32 subject_flags(struct endpoint *ep, __u32 rev)
+ * stamped old and read again. The copy also carries the identity it is
+ * for: a hash map may hand an element this program still writes to
+ * another key, and a copy of another identity's flags must not count. So
+ * the cache holds revision (bits 32-63), identity (8-31) and flags (0-7),
+ * and serves identities below 2^24 (every pod's; CIDR identities are
+ * never endpoints). */
+static __always_inline __u32 subject_flags(struct endpoint *ep, __u32 subject, __u32 rev)
 {
 	__u64 cache = ep->id_flags_cache;
-	__u32 flags, subject = ep->identity, *f;
+	__u32 flags, *f;
 
-	if (rev && (__u32)(cache >> 32) == rev)
-		return (__u32)cache;
+	if (rev && subject < (1 << 24) && cache == ((__u64)rev << 32 | (__u64)subject << 8 | (cache & 0xff)))
+		return cache & 0xff;
 	f = bpf_map_lookup_elem(&identities, &subject);
 	if (f) {
 		flags = *f;
@@ -419,7 +424,8 @@ static __always_inline __u32 subject_flags(struct endpoint *ep, __u32 rev)
 		if ((subject >= ID_MIN_MANUAL && subject <= ID_MAX_MANUAL) || subject == ID_UNRESOLVED)
 			flags |= IDF_ISO_INGRESS | IDF_ISO_EGRESS;
 	}
-	ep->id_flags_cache = (__u64)rev << 32 | flags;
+	if (subject < (1 << 24) && flags < (1 << 8))
+		ep->id_flags_cache = (__u64)rev << 32 | (__u64)subject << 8 | flags;
 	return flags;
 }
 
@@ -629,7 +635,7 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 	if (ct && ct->expires > now &&
 	    !((ct->flags & CT_F_CLOSING) && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)) {
 		if (ct->rev != rev && !(ct->flags & CT_F_HOST)) {
-			reason = decide(subject, PEER(), dir | (__u32)p->proto << 8 | (__u32)p->dport << 16, subject_flags(ep, rev));
+			reason = decide(subject, PEER(), dir | (__u32)p->proto << 8 | (__u32)p->dport << 16, subject_flags(ep, subject, rev));
 			if (is_drop(reason)) {
 				bpf_map_delete_elem(&conntrack, &k);
 				return report(skb, p, cfg, ifindex, subject, peer, REASON_DROP_REVOKED, scope, 1, now);
@@ -657,7 +663,7 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 		if (!(ct->flags & CT_F_HOST)) {
 			if (ct->rev != rev) {
 				reason = decide(subject, PEER(), rdir | (__u32)p->proto << 8 | (__u32)p->sport << 16,
-						 subject_flags(ep, rev));
+						 subject_flags(ep, subject, rev));
 				if (is_drop(reason)) {
 					bpf_map_delete_elem(&conntrack, &k);
 					return report(skb, p, cfg, ifindex, subject, peer, REASON_DROP_REVOKED, scope,
@@ -669,7 +675,7 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 			 * revision so replies cost one lookup. */
 			if (ct->reply_rev != rev || ct->reply_rev == 0) {
 				reason = decide(subject, PEER(), dir | 4 | (__u32)p->proto << 8 | (__u32)p->dport << 16,
-						 subject_flags(ep, rev));
+						 subject_flags(ep, subject, rev));
 				if (reason == REASON_DROP_DENY)
 					ct->flags |= CT_F_REPLY_DENIED;
 				else
@@ -694,7 +700,7 @@ new_flow:
 		reason = REASON_ALLOW_HOST;
 		nct.flags = CT_F_HOST;
 	} else {
-		reason = decide(subject, PEER(), dir | (__u32)p->proto << 8 | (__u32)p->dport << 16, subject_flags(ep, rev));
+		reason = decide(subject, PEER(), dir | (__u32)p->proto << 8 | (__u32)p->dport << 16, subject_flags(ep, subject, rev));
 	}
 	if (!is_drop(reason)) {
 		/* Where do this flow's packets leaving a pod go: to the local

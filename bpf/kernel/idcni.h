@@ -86,9 +86,9 @@ struct endpoint {
 	__u8 ipv4[4];
 	__u8 ipv6[16];
 	__u32 pad;
-	/* The datapath's own copy of the identity's flags (low 32 bits) and
-	 * the policy revision it read them under (high 32 bits), one store so
-	 * no reader sees half of it. Writers leave it 0. */
+	/* The datapath's own copy of the identity's flags, see subject_flags
+	 * in datapath.c: one 64-bit store, so no reader sees half of it.
+	 * Writers leave it 0. */
 	__u64 id_flags_cache;
 };
 
