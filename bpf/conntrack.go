@@ -28,7 +28,7 @@ type Flow struct {
 
 // Conntrack lists the conntrack table.
 func (d *Datapath) Conntrack() ([]Flow, error) {
-	now, err := monotonicNow()
+	now, err := monotonicNow(unix.CLOCK_MONOTONIC_COARSE)
 	if err != nil {
 		return nil, err
 	}
@@ -95,10 +95,12 @@ func (d *Datapath) FlushConntrack(addrs ...netip.Addr) (int, error) {
 	return n, nil
 }
 
-// monotonicNow is bpf_ktime_get_ns() as seen from user space.
-func monotonicNow() (uint64, error) {
+// monotonicNow reads a monotonic clock as the datapath does: conntrack
+// deadlines are bpf_ktime_get_coarse_ns() (CLOCK_MONOTONIC_COARSE), event
+// times bpf_ktime_get_ns() (CLOCK_MONOTONIC).
+func monotonicNow(clock int32) (uint64, error) {
 	var ts unix.Timespec
-	if err := unix.ClockGettime(unix.CLOCK_MONOTONIC, &ts); err != nil {
+	if err := unix.ClockGettime(clock, &ts); err != nil {
 		return 0, fmt.Errorf("read monotonic clock: %w", err)
 	}
 	return uint64(ts.Nano()), nil

@@ -10,6 +10,7 @@ import (
 	"unsafe"
 
 	"github.com/cilium/ebpf/ringbuf"
+	"golang.org/x/sys/unix"
 
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/policy"
@@ -77,7 +78,7 @@ func (d *Datapath) Events() (*EventReader, error) {
 	if err != nil {
 		return nil, fmt.Errorf("open event ring buffer: %w", err)
 	}
-	mono, err := monotonicNow()
+	mono, err := monotonicNow(unix.CLOCK_MONOTONIC)
 	if err != nil {
 		rd.Close()
 		return nil, err

@@ -515,7 +515,7 @@ static __always_inline void trace(struct pkt *p, __u32 src, __u32 dst, int reaso
 }
 
 static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u32 ifindex, __u32 src, __u32 dst,
-				 int reason, __u8 scope, __u64 now)
+				 int reason, __u8 scope)
 {
 	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	__u64 avail;
@@ -524,7 +524,7 @@ static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u32 ifi
 		stat_inc(STAT_EVENT_LOST);
 		return;
 	}
-	e->ts = now ? now : bpf_ktime_get_ns();
+	e->ts = bpf_ktime_get_ns();
 	e->ifindex = ifindex;
 	e->src_identity = src;
 	e->dst_identity = dst;
@@ -550,9 +550,9 @@ static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u32 ifi
 
 /* report counts, traces and reports the verdict of one hook on ifindex and
  * returns its reason. Events go out for every drop and for the first packet
- * of every flow; now is 0 where the clock was not read yet. */
+ * of every flow. */
 static __always_inline int report(struct __sk_buff *skb, struct pkt *p, struct config *cfg, __u32 ifindex,
-				  __u32 subject, __u32 peer, int reason, __u8 scope, int event, __u64 now)
+				  __u32 subject, __u32 peer, int reason, __u8 scope, int event)
 {
 	__u32 src = scope == SCOPE_EGRESS ? subject : peer;
 	__u32 dst = scope == SCOPE_EGRESS ? peer : subject;
@@ -561,7 +561,7 @@ static __always_inline int report(struct __sk_buff *skb, struct pkt *p, struct c
 	if (cfg && cfg->debug)
 		trace(p, src, dst, reason);
 	if (event || is_drop(reason))
-		emit(skb, p, ifindex, src, dst, reason, scope, now);
+		emit(skb, p, ifindex, src, dst, reason, scope);
 	return reason;
 }
 
@@ -638,14 +638,14 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 			reason = decide(subject, PEER(), dir | (__u32)p->proto << 8 | (__u32)p->dport << 16, subject_flags(ep, subject, rev));
 			if (is_drop(reason)) {
 				bpf_map_delete_elem(&conntrack, &k);
-				return report(skb, p, cfg, ifindex, subject, peer, REASON_DROP_REVOKED, scope, 1, now);
+				return report(skb, p, cfg, ifindex, subject, peer, REASON_DROP_REVOKED, scope, 1);
 			}
 			ct->rev = rev;
 		}
 		ct_touch(ct, p, now, 0);
 		*ct_flags = ct->flags;
 		return report(skb, p, cfg, ifindex, subject, cfg && cfg->debug ? PEER() : peer,
-			      REASON_ALLOW_ESTABLISHED, scope, 0, now);
+			      REASON_ALLOW_ESTABLISHED, scope, 0);
 	}
 
 	/* A reply is the reverse tuple admitted by this same endpoint's other
@@ -666,8 +666,7 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 						 subject_flags(ep, subject, rev));
 				if (is_drop(reason)) {
 					bpf_map_delete_elem(&conntrack, &k);
-					return report(skb, p, cfg, ifindex, subject, peer, REASON_DROP_REVOKED, scope,
-						      1, now);
+					return report(skb, p, cfg, ifindex, subject, peer, REASON_DROP_REVOKED, scope, 1);
 				}
 				ct->rev = rev;
 			}
@@ -683,12 +682,12 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 				ct->reply_rev = rev;
 			}
 			if (ct->flags & CT_F_REPLY_DENIED)
-				return report(skb, p, cfg, ifindex, subject, PEER(), REASON_DROP_DENY, scope, 0, now);
+				return report(skb, p, cfg, ifindex, subject, PEER(), REASON_DROP_DENY, scope, 0);
 		}
 		ct_touch(ct, p, now, 1);
 		*ct_flags = ct->flags;
 		return report(skb, p, cfg, ifindex, subject, cfg && cfg->debug ? PEER() : peer, REASON_ALLOW_REPLY,
-			      scope, 0, now);
+			      scope, 0);
 	}
 
 new_flow:
@@ -725,7 +724,7 @@ new_flow:
 		if (bpf_map_update_elem(&conntrack, &k, &nct, BPF_ANY))
 			stat_inc(STAT_CT_INSERT_FAIL);
 	}
-	return report(skb, p, cfg, ifindex, subject, peer, reason, scope, 1, now);
+	return report(skb, p, cfg, ifindex, subject, peer, reason, scope, 1);
 #undef PEER
 }
 
@@ -778,12 +777,12 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	rev = cfg ? cfg->rev : 0;
 	if (ret == PARSE_MALFORMED) {
-		report(skb, &p, cfg, ifindex, 0, 0, REASON_DROP_MALFORMED, scope, 1, 0);
+		report(skb, &p, cfg, ifindex, 0, 0, REASON_DROP_MALFORMED, scope, 1);
 		return TC_ACT_SHOT;
 	}
 	ep = bpf_map_lookup_elem(&endpoints, &ifindex);
 	if (!ep) {
-		report(skb, &p, cfg, ifindex, 0, 0, REASON_DROP_NO_ENDPOINT, scope, 1, 0);
+		report(skb, &p, cfg, ifindex, 0, 0, REASON_DROP_NO_ENDPOINT, scope, 1);
 		return TC_ACT_SHOT;
 	}
 	if (scope == SCOPE_EGRESS) {
@@ -791,7 +790,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 				       : (ep->flags & EP_HAS_V6) && !__builtin_memcmp(p.saddr, ep->ipv6, 16);
 		if (!ok) {
 			report(skb, &p, cfg, ifindex, ep->identity, ipcache_identity(p.daddr), REASON_DROP_SPOOF,
-			       scope, 1, 0);
+			       scope, 1);
 			return TC_ACT_SHOT;
 		}
 	}
@@ -800,11 +799,14 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 		       scope == SCOPE_EGRESS	      ? ipcache_identity(p.daddr)
 		       : skb->ingress_ifindex == 0 ? ID_HOST
 						   : ipcache_identity(p.saddr),
-		       REASON_DROP_FRAG, scope, 1, 0);
+		       REASON_DROP_FRAG, scope, 1);
 		return TC_ACT_SHOT;
 	}
 
-	now = bpf_ktime_get_ns();
+	/* Conntrack deadlines are seconds apart: the tick-grained clock
+	 * serves them and costs a memory read, where the precise one costs a
+	 * clock read on every packet. */
+	now = bpf_ktime_get_coarse_ns();
 	reason = check(skb, &p, cfg, rev, ifindex, ep, scope, scope == SCOPE_INGRESS && skb->ingress_ifindex == 0,
 		       now, 0, &ct_flags, &lp);
 	if (is_drop(reason))

@@ -142,7 +142,7 @@ struct ct_key {
 #define CT_F_ROUTED (1 << 6) /* the flow's far end was no local pod: from_pod leaves it to routing */
 
 struct ct_value {
-	__u64 expires; /* bpf_ktime_get_ns() deadline */
+	__u64 expires; /* bpf_ktime_get_coarse_ns() deadline */
 	__u32 rev;       /* policy revision the flow was admitted under */
 	__u32 reply_rev; /* revision CT_F_REPLY_DENIED was computed under */
 	__u32 subject;   /* identity of the endpoint that admitted it */
