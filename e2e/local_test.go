@@ -7,6 +7,7 @@ import (
 	"strings"
 	"testing"
 
+	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/vishvananda/netlink"
 
@@ -27,13 +28,15 @@ func TestLocalDelivery(t *testing.T) {
 	for _, mode := range []string{cni.LocalDirect, cni.LocalRouted} {
 		t.Run(mode, func(t *testing.T) {
 			t.Parallel()
-			e := cnitest.New(t, cnitest.Options{Plugin: map[string]any{"localDelivery": mode}})
+			e := cnitest.New(t, cnitest.Options{DualStack: true, Plugin: map[string]any{"localDelivery": mode}})
 			a, b := e.NewPod(t), e.NewPod(t)
-			addrA, addrB := podAddr(t, e.MustAdd(t, a)), podAddr(t, e.MustAdd(t, b))
+			resA, resB := e.MustAdd(t, a), e.MustAdd(t, b)
+			addrA, addrB := podAddr(t, resA), podAddr(t, resB)
+			addr6B := podAddr6(t, resB)
 			t.Cleanup(func() { _ = e.Del(a); _ = e.Del(b) })
 			dp := e.Datapath(t)
-			name(t, e, dp, a, 1001, addrA)
-			hostB := name(t, e, dp, b, 1002, addrB)
+			name(t, dp, a, 1001)
+			hostB := name(t, dp, b, 1002)
 			if err := e.Check(a); err != nil {
 				t.Fatalf("CHECK: %v", err)
 			}
@@ -60,6 +63,13 @@ func TestLocalDelivery(t *testing.T) {
 			if ok, out := b.Ping(addrA, 2); ok {
 				t.Errorf("B -> A answered with no rule allowing it:\n%s", out)
 			}
+			before = txPackets(t, hostB)
+			if ok, out := a.Ping(addr6B, 3); !ok {
+				t.Fatalf("A -> B over IPv6: no reply:\n%s", out)
+			}
+			if sent := txPackets(t, hostB) - before; (mode == cni.LocalDirect) != (sent < 3) {
+				t.Errorf("%s: B's host veth transmitted %d packets during 3 IPv6 pings", mode, sent)
+			}
 
 			// TCP both ways through the same path: the reply of an
 			// allowed connection comes back, the reverse is refused.
@@ -85,11 +95,7 @@ func TestLocalDelivery(t *testing.T) {
 
 			// The bindings outlive the pods, as endpointctl's do;
 			// remove them as endpointctl del would.
-			for _, addr := range []netip.Addr{addrA, addrB} {
-				if err := dp.DeleteIPCache(netip.PrefixFrom(addr, 32)); err != nil {
-					t.Fatal(err)
-				}
-			}
+			unname(t, dp, addrA, podAddr6(t, resA), addrB, addr6B)
 			for _, p := range []*cnitest.Pod{a, b} {
 				if err := e.Del(p); err != nil {
 					t.Fatalf("DEL: %v", err)
@@ -102,7 +108,7 @@ func TestLocalDelivery(t *testing.T) {
 
 // name gives the pod an identity, as endpointctl add does, and returns its
 // host veth.
-func name(t *testing.T, e *cnitest.Env, dp *bpf.Datapath, p *cnitest.Pod, id identity.ID, addr netip.Addr) netlink.Link {
+func name(t *testing.T, dp *bpf.Datapath, p *cnitest.Pod, id identity.ID) netlink.Link {
 	t.Helper()
 	l, err := netlinksafe.LinkByName(cni.HostVethName(p.ContainerID, p.IfName))
 	if err != nil {
@@ -116,10 +122,37 @@ func name(t *testing.T, e *cnitest.Env, dp *bpf.Datapath, p *cnitest.Pod, id ide
 	if err := dp.PutEndpoint(l.Attrs().Index, ep); err != nil {
 		t.Fatal(err)
 	}
-	if err := dp.PutIPCache(netip.PrefixFrom(addr, 32), id); err != nil {
-		t.Fatal(err)
+	for _, a := range []netip.Addr{ep.IPv4, ep.IPv6} {
+		if a.IsValid() {
+			if err := dp.PutIPCache(netip.PrefixFrom(a, a.BitLen()), id); err != nil {
+				t.Fatal(err)
+			}
+		}
 	}
 	return l
+}
+
+// unname removes the bindings name made: like endpointctl's, they outlive
+// the pods.
+func unname(t *testing.T, dp *bpf.Datapath, addrs ...netip.Addr) {
+	t.Helper()
+	for _, a := range addrs {
+		if err := dp.DeleteIPCache(netip.PrefixFrom(a, a.BitLen())); err != nil {
+			t.Fatal(err)
+		}
+	}
+}
+
+// podAddr6 returns the pod's IPv6 address from an ADD result.
+func podAddr6(t *testing.T, r *current.Result) netip.Addr {
+	t.Helper()
+	for _, ipc := range r.IPs {
+		if a, ok := netip.AddrFromSlice(ipc.Address.IP); ok && a.Is6() && !a.Is4In6() {
+			return a
+		}
+	}
+	t.Fatalf("no IPv6 address in result %+v", r)
+	return netip.Addr{}
 }
 
 func txPackets(t *testing.T, l netlink.Link) uint64 {
@@ -146,8 +179,8 @@ func TestLocalDeliveryLeavesServiceRepliesToTheNode(t *testing.T) {
 	addrC, addrB := podAddr(t, e.MustAdd(t, client)), podAddr(t, e.MustAdd(t, backend))
 	t.Cleanup(func() { _ = e.Del(client); _ = e.Del(backend) })
 	dp := e.Datapath(t)
-	name(t, e, dp, client, 1001, addrC)
-	name(t, e, dp, backend, 1002, addrB)
+	name(t, dp, client, 1001)
+	name(t, dp, backend, 1002)
 	// The client may reach the Service address (world, to the datapath:
 	// no pod has it) and the backend; the backend admits the client.
 	set := &policy.Set{Rules: policy.ManualRule{Action: policy.Allow, Src: 1001, Dst: 1002}.Expand()}
@@ -180,11 +213,7 @@ func TestLocalDeliveryLeavesServiceRepliesToTheNode(t *testing.T) {
 	if err := exchange(client, "tcp4", addrB, 7003); err != nil {
 		t.Fatalf("client -> backend %s:7003: %v", addrB, err)
 	}
-	for _, addr := range []netip.Addr{addrC, addrB} {
-		if err := dp.DeleteIPCache(netip.PrefixFrom(addr, 32)); err != nil {
-			t.Fatal(err)
-		}
-	}
+	unname(t, dp, addrC, addrB)
 }
 
 func run(t *testing.T, name string, args ...string) {
