@@ -147,13 +147,14 @@ const (
 	datapathReasonREASON_ALLOW_RULE        datapathReason = 4
 	datapathReasonREASON_ALLOW_OPEN        datapathReason = 5
 	datapathReasonREASON_ALLOW_HOST        datapathReason = 6
-	datapathReasonREASON_DROP_NO_RULE      datapathReason = 7
-	datapathReasonREASON_DROP_DENY         datapathReason = 8
-	datapathReasonREASON_DROP_SPOOF        datapathReason = 9
-	datapathReasonREASON_DROP_MALFORMED    datapathReason = 10
-	datapathReasonREASON_DROP_NO_ENDPOINT  datapathReason = 11
-	datapathReasonREASON_DROP_FRAG         datapathReason = 12
-	datapathReasonREASON_DROP_REVOKED      datapathReason = 13
+	datapathReasonREASON_ALLOW_RELATED     datapathReason = 7
+	datapathReasonREASON_DROP_NO_RULE      datapathReason = 8
+	datapathReasonREASON_DROP_DENY         datapathReason = 9
+	datapathReasonREASON_DROP_SPOOF        datapathReason = 10
+	datapathReasonREASON_DROP_MALFORMED    datapathReason = 11
+	datapathReasonREASON_DROP_NO_ENDPOINT  datapathReason = 12
+	datapathReasonREASON_DROP_FRAG         datapathReason = 13
+	datapathReasonREASON_DROP_REVOKED      datapathReason = 14
 	datapathReasonREASON_MAX               datapathReason = 16
 )
 

@@ -25,6 +25,7 @@ func FuzzDatapath(f *testing.F) {
 		{2, 2, 1, 0, 1, 1, 4, 5, 2, 8, 16, 32, 64, 128, 255, 1, 3, 5, 7, 11, 13, 17, 19},
 		{1, 0, 1, 1, 3, 1, 0, 0, 8, 0x45, 0, 0, 40, 0, 0, 0x20, 0, 64, 17, 0, 0, 10, 13, 0, 2, 10, 13, 0, 3},
 		{4, 1, 0, 2, 4, 3, 2, 0, 0, 5, 16, 2, 1, 0, 2, 33, 4, 6, 0, 9, 12, 15, 16, 8, 0, 1, 2, 3},
+		{1, 0, 1, 0, 2, 2, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 1, 1, 0, 0, 0, 0, 0, 4, 0, 1, 1},
 	} {
 		f.Add(seed)
 	}
@@ -105,6 +106,8 @@ func clearMap(m *ebpf.Map) error {
 type fuzzInput struct {
 	b []byte
 	i int
+	// sent holds the crafted packets so far, for ICMP errors to quote.
+	sent []pkttest.Packet
 }
 
 func (in *fuzzInput) more() bool { return in.i < len(in.b) }
@@ -179,6 +182,9 @@ func (in *fuzzInput) frame() []byte {
 		}
 		return raw
 	}
+	if kind%8 == 1 && len(in.sent) > 0 {
+		return in.icmpError()
+	}
 	src, dst := pick(in, fuzzAddrs...), pick(in, fuzzAddrs...)
 	if src.Is4() != dst.Is4() {
 		same := fuzzAddrs[:6]
@@ -209,5 +215,35 @@ func (in *fuzzInput) frame() []byte {
 	if kind&16 != 0 {
 		pkt.Payload = make([]byte, int(in.byte()%32))
 	}
+	in.sent = append(in.sent, pkt)
 	return pkt.Frame()
+}
+
+// icmpError builds an ICMP message quoting an earlier packet (or its
+// reply), mostly sent back to that packet's source: errors about flows the
+// datapath tracks, and about ones it does not.
+func (in *fuzzInput) icmpError() []byte {
+	orig := in.sent[int(in.byte())%len(in.sent)]
+	if in.byte()&1 != 0 {
+		orig = orig.Reverse()
+	}
+	same := fuzzAddrs[:6]
+	if orig.Src.Is6() {
+		same = fuzzAddrs[6:]
+	}
+	src, dst := pick(in, orig.Dst, orig.Dst, same[int(in.byte())%len(same)]), pick(in, orig.Src, orig.Src, orig.Src, orig.Dst)
+	f := orig.Frame()
+	hlen := 20
+	typ := pick(in, uint8(3), 11, 12, 5, 8)
+	proto := uint8(pkttest.ICMP)
+	if orig.Src.Is6() {
+		hlen, proto = 40, pkttest.ICMPv6
+		typ = pick(in, uint8(1), 2, 3, 4, 128)
+	}
+	quote := f[14:min(len(f), 14+hlen+8)]
+	if cut := int(in.byte()) % 16; cut < len(quote) && in.byte()&3 == 0 {
+		quote = quote[:len(quote)-cut]
+	}
+	return pkttest.Packet{Src: src, Dst: dst, Proto: proto, HopLimit: 64,
+		L4: append([]byte{typ, in.byte(), 0, 0, 0, 0, 0, 0}, quote...)}.Frame()
 }

@@ -36,6 +36,7 @@ const (
 	ReasonAllowRule        = Reason(datapathReasonREASON_ALLOW_RULE)
 	ReasonAllowOpen        = Reason(datapathReasonREASON_ALLOW_OPEN)
 	ReasonAllowHost        = Reason(datapathReasonREASON_ALLOW_HOST)
+	ReasonAllowRelated     = Reason(datapathReasonREASON_ALLOW_RELATED)
 	ReasonDropNoRule       = Reason(datapathReasonREASON_DROP_NO_RULE)
 	ReasonDropDeny         = Reason(datapathReasonREASON_DROP_DENY)
 	ReasonDropSpoof        = Reason(datapathReasonREASON_DROP_SPOOF)
@@ -54,6 +55,7 @@ var reasonNames = map[Reason]string{
 	ReasonAllowRule:        "rule",
 	ReasonAllowOpen:        "not-isolated",
 	ReasonAllowHost:        "from-host",
+	ReasonAllowRelated:     "related",
 	ReasonDropNoRule:       "no-rule",
 	ReasonDropDeny:         "deny-rule",
 	ReasonDropSpoof:        "spoofed-source",

@@ -224,3 +224,54 @@ func run(t *testing.T, name string, args ...string) {
 }
 
 func runQuiet(name string, args ...string) { _ = exec.Command(name, args...).Run() }
+
+// A datagram to a port nobody listens on comes back as ICMP port
+// unreachable. The pods' rules allow only the datagram's way, yet the
+// error reaches the sender, which learns "connection refused" at once
+// instead of waiting: the datapath passes ICMP errors about tracked flows.
+// Both ways between pods of one node: delivered directly, and routed.
+func TestICMPErrorReachesSender(t *testing.T) {
+	t.Parallel()
+	for _, mode := range []string{cni.LocalDirect, cni.LocalRouted} {
+		t.Run(mode, func(t *testing.T) {
+			t.Parallel()
+			e := cnitest.New(t, cnitest.Options{Plugin: map[string]any{"localDelivery": mode}})
+			a, b := e.NewPod(t), e.NewPod(t)
+			addrA, addrB := podAddr(t, e.MustAdd(t, a)), podAddr(t, e.MustAdd(t, b))
+			t.Cleanup(func() { _ = e.Del(a); _ = e.Del(b) })
+			dp := e.Datapath(t)
+			name(t, dp, a, 1001)
+			name(t, dp, b, 1002)
+			t.Cleanup(func() { unname(t, dp, addrA, addrB) })
+			ms, err := (&policy.Set{Rules: policy.ManualRule{Action: policy.Allow, Src: 1001, Dst: 1002, Proto: policy.ProtoUDP}.Expand()}).Compile()
+			if err != nil {
+				t.Fatal(err)
+			}
+			if err := dp.ApplyPolicy(ms); err != nil {
+				t.Fatal(err)
+			}
+			c, err := dialIn(a, "udp4", addrB, 7009)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer c.Close()
+			err = echo(c, "anyone there?\n")
+			if err == nil || !strings.Contains(err.Error(), "connection refused") {
+				t.Fatalf("datagram to a closed port of B: %v, want connection refused", err)
+			}
+			cs, err := dp.Counters()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var n uint64
+			for k, c := range cs {
+				if k.Reason == bpf.ReasonAllowRelated {
+					n += c.Packets
+				}
+			}
+			if n == 0 {
+				t.Errorf("no packet counted as related")
+			}
+		})
+	}
+}

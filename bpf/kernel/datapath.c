@@ -150,6 +150,15 @@ struct pkt {
 	__u8 family;
 	__u8 tcp_flags;
 	__u8 ttl; /* or hop limit */
+	/* An ICMP error (related): the flow it is about, from the packet it
+	 * quotes, in the quoted packet's direction. */
+	__u32 inner_saddr[4];
+	__u32 inner_daddr[4];
+	__u16 inner_sport;
+	__u16 inner_dport;
+	__u8 inner_proto;
+	__u8 related;
+	__u16 pad;
 };
 
 enum parse_result {
@@ -187,6 +196,67 @@ static __always_inline int has_ports(__u8 proto)
 /* parse_l4 reads ports and flags from the L4 header at l4, of which the
  * IP header says l4len bytes exist. A header the packet cannot hold is
  * malformed: passing it would let a tiny first fragment hide its ports. */
+static __always_inline int is_echo(__u8 family, __u8 proto, __u8 type)
+{
+	return (family == 4 && proto == IPPROTO_ICMP && (type == 8 || type == 0)) ||
+	       (family == 6 && proto == IPPROTO_ICMPV6_ && (type == 128 || type == 129));
+}
+
+/* parse_quoted reads the packet an ICMP error quotes (at q, l4len - 8
+ * bytes by the outer header) into p's inner tuple. Only a quote whose IP
+ * header and first 8 bytes of L4 header are in the linear data counts; a
+ * shorter one leaves the packet a plain ICMP packet. */
+static __always_inline void parse_quoted(struct pkt *p, __u8 *q, void *end, __u32 qlen)
+{
+	__u32 hlen;
+	__u8 *l4;
+
+	if (p->family == 4) {
+		struct iphdr *ip = (struct iphdr *)q;
+
+		if ((void *)(ip + 1) > end || ip->version != 4 || ip->ihl < 5)
+			return;
+		hlen = ip->ihl * 4;
+		if (qlen < hlen + 8 || (bpf_ntohs(ip->frag_off) & 0x1fff))
+			return;
+		p->inner_saddr[2] = bpf_htonl(0xffff);
+		p->inner_saddr[3] = ip->saddr;
+		p->inner_daddr[2] = bpf_htonl(0xffff);
+		p->inner_daddr[3] = ip->daddr;
+		p->inner_proto = ip->protocol;
+		if (hlen > 60)
+			return;
+		l4 = q + hlen;
+	} else {
+		struct ipv6hdr *ip6 = (struct ipv6hdr *)q;
+
+		if ((void *)(ip6 + 1) > end || ip6->version != 6 || qlen < sizeof(*ip6) + 8)
+			return;
+		__builtin_memcpy(p->inner_saddr, &ip6->saddr, 16);
+		__builtin_memcpy(p->inner_daddr, &ip6->daddr, 16);
+		p->inner_proto = ip6->nexthdr;
+		l4 = q + sizeof(*ip6);
+	}
+	if ((void *)(l4 + 8) > end)
+		return;
+	switch (p->inner_proto) {
+	case IPPROTO_TCP:
+	case IPPROTO_UDP:
+	case IPPROTO_SCTP:
+		p->inner_sport = ((__u16)l4[0] << 8) | l4[1];
+		p->inner_dport = ((__u16)l4[2] << 8) | l4[3];
+		break;
+	case IPPROTO_ICMP:
+	case IPPROTO_ICMPV6_:
+		if (is_echo(p->family, p->inner_proto, l4[0]))
+			p->inner_sport = p->inner_dport = ((__u16)l4[4] << 8) | l4[5];
+		break;
+	default:
+		return; /* IPv6 extension headers and the rest: not followed */
+	}
+	p->related = 1;
+}
+
 static __always_inline int parse_l4(struct pkt *p, __u8 *l4, void *end, __u32 l4len, __u8 hop_limit)
 {
 	switch (p->proto) {
@@ -211,11 +281,15 @@ static __always_inline int parse_l4(struct pkt *p, __u8 *l4, void *end, __u32 l4
 			return PARSE_MALFORMED;
 		/* Echo request and reply share the identifier: using it as both
 		 * ports makes a reply the exact reverse of its request. */
-		if ((p->family == 4 && p->proto == IPPROTO_ICMP && (l4[0] == 8 || l4[0] == 0)) ||
-		    (p->family == 6 && p->proto == IPPROTO_ICMPV6_ && (l4[0] == 128 || l4[0] == 129))) {
+		if (is_echo(p->family, p->proto, l4[0])) {
 			p->sport = ((__u16)l4[4] << 8) | l4[5];
 			p->dport = p->sport;
 		}
+		/* Errors (destination unreachable, packet too big, time
+		 * exceeded, parameter problem) quote the packet they are about. */
+		if ((p->family == 4 && p->proto == IPPROTO_ICMP && (l4[0] == 3 || l4[0] == 11 || l4[0] == 12)) ||
+		    (p->family == 6 && p->proto == IPPROTO_ICMPV6_ && l4[0] >= 1 && l4[0] <= 4))
+			parse_quoted(p, l4 + 8, end, l4len - 8);
 		/* IPv6's link-local control passes like ARP: neighbour
 		 * discovery with the hop limit 255 RFC 4861 requires (it never
 		 * crossed a router), and multicast listener queries and reports
@@ -624,6 +698,35 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 						     : ipcache_identity(p->saddr);             \
 		peer;                                                                          \
 	})
+
+	/* An ICMP error about a flow this endpoint's hooks admitted passes
+	 * like a reply of that flow (path MTU discovery, a closed port),
+	 * unless a deny rule holds between the two, or the flow was admitted
+	 * under an older policy. The quoted packet went the other hook's way
+	 * as a packet of the flow, or this hook's way as its reply. Anything
+	 * else is an ICMP packet like any other. */
+	if (p->related) {
+		__builtin_memcpy(k.saddr, p->inner_saddr, 16);
+		__builtin_memcpy(k.daddr, p->inner_daddr, 16);
+		k.sport = p->inner_sport;
+		k.dport = p->inner_dport;
+		k.proto = p->inner_proto;
+		k.scope = scope ^ 1;
+		ct = bpf_map_lookup_elem(&conntrack, &k);
+		if (!ct || ct->expires <= now) {
+			__builtin_memcpy(k.saddr, p->inner_daddr, 16);
+			__builtin_memcpy(k.daddr, p->inner_saddr, 16);
+			k.sport = p->inner_dport;
+			k.dport = p->inner_sport;
+			k.scope = scope;
+			ct = bpf_map_lookup_elem(&conntrack, &k);
+		}
+		if (ct && ct->expires > now && (ct->rev == rev || (ct->flags & CT_F_HOST))) {
+			reason = decide(subject, PEER(), dir | 4 | (__u32)p->proto << 8, subject_flags(ep, subject, rev));
+			return report(skb, p, cfg, ifindex, subject, peer,
+				      reason == REASON_DROP_DENY ? REASON_DROP_DENY : REASON_ALLOW_RELATED, scope, 0);
+		}
+	}
 
 	__builtin_memcpy(k.saddr, p->saddr, 16);
 	__builtin_memcpy(k.daddr, p->daddr, 16);

@@ -47,13 +47,14 @@ enum reason {
 	REASON_ALLOW_RULE = 4,        /* new flow allowed by a rule */
 	REASON_ALLOW_OPEN = 5,        /* new flow, subject not isolated */
 	REASON_ALLOW_HOST = 6,        /* from the local node to its pod */
-	REASON_DROP_NO_RULE = 7,      /* isolated, no rule allows it */
-	REASON_DROP_DENY = 8,         /* a deny rule */
-	REASON_DROP_SPOOF = 9,        /* source address not the pod's */
-	REASON_DROP_MALFORMED = 10,   /* truncated or invalid headers */
-	REASON_DROP_NO_ENDPOINT = 11, /* program on a veth with no endpoint */
-	REASON_DROP_FRAG = 12,        /* fragment whose first part was not seen */
-	REASON_DROP_REVOKED = 13,     /* established flow no longer allowed */
+	REASON_ALLOW_RELATED = 7,     /* ICMP error about a tracked flow */
+	REASON_DROP_NO_RULE = 8,      /* isolated, no rule allows it */
+	REASON_DROP_DENY = 9,         /* a deny rule */
+	REASON_DROP_SPOOF = 10,       /* source address not the pod's */
+	REASON_DROP_MALFORMED = 11,   /* truncated or invalid headers */
+	REASON_DROP_NO_ENDPOINT = 12, /* program on a veth with no endpoint */
+	REASON_DROP_FRAG = 13,        /* fragment whose first part was not seen */
+	REASON_DROP_REVOKED = 14,     /* established flow no longer allowed */
 	REASON_MAX = 16,
 };
 

@@ -19,6 +19,11 @@ type pkt struct {
 	family       uint8
 	tcpFlags     uint8
 	ttl          uint8 // or hop limit
+	// An ICMP error (related): the flow of the packet it quotes.
+	related                bool
+	innerSaddr, innerDaddr [16]byte
+	innerSport, innerDport uint16
+	innerProto             uint8
 }
 
 const (
@@ -187,10 +192,13 @@ func parseL4(p *pkt, l4 []byte, l4len uint32, hopLimit uint8) parseResult {
 		if !need(8) {
 			return parseMalformed
 		}
-		if (p.family == 4 && p.proto == protoICMP && (l4[0] == 8 || l4[0] == 0)) ||
-			(p.family == 6 && p.proto == protoICMP6 && (l4[0] == 128 || l4[0] == 129)) {
+		if isEcho(p.family, p.proto, l4[0]) {
 			p.sport = binary.BigEndian.Uint16(l4[4:6])
 			p.dport = p.sport
+		}
+		if (p.family == 4 && p.proto == protoICMP && (l4[0] == 3 || l4[0] == 11 || l4[0] == 12)) ||
+			(p.family == 6 && p.proto == protoICMP6 && l4[0] >= 1 && l4[0] <= 4) {
+			parseQuoted(p, l4[8:], l4len-8)
 		}
 		if p.family == 6 && p.proto == protoICMP6 &&
 			((l4[0] >= 133 && l4[0] <= 137 && hopLimit == 255) || ((l4[0] >= 130 && l4[0] <= 132) || l4[0] == 143) && hopLimit == 1) {
@@ -203,6 +211,58 @@ func parseL4(p *pkt, l4 []byte, l4len uint32, hopLimit uint8) parseResult {
 	p.sport = binary.BigEndian.Uint16(l4[0:2])
 	p.dport = binary.BigEndian.Uint16(l4[2:4])
 	return parseOK
+}
+
+func isEcho(family, proto, typ uint8) bool {
+	return (family == 4 && proto == protoICMP && (typ == 8 || typ == 0)) ||
+		(family == 6 && proto == protoICMP6 && (typ == 128 || typ == 129))
+}
+
+// parseQuoted mirrors parse_quoted: q is what the frame holds of the quoted
+// packet, qlen what the outer header says it is.
+func parseQuoted(p *pkt, q []byte, qlen uint32) {
+	var l4 []byte
+	if p.family == 4 {
+		if len(q) < 20 || q[0]>>4 != 4 || q[0]&0xf < 5 {
+			return
+		}
+		hlen := uint32(q[0]&0xf) * 4
+		if qlen < hlen+8 || binary.BigEndian.Uint16(q[6:8])&0x1fff != 0 {
+			return
+		}
+		p.innerSaddr, p.innerDaddr = [16]byte{10: 0xff, 11: 0xff}, [16]byte{10: 0xff, 11: 0xff}
+		copy(p.innerSaddr[12:], q[12:16])
+		copy(p.innerDaddr[12:], q[16:20])
+		p.innerProto = q[9]
+		if uint32(len(q)) < hlen+8 {
+			return
+		}
+		l4 = q[hlen:]
+	} else {
+		if len(q) < 40 || q[0]>>4 != 6 || qlen < 48 {
+			return
+		}
+		copy(p.innerSaddr[:], q[8:24])
+		copy(p.innerDaddr[:], q[24:40])
+		p.innerProto = q[6]
+		if len(q) < 48 {
+			return
+		}
+		l4 = q[40:]
+	}
+	switch p.innerProto {
+	case protoTCP, protoUDP, protoSCTP:
+		p.innerSport = binary.BigEndian.Uint16(l4[0:2])
+		p.innerDport = binary.BigEndian.Uint16(l4[2:4])
+	case protoICMP, protoICMP6:
+		if isEcho(p.family, p.innerProto, l4[0]) {
+			p.innerSport = binary.BigEndian.Uint16(l4[4:6])
+			p.innerDport = p.innerSport
+		}
+	default:
+		return
+	}
+	p.related = true
 }
 
 func (d *Datapath) fragFirst(p *pkt, id uint32) {

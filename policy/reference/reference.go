@@ -34,6 +34,7 @@ const (
 	AllowRule
 	AllowOpen
 	AllowHost
+	AllowRelated
 	DropNoRule
 	DropDeny
 	DropSpoof
@@ -47,7 +48,7 @@ const (
 func (r Reason) Drop() bool { return r >= DropNoRule }
 
 var reasonNames = [...]string{"non-ip", "ipv6-link-control", "established", "reply", "rule", "not-isolated", "from-host",
-	"no-rule", "deny-rule", "spoofed-source", "malformed", "no-endpoint", "unknown-fragment", "revoked"}
+	"related", "no-rule", "deny-rule", "spoofed-source", "malformed", "no-endpoint", "unknown-fragment", "revoked"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {
@@ -239,6 +240,22 @@ func (d *Datapath) check(p *pkt, scope Scope, subject identity.ID, fromHost, noN
 	dir, rdir := policy.Egress, policy.Ingress
 	if scope == Ingress {
 		dir, rdir = policy.Ingress, policy.Egress
+	}
+
+	// An ICMP error about a flow this endpoint's hooks admitted passes
+	// like a reply of it, unless a deny rule holds or the flow is from an
+	// older policy revision.
+	if p.related {
+		ct := d.ct[ctKey{p.innerSaddr, p.innerDaddr, p.innerSport, p.innerDport, p.innerProto, scope ^ 1}]
+		if ct == nil {
+			ct = d.ct[ctKey{p.innerDaddr, p.innerSaddr, p.innerDport, p.innerSport, p.innerProto, scope}]
+		}
+		if ct != nil && (ct.rev == d.Rev || ct.flags&ctHost != 0) {
+			if d.decide(subject, dir, peer(), p.proto, 0, true) == DropDeny {
+				return DropDeny
+			}
+			return AllowRelated
+		}
 	}
 
 	k := ctKey{p.saddr, p.daddr, p.sport, p.dport, p.proto, scope}
