@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net/netip"
 	"os"
+	"sync"
 	"time"
 	"unsafe"
 
@@ -70,6 +71,13 @@ type EventReader struct {
 	batch     []datapathEvent
 	next      int
 	lastDrain time.Time
+
+	// The library's AvailableBytes does not guard against a concurrent
+	// Close, and Close comes from another goroutine (an agent shutting
+	// down): mu keeps the two apart, done wakes a Read that waits.
+	mu     sync.RWMutex
+	closed bool
+	done   chan struct{}
 }
 
 // Events opens the event stream.
@@ -83,7 +91,7 @@ func (d *Datapath) Events() (*EventReader, error) {
 		rd.Close()
 		return nil, err
 	}
-	return &EventReader{rd: rd, offset: time.Duration(time.Now().UnixNano() - int64(mono)), lastDrain: time.Now()}, nil
+	return &EventReader{rd: rd, offset: time.Duration(time.Now().UnixNano() - int64(mono)), lastDrain: time.Now(), done: make(chan struct{})}, nil
 }
 
 const (
@@ -137,7 +145,10 @@ func (r *EventReader) fill() error {
 		if !r.deadline.IsZero() && !now.Before(r.deadline) {
 			return os.ErrDeadlineExceeded
 		}
-		avail := r.rd.AvailableBytes()
+		avail, err := r.available()
+		if err != nil {
+			return err
+		}
 		due := r.lastDrain.Add(pollInterval)
 		if avail >= batchBytes || (avail > 0 && !now.Before(due)) {
 			return r.drain(avail)
@@ -150,7 +161,13 @@ func (r *EventReader) fill() error {
 			if !r.deadline.IsZero() && r.deadline.Before(wake) {
 				wake = r.deadline
 			}
-			time.Sleep(wake.Sub(now))
+			t := time.NewTimer(wake.Sub(now))
+			select {
+			case <-t.C:
+			case <-r.done:
+				t.Stop()
+				return ringbuf.ErrClosed
+			}
 			continue
 		}
 		// Nothing waits: block until the datapath wakes us for a batch,
@@ -161,7 +178,7 @@ func (r *EventReader) fill() error {
 			wake = r.deadline
 		}
 		r.rd.SetDeadline(wake)
-		err := r.rd.ReadInto(&r.rec)
+		err = r.rd.ReadInto(&r.rec)
 		if errors.Is(err, os.ErrDeadlineExceeded) {
 			r.lastDrain = time.Now()
 			continue
@@ -228,5 +245,25 @@ func decodeEvent(b []byte) (datapathEvent, error) {
 	return k, nil
 }
 
-// Close stops the reader; a blocked Read returns.
-func (r *EventReader) Close() error { return r.rd.Close() }
+// available is the waiting data, or ringbuf.ErrClosed once Close ran.
+func (r *EventReader) available() (int, error) {
+	r.mu.RLock()
+	defer r.mu.RUnlock()
+	if r.closed {
+		return 0, ringbuf.ErrClosed
+	}
+	return r.rd.AvailableBytes(), nil
+}
+
+// Close stops the reader; a blocked Read returns ringbuf.ErrClosed. It is
+// safe to call from another goroutine, and more than once.
+func (r *EventReader) Close() error {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.closed {
+		return nil
+	}
+	r.closed = true
+	close(r.done)
+	return r.rd.Close()
+}
