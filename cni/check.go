@@ -211,8 +211,8 @@ func (c *checker) checkPod(netns string, hostMAC, podMAC net.HardwareAddr) {
 	}
 }
 
-// checkDatapath checks the attachment and the map entries; hostExists says
-// the host veth exists, without which there is no attachment to look at.
+// checkDatapath checks the attachment and the map entries. hostMAC is nil
+// when the host veth is missing: then there is no attachment to look at.
 func (c *checker) checkDatapath(hostMAC, podMAC net.HardwareAddr) {
 	rec := c.rec
 	dp, err := bpf.Open(c.conf.BPFRoot)

@@ -24,7 +24,7 @@ func TestLoadNetConfDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if conf.BPFRoot != DefaultBPFRoot || conf.DataDir != DefaultDataDir || conf.AgentSocket != api.DefaultSocket || conf.MTU != DefaultMTU || conf.AgentRequired {
+	if conf.BPFRoot != DefaultBPFRoot || conf.DataDir != DefaultDataDir || conf.AgentSocket != api.DefaultSocket || conf.MTU != DefaultMTU || conf.AgentRequired || conf.LocalDelivery != LocalDirect {
 		t.Errorf("defaults = %+v", conf)
 	}
 	if conf.IPAM.Type != "host-local" || conf.Name != "idcni" || conf.CNIVersion != "1.1.0" {
@@ -35,13 +35,13 @@ func TestLoadNetConfDefaults(t *testing.T) {
 func TestLoadNetConfFields(t *testing.T) {
 	conf, err := LoadNetConf([]byte(`{"cniVersion": "1.0.0", "name": "n", "type": "idcni",
 		"bpfRoot": "/sys/fs/bpf/other", "dataDir": "/tmp/records", "agentSocket": "/run/x.sock",
-		"agentRequired": true, "mtu": 9000, ` + ipamOK + `,
+		"agentRequired": true, "mtu": 9000, "localDelivery": "routed", ` + ipamOK + `,
 		"cni.dev/valid-attachments": [{"containerID": "c1", "ifname": "eth0"}],
 		"runtimeConfig": {"portMappings": []}, "unknownField": 1}`))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if conf.BPFRoot != "/sys/fs/bpf/other" || conf.DataDir != "/tmp/records" || conf.AgentSocket != "/run/x.sock" || !conf.AgentRequired || conf.MTU != 9000 {
+	if conf.BPFRoot != "/sys/fs/bpf/other" || conf.DataDir != "/tmp/records" || conf.AgentSocket != "/run/x.sock" || !conf.AgentRequired || conf.MTU != 9000 || conf.LocalDelivery != LocalRouted {
 		t.Errorf("fields = %+v", conf)
 	}
 	if len(conf.ValidAttachments) != 1 || conf.ValidAttachments[0] != (types.GCAttachment{ContainerID: "c1", IfName: "eth0"}) {
@@ -67,6 +67,7 @@ func TestLoadNetConfErrors(t *testing.T) {
 		{"bpffs itself", `{"name": "n", "bpfRoot": "/sys/fs/bpf", ` + ipamOK + `}`, types.ErrInvalidNetworkConfig, "directory of its own"},
 		{"mtu too small", `{"name": "n", "mtu": 67, ` + ipamOK + `}`, types.ErrInvalidNetworkConfig, `"mtu" 67 is out of range`},
 		{"mtu too large", `{"name": "n", "mtu": 65536, ` + ipamOK + `}`, types.ErrInvalidNetworkConfig, "68-65535"},
+		{"unknown localDelivery", `{"name": "n", "localDelivery": "bypass", ` + ipamOK + `}`, types.ErrInvalidNetworkConfig, `"localDelivery" must be "direct" or "routed", got "bypass"`},
 		{"negative mtu", `{"name": "n", "mtu": -1, ` + ipamOK + `}`, types.ErrInvalidNetworkConfig, "out of range"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
