@@ -190,23 +190,8 @@ func TestUnresolvedPodsCannotTalk(t *testing.T) {
 	// Name both pods with a label identity no NetworkPolicy selects.
 	dp := e.Datapath(t)
 	const open = identity.MinLabel + 4242
-	for _, p := range []*cnitest.Pod{a, b} {
-		l, err := netlinksafe.LinkByName(cni.HostVethName(p.ContainerID, p.IfName))
-		if err != nil {
-			t.Fatal(err)
-		}
-		ep, _, err := dp.Endpoint(l.Attrs().Index)
-		if err != nil {
-			t.Fatal(err)
-		}
-		ep.Identity = open
-		if err := dp.PutEndpoint(l.Attrs().Index, ep); err != nil {
-			t.Fatal(err)
-		}
-		if err := dp.PutIPCache(netip.PrefixFrom(ep.IPv4, 32), open); err != nil {
-			t.Fatal(err)
-		}
-	}
+	name(t, dp, a, open)
+	name(t, dp, b, open)
 	if ok, out := a.Ping(addrB, 2); !ok {
 		t.Errorf("pod %s -> pod %s: no reply once both have an unisolated identity:\n%s", addrA, addrB, out)
 	}

@@ -193,9 +193,6 @@ static __always_inline int has_ports(__u8 proto)
 	return proto == IPPROTO_TCP || proto == IPPROTO_UDP || proto == IPPROTO_SCTP;
 }
 
-/* parse_l4 reads ports and flags from the L4 header at l4, of which the
- * IP header says l4len bytes exist. A header the packet cannot hold is
- * malformed: passing it would let a tiny first fragment hide its ports. */
 static __always_inline int is_echo(__u8 family, __u8 proto, __u8 type)
 {
 	return (family == 4 && proto == IPPROTO_ICMP && (type == 8 || type == 0)) ||
@@ -257,6 +254,9 @@ static __always_inline void parse_quoted(struct pkt *p, __u8 *q, void *end, __u3
 	p->related = 1;
 }
 
+/* parse_l4 reads ports and flags from the L4 header at l4, of which the
+ * IP header says l4len bytes exist. A header the packet cannot hold is
+ * malformed: passing it would let a tiny first fragment hide its ports. */
 static __always_inline int parse_l4(struct pkt *p, __u8 *l4, void *end, __u32 l4len, __u8 hop_limit)
 {
 	switch (p->proto) {
@@ -471,6 +471,16 @@ static __always_inline __u32 ipcache_identity(const __u32 *addr)
 	return v ? v->identity : ID_WORLD;
 }
 
+/* peer_identity is the other end of a packet at a hook: its destination
+ * leaving a pod, its source entering one, the node itself when the node's
+ * own stack sent it. */
+static __always_inline __u32 peer_identity(struct pkt *p, __u8 scope, int from_host)
+{
+	if (scope == SCOPE_EGRESS)
+		return ipcache_identity(p->daddr);
+	return from_host ? ID_HOST : ipcache_identity(p->saddr);
+}
+
 /* subject_flags returns the identity flags of the endpoint's identity.
  * The endpoint keeps a copy stamped with the policy revision it was read
  * under; every change to the identities map bumps the revision after it,
@@ -668,6 +678,19 @@ static __always_inline void ct_touch(struct ct_value *ct, struct pkt *p, __u64 n
 	}
 }
 
+/* ct_key_set fills k with a flow's tuple as conntrack keys it: from saddr
+ * port sport to daddr port dport, seen at the hook scope. */
+static __always_inline void ct_key_set(struct ct_key *k, const __u32 *saddr, const __u32 *daddr, __u16 sport,
+				       __u16 dport, __u8 proto, __u8 scope)
+{
+	__builtin_memcpy(k->saddr, saddr, 16);
+	__builtin_memcpy(k->daddr, daddr, 16);
+	k->sport = sport;
+	k->dport = dport;
+	k->proto = proto;
+	k->scope = scope;
+}
+
 /* CHECK_STACK is check()'s answer when a packet would start a flow at a
  * hook that from_pod runs on a local pod's behalf: see handle(). */
 #define CHECK_STACK -1
@@ -690,14 +713,7 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 	__u32 peer = ID_ANY;
 	int reason;
 
-#define PEER()                                                                                 \
-	({                                                                                     \
-		if (peer == ID_ANY)                                                            \
-			peer = scope == SCOPE_EGRESS ? ipcache_identity(p->daddr)              \
-			       : from_host	     ? ID_HOST                                 \
-						     : ipcache_identity(p->saddr);             \
-		peer;                                                                          \
-	})
+#define PEER() (peer == ID_ANY ? (peer = peer_identity(p, scope, from_host)) : peer)
 
 	/* An ICMP error about a flow this endpoint's hooks admitted passes
 	 * like a reply of that flow (path MTU discovery, a closed port),
@@ -706,39 +722,29 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 	 * as a packet of the flow, or this hook's way as its reply. Anything
 	 * else is an ICMP packet like any other. */
 	if (p->related) {
-		__builtin_memcpy(k.saddr, p->inner_saddr, 16);
-		__builtin_memcpy(k.daddr, p->inner_daddr, 16);
-		k.sport = p->inner_sport;
-		k.dport = p->inner_dport;
-		k.proto = p->inner_proto;
-		k.scope = scope ^ 1;
+		ct_key_set(&k, p->inner_saddr, p->inner_daddr, p->inner_sport, p->inner_dport, p->inner_proto,
+			   scope ^ 1);
 		ct = bpf_map_lookup_elem(&conntrack, &k);
 		if (!ct || ct->expires <= now) {
-			__builtin_memcpy(k.saddr, p->inner_daddr, 16);
-			__builtin_memcpy(k.daddr, p->inner_saddr, 16);
-			k.sport = p->inner_dport;
-			k.dport = p->inner_sport;
-			k.scope = scope;
+			ct_key_set(&k, p->inner_daddr, p->inner_saddr, p->inner_dport, p->inner_sport, p->inner_proto,
+				   scope);
 			ct = bpf_map_lookup_elem(&conntrack, &k);
 		}
 		if (ct && ct->expires > now && (ct->rev == rev || (ct->flags & CT_F_HOST))) {
-			reason = decide(subject, PEER(), dir | 4 | (__u32)p->proto << 8, subject_flags(ep, subject, rev));
+			reason = decide(subject, PEER(), dir | 4 | (__u32)p->proto << 8,
+					subject_flags(ep, subject, rev));
 			return report(skb, p, cfg, ifindex, subject, peer,
 				      reason == REASON_DROP_DENY ? REASON_DROP_DENY : REASON_ALLOW_RELATED, scope, 0);
 		}
 	}
 
-	__builtin_memcpy(k.saddr, p->saddr, 16);
-	__builtin_memcpy(k.daddr, p->daddr, 16);
-	k.sport = p->sport;
-	k.dport = p->dport;
-	k.proto = p->proto;
-	k.scope = scope;
+	ct_key_set(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto, scope);
 	ct = bpf_map_lookup_elem(&conntrack, &k);
 	if (ct && ct->expires > now &&
 	    !((ct->flags & CT_F_CLOSING) && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)) {
 		if (ct->rev != rev && !(ct->flags & CT_F_HOST)) {
-			reason = decide(subject, PEER(), dir | (__u32)p->proto << 8 | (__u32)p->dport << 16, subject_flags(ep, subject, rev));
+			reason = decide(subject, PEER(), dir | (__u32)p->proto << 8 | (__u32)p->dport << 16,
+					subject_flags(ep, subject, rev));
 			if (is_drop(reason)) {
 				bpf_map_delete_elem(&conntrack, &k);
 				return report(skb, p, cfg, ifindex, subject, peer, REASON_DROP_REVOKED, scope, 1);
@@ -756,11 +762,7 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 	 * spares new TCP flows the lookup. */
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
 		goto new_flow;
-	__builtin_memcpy(k.saddr, p->daddr, 16);
-	__builtin_memcpy(k.daddr, p->saddr, 16);
-	k.sport = p->dport;
-	k.dport = p->sport;
-	k.scope = scope ^ 1;
+	ct_key_set(&k, p->daddr, p->saddr, p->dport, p->sport, p->proto, scope ^ 1);
 	ct = bpf_map_lookup_elem(&conntrack, &k);
 	if (ct && ct->expires > now) {
 		if (!(ct->flags & CT_F_HOST)) {
@@ -802,7 +804,8 @@ new_flow:
 		reason = REASON_ALLOW_HOST;
 		nct.flags = CT_F_HOST;
 	} else {
-		reason = decide(subject, PEER(), dir | (__u32)p->proto << 8 | (__u32)p->dport << 16, subject_flags(ep, subject, rev));
+		reason = decide(subject, PEER(), dir | (__u32)p->proto << 8 | (__u32)p->dport << 16,
+				subject_flags(ep, subject, rev));
 	}
 	if (!is_drop(reason)) {
 		/* Where do this flow's packets leaving a pod go: to the local
@@ -815,11 +818,7 @@ new_flow:
 		if (scope == SCOPE_EGRESS ? !*lpp : !bpf_map_lookup_elem(&local_pods, p->saddr))
 			nct.flags |= CT_F_ROUTED;
 		*ct_flags = nct.flags;
-		__builtin_memcpy(k.saddr, p->saddr, 16);
-		__builtin_memcpy(k.daddr, p->daddr, 16);
-		k.sport = p->sport;
-		k.dport = p->dport;
-		k.scope = scope;
+		ct_key_set(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto, scope);
 		nct.rev = rev;
 		nct.subject = subject;
 		nct.peer = peer;
@@ -865,6 +864,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	struct local_pod *lp = NULL;
 	struct config *cfg;
 	__u32 zero = 0, ifindex = skb->ifindex, rev, dst_ifindex, ct_flags = 0, dst_ct_flags = 0;
+	int from_host = scope == SCOPE_INGRESS && skb->ingress_ifindex == 0;
 	__u64 now;
 	int ret, reason;
 
@@ -892,17 +892,14 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 		int ok = p.family == 4 ? (ep->flags & EP_HAS_V4) && p.saddr[3] == *(__u32 *)ep->ipv4
 				       : (ep->flags & EP_HAS_V6) && !__builtin_memcmp(p.saddr, ep->ipv6, 16);
 		if (!ok) {
-			report(skb, &p, cfg, ifindex, ep->identity, ipcache_identity(p.daddr), REASON_DROP_SPOOF,
-			       scope, 1);
+			report(skb, &p, cfg, ifindex, ep->identity, peer_identity(&p, scope, from_host),
+			       REASON_DROP_SPOOF, scope, 1);
 			return TC_ACT_SHOT;
 		}
 	}
 	if (ret == PARSE_FRAG_UNKNOWN) {
-		report(skb, &p, cfg, ifindex, ep->identity,
-		       scope == SCOPE_EGRESS	      ? ipcache_identity(p.daddr)
-		       : skb->ingress_ifindex == 0 ? ID_HOST
-						   : ipcache_identity(p.saddr),
-		       REASON_DROP_FRAG, scope, 1);
+		report(skb, &p, cfg, ifindex, ep->identity, peer_identity(&p, scope, from_host), REASON_DROP_FRAG,
+		       scope, 1);
 		return TC_ACT_SHOT;
 	}
 
@@ -910,8 +907,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	 * serves them and costs a memory read, where the precise one costs a
 	 * clock read on every packet. */
 	now = bpf_ktime_get_coarse_ns();
-	reason = check(skb, &p, cfg, rev, ifindex, ep, scope, scope == SCOPE_INGRESS && skb->ingress_ifindex == 0,
-		       now, 0, &ct_flags, &lp);
+	reason = check(skb, &p, cfg, rev, ifindex, ep, scope, from_host, now, 0, &ct_flags, &lp);
 	if (is_drop(reason))
 		return TC_ACT_SHOT;
 	if (scope == SCOPE_INGRESS || (ct_flags & CT_F_ROUTED))
