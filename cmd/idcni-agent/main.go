@@ -22,6 +22,7 @@ import (
 	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/internal/kernel"
 	"github.com/idcni/idcni/manifests"
 	"github.com/idcni/idcni/store"
 )
@@ -76,7 +77,14 @@ config into --cni-conf-dir, so the node only takes pods it can enforce.
 				return fmt.Errorf("must run as root: it loads BPF programs and writes pinned maps under %s", cfg.BPFRoot)
 			}
 			if uninstall {
+				// No kernel check: removing what an earlier run left
+				// must work on any kernel.
 				return agent.Uninstall(cfg.CNIConfDir, cfg.CNIConfName, cfg.BPFRoot)
+			}
+			// Before anything is loaded: on an older kernel the first
+			// sign would otherwise be a verifier log or an EPERM.
+			if err := kernel.Check(); err != nil {
+				return err
 			}
 			log, err := newLogger(logLevel, logJSON)
 			if err != nil {
