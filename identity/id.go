@@ -15,6 +15,10 @@ const (
 	Host       ID = 1
 	World      ID = 2
 	Unresolved ID = 5 // an endpoint the plugin created before anyone named it
+	// RemoteNode is every address of the cluster's other nodes. It is not
+	// Host, which is the local node alone: another node's packets are
+	// policed like any address outside the cluster.
+	RemoteNode ID = 6
 )
 
 // Range bounds. Bounds are inclusive.
@@ -59,8 +63,18 @@ func (id ID) String() string {
 		return "world"
 	case Unresolved:
 		return "unresolved"
+	case RemoteNode:
+		return "remote-node"
 	}
 	return fmt.Sprintf("%d", uint32(id))
+}
+
+// IsRulePeer reports whether a manual rule may name id: a manual identity,
+// or a reserved one that stands for addresses no pod has (host, world,
+// remote-node), so that people can allow or deny those sources and
+// destinations for their manual identities.
+func (id ID) IsRulePeer() bool {
+	return id.IsManual() || id == Host || id == World || id == RemoteNode
 }
 
 // ValidateManual returns a clear error unless id may be chosen by a person.
@@ -68,6 +82,16 @@ func ValidateManual(id uint64) error {
 	if id < uint64(MinManual) || id > uint64(MaxManual) {
 		return fmt.Errorf("identity %d is outside the manual range %d-%d (0-255 are reserved, %d and above are allocated by the agent from labels)",
 			id, MinManual, MaxManual, MinLabel)
+	}
+	return nil
+}
+
+// ValidateRulePeer returns a clear error unless a manual rule may name id
+// (see IsRulePeer).
+func ValidateRulePeer(id uint64) error {
+	if id > uint64(MaxManual) || !ID(id).IsRulePeer() {
+		return fmt.Errorf("identity %d cannot be named in a rule: want a manual identity %d-%d, or %d (host), %d (world) or %d (remote-node)",
+			id, MinManual, MaxManual, Host, World, RemoteNode)
 	}
 	return nil
 }
