@@ -118,35 +118,45 @@ func (a *Agent) syncPod(ns, name string) (bool, error) {
 	return true, err
 }
 
-// syncNodes hands every node address to the compiler: they resolve to the
-// host identity, which ipBlocks containing them allow (pods reaching the API
-// server on a node address, for one).
+// syncNodes hands every node address to the compiler: this node's resolve
+// to host, every other node's to remote-node, and ipBlocks containing them
+// allow those identities (pods reaching the API server on a node address,
+// for one).
 func (a *Agent) syncNodes() (bool, error) {
-	addrs, err := a.nodeAddrs()
+	local, remote, err := a.nodeAddrs()
 	if err != nil {
 		return false, err
 	}
-	a.compiler.SetHostAddrs(addrs)
+	a.compiler.SetNodeAddrs(local, remote)
 	return true, nil // node addresses are ipcache entries too
 }
 
-func (a *Agent) nodeAddrs() ([]netip.Addr, error) {
+// nodeAddrs returns the InternalIPs and ExternalIPs of this node (local)
+// and of every other node (remote). Only the local node is host: the
+// datapath lets host reach any pod, and another node's packets must meet
+// the pods' policy like any other address outside the cluster.
+func (a *Agent) nodeAddrs() (local, remote []netip.Addr, err error) {
 	nodes, err := a.nodes.List(labels.Everything())
 	if err != nil {
-		return nil, err
+		return nil, nil, fmt.Errorf("list nodes: %w", err)
 	}
-	var out []netip.Addr
 	for _, n := range nodes {
 		for _, na := range n.Status.Addresses {
 			if na.Type != corev1.NodeInternalIP && na.Type != corev1.NodeExternalIP {
 				continue
 			}
-			if addr, err := netip.ParseAddr(na.Address); err == nil {
-				out = append(out, addr.Unmap())
+			addr, err := netip.ParseAddr(na.Address)
+			if err != nil {
+				continue
+			}
+			if n.Name == a.cfg.NodeName {
+				local = append(local, addr.Unmap())
+			} else {
+				remote = append(remote, addr.Unmap())
 			}
 		}
 	}
-	return out, nil
+	return local, remote, nil
 }
 
 func (a *Agent) syncNamespace(name string) (bool, error) {
@@ -277,12 +287,17 @@ func (a *Agent) desired() (ipc map[netip.Prefix]identity.ID, eps map[int]bpf.End
 	for _, c := range a.compiler.CIDRs() {
 		ipc[c.Prefix] = c.ID
 	}
-	hosts, err := a.nodeAddrs()
+	local, remote, err := a.nodeAddrs()
 	if err != nil {
 		return nil, nil, nil, err
 	}
-	for _, h := range hosts {
-		ipc[netip.PrefixFrom(h, h.BitLen())] = identity.Host
+	// Local after remote: an address two Node objects claim, one of them
+	// this node's, is this node's, as the compiler has it.
+	for _, r := range remote {
+		ipc[netip.PrefixFrom(r, r.BitLen())] = identity.RemoteNode
+	}
+	for _, l := range local {
+		ipc[netip.PrefixFrom(l, l.BitLen())] = identity.Host
 	}
 	pods, err := a.pods.List(labels.Everything())
 	if err != nil {

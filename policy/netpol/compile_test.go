@@ -244,7 +244,7 @@ func TestEgressIPBlockAndDefaults(t *testing.T) {
 	w.expect("a/db", "c/web", tcp, 1, true)
 }
 
-func TestHostAddrs(t *testing.T) {
+func TestNodeAddrs(t *testing.T) {
 	nss, pods := baseCluster()
 	pols := []*networkingv1.NetworkPolicy{
 		mkPolicy("a", "to-apiserver", *sel("app", "web"), func(s *networkingv1.NetworkPolicySpec) {
@@ -254,23 +254,56 @@ func TestHostAddrs(t *testing.T) {
 				Ports: []networkingv1.NetworkPolicyPort{tcpPort(6443)},
 			}}
 		}),
+		// Ingress from the other nodes' subnet only: remote nodes are
+		// addresses outside the cluster, which only an ipBlock admits.
+		mkPolicy("b", "from-nodes", *sel("app", "web"), func(s *networkingv1.NetworkPolicySpec) {
+			s.Ingress = []networkingv1.NetworkPolicyIngressRule{{
+				From: []networkingv1.NetworkPolicyPeer{blockPeer("198.51.100.0/28")},
+			}}
+		}),
+		mkPolicy("c", "from-all-pods", *sel("app", "web"), func(s *networkingv1.NetworkPolicySpec) {
+			s.Ingress = []networkingv1.NetworkPolicyIngressRule{{
+				From: []networkingv1.NetworkPolicyPeer{{NamespaceSelector: &metav1.LabelSelector{}}},
+			}}
+		}),
 	}
 	w := compileAll(t, nss, pods, pols)
+	local := netip.MustParseAddr("192.0.2.10")
+	remoteIn, remoteOut := netip.MustParseAddr("198.51.100.5"), netip.MustParseAddr("198.51.100.200")
 	w.expect("a/web", "ip:192.0.2.10", tcp, 6443, true) // a CIDR identity so far
-	d := w.c.SetHostAddrs([]netip.Addr{netip.MustParseAddr("192.0.2.10"), netip.MustParseAddr("192.0.2.200")})
-	if !slices.Equal(d.Identities, []identity.ID{w.id("a/web")}) {
-		t.Errorf("delta %v", d.Identities)
+	d := w.c.SetNodeAddrs([]netip.Addr{local, netip.MustParseAddr("192.0.2.200")}, []netip.Addr{remoteIn, remoteOut})
+	if !slices.Equal(d.Identities, []identity.ID{w.id("a/web"), w.id("b/web")}) {
+		t.Errorf("delta %v, want a/web and b/web", d.Identities)
 	}
-	if got := w.c.IdentityOfAddr(netip.MustParseAddr("192.0.2.10")); got != identity.Host {
-		t.Fatalf("host address resolves to %s", got)
+	for a, want := range map[netip.Addr]identity.ID{local: identity.Host, remoteIn: identity.RemoteNode, remoteOut: identity.RemoteNode} {
+		if got := w.c.IdentityOfAddr(a); got != want {
+			t.Errorf("%s resolves to %s, want %s", a, got, want)
+		}
 	}
 	w.expect("a/web", "ip:192.0.2.10", tcp, 6443, true)  // host, inside the block
 	w.expect("a/web", "ip:192.0.2.200", tcp, 6443, true) // host too, but through 192.0.2.10
+	// A remote node is no pod: the ipBlock admits it, the namespace
+	// selector of c/web's policy does not.
+	w.expect("ip:198.51.100.5", "b/web", tcp, 80, true)
+	w.expect("ip:198.51.100.200", "b/web", tcp, 80, true) // remote-node too, through 198.51.100.5
+	w.expect("ip:198.51.100.5", "c/web", tcp, 80, false)
+	w.expect("ip:192.0.2.10", "c/web", tcp, 80, false)
+	// The local node's address in b's block allows host, not remote-node.
+	w.c.SetNodeAddrs([]netip.Addr{netip.MustParseAddr("198.51.100.6")}, []netip.Addr{remoteOut})
+	w.expect("ip:198.51.100.200", "b/web", tcp, 80, false)
+	w.expect("ip:198.51.100.6", "b/web", tcp, 80, true)
+	// An address in both lists is the local node's.
+	w.c.SetNodeAddrs([]netip.Addr{remoteIn}, []netip.Addr{remoteIn, remoteOut})
+	if got := w.c.IdentityOfAddr(remoteIn); got != identity.Host {
+		t.Errorf("%s, local and remote, resolves to %s, want host", remoteIn, got)
+	}
+	w.expect("ip:198.51.100.200", "b/web", tcp, 80, false)
 	// The rule names host once any host address is inside: the ipcache
 	// cannot tell node addresses apart. Without one inside, no rule.
-	w.c.SetHostAddrs([]netip.Addr{netip.MustParseAddr("192.0.2.200")})
+	w.c.SetNodeAddrs([]netip.Addr{netip.MustParseAddr("192.0.2.200")}, nil)
 	w.expect("a/web", "ip:192.0.2.200", tcp, 6443, false)
-	w.c.SetHostAddrs(nil)
+	w.expect("ip:198.51.100.5", "b/web", tcp, 80, true) // a CIDR identity again
+	w.c.SetNodeAddrs(nil, nil)
 	w.expect("a/web", "ip:192.0.2.200", tcp, 6443, false)
 	w.expect("a/web", "ip:192.0.2.10", tcp, 6443, true)
 }

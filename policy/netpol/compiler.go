@@ -75,9 +75,10 @@ type Compiler struct {
 	// identity have an address inside it, so a pod change touches a policy
 	// only when an identity enters or leaves one of its blocks.
 	blocks map[string]*blockIndex
-	// hosts are the addresses the ipcache resolves to identity.Host, as
+	// nodes are the node addresses the ipcache resolves to identity.Host
+	// (the local node's) or identity.RemoteNode (every other node's), as
 	// pseudo pods: they count in block indexes but are never selected.
-	hosts map[netip.Addr]*podInfo
+	nodes map[netip.Addr]*podInfo
 }
 
 type blockIndex struct {
@@ -140,13 +141,13 @@ func NewCompiler(ids Identities) *Compiler {
 		nextCIDR:   identity.MinCIDR,
 		idPorts:    map[identity.ID]map[containerPort]int{},
 		blocks:     map[string]*blockIndex{},
-		hosts:      map[netip.Addr]*podInfo{},
+		nodes:      map[netip.Addr]*podInfo{},
 	}
 }
 
 // Compile compiles a whole cluster state from scratch. The returned Compiler
 // can take incremental changes from there (node addresses, if any, go in
-// with SetHostAddrs). Later objects replace earlier ones with the same
+// with SetNodeAddrs). Later objects replace earlier ones with the same
 // namespace and name.
 func Compile(ids Identities, namespaces []*corev1.Namespace, pods []*corev1.Pod, policies []*networkingv1.NetworkPolicy) (*Compiler, error) {
 	c := NewCompiler(ids)
@@ -425,9 +426,9 @@ func (c *Compiler) retainBlocks(p *parsedPolicy) {
 						bi.counts[pi.id]++
 					}
 				}
-				for _, h := range c.hosts {
-					if peer.blockMatches(h.ips[0]) {
-						bi.counts[h.id]++
+				for _, n := range c.nodes {
+					if peer.blockMatches(n.ips[0]) {
+						bi.counts[n.id]++
 					}
 				}
 				c.blocks[peer.blockKey] = bi
@@ -907,7 +908,8 @@ func (c *Compiler) Stats() Stats {
 }
 
 // IdentityOfAddr resolves an address as the datapath's ipcache would: a
-// host address to host, a pod address to its pod's identity, anything else
+// node address to host or remote-node, a pod address to its pod's
+// identity, anything else
 // to the CIDR identity of the longest prefix containing it, or to world. It
 // scans every pod: a reference for tests and offline tools, not a lookup
 // for hot paths.
@@ -915,8 +917,8 @@ func (c *Compiler) IdentityOfAddr(a netip.Addr) identity.ID {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	a = a.Unmap()
-	if _, ok := c.hosts[a]; ok {
-		return identity.Host
+	if n, ok := c.nodes[a]; ok {
+		return n.id
 	}
 	for _, pi := range c.pods {
 		if slices.Contains(pi.ips, a) {
@@ -932,33 +934,41 @@ func (c *Compiler) IdentityOfAddr(a netip.Addr) identity.ID {
 	return id
 }
 
-// SetHostAddrs declares the addresses the ipcache resolves to
-// identity.Host: the node's own (and, with several nodes, every node's).
-// NetworkPolicy ipBlocks match node addresses like any other, so a block
-// holding one of them (outside its excepts) also allows identity.Host as a
-// peer; without this, egress to a host-network service such as the API
-// server could never be allowed by an ipBlock.
-func (c *Compiler) SetHostAddrs(addrs []netip.Addr) Delta {
+// SetNodeAddrs declares the node addresses the ipcache resolves to
+// reserved identities: local, the node's own, to identity.Host, and
+// remote, every other node's, to identity.RemoteNode. An address in both
+// is local: the ipcache holds one identity per address, and the local
+// node's own traffic must stay host.
+//
+// NetworkPolicy ipBlocks match node addresses like any other address
+// outside the cluster, so a block holding one of them (outside its
+// excepts) also allows that address's identity as a peer; without this,
+// egress to a host-network service such as the API server could never be
+// allowed by an ipBlock. Selectors never match a node.
+func (c *Compiler) SetNodeAddrs(local, remote []netip.Addr) Delta {
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	want := map[netip.Addr]bool{}
-	for _, a := range addrs {
-		want[a.Unmap()] = true
+	want := map[netip.Addr]identity.ID{}
+	for _, a := range remote {
+		want[a.Unmap()] = identity.RemoteNode
+	}
+	for _, a := range local {
+		want[a.Unmap()] = identity.Host
 	}
 	affected := map[string]struct{}{}
-	for a, h := range c.hosts {
-		if !want[a] {
-			c.countBlocks(h, -1, affected)
-			delete(c.hosts, a)
+	for a, n := range c.nodes {
+		if want[a] != n.id {
+			c.countBlocks(n, -1, affected)
+			delete(c.nodes, a)
 		}
 	}
-	for a := range want {
-		if _, ok := c.hosts[a]; ok {
+	for a, id := range want {
+		if _, ok := c.nodes[a]; ok {
 			continue
 		}
-		h := &podInfo{key: "host " + a.String(), ips: []netip.Addr{a}, id: identity.Host}
-		c.hosts[a] = h
-		c.countBlocks(h, 1, affected)
+		n := &podInfo{key: "node " + a.String(), ips: []netip.Addr{a}, id: id}
+		c.nodes[a] = n
+		c.countBlocks(n, 1, affected)
 	}
 	changed := map[identity.ID]struct{}{}
 	for key := range affected {

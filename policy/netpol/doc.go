@@ -29,8 +29,17 @@
 //     the block's rules do not allow. Pod addresses resolve to the pod's own
 //     identity in the ipcache, so the block also yields rules for every pod
 //     identity with a pod IP inside the cidr and outside every except, and
-//     for identity.Host when a node address given to SetHostAddrs is.
+//     for identity.Host or identity.RemoteNode when a node address given to
+//     SetNodeAddrs is.
 //     CIDRs lists the prefixes the ipcache must hold for this to work.
+//   - Nodes are addresses outside the cluster. The local node's addresses
+//     resolve to identity.Host, every other node's to identity.RemoteNode
+//     (SetNodeAddrs). An ipBlock can match them; pod and namespace
+//     selectors never do, so a pod isolated for ingress admits another node
+//     only through an ipBlock holding its address. (The datapath lets the
+//     local node's own stack reach its pods whatever the policy, kubelet
+//     probes being its traffic; that is the datapath's rule, not one the
+//     compiler writes.)
 //   - Ports: a number, a number..endPort range, a protocol alone (every port
 //     of it), or a name. Protocol defaults to TCP. A rule without ports allows
 //     every protocol, ICMP included. A named port is looked up in the
@@ -55,9 +64,11 @@
 //     not listen on.
 //   - ipBlock over pod IPs: an identity is a peer when any of its pods has an
 //     address inside the block, so its other pods (same labels, same
-//     namespace, addresses elsewhere) are allowed too. Likewise every node
-//     address is identity.Host, so a block holding one node address allows
-//     them all.
+//     namespace, addresses elsewhere) are allowed too. Likewise every
+//     address of the local node is identity.Host and every address of the
+//     other nodes identity.RemoteNode, so a block holding one remote node's
+//     address allows every remote node, excepts included (and one holding a
+//     local address allows every local one).
 //   - An identity allocator that drops labels (churn labels such as
 //     pod-template-hash) merges pods a selector on such a label would tell
 //     apart; the identity then gets the union of what its pods would get.

@@ -22,11 +22,12 @@ import (
 // each Delta names every identity whose rules or isolation changed.
 
 type randCluster struct {
-	r     *rand.Rand
-	hosts []netip.Addr
-	nss   map[string]*corev1.Namespace
-	pods  map[string]*corev1.Pod
-	pols  map[string]*networkingv1.NetworkPolicy
+	r      *rand.Rand
+	local  []netip.Addr // node addresses: host
+	remote []netip.Addr // and remote-node
+	nss    map[string]*corev1.Namespace
+	pods   map[string]*corev1.Pod
+	pols   map[string]*networkingv1.NetworkPolicy
 }
 
 var (
@@ -246,7 +247,7 @@ func (rc *randCluster) fullCompile(t *testing.T, ids Identities) *Compiler {
 	if err != nil {
 		t.Fatalf("full compile: %v", err)
 	}
-	c.SetHostAddrs(rc.hosts)
+	c.SetNodeAddrs(rc.local, rc.remote)
 	return c
 }
 
@@ -269,14 +270,25 @@ func TestIncrementalEqualsFull(t *testing.T) {
 			var what string
 			switch op := rc.r.IntN(11); {
 			case op == 10:
-				rc.hosts = nil
-				for _, a := range []string{"10.0.0.200", "192.168.0.1", "172.16.0.1"} {
-					if rc.r.IntN(2) == 0 {
-						rc.hosts = append(rc.hosts, netip.MustParseAddr(a))
+				// Addresses move between host, remote-node and none,
+				// sometimes in both lists, and share blocks with pods
+				// (10.0.0.5) and with each other.
+				rc.local, rc.remote = nil, nil
+				for _, a := range []string{"10.0.0.200", "192.168.0.1", "172.16.0.1", "10.0.0.5", "10.0.0.9", "192.168.0.7"} {
+					switch rc.r.IntN(4) {
+					case 0:
+						rc.local = append(rc.local, netip.MustParseAddr(a))
+					case 1:
+						rc.remote = append(rc.remote, netip.MustParseAddr(a))
+					case 2:
+						if rc.r.IntN(4) == 0 {
+							rc.local = append(rc.local, netip.MustParseAddr(a))
+							rc.remote = append(rc.remote, netip.MustParseAddr(a))
+						}
 					}
 				}
-				what = fmt.Sprintf("set host addresses %v", rc.hosts)
-				d = inc.SetHostAddrs(rc.hosts)
+				what = fmt.Sprintf("set node addresses local %v remote %v", rc.local, rc.remote)
+				d = inc.SetNodeAddrs(rc.local, rc.remote)
 			case op < 1:
 				ns := rc.randNS()
 				what = "upsert namespace " + ns.Name + fmt.Sprint(ns.Labels)
