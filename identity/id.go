@@ -3,7 +3,10 @@
 // keeps the mapping between the two stable across restarts.
 package identity
 
-import "fmt"
+import (
+	"fmt"
+	"strconv"
+)
 
 // ID is a security identity. Its value space is split into ranges (see
 // DESIGN.md section 2); the range tells who owns a number.
@@ -94,4 +97,20 @@ func ValidateRulePeer(id uint64) error {
 			id, MinManual, MaxManual, Host, World, RemoteNode)
 	}
 	return nil
+}
+
+// Parse reads an identity as people write it: a decimal number, or the
+// name String gives a reserved identity ("host", "world", "remote-node",
+// "unresolved"), so that what a listing prints can be typed back.
+func Parse(s string) (ID, error) {
+	for _, id := range []ID{Host, World, Unresolved, RemoteNode} {
+		if s == id.String() {
+			return id, nil
+		}
+	}
+	n, err := strconv.ParseUint(s, 10, 32)
+	if err != nil {
+		return 0, fmt.Errorf("bad identity %q: want a number or one of host, world, remote-node, unresolved", s)
+	}
+	return ID(n), nil
 }

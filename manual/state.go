@@ -111,8 +111,9 @@ func (s *State) Unbind(ip netip.Addr) (Binding, error) {
 	return b, nil
 }
 
-// ValidateRule checks that r is a complete manual rule between manual
-// identities that the datapath can hold.
+// ValidateRule checks that r is a complete manual rule that the datapath can
+// hold: from or to a manual identity, the other side manual too or one of
+// the reserved identities no pod has (host, world, remote-node).
 func ValidateRule(r policy.ManualRule) error {
 	if r.Action != policy.Allow && r.Action != policy.Deny {
 		return fmt.Errorf("rule has no action: want allow or deny")
@@ -123,11 +124,17 @@ func ValidateRule(r policy.ManualRule) error {
 // validateSelector checks everything of r but its action, which a delete
 // may leave open.
 func validateSelector(r policy.ManualRule) error {
-	if err := CheckIdentity(r.Src); err != nil {
+	if err := identity.ValidateRulePeer(uint64(r.Src)); err != nil {
 		return fmt.Errorf("source: %w", err)
 	}
-	if err := CheckIdentity(r.Dst); err != nil {
+	if err := identity.ValidateRulePeer(uint64(r.Dst)); err != nil {
 		return fmt.Errorf("destination: %w", err)
+	}
+	// Manual identities are the only ones these rules isolate and
+	// police: between two reserved identities a rule would stand in the
+	// maps and decide nothing.
+	if !r.Src.IsManual() && !r.Dst.IsManual() {
+		return fmt.Errorf("a rule from %s to %s names no manual identity: one side must be %d-%d", r.Src, r.Dst, identity.MinManual, identity.MaxManual)
 	}
 	if r.Action == 0 {
 		r.Action = policy.Allow

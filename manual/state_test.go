@@ -247,3 +247,33 @@ func TestSaveRefusesInvalidState(t *testing.T) {
 		t.Errorf("a refused Save wrote %+v", got)
 	}
 }
+
+// Rules may name host, world and remote-node on one side; the other side
+// must be a manual identity, since only manual identities are policed by
+// these rules.
+func TestRulesNameReservedPeers(t *testing.T) {
+	var s State
+	for _, r := range []policy.ManualRule{
+		{Action: policy.Allow, Src: identity.RemoteNode, Dst: 1001},
+		{Action: policy.Deny, Src: identity.RemoteNode, Dst: 1001},
+		{Action: policy.Deny, Src: identity.Host, Dst: 1001},
+		{Action: policy.Allow, Src: 1001, Dst: identity.World, Symmetric: true},
+	} {
+		if _, err := s.AddRule(r); err != nil {
+			t.Errorf("AddRule(%s): %v", r, err)
+		}
+	}
+	if err := s.Validate(); err != nil {
+		t.Errorf("state with rules naming reserved identities: %v", err)
+	}
+	for _, r := range []policy.ManualRule{
+		{Action: policy.Allow, Src: identity.RemoteNode, Dst: identity.Host},
+		{Action: policy.Allow, Src: identity.Unresolved, Dst: 1001},
+		{Action: policy.Allow, Src: 1001, Dst: identity.MinLabel},
+		{Action: policy.Allow, Src: identity.Any, Dst: 1001},
+	} {
+		if _, err := s.AddRule(r); err == nil {
+			t.Errorf("AddRule(%s) accepted", r)
+		}
+	}
+}

@@ -126,6 +126,37 @@ func TestSeedWalkthroughRules(t *testing.T) {
 	e.MustFail("no manual rule matches --src 1002 --dst 1001", false, "policyctl", "delete", "--src", "1002", "--dst", "1001")
 }
 
+// Rules may name the reserved identities no pod has: host, world and
+// remote-node (the other nodes), by number or by the name policyctl list
+// prints, so that other nodes can be let in to or kept from a manual
+// identity.
+func TestReservedPeers(t *testing.T) {
+	t.Parallel()
+	e, d := clitest.New(t)
+	e.MustRun("endpointctl", "add", "--ip", "10.13.0.2", "--identity", "1001")
+	fromNode := flow{identity.RemoteNode, 1001, policy.ProtoTCP, 80}
+	fromWorld := flow{identity.World, 1001, policy.ProtoTCP, 80}
+	toHost := flow{1001, identity.Host, policy.ProtoTCP, 10250}
+	checkFlows(t, d, "default deny", map[flow]bool{fromNode: false, fromWorld: false, toHost: false})
+
+	r := e.MustRun("policyctl", "allow", "--src", "6", "--dst", "1001", "--port", "80")
+	if strings.TrimSpace(r.Stdout) != "rule added: allow --src remote-node --dst 1001 --proto tcp --port 80" {
+		t.Errorf("allow said:\n%s", r)
+	}
+	e.MustRun("policyctl", "allow", "--src", "1001", "--dst", "host", "--port", "10250")
+	checkFlows(t, d, "allowed", map[flow]bool{fromNode: true, fromWorld: false, toHost: true})
+
+	e.MustRun("policyctl", "deny", "--src", "remote-node", "--dst", "1001")
+	checkFlows(t, d, "denied", map[flow]bool{fromNode: false, fromWorld: false, toHost: true})
+	r = e.MustRun("policyctl", "list")
+	if got := strings.Join(strings.Fields(r.Stdout), " "); got != "ACTION SRC -> DST PROTO PORT allow remote-node -> 1001 tcp 80 allow 1001 -> host tcp 10250 deny remote-node -> 1001 any any" {
+		t.Errorf("list:\n%s", r)
+	}
+	// What list prints is what the flags take.
+	e.MustRun("policyctl", "delete", "--src", "remote-node", "--dst", "1001", "--action", "deny")
+	checkFlows(t, d, "deny deleted", map[flow]bool{fromNode: true})
+}
+
 func TestPortsAndProtocols(t *testing.T) {
 	t.Parallel()
 	e, d := clitest.New(t)
@@ -220,9 +251,9 @@ func TestErrorsChangeNothing(t *testing.T) {
 		usage bool
 		args  []string
 	}{
-		{"bad --src: identity 255 is outside the manual range 256-65535", false, []string{"allow", "--src", "255", "--dst", "1002"}},
-		{"bad --dst: identity 70000 is outside the manual range", false, []string{"deny", "--src", "1001", "--dst", "70000"}},
-		{"bad --src: identity 0 is outside the manual range", false, []string{"delete", "--src", "0", "--dst", "1002"}},
+		{"bad --src: identity 255 cannot be named in a rule: want a manual identity 256-65535, or 1 (host), 2 (world) or 6 (remote-node)", false, []string{"allow", "--src", "255", "--dst", "1002"}},
+		{"bad --dst: identity 70000 cannot be named in a rule", false, []string{"deny", "--src", "1001", "--dst", "70000"}},
+		{"bad --src: identity 0 cannot be named in a rule", false, []string{"delete", "--src", "0", "--dst", "1002"}},
 		{`bad --port: bad port "0"`, false, []string{"allow", "--src", "1001", "--dst", "1002", "--port", "0"}},
 		{`bad --port: bad port "90-80"`, false, []string{"allow", "--src", "1001", "--dst", "1002", "--port", "90-80"}},
 		{`bad --port: bad port "70000"`, false, []string{"allow", "--src", "1001", "--dst", "1002", "--port", "70000"}},
@@ -235,6 +266,8 @@ func TestErrorsChangeNothing(t *testing.T) {
 		{"unknown flag: --from", true, []string{"allow", "--from", "1001", "--dst", "1002"}},
 		{"unknown shorthand flag: 'x'", true, []string{"deny", "-x"}},
 		{`invalid argument "web" for "--src" flag`, true, []string{"allow", "--src", "web", "--dst", "1002"}},
+		{"bad --src: identity 5 cannot be named in a rule", false, []string{"allow", "--src", "unresolved", "--dst", "1002"}},
+		{"a rule from remote-node to host names no manual identity", false, []string{"deny", "--src", "remote-node", "--dst", "1"}},
 		{`unknown command "permit"`, true, []string{"permit", "--src", "1001", "--dst", "1002"}},
 		{"want 'on' or 'off'", true, []string{"debug", "yes"}},
 		{`bad --verdict "deny"`, false, []string{"monitor", "--verdict", "deny"}},

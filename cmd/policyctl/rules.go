@@ -3,6 +3,7 @@ package main
 import (
 	"errors"
 	"fmt"
+	"strconv"
 	"strings"
 
 	"github.com/spf13/cobra"
@@ -34,8 +35,8 @@ type ruleFlags struct {
 
 func (f *ruleFlags) register(cmd *cobra.Command, verb ruleVerb) {
 	fl := cmd.Flags()
-	fl.Uint64Var(&f.src, "src", 0, "source identity `N`, 256-65535 (required)")
-	fl.Uint64Var(&f.dst, "dst", 0, "destination identity `N`, 256-65535 (required)")
+	fl.Var(idFlag{&f.src}, "src", "source identity `N`: 256-65535, or host (1), world (2), remote-node (6) (required)")
+	fl.Var(idFlag{&f.dst}, "dst", "destination identity `N`: 256-65535, or host (1), world (2), remote-node (6) (required)")
 	fl.BoolVar(&f.symmetric, "symmetric", false, "the rule holds in both directions: dst -> src as well as src -> dst")
 	fl.StringVar(&f.proto, "proto", "", "IP protocol `P`: tcp, udp, sctp, icmp, icmpv6, any or a number (default any; tcp when --port is given)")
 	fl.StringVar(&f.port, "port", "", "destination port or range `X[-Y]`; tcp unless --proto says udp or sctp, as in Kubernetes (default every port)")
@@ -44,16 +45,38 @@ func (f *ruleFlags) register(cmd *cobra.Command, verb ruleVerb) {
 	}
 }
 
+// idFlag is an identity flag: a number, or a reserved identity's name, as
+// policyctl list prints it.
+type idFlag struct{ v *uint64 }
+
+func (f idFlag) String() string {
+	if f.v == nil {
+		return "0"
+	}
+	return strconv.FormatUint(*f.v, 10)
+}
+
+func (f idFlag) Set(s string) error {
+	id, err := identity.Parse(s)
+	if err != nil {
+		return err
+	}
+	*f.v = uint64(id)
+	return nil
+}
+
+func (idFlag) Type() string { return "identity" }
+
 // rule turns the flags into a rule, checking every value before anything
 // is written.
 func (f *ruleFlags) rule(cmd *cobra.Command, action policy.Action) (policy.ManualRule, error) {
 	if err := cli.RequireFlags(cmd, "src", "dst"); err != nil {
 		return policy.ManualRule{}, err
 	}
-	if err := identity.ValidateManual(f.src); err != nil {
+	if err := identity.ValidateRulePeer(f.src); err != nil {
 		return policy.ManualRule{}, fmt.Errorf("bad --src: %w", err)
 	}
-	if err := identity.ValidateManual(f.dst); err != nil {
+	if err := identity.ValidateRulePeer(f.dst); err != nil {
 		return policy.ManualRule{}, fmt.Errorf("bad --dst: %w", err)
 	}
 	r := policy.ManualRule{Action: action, Src: identity.ID(f.src), Dst: identity.ID(f.dst), Symmetric: f.symmetric}
@@ -104,7 +127,11 @@ names a destination port or range; without --proto it means TCP, as in a
 Kubernetes NetworkPolicy. Replies of an allowed connection pass without a rule
 of their own, so a one-way allow lets the source open connections to the
 destination but not the reverse. --symmetric allows both directions. Adding a
-rule that exists already changes nothing. Deny rules win over allow rules.`
+rule that exists already changes nothing. Deny rules win over allow rules.
+
+One side may instead be an address no pod has: host (1, this node's own
+stack), world (2, outside the cluster) or remote-node (6, the cluster's other
+nodes).`
 		cmd.Example = `  # Let 1001 and 1002 talk to each other, any protocol (seed step 4)
   policyctl allow --src 1001 --dst 1002 --symmetric
 
@@ -113,7 +140,10 @@ rule that exists already changes nothing. Deny rules win over allow rules.`
 
   # Only TCP 8080-8089 and UDP 53 from 1001 to 1002
   policyctl allow --src 1001 --dst 1002 --port 8080-8089
-  policyctl allow --src 1001 --dst 1002 --proto udp --port 53`
+  policyctl allow --src 1001 --dst 1002 --proto udp --port 53
+
+  # The other nodes may reach 1002 on TCP 80
+  policyctl allow --src remote-node --dst 1002 --port 80`
 	case ruleDeny:
 		action = policy.Deny
 		cmd.Use = "deny --src N --dst N [--symmetric] [--proto P] [--port X[-Y]]"
@@ -129,7 +159,10 @@ narrow an allow (--port alone means TCP).`
   policyctl deny --src 1002 --dst 1001
 
   # Deny only UDP from 1001 to 1002 in both directions
-  policyctl deny --src 1001 --dst 1002 --symmetric --proto udp`
+  policyctl deny --src 1001 --dst 1002 --symmetric --proto udp
+
+  # Nothing from the other nodes reaches 1001
+  policyctl deny --src remote-node --dst 1001`
 	case ruleDelete:
 		cmd.Use = "delete --src N --dst N [--symmetric] [--proto P] [--port X[-Y]] [--action allow|deny]"
 		cmd.Aliases = []string{"del", "rm"}
