@@ -53,8 +53,19 @@ type benchEndpoint struct {
 	Flags        uint32
 	Ipv4         [4]uint8
 	Ipv6         [16]uint8
-	Pad          uint32
+	CtSlot       uint32
 	IdFlagsCache uint64
+}
+
+type benchEpState struct {
+	_            structs.HostLayout
+	CtCapacity   uint32
+	CtCount      uint32
+	CtCreated    uint64
+	CtEvicted    uint64
+	EvWindow     uint64
+	EvSent       uint32
+	EvSuppressed uint32
 }
 
 type benchFragKey struct {
@@ -125,7 +136,10 @@ const (
 	benchMapConfig            = "config"
 	benchMapConntrack         = "conntrack"
 	benchMapCounters          = "counters"
+	benchMapCtTables          = "ct_tables"
 	benchMapEndpoints         = "endpoints"
+	benchMapEpStates          = "ep_states"
+	benchMapEventLoss         = "event_loss"
 	benchMapEvents            = "events"
 	benchMapFragments         = "fragments"
 	benchMapIdentities        = "identities"
@@ -139,6 +153,7 @@ const (
 	benchProgBenchNewFlowWarm = "bench_new_flow_warm"
 	benchProgFromPod          = "from_pod"
 	benchProgToPod            = "to_pod"
+	benchVarUnusedEpState     = "unused_ep_state"
 	benchVarUnusedEvent       = "unused_event"
 	benchVarUnusedReason      = "unused_reason"
 	benchVarUnusedScope       = "unused_scope"
@@ -202,7 +217,10 @@ type benchMapSpecs struct {
 	Config     *ebpf.MapSpec `ebpf:"config"`
 	Conntrack  *ebpf.MapSpec `ebpf:"conntrack"`
 	Counters   *ebpf.MapSpec `ebpf:"counters"`
+	CtTables   *ebpf.MapSpec `ebpf:"ct_tables"`
 	Endpoints  *ebpf.MapSpec `ebpf:"endpoints"`
+	EpStates   *ebpf.MapSpec `ebpf:"ep_states"`
+	EventLoss  *ebpf.MapSpec `ebpf:"event_loss"`
 	Events     *ebpf.MapSpec `ebpf:"events"`
 	Fragments  *ebpf.MapSpec `ebpf:"fragments"`
 	Identities *ebpf.MapSpec `ebpf:"identities"`
@@ -216,10 +234,11 @@ type benchMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type benchVariableSpecs struct {
-	UnusedEvent  *ebpf.VariableSpec `ebpf:"unused_event"`
-	UnusedReason *ebpf.VariableSpec `ebpf:"unused_reason"`
-	UnusedScope  *ebpf.VariableSpec `ebpf:"unused_scope"`
-	UnusedStat   *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedEpState *ebpf.VariableSpec `ebpf:"unused_ep_state"`
+	UnusedEvent   *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedReason  *ebpf.VariableSpec `ebpf:"unused_reason"`
+	UnusedScope   *ebpf.VariableSpec `ebpf:"unused_scope"`
+	UnusedStat    *ebpf.VariableSpec `ebpf:"unused_stat"`
 }
 
 // benchObjects contains all objects after they have been loaded into the kernel.
@@ -245,7 +264,10 @@ type benchMaps struct {
 	Config     *ebpf.Map `ebpf:"config"`
 	Conntrack  *ebpf.Map `ebpf:"conntrack"`
 	Counters   *ebpf.Map `ebpf:"counters"`
+	CtTables   *ebpf.Map `ebpf:"ct_tables"`
 	Endpoints  *ebpf.Map `ebpf:"endpoints"`
+	EpStates   *ebpf.Map `ebpf:"ep_states"`
+	EventLoss  *ebpf.Map `ebpf:"event_loss"`
 	Events     *ebpf.Map `ebpf:"events"`
 	Fragments  *ebpf.Map `ebpf:"fragments"`
 	Identities *ebpf.Map `ebpf:"identities"`
@@ -260,7 +282,10 @@ func (m *benchMaps) Close() error {
 		m.Config,
 		m.Conntrack,
 		m.Counters,
+		m.CtTables,
 		m.Endpoints,
+		m.EpStates,
+		m.EventLoss,
 		m.Events,
 		m.Fragments,
 		m.Identities,
@@ -275,10 +300,11 @@ func (m *benchMaps) Close() error {
 //
 // It can be passed to loadBenchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type benchVariables struct {
-	UnusedEvent  *ebpf.Variable `ebpf:"unused_event"`
-	UnusedReason *ebpf.Variable `ebpf:"unused_reason"`
-	UnusedScope  *ebpf.Variable `ebpf:"unused_scope"`
-	UnusedStat   *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedEpState *ebpf.Variable `ebpf:"unused_ep_state"`
+	UnusedEvent   *ebpf.Variable `ebpf:"unused_event"`
+	UnusedReason  *ebpf.Variable `ebpf:"unused_reason"`
+	UnusedScope   *ebpf.Variable `ebpf:"unused_scope"`
+	UnusedStat    *ebpf.Variable `ebpf:"unused_stat"`
 }
 
 // benchPrograms contains all programs after they have been loaded into the kernel.

@@ -14,8 +14,9 @@ import (
 	"github.com/idcni/idcni/policy"
 )
 
-// Flow is one conntrack entry.
+// Flow is one conntrack entry, in the table of Slot.
 type Flow struct {
+	Slot             uint32
 	Src, Dst         netip.Addr
 	SrcPort, DstPort uint16
 	Proto            policy.Proto
@@ -26,59 +27,83 @@ type Flow struct {
 	Closing          bool
 }
 
-// Conntrack lists the conntrack table.
+// Conntrack lists every conntrack table.
 func (d *Datapath) Conntrack() ([]Flow, error) {
 	now, err := monotonicNow(unix.CLOCK_MONOTONIC_COARSE)
 	if err != nil {
 		return nil, err
 	}
-	var out []Flow
-	var k datapathCtKey
-	var v datapathCtValue
-	it := d.objs.Conntrack.Iterate()
-	for it.Next(&k, &v) {
-		out = append(out, Flow{
-			Src: addrFrom16(k.Saddr), Dst: addrFrom16(k.Daddr), SrcPort: k.Sport, DstPort: k.Dport,
-			Proto: policy.Proto(k.Proto), Scope: Scope(k.Scope), Subject: identity.ID(v.Subject), Peer: identity.ID(v.Peer),
-			Revision: v.Rev, Expires: time.Duration(int64(v.Expires) - int64(now)), Closing: v.Flags&ctClosing != 0,
-		})
+	tables, err := d.conntrackTables()
+	if err != nil {
+		return nil, err
 	}
-	if err := it.Err(); err != nil {
-		return nil, fmt.Errorf("list conntrack: %w", err)
+	defer closeTables(tables)
+	var out []Flow
+	for slot, m := range tables {
+		var k datapathCtKey
+		var v datapathCtValue
+		it := m.Iterate()
+		for it.Next(&k, &v) {
+			out = append(out, Flow{
+				Slot: slot, Src: addrFrom16(k.Saddr), Dst: addrFrom16(k.Daddr), SrcPort: k.Sport, DstPort: k.Dport,
+				Proto: policy.Proto(k.Proto), Scope: Scope(k.Scope), Subject: identity.ID(v.Subject), Peer: identity.ID(v.Peer),
+				Revision: v.Rev, Expires: time.Duration(int64(v.Expires) - int64(now)), Closing: v.Flags&ctClosing != 0,
+			})
+		}
+		if err := it.Err(); err != nil {
+			return nil, fmt.Errorf("list conntrack slot %d: %w", slot, err)
+		}
 	}
 	return out, nil
+}
+
+func closeTables(tables map[uint32]*ebpf.Map) {
+	for _, m := range tables {
+		m.Close()
+	}
 }
 
 const ctClosing = 1 << 1 // CT_F_CLOSING
 
 // FlushConntrack removes every conntrack entry (and fragment record) with one
-// of addrs as source or destination, so a reused pod IP starts with no
-// flows. It returns how many flows it removed.
+// of addrs as source or destination, in every table, so a reused pod IP
+// starts with no flows. It returns how many flows it removed.
 func (d *Datapath) FlushConntrack(addrs ...netip.Addr) (int, error) {
 	want := make([][16]byte, 0, len(addrs))
 	for _, a := range addrs {
 		want = append(want, addr16(a))
 	}
-	var keys []datapathCtKey
-	var k datapathCtKey
-	var v datapathCtValue
-	it := d.objs.Conntrack.Iterate()
-	for it.Next(&k, &v) {
-		if slices.Contains(want, k.Saddr) || slices.Contains(want, k.Daddr) {
-			keys = append(keys, k)
-		}
+	tables, err := d.conntrackTables()
+	if err != nil {
+		return 0, err
 	}
-	if err := it.Err(); err != nil {
-		return 0, fmt.Errorf("scan conntrack: %w", err)
-	}
+	defer closeTables(tables)
 	n := 0
-	for i := range keys {
-		err := d.objs.Conntrack.Delete(&keys[i])
-		if err == nil {
-			n++
-		} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return n, fmt.Errorf("delete conntrack entry: %w", err)
+	for slot, m := range tables {
+		var keys []datapathCtKey
+		var k datapathCtKey
+		var v datapathCtValue
+		it := m.Iterate()
+		for it.Next(&k, &v) {
+			if slices.Contains(want, k.Saddr) || slices.Contains(want, k.Daddr) {
+				keys = append(keys, k)
+			}
 		}
+		if err := it.Err(); err != nil {
+			return n, fmt.Errorf("scan conntrack slot %d: %w", slot, err)
+		}
+		gone := 0
+		for i := range keys {
+			err := m.Delete(&keys[i])
+			if err == nil {
+				gone++
+			} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
+				d.forgetFlows(slot, gone)
+				return n + gone, fmt.Errorf("delete conntrack entry: %w", err)
+			}
+		}
+		d.forgetFlows(slot, gone)
+		n += gone
 	}
 	var fk datapathFragKey
 	var fv datapathFragValue

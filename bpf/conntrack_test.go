@@ -1,9 +1,11 @@
 package bpf
 
 import (
+	"net/netip"
 	"testing"
 	"time"
 
+	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/internal/pkttest"
 	"github.com/idcni/idcni/policy"
 )
@@ -52,27 +54,51 @@ func TestConntrackTCPTimeouts(t *testing.T) {
 }
 
 // A full conntrack table evicts the least recently used flows instead of
-// refusing new ones, and nothing fails to insert.
+// refusing new ones, and nothing fails to insert; the evictions are
+// counted against the endpoint whose table it is. The shared table (slot
+// 0) behaves the same.
 func TestConntrackFullTableEvicts(t *testing.T) {
-	p := newPair(t, 2, Options{ConntrackEntries: 256})
-	a := p.endpoint(0, Endpoint{Identity: idA, IPv4: ipA})
+	const idC identity.ID = 1003
+	ipC := netip.MustParseAddr("10.13.0.4")
+	p := newPair(t, 3, Options{ConntrackEntries: 256})
+	a := p.endpointTable(0, Endpoint{Identity: idA, IPv4: ipA}, 256)
 	p.endpoint(1, Endpoint{Identity: idB, IPv4: ipB})
-	p.policy(manual(policy.ManualRule{Action: policy.Allow, Src: idA, Dst: idB}))
-	for i := 0; i < 2000; i++ {
-		pkt := pkttest.Packet{Src: ipA, Dst: ipB, Proto: pkttest.UDP, SrcPort: uint16(10000 + i), DstPort: 53}
-		// Not through the reference: it has no size limit, and evicted
-		// flows are new again to the kernel only.
-		r, err := p.run(pkt.Frame(), ScopeEgress, a, 0)
-		if err != nil || r != ReasonAllowRule {
-			t.Fatalf("flow %d: %s %v", i, r, err)
+	shared := p.sharedEndpoint(2, Endpoint{Identity: idC, IPv4: ipC})
+	p.policy(manual(
+		policy.ManualRule{Action: policy.Allow, Src: idA, Dst: idB},
+		policy.ManualRule{Action: policy.Allow, Src: idC, Dst: idB},
+	))
+	for _, src := range []struct {
+		ifindex int
+		addr    netip.Addr
+	}{{a, ipA}, {shared, ipC}} {
+		for i := 0; i < 2000; i++ {
+			pkt := pkttest.Packet{Src: src.addr, Dst: ipB, Proto: pkttest.UDP, SrcPort: uint16(10000 + i), DstPort: 53}
+			// Not through the reference: it has no size limit, and evicted
+			// flows are new again to the kernel only.
+			r, err := p.run(pkt.Frame(), ScopeEgress, src.ifindex, 0)
+			if err != nil || r != ReasonAllowRule {
+				t.Fatalf("%s flow %d: %s %v", src.addr, i, r, err)
+			}
+		}
+		// The most recent flow survived.
+		last := pkttest.Packet{Src: src.addr, Dst: ipB, Proto: pkttest.UDP, SrcPort: 10000 + 1999, DstPort: 53}
+		if r, _ := p.run(last.Frame(), ScopeEgress, src.ifindex, 0); r != ReasonAllowEstablished {
+			t.Fatalf("%s: latest flow after eviction: %s", src.addr, r)
 		}
 	}
 	flows, err := p.d.Conntrack()
 	if err != nil {
 		t.Fatal(err)
 	}
-	if len(flows) > 256 {
-		t.Fatalf("%d flows in a 256-entry table", len(flows))
+	perSlot := map[uint32]int{}
+	for _, f := range flows {
+		perSlot[f.Slot]++
+	}
+	for slot, n := range perSlot {
+		if n > 256 {
+			t.Fatalf("%d flows in the 256-entry table of slot %d", n, slot)
+		}
 	}
 	stats, err := p.d.Stats()
 	if err != nil {
@@ -81,9 +107,92 @@ func TestConntrackFullTableEvicts(t *testing.T) {
 	if stats[StatCTInsertFail] != 0 {
 		t.Fatalf("%d failed inserts: the LRU should have evicted", stats[StatCTInsertFail])
 	}
-	// The most recent flow survived.
-	last := pkttest.Packet{Src: ipA, Dst: ipB, Proto: pkttest.UDP, SrcPort: 10000 + 1999, DstPort: 53}
-	if r, _ := p.run(last.Frame(), ScopeEgress, a, 0); r != ReasonAllowEstablished {
-		t.Fatalf("latest flow after eviction: %s", r)
+	usage, err := p.d.ConntrackUsage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	epA, _, _ := p.d.Endpoint(a)
+	for _, u := range usage {
+		if u.Slot != 0 && u.Slot != epA.ConntrackSlot {
+			continue
+		}
+		// 2000 new flows into 256 entries, one CPU at a time: 1744
+		// pushed older ones out.
+		if u.Capacity != 256 || u.Created != 2000 || u.Entries != 256 || u.Evicted != 1744 {
+			t.Errorf("slot %d: %+v, want capacity 256, 2000 created, 256 entries, 1744 evicted", u.Slot, u)
+		}
+	}
+}
+
+// One pod's flood of new flows evicts only its own flows: an isolated
+// pod's idle connection, whose server's push passes only as a reply,
+// survives a million-flow flood in a table of its own. When a pod's own
+// table loses a flow, the push is dropped as unknown-flow, not as a
+// policy drop.
+func TestConntrackFloodEvictsOnlyItsSender(t *testing.T) {
+	const idF identity.ID = 1003
+	ipF := netip.MustParseAddr("10.13.0.4")
+	p := newPair(t, 3, Options{})
+	victim := p.endpointTable(0, Endpoint{Identity: idA, IPv4: ipA}, 64)
+	server := p.endpoint(1, Endpoint{Identity: idB, IPv4: ipB})
+	flooder := p.endpointTable(2, Endpoint{Identity: idF, IPv4: ipF}, 256)
+	p.policy(manual(
+		policy.ManualRule{Action: policy.Allow, Src: idA, Dst: idB, Proto: policy.ProtoTCP},
+		policy.ManualRule{Action: policy.Allow, Src: idF, Dst: identity.World},
+	))
+	syn := pkttest.Packet{Src: ipA, Dst: ipB, Proto: pkttest.TCP, SrcPort: 40000, DstPort: 80, TCPFlags: pkttest.SYN}
+	if r := p.send(syn.Frame(), ScopeEgress, victim, 0); r != ReasonAllowRule {
+		t.Fatalf("victim's SYN: %s", r)
+	}
+	push := syn.Reverse()
+	push.TCPFlags = pkttest.ACK | pkttest.PSH
+	if r := p.send(push.Frame(), ScopeIngress, victim, server); r != ReasonAllowReply {
+		t.Fatalf("server's answer: %s", r)
+	}
+	for i := 0; i < 5000; i++ {
+		f := pkttest.Packet{Src: ipF, Dst: netip.MustParseAddr("192.0.2.1"), Proto: pkttest.UDP, SrcPort: uint16(1024 + i), DstPort: 53}
+		// Not through the reference: it has no size limit. Two packets
+		// a flow, as in the attack: used entries are the LRU's last
+		// choice.
+		for n, want := range []Reason{ReasonAllowRule, ReasonAllowEstablished} {
+			if r, err := p.run(f.Frame(), ScopeEgress, flooder, 0); err != nil || r != want {
+				t.Fatalf("flood flow %d, packet %d: %s %v", i, n, r, err)
+			}
+		}
+	}
+	if r := p.send(push.Frame(), ScopeIngress, victim, server); r != ReasonAllowReply {
+		t.Fatalf("server's push after another pod's flood: %s, want reply", r)
+	}
+	// The victim's own churn is another matter: flows of its own push
+	// the connection out of its 64 entries, and the push is dropped as a
+	// flow the table lost. (The kernel's LRU spares an entry used since
+	// it was last looked at, so the churn flows are used twice, like the
+	// two-packet flows of the attack.)
+	for i := 0; i < 2000; i++ {
+		f := syn
+		f.SrcPort = uint16(50000 + i)
+		for n, want := range []Reason{ReasonAllowRule, ReasonAllowEstablished} {
+			if r, err := p.run(f.Frame(), ScopeEgress, victim, 0); err != nil || r != want {
+				t.Fatalf("victim's flow %d, packet %d: %s %v", i, n, r, err)
+			}
+		}
+	}
+	if r, err := p.run(push.Frame(), ScopeIngress, victim, server); err != nil || r != ReasonDropUnknownFlow {
+		t.Fatalf("push after the victim's own table evicted its flow: %s %v, want unknown-flow", r, err)
+	}
+	usage, err := p.d.ConntrackUsage()
+	if err != nil {
+		t.Fatal(err)
+	}
+	slots := map[uint32]ConntrackUsage{}
+	for _, u := range usage {
+		slots[u.Slot] = u
+	}
+	for _, ifindex := range []int{victim, flooder} {
+		ep, _, _ := p.d.Endpoint(ifindex)
+		u := slots[ep.ConntrackSlot]
+		if u.Evicted == 0 || u.Entries != u.Capacity {
+			t.Errorf("ifindex %d: %+v, want a full table and evictions counted", ifindex, u)
+		}
 	}
 }

@@ -53,8 +53,19 @@ type datapathEndpoint struct {
 	Flags        uint32
 	Ipv4         [4]uint8
 	Ipv6         [16]uint8
-	Pad          uint32
+	CtSlot       uint32
 	IdFlagsCache uint64
+}
+
+type datapathEpState struct {
+	_            structs.HostLayout
+	CtCapacity   uint32
+	CtCount      uint32
+	CtCreated    uint64
+	CtEvicted    uint64
+	EvWindow     uint64
+	EvSent       uint32
+	EvSuppressed uint32
 }
 
 type datapathEvent struct {
@@ -73,7 +84,8 @@ type datapathEvent struct {
 	Verdict     uint8
 	Reason      uint8
 	Scope       uint8
-	Pad         [7]uint8
+	Pad         [3]uint8
+	Suppressed  uint32
 }
 
 type datapathFragKey struct {
@@ -155,6 +167,7 @@ const (
 	datapathReasonREASON_DROP_NO_ENDPOINT  datapathReason = 12
 	datapathReasonREASON_DROP_FRAG         datapathReason = 13
 	datapathReasonREASON_DROP_REVOKED      datapathReason = 14
+	datapathReasonREASON_DROP_UNKNOWN_FLOW datapathReason = 15
 	datapathReasonREASON_MAX               datapathReason = 16
 )
 
@@ -178,23 +191,27 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	datapathMapConfig       = "config"
-	datapathMapConntrack    = "conntrack"
-	datapathMapCounters     = "counters"
-	datapathMapEndpoints    = "endpoints"
-	datapathMapEvents       = "events"
-	datapathMapFragments    = "fragments"
-	datapathMapIdentities   = "identities"
-	datapathMapIpcache      = "ipcache"
-	datapathMapLocalPods    = "local_pods"
-	datapathMapPolicy       = "policy"
-	datapathMapStats        = "stats"
-	datapathProgFromPod     = "from_pod"
-	datapathProgToPod       = "to_pod"
-	datapathVarUnusedEvent  = "unused_event"
-	datapathVarUnusedReason = "unused_reason"
-	datapathVarUnusedScope  = "unused_scope"
-	datapathVarUnusedStat   = "unused_stat"
+	datapathMapConfig        = "config"
+	datapathMapConntrack     = "conntrack"
+	datapathMapCounters      = "counters"
+	datapathMapCtTables      = "ct_tables"
+	datapathMapEndpoints     = "endpoints"
+	datapathMapEpStates      = "ep_states"
+	datapathMapEventLoss     = "event_loss"
+	datapathMapEvents        = "events"
+	datapathMapFragments     = "fragments"
+	datapathMapIdentities    = "identities"
+	datapathMapIpcache       = "ipcache"
+	datapathMapLocalPods     = "local_pods"
+	datapathMapPolicy        = "policy"
+	datapathMapStats         = "stats"
+	datapathProgFromPod      = "from_pod"
+	datapathProgToPod        = "to_pod"
+	datapathVarUnusedEpState = "unused_ep_state"
+	datapathVarUnusedEvent   = "unused_event"
+	datapathVarUnusedReason  = "unused_reason"
+	datapathVarUnusedScope   = "unused_scope"
+	datapathVarUnusedStat    = "unused_stat"
 )
 
 // loadDatapath returns the embedded CollectionSpec for datapath.
@@ -250,7 +267,10 @@ type datapathMapSpecs struct {
 	Config     *ebpf.MapSpec `ebpf:"config"`
 	Conntrack  *ebpf.MapSpec `ebpf:"conntrack"`
 	Counters   *ebpf.MapSpec `ebpf:"counters"`
+	CtTables   *ebpf.MapSpec `ebpf:"ct_tables"`
 	Endpoints  *ebpf.MapSpec `ebpf:"endpoints"`
+	EpStates   *ebpf.MapSpec `ebpf:"ep_states"`
+	EventLoss  *ebpf.MapSpec `ebpf:"event_loss"`
 	Events     *ebpf.MapSpec `ebpf:"events"`
 	Fragments  *ebpf.MapSpec `ebpf:"fragments"`
 	Identities *ebpf.MapSpec `ebpf:"identities"`
@@ -264,10 +284,11 @@ type datapathMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathVariableSpecs struct {
-	UnusedEvent  *ebpf.VariableSpec `ebpf:"unused_event"`
-	UnusedReason *ebpf.VariableSpec `ebpf:"unused_reason"`
-	UnusedScope  *ebpf.VariableSpec `ebpf:"unused_scope"`
-	UnusedStat   *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedEpState *ebpf.VariableSpec `ebpf:"unused_ep_state"`
+	UnusedEvent   *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedReason  *ebpf.VariableSpec `ebpf:"unused_reason"`
+	UnusedScope   *ebpf.VariableSpec `ebpf:"unused_scope"`
+	UnusedStat    *ebpf.VariableSpec `ebpf:"unused_stat"`
 }
 
 // datapathObjects contains all objects after they have been loaded into the kernel.
@@ -293,7 +314,10 @@ type datapathMaps struct {
 	Config     *ebpf.Map `ebpf:"config"`
 	Conntrack  *ebpf.Map `ebpf:"conntrack"`
 	Counters   *ebpf.Map `ebpf:"counters"`
+	CtTables   *ebpf.Map `ebpf:"ct_tables"`
 	Endpoints  *ebpf.Map `ebpf:"endpoints"`
+	EpStates   *ebpf.Map `ebpf:"ep_states"`
+	EventLoss  *ebpf.Map `ebpf:"event_loss"`
 	Events     *ebpf.Map `ebpf:"events"`
 	Fragments  *ebpf.Map `ebpf:"fragments"`
 	Identities *ebpf.Map `ebpf:"identities"`
@@ -308,7 +332,10 @@ func (m *datapathMaps) Close() error {
 		m.Config,
 		m.Conntrack,
 		m.Counters,
+		m.CtTables,
 		m.Endpoints,
+		m.EpStates,
+		m.EventLoss,
 		m.Events,
 		m.Fragments,
 		m.Identities,
@@ -323,10 +350,11 @@ func (m *datapathMaps) Close() error {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathVariables struct {
-	UnusedEvent  *ebpf.Variable `ebpf:"unused_event"`
-	UnusedReason *ebpf.Variable `ebpf:"unused_reason"`
-	UnusedScope  *ebpf.Variable `ebpf:"unused_scope"`
-	UnusedStat   *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedEpState *ebpf.Variable `ebpf:"unused_ep_state"`
+	UnusedEvent   *ebpf.Variable `ebpf:"unused_event"`
+	UnusedReason  *ebpf.Variable `ebpf:"unused_reason"`
+	UnusedScope   *ebpf.Variable `ebpf:"unused_scope"`
+	UnusedStat    *ebpf.Variable `ebpf:"unused_stat"`
 }
 
 // datapathPrograms contains all programs after they have been loaded into the kernel.

@@ -4,6 +4,8 @@ import (
 	"net/netip"
 	"testing"
 
+	"github.com/cilium/ebpf"
+
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/internal/pkttest"
 	"github.com/idcni/idcni/policy"
@@ -301,15 +303,34 @@ func TestFragmentsFollowTheFirst(t *testing.T) {
 		r1, r2 = s.cross(later, s.a, s.b)
 		wantReasons(t, "later fragment", r1, r2, ReasonAllowEstablished, ReasonAllowEstablished)
 
-		// Fragments of a denied port are denied, first and later alike.
+		// Fragments of a denied port are denied, first and later alike;
+		// the denied first is not remembered, so a pod whose packets
+		// are dropped cannot fill the node's fragment table.
 		first.DstPort, first.FragID, later.FragID = 54, 78, 78
 		if r, _ := s.cross(first, s.a, s.b); r != ReasonDropNoRule {
 			t.Fatalf("first fragment to :54: %s", r)
 		}
-		if r, _ := s.cross(later, s.a, s.b); r != ReasonDropNoRule {
-			t.Fatalf("later fragment to :54: %s", r)
+		if r, _ := s.cross(later, s.a, s.b); r != ReasonDropFrag {
+			t.Fatalf("later fragment to :54: %s, want unknown-fragment", r)
 		}
 	}
+	if n := mapLen(t, s.d.objs.Fragments); n != 2 {
+		t.Fatalf("fragment table holds %d entries, want the 2 allowed first fragments", n)
+	}
+}
+
+func mapLen(t *testing.T, m *ebpf.Map) int {
+	t.Helper()
+	n := 0
+	key, val := make([]byte, m.KeySize()), make([]byte, m.ValueSize())
+	it := m.Iterate()
+	for it.Next(&key, &val) {
+		n++
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return n
 }
 
 func TestHostAlwaysReachesItsPods(t *testing.T) {

@@ -33,6 +33,9 @@ type Event struct {
 	Reason  Reason       `json:"reason"`
 	Scope   Scope        `json:"scope"`
 	Len     uint32       `json:"len"`
+	// Suppressed counts the events of this endpoint its rate limit held
+	// back just before this one.
+	Suppressed uint32 `json:"suppressed,omitzero"`
 }
 
 func (e Event) String() string {
@@ -129,11 +132,12 @@ func (r *EventReader) Read() (Event, error) {
 		Src:     identity.ID(k.SrcIdentity), Dst: identity.ID(k.DstIdentity),
 		SrcAddr: addrFrom16(k.Saddr), DstAddr: addrFrom16(k.Daddr),
 		SrcPort: k.Sport, DstPort: k.Dport,
-		Proto:   policy.Proto(k.Proto),
-		Allowed: k.Verdict == 1,
-		Reason:  Reason(k.Reason),
-		Scope:   Scope(k.Scope),
-		Len:     k.Len,
+		Proto:      policy.Proto(k.Proto),
+		Allowed:    k.Verdict == 1,
+		Reason:     Reason(k.Reason),
+		Scope:      Scope(k.Scope),
+		Len:        k.Len,
+		Suppressed: k.Suppressed,
 	}, nil
 }
 
@@ -242,6 +246,7 @@ func decodeEvent(b []byte) (datapathEvent, error) {
 	k.Sport = le.Uint16(b[56:])
 	k.Dport = le.Uint16(b[58:])
 	k.Proto, k.Family, k.Verdict, k.Reason, k.Scope = b[60], b[61], b[62], b[63], b[64]
+	k.Suppressed = le.Uint32(b[68:])
 	return k, nil
 }
 

@@ -2,7 +2,9 @@ package bpf
 
 import (
 	"errors"
+	"maps"
 	"net/netip"
+	"slices"
 	"testing"
 
 	"github.com/cilium/ebpf"
@@ -33,7 +35,9 @@ func FuzzDatapath(f *testing.F) {
 	eps := []int{
 		p.endpoint(0, Endpoint{Identity: 1001, IPv4: netip.MustParseAddr("10.13.0.2"), IPv6: netip.MustParseAddr("fd13::2")}),
 		p.endpoint(1, Endpoint{Identity: 1002, IPv4: netip.MustParseAddr("10.13.0.3"), IPv6: netip.MustParseAddr("fd13::3")}),
-		p.endpoint(2, Endpoint{Identity: 70000, IPv4: netip.MustParseAddr("10.13.0.4"), IPv6: netip.MustParseAddr("fd13::4")}),
+		// keeps its flows in the node's shared table, like an
+		// endpointctl binding on a veth the plugin did not make
+		p.sharedEndpoint(2, Endpoint{Identity: 70000, IPv4: netip.MustParseAddr("10.13.0.4"), IPv6: netip.MustParseAddr("fd13::4")}),
 		p.net.ifindex[3], // a veth with programs but no endpoint
 	}
 	// Two of the three pods take packets from_pod delivers itself; the
@@ -43,6 +47,11 @@ func FuzzDatapath(f *testing.F) {
 	p.ipcache(netip.MustParsePrefix("10.20.0.0/16"), 16777300)
 	p.ipcache(netip.MustParsePrefix("10.20.5.5/32"), 70001)
 	p.ipcache(netip.MustParsePrefix("fd20::/64"), 16777301)
+	// another node (remote-node) and this node's own address (host),
+	// inside a prefix like an ipBlock's
+	p.ipcache(netip.MustParsePrefix("10.20.7.1/32"), identity.ID(6))
+	p.ipcache(netip.MustParsePrefix("10.20.7.2/32"), identity.Host)
+	p.ipcache(netip.MustParsePrefix("fd20::7:1/128"), identity.ID(6))
 	fixed := p.ref
 
 	f.Fuzz(func(t *testing.T, data []byte) {
@@ -77,7 +86,12 @@ func FuzzDatapath(f *testing.F) {
 
 // resetKernel empties the state one fuzz input leaves behind.
 func resetKernel(t *testing.T, d *Datapath) {
-	for _, m := range []*ebpf.Map{d.objs.Conntrack, d.objs.Fragments} {
+	tables, err := d.conntrackTables()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeTables(tables)
+	for _, m := range append(slices.Collect(maps.Values(tables)), d.objs.Fragments) {
 		if err := clearMap(m); err != nil {
 			t.Fatal(err)
 		}
@@ -122,18 +136,30 @@ func (in *fuzzInput) byte() byte {
 
 func pick[T any](in *fuzzInput, xs ...T) T { return xs[int(in.byte())%len(xs)] }
 
-var fuzzAddrs = []netip.Addr{
-	netip.MustParseAddr("10.13.0.2"), netip.MustParseAddr("10.13.0.3"), netip.MustParseAddr("10.13.0.4"),
-	netip.MustParseAddr("10.20.5.5"), netip.MustParseAddr("10.20.9.9"), netip.MustParseAddr("8.8.8.8"),
-	netip.MustParseAddr("fd13::2"), netip.MustParseAddr("fd13::3"), netip.MustParseAddr("fd13::4"),
-	netip.MustParseAddr("fd20::9"), netip.MustParseAddr("2001:db8::1"),
-}
+// The addresses crafted packets use, by family: pods (local and routed),
+// another node (remote-node), this node (host), prefixes, the world, and
+// for IPv6 the link-scoped and unspecified addresses neighbour discovery
+// uses.
+var (
+	fuzzAddrs4 = []netip.Addr{
+		netip.MustParseAddr("10.13.0.2"), netip.MustParseAddr("10.13.0.3"), netip.MustParseAddr("10.13.0.4"),
+		netip.MustParseAddr("10.20.5.5"), netip.MustParseAddr("10.20.9.9"), netip.MustParseAddr("8.8.8.8"),
+		netip.MustParseAddr("10.20.7.1"), netip.MustParseAddr("10.20.7.2"),
+	}
+	fuzzAddrs6 = []netip.Addr{
+		netip.MustParseAddr("fd13::2"), netip.MustParseAddr("fd13::3"), netip.MustParseAddr("fd13::4"),
+		netip.MustParseAddr("fd20::9"), netip.MustParseAddr("2001:db8::1"), netip.MustParseAddr("fd20::7:1"),
+		netip.MustParseAddr("fe80::2"), netip.MustParseAddr("ff02::1"), netip.MustParseAddr("ff02::1:ff00:3"),
+		netip.MustParseAddr("::"),
+	}
+	fuzzAddrs = append(slices.Clone(fuzzAddrs4), fuzzAddrs6...)
+)
 
 func (in *fuzzInput) rule() policy.Rule {
 	r := policy.Rule{
 		Subject:   pick(in, identity.ID(1001), 1002, 70000),
 		Direction: pick(in, policy.Ingress, policy.Egress),
-		Peer:      pick(in, identity.ID(1001), 1002, 70000, 70001, 16777300, 16777301, identity.Any, identity.World, identity.Host),
+		Peer:      pick(in, identity.ID(1001), 1002, 70000, 70001, 16777300, 16777301, identity.Any, identity.World, identity.Host, identity.ID(6)),
 		Proto:     pick(in, policy.ProtoAny, policy.ProtoTCP, policy.ProtoUDP, policy.ProtoSCTP, policy.ProtoICMP, policy.ProtoICMPv6),
 		Action:    pick(in, policy.Allow, policy.Allow, policy.Allow, policy.Deny),
 	}
@@ -187,9 +213,9 @@ func (in *fuzzInput) frame() []byte {
 	}
 	src, dst := pick(in, fuzzAddrs...), pick(in, fuzzAddrs...)
 	if src.Is4() != dst.Is4() {
-		same := fuzzAddrs[:6]
+		same := fuzzAddrs4
 		if src.Is6() {
-			same = fuzzAddrs[6:]
+			same = fuzzAddrs6
 		}
 		dst = same[int(kind)%len(same)]
 	}
@@ -199,7 +225,7 @@ func (in *fuzzInput) frame() []byte {
 		SrcPort:  pick(in, uint16(1000), 1001, 53, 80),
 		DstPort:  pick(in, uint16(53), 80, 443, 6000, 1000),
 		TCPFlags: pick(in, uint8(pkttest.SYN), pkttest.SYN|pkttest.ACK, pkttest.ACK, pkttest.FIN|pkttest.ACK, pkttest.RST, 0),
-		ICMPType: pick(in, uint8(8), 0, 128, 129, 3, 135, 143, 130),
+		ICMPType: pick(in, uint8(8), 0, 128, 129, 3, 135, 136, 133, 143, 130),
 		ICMPID:   pick(in, uint16(1), 2),
 		FragID:   uint32(in.byte() % 2),
 		HopLimit: pick(in, uint8(64), 255, 1),
@@ -227,9 +253,9 @@ func (in *fuzzInput) icmpError() []byte {
 	if in.byte()&1 != 0 {
 		orig = orig.Reverse()
 	}
-	same := fuzzAddrs[:6]
+	same := fuzzAddrs4
 	if orig.Src.Is6() {
-		same = fuzzAddrs[6:]
+		same = fuzzAddrs6
 	}
 	src, dst := pick(in, orig.Dst, orig.Dst, same[int(in.byte())%len(same)]), pick(in, orig.Src, orig.Src, orig.Src, orig.Dst)
 	f := orig.Frame()

@@ -181,13 +181,45 @@ func newPair(t testing.TB, links int, opts Options) *pair {
 	return &pair{t: t, d: loadTest(t, opts), ref: reference.New(), net: newTestNet(t, links)}
 }
 
+// endpoint puts an endpoint on the i-th veth with a conntrack table of its
+// own, as the CNI plugin does (the one it has, when it has one).
 func (p *pair) endpoint(i int, ep Endpoint) int {
+	p.t.Helper()
+	return p.endpointTable(i, ep, 0)
+}
+
+// endpointTable is endpoint with a table of capacity flows (0: the
+// plugin's default).
+func (p *pair) endpointTable(i int, ep Endpoint, capacity uint32) int {
+	p.t.Helper()
+	if old, ok, err := p.d.Endpoint(p.net.ifindex[i]); err == nil && ok && old.ConntrackSlot != 0 {
+		ep.ConntrackSlot = old.ConntrackSlot
+	} else if ep.ConntrackSlot, err = p.d.AddConntrackTable(capacity); err != nil {
+		p.t.Fatal(err)
+	}
+	return p.put(i, ep)
+}
+
+// sharedEndpoint puts an endpoint that keeps its flows in the node's
+// shared table, as one endpointctl wrote for a veth the plugin did not
+// make.
+func (p *pair) sharedEndpoint(i int, ep Endpoint) int {
+	p.t.Helper()
+	ep.ConntrackSlot = 0
+	return p.put(i, ep)
+}
+
+func (p *pair) put(i int, ep Endpoint) int {
 	p.t.Helper()
 	ifindex := p.net.ifindex[i]
 	if err := p.d.PutEndpoint(ifindex, ep); err != nil {
 		p.t.Fatal(err)
 	}
-	p.ref.Endpoints[ifindex] = reference.Endpoint{Identity: ep.Identity, IPv4: ep.IPv4, IPv6: ep.IPv6}
+	got, _, err := p.d.Endpoint(ifindex)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	p.ref.Endpoints[ifindex] = reference.Endpoint{Identity: ep.Identity, IPv4: ep.IPv4, IPv6: ep.IPv6, Slot: got.ConntrackSlot}
 	for _, a := range []netip.Addr{ep.IPv4, ep.IPv6} {
 		if a.IsValid() {
 			p.ipcache(netip.PrefixFrom(a, a.BitLen()), ep.Identity)

@@ -187,7 +187,7 @@ func (d *Datapath) mapFields() map[string]**ebpf.Map {
 		"config": &m.Config, "conntrack": &m.Conntrack, "counters": &m.Counters,
 		"endpoints": &m.Endpoints, "events": &m.Events, "fragments": &m.Fragments,
 		"identities": &m.Identities, "ipcache": &m.Ipcache, "local_pods": &m.LocalPods, "policy": &m.Policy,
-		"stats": &m.Stats,
+		"stats": &m.Stats, "ct_tables": &m.CtTables, "ep_states": &m.EpStates, "event_loss": &m.EventLoss,
 	}
 }
 
@@ -206,6 +206,10 @@ func (d *Datapath) load(opts Options) error {
 		return fmt.Errorf("load datapath: %w", err)
 	}
 	if err := d.initConfig(); err != nil {
+		d.Close()
+		return err
+	}
+	if err := d.initSharedConntrack(); err != nil {
 		d.Close()
 		return err
 	}

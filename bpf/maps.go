@@ -15,7 +15,17 @@ import (
 )
 
 // PutEndpoint writes the endpoint behind the host veth with this ifindex.
+// An ep without a conntrack slot keeps the one the entry has: identities
+// and addresses have several writers (the agent, endpointctl), the table
+// has one (the plugin that made the veth), and moving a live pod to
+// another table would forget its flows.
 func (d *Datapath) PutEndpoint(ifindex int, ep Endpoint) error {
+	if ep.ConntrackSlot == 0 {
+		var old datapathEndpoint
+		if err := d.objs.Endpoints.Lookup(uint32(ifindex), &old); err == nil {
+			ep.ConntrackSlot = old.CtSlot
+		}
+	}
 	v, err := ep.toKernel()
 	if err != nil {
 		return err

@@ -44,6 +44,7 @@ const (
 	ReasonDropNoEndpoint   = Reason(datapathReasonREASON_DROP_NO_ENDPOINT)
 	ReasonDropFrag         = Reason(datapathReasonREASON_DROP_FRAG)
 	ReasonDropRevoked      = Reason(datapathReasonREASON_DROP_REVOKED)
+	ReasonDropUnknownFlow  = Reason(datapathReasonREASON_DROP_UNKNOWN_FLOW)
 	reasonMax              = Reason(datapathReasonREASON_MAX)
 )
 
@@ -63,6 +64,7 @@ var reasonNames = map[Reason]string{
 	ReasonDropNoEndpoint:   "no-endpoint",
 	ReasonDropFrag:         "unknown-fragment",
 	ReasonDropRevoked:      "revoked",
+	ReasonDropUnknownFlow:  "unknown-flow",
 }
 
 func (r Reason) String() string {
@@ -109,15 +111,23 @@ func (s Stat) String() string {
 }
 
 // Endpoint is a pod as the datapath knows it, keyed by its host veth's
-// ifindex: its identity and the addresses it may send from.
+// ifindex: its identity, the addresses it may send from, and the slot of
+// its own conntrack table (0: the node's shared one).
 type Endpoint struct {
 	Identity identity.ID `json:"identity"`
 	IPv4     netip.Addr  `json:"ipv4,omitzero"`
 	IPv6     netip.Addr  `json:"ipv6,omitzero"`
+	// ConntrackSlot is set by whoever created the table (the CNI
+	// plugin's ADD, with AddConntrackTable). A write that leaves it 0
+	// keeps the slot the entry has: see PutEndpoint.
+	ConntrackSlot uint32 `json:"conntrackSlot,omitzero"`
 }
 
 func (e Endpoint) toKernel() (datapathEndpoint, error) {
-	k := datapathEndpoint{Identity: uint32(e.Identity)}
+	k := datapathEndpoint{Identity: uint32(e.Identity), CtSlot: e.ConntrackSlot}
+	if e.ConntrackSlot >= maxEndpoints {
+		return k, fmt.Errorf("endpoint conntrack slot %d out of range (0..%d)", e.ConntrackSlot, maxEndpoints-1)
+	}
 	if e.IPv4.IsValid() {
 		if !e.IPv4.Is4() {
 			return k, fmt.Errorf("endpoint IPv4 address %s is not IPv4", e.IPv4)
@@ -136,7 +146,7 @@ func (e Endpoint) toKernel() (datapathEndpoint, error) {
 }
 
 func endpointFromKernel(k datapathEndpoint) Endpoint {
-	e := Endpoint{Identity: identity.ID(k.Identity)}
+	e := Endpoint{Identity: identity.ID(k.Identity), ConntrackSlot: k.CtSlot}
 	if k.Flags&epHasV4 != 0 {
 		e.IPv4 = netip.AddrFrom4(k.Ipv4)
 	}

@@ -44,6 +44,17 @@ int bench_bump_only(struct __sk_buff *skb)
  * Replacing a stale entry costs the LRU a little more than filling a free
  * one. expire_only is its baseline: the same lookup and write, and no
  * datapath. */
+static __always_inline void expire_in(struct hook_ep *h, struct ct_key *k)
+{
+	struct ct_value *v;
+
+	if (!hook_open(h))
+		return;
+	v = bpf_map_lookup_elem(h->ct, k);
+	if (v)
+		v->expires = 0;
+}
+
 static __always_inline int expire(struct __sk_buff *skb)
 {
 	void *data = (void *)(long)skb->data;
@@ -51,7 +62,8 @@ static __always_inline int expire(struct __sk_buff *skb)
 	struct iphdr *ip = data + ETH_HLEN;
 	__u16 *ports = data + PORTS_OFF;
 	struct ct_key k = { .proto = IPPROTO_TCP, .scope = SCOPE_EGRESS };
-	struct ct_value *v;
+	struct hook_ep h = { .ifindex = skb->ifindex }, dh = {};
+	struct local_pod *lp;
 
 	if ((void *)(ports + 2) > end)
 		return -1;
@@ -60,14 +72,17 @@ static __always_inline int expire(struct __sk_buff *skb)
 	__builtin_memcpy(&k.daddr[12], &ip->daddr, 4);
 	k.sport = bpf_ntohs(ports[0]);
 	k.dport = bpf_ntohs(ports[1]);
-	v = bpf_map_lookup_elem(&conntrack, &k);
-	if (v)
-		v->expires = 0;
-	/* and the destination's entry, where from_pod checked a local pod */
+	h.ep = bpf_map_lookup_elem(&endpoints, &h.ifindex);
+	expire_in(&h, &k);
+	/* and the destination's entry, in its own table, where from_pod
+	 * checked a local pod */
+	lp = bpf_map_lookup_elem(&local_pods, k.daddr);
+	if (!lp)
+		return 0;
+	dh.ifindex = lp->ifindex;
+	dh.ep = bpf_map_lookup_elem(&endpoints, &dh.ifindex);
 	k.scope = SCOPE_INGRESS;
-	v = bpf_map_lookup_elem(&conntrack, &k);
-	if (v)
-		v->expires = 0;
+	expire_in(&dh, &k);
 	return 0;
 }
 

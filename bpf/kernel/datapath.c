@@ -44,6 +44,12 @@ char __license[] SEC("license") = "Dual MIT/GPL";
  * the L4 header. */
 #define PULL_LEN 128
 #define EVENTS_WAKEUP_BYTES (64 * 1024)
+/* Events per endpoint and window: one pod spraying drops cannot fill the
+ * ring and hide every other pod's. What the limit holds back is counted
+ * (event_loss) and told in the endpoint's next event. */
+#define EVENTS_WINDOW (1 * NSEC)
+#define EVENTS_PER_WINDOW 256
+#define MAX_ENDPOINTS 16384
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -89,6 +95,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } identities SEC(".maps");
 
+/* The node's shared conntrack table: slot 0 of ct_tables. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct ct_key);
@@ -96,6 +103,37 @@ struct {
 	__uint(max_entries, 262144);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } conntrack SEC(".maps");
+
+/* Conntrack tables by endpoint.ct_slot. An LRU table evicts its least
+ * recently used entry when full, whoever owns it: in one shared table, a
+ * pod opening a million flows pushed out other pods' idle connections,
+ * whose replies then met policy as new flows. Each endpoint the plugin
+ * creates gets a table of its own, so a flood evicts only its sender's
+ * flows. Every lookup is for one endpoint's hook (a reply is the reverse
+ * of a flow the same endpoint's other hook admitted), so nothing needs a
+ * flow of another table. */
+struct ct_table {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct ct_key);
+	__type(value, struct ct_value);
+	__uint(max_entries, 262144);
+};
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
+	__type(key, __u32);
+	__uint(max_entries, MAX_ENDPOINTS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+	__array(values, struct ct_table);
+} ct_tables SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__type(key, __u32);
+	__type(value, struct ep_state);
+	__uint(max_entries, MAX_ENDPOINTS);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} ep_states SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
@@ -129,6 +167,16 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } stats SEC(".maps");
 
+/* Events not sent, by reason * 2 + (0: the ring was full, 1: the
+ * endpoint's rate limit held it back). */
+struct {
+	__uint(type, BPF_MAP_TYPE_PERCPU_ARRAY);
+	__type(key, __u32);
+	__type(value, __u64);
+	__uint(max_entries, REASON_MAX * 2);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} event_loss SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20);
@@ -140,6 +188,7 @@ const struct event *unused_event __attribute__((unused));
 const enum reason *unused_reason __attribute__((unused));
 const enum stat *unused_stat __attribute__((unused));
 const enum scope *unused_scope __attribute__((unused));
+const struct ep_state *unused_ep_state __attribute__((unused));
 
 struct pkt {
 	__u32 saddr[4];
@@ -158,7 +207,12 @@ struct pkt {
 	__u16 inner_dport;
 	__u8 inner_proto;
 	__u8 related;
-	__u16 pad;
+	/* the ICMP echo reply of an echo request (a reply by its type) */
+	__u8 echo_reply;
+	/* a first fragment with more to come: frag_id's ports are recorded
+	 * for its followers once the packet passes */
+	__u8 frag_first;
+	__u32 frag_id;
 };
 
 enum parse_result {
@@ -197,6 +251,16 @@ static __always_inline int is_echo(__u8 family, __u8 proto, __u8 type)
 {
 	return (family == 4 && proto == IPPROTO_ICMP && (type == 8 || type == 0)) ||
 	       (family == 6 && proto == IPPROTO_ICMPV6_ && (type == 128 || type == 129));
+}
+
+/* link_scoped reports whether an IPv6 address cannot leave the link: a
+ * link-local unicast (fe80::/10) or a link-scope multicast (ff02::/16,
+ * which holds all-nodes, all-routers, solicited-node and MLDv2 reports). */
+static __always_inline int link_scoped(const __u32 *a)
+{
+	__u32 w = bpf_ntohl(a[0]);
+
+	return (w & 0xffc00000) == 0xfe800000 || (w >> 16) == 0xff02;
 }
 
 /* parse_quoted reads the packet an ICMP error quotes (at q, l4len - 8
@@ -284,17 +348,21 @@ static __always_inline int parse_l4(struct pkt *p, __u8 *l4, void *end, __u32 l4
 		if (is_echo(p->family, p->proto, l4[0])) {
 			p->sport = ((__u16)l4[4] << 8) | l4[5];
 			p->dport = p->sport;
+			p->echo_reply = l4[0] == 0 || l4[0] == 129;
 		}
 		/* Errors (destination unreachable, packet too big, time
 		 * exceeded, parameter problem) quote the packet they are about. */
 		if ((p->family == 4 && p->proto == IPPROTO_ICMP && (l4[0] == 3 || l4[0] == 11 || l4[0] == 12)) ||
 		    (p->family == 6 && p->proto == IPPROTO_ICMPV6_ && l4[0] >= 1 && l4[0] <= 4))
 			parse_quoted(p, l4 + 8, end, l4len - 8);
-		/* IPv6's link-local control passes like ARP: neighbour
-		 * discovery with the hop limit 255 RFC 4861 requires (it never
-		 * crossed a router), and multicast listener queries and reports
-		 * (MLD, RFC 2710/3810) with hop limit 1 (it cannot cross one). */
-		if (p->family == 6 && p->proto == IPPROTO_ICMPV6_ &&
+		/* IPv6's link-local control passes like ARP (once the sender
+		 * passed the spoof check): neighbour discovery with the hop
+		 * limit 255 RFC 4861 requires, and multicast listener queries
+		 * and reports (MLD, RFC 2710/3810) with hop limit 1. The proof
+		 * is the destination, which no router forwards: a hop limit is
+		 * the sender's to choose, and a pod's "neighbour solicitation"
+		 * to a routed address carried a payload past every policy. */
+		if (p->family == 6 && p->proto == IPPROTO_ICMPV6_ && link_scoped(p->daddr) &&
 		    ((l4[0] >= 133 && l4[0] <= 137 && hop_limit == 255) ||
 		     (((l4[0] >= 130 && l4[0] <= 132) || l4[0] == 143) && hop_limit == 1)))
 			return PARSE_ND;
@@ -308,10 +376,12 @@ static __always_inline int parse_l4(struct pkt *p, __u8 *l4, void *end, __u32 l4
 }
 
 /* frag_first remembers the ports of a first fragment for the ones that
- * follow; frag_later finds them. */
-static __always_inline void frag_first(struct pkt *p, __u32 id)
+ * follow; frag_later finds them. Only a first fragment that passed is
+ * remembered: the table is the node's, and a pod whose packets are
+ * dropped must not be able to churn it. */
+static __always_inline void frag_first(struct pkt *p)
 {
-	struct frag_key k = { .id = id, .proto = p->proto };
+	struct frag_key k = { .id = p->frag_id, .proto = p->proto };
 	struct frag_value v = { .sport = p->sport, .dport = p->dport };
 
 	__builtin_memcpy(k.saddr, p->saddr, 16);
@@ -361,8 +431,8 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p, void
 	if (frag & 0x1fff)
 		return frag_later(p, bpf_ntohs(ip->id));
 	ret = parse_l4(p, (__u8 *)ip + hlen, end, tot - hlen, 0);
-	if (ret == PARSE_OK && (frag & 0x2000))
-		frag_first(p, bpf_ntohs(ip->id));
+	p->frag_first = ret == PARSE_OK && (frag & 0x2000);
+	p->frag_id = bpf_ntohs(ip->id);
 	return ret;
 }
 
@@ -423,8 +493,8 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p, void
 		return PARSE_MALFORMED;
 	p->proto = nexthdr;
 	ret = parse_l4(p, (__u8 *)ip6 + off, end, payload + sizeof(*ip6) - off, ip6->hop_limit);
-	if (ret == PARSE_OK && (is_frag & 2))
-		frag_first(p, frag_id);
+	p->frag_first = ret == PARSE_OK && (is_frag & 2);
+	p->frag_id = frag_id;
 	return ret;
 }
 
@@ -598,18 +668,93 @@ static __always_inline void trace(struct pkt *p, __u32 src, __u32 dst, int reaso
 	}
 }
 
-static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u32 ifindex, __u32 src, __u32 dst,
+/* An endpoint as one hook sees it: its host veth, its entry, and the
+ * conntrack table and state of its slot. */
+struct hook_ep {
+	__u32 ifindex;
+	struct endpoint *ep; /* NULL: no endpoint behind this veth */
+	void *ct;
+	struct ep_state *st;
+};
+
+/* hook_open finds the conntrack table and state of h's endpoint (slot 0's
+ * when it has no endpoint or no table of its own). It fails only when the
+ * loader's shared table is missing. */
+static __always_inline int hook_open(struct hook_ep *h)
+{
+	__u32 slot = h->ep ? h->ep->ct_slot : 0, zero = 0;
+
+	if (slot >= MAX_ENDPOINTS)
+		slot = 0;
+	h->ct = bpf_map_lookup_elem(&ct_tables, &slot);
+	if (!h->ct) {
+		/* The plugin's DEL or GC freed the slot while the endpoint
+		 * entry still names it: its packets are the last ones. */
+		slot = 0;
+		h->ct = bpf_map_lookup_elem(&ct_tables, &zero);
+	}
+	h->st = bpf_map_lookup_elem(&ep_states, &slot);
+	return h->ct != NULL;
+}
+
+static __always_inline void event_loss_inc(int reason, int held_back)
+{
+	__u32 idx = (__u32)reason * 2 + held_back;
+	__u64 *v = bpf_map_lookup_elem(&event_loss, &idx);
+
+	if (v)
+		*v += 1;
+}
+
+/* events_admit spends one of the endpoint's events for this window. It
+ * returns how many events the limit held back since the endpoint's last
+ * one, or -1 when it holds back this one too. CPUs racing on a window
+ * may let a few more through or lose a few counts: the limit is against
+ * floods, and the counts are reports, not verdicts. */
+static __always_inline long events_admit(struct ep_state *st)
+{
+	__u64 now;
+	__u32 held;
+
+	if (!st)
+		return 0;
+	now = bpf_ktime_get_coarse_ns();
+	if (now - st->ev_window >= EVENTS_WINDOW) {
+		st->ev_window = now;
+		st->ev_sent = 0;
+	}
+	if (st->ev_sent >= EVENTS_PER_WINDOW) {
+		__sync_fetch_and_add(&st->ev_suppressed, 1);
+		return -1;
+	}
+	st->ev_sent++;
+	held = st->ev_suppressed;
+	if (held)
+		__sync_fetch_and_add(&st->ev_suppressed, -held);
+	return held;
+}
+
+static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, struct hook_ep *h, __u32 src, __u32 dst,
 				 int reason, __u8 scope)
 {
-	struct event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	long held = events_admit(h->st);
+	struct event *e;
 	__u64 avail;
 
+	if (held < 0) {
+		event_loss_inc(reason, 1);
+		return;
+	}
+	e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
 	if (!e) {
 		stat_inc(STAT_EVENT_LOST);
+		event_loss_inc(reason, 0);
+		if (held && h->st) /* still to be told */
+			__sync_fetch_and_add(&h->st->ev_suppressed, held);
 		return;
 	}
 	e->ts = bpf_ktime_get_ns();
-	e->ifindex = ifindex;
+	e->ifindex = h->ifindex;
 	e->src_identity = src;
 	e->dst_identity = dst;
 	e->len = skb->len;
@@ -623,6 +768,7 @@ static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u32 ifi
 	e->reason = reason;
 	e->scope = scope;
 	__builtin_memset(e->pad, 0, sizeof(e->pad));
+	e->suppressed = held;
 	/* Waking the reader for every event costs more than deciding the
 	 * packet. Wake it when the waiting data crosses a batch size, once,
 	 * and let it poll for the rest (bpf.EventReader does, every 100 ms). */
@@ -632,10 +778,10 @@ static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, __u32 ifi
 				      : BPF_RB_NO_WAKEUP);
 }
 
-/* report counts, traces and reports the verdict of one hook on ifindex and
- * returns its reason. Events go out for every drop and for the first packet
- * of every flow. */
-static __always_inline int report(struct __sk_buff *skb, struct pkt *p, struct config *cfg, __u32 ifindex,
+/* report counts, traces and reports the verdict of one hook of h and
+ * returns its reason. Events go out for every drop and for the first
+ * packet of every flow, within the endpoint's event budget. */
+static __always_inline int report(struct __sk_buff *skb, struct pkt *p, struct config *cfg, struct hook_ep *h,
 				  __u32 subject, __u32 peer, int reason, __u8 scope, int event)
 {
 	__u32 src = scope == SCOPE_EGRESS ? subject : peer;
@@ -645,7 +791,7 @@ static __always_inline int report(struct __sk_buff *skb, struct pkt *p, struct c
 	if (cfg && cfg->debug)
 		trace(p, src, dst, reason);
 	if (event || is_drop(reason))
-		emit(skb, p, ifindex, src, dst, reason, scope);
+		emit(skb, p, h, src, dst, reason, scope);
 	return reason;
 }
 
@@ -691,27 +837,63 @@ static __always_inline void ct_key_set(struct ct_key *k, const __u32 *saddr, con
 	k->scope = scope;
 }
 
+/* ct_added and ct_removed keep the endpoint's count of its table's
+ * entries. A flow added to a full table pushed out the least recently
+ * used one: an eviction, of this endpoint's own flows only. */
+static __always_inline void ct_added(struct ep_state *st)
+{
+	if (!st)
+		return;
+	__sync_fetch_and_add(&st->ct_created, 1);
+	if (st->ct_count >= st->ct_capacity)
+		__sync_fetch_and_add(&st->ct_evicted, 1);
+	else
+		__sync_fetch_and_add(&st->ct_count, 1);
+}
+
+static __always_inline void ct_removed(struct ep_state *st)
+{
+	if (st && st->ct_count)
+		__sync_fetch_and_add(&st->ct_count, -1);
+}
+
+/* mid_flow reports whether a packet can only belong to a flow already
+ * under way: any TCP segment but a bare SYN, an ICMP echo reply. When
+ * conntrack knows no such flow (its table evicted it, it expired, the
+ * node never saw it), a drop says so under its own reason, apart from
+ * drops of new flows by policy. */
+static __always_inline int mid_flow(struct pkt *p)
+{
+	if (p->proto == IPPROTO_TCP)
+		return (p->tcp_flags & (TCP_SYN | TCP_ACK)) != TCP_SYN;
+	return p->echo_reply;
+}
+
 /* CHECK_STACK is check()'s answer when a packet would start a flow at a
  * hook that from_pod runs on a local pod's behalf: see handle(). */
 #define CHECK_STACK -1
 
-/* check decides a parsed packet at one hook of the endpoint ep on ifindex
- * and reports the verdict as that hook. from_host says the node's own stack
- * sent the packet. With no_new, a packet that would start a flow is neither
+/* check decides a parsed packet at one hook of the endpoint h and reports
+ * the verdict as that hook. from_host says the node's own stack sent the
+ * packet. With no_new, a packet that would start a flow is neither
  * decided nor reported: check returns CHECK_STACK. It leaves the flow's
  * conntrack flags in ct_flags, and for a new flow leaving a pod, the local
- * pod it goes to (or NULL) in lpp. */
+ * pod it goes to (or NULL) in lpp.
+ *
+ * Flows the local node opened to its pod (CT_F_HOST) need no rule, but
+ * deny rules hold for them like for any flow: on every policy change and
+ * for their replies. */
 static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct config *cfg, __u32 rev,
-				 __u32 ifindex, struct endpoint *ep, const __u8 scope, int from_host, __u64 now,
-				 int no_new, __u32 *ct_flags, struct local_pod **lpp)
+				 struct hook_ep *h, const __u8 scope, int from_host, __u64 now, int no_new,
+				 __u32 *ct_flags, struct local_pod **lpp)
 {
-	__u32 subject = ep->identity;
+	__u32 subject = h->ep->identity;
 	const __u8 dir = scope == SCOPE_EGRESS ? DIR_EGRESS : DIR_INGRESS;
 	const __u8 rdir = scope == SCOPE_EGRESS ? DIR_INGRESS : DIR_EGRESS;
 	struct ct_key k = {};
 	struct ct_value *ct, nct = {};
-	__u32 peer = ID_ANY;
-	int reason;
+	__u32 peer = ID_ANY, host;
+	int reason, known;
 
 #define PEER() (peer == ID_ANY ? (peer = peer_identity(p, scope, from_host)) : peer)
 
@@ -724,37 +906,44 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 	if (p->related) {
 		ct_key_set(&k, p->inner_saddr, p->inner_daddr, p->inner_sport, p->inner_dport, p->inner_proto,
 			   scope ^ 1);
-		ct = bpf_map_lookup_elem(&conntrack, &k);
+		ct = bpf_map_lookup_elem(h->ct, &k);
 		if (!ct || ct->expires <= now) {
 			ct_key_set(&k, p->inner_daddr, p->inner_saddr, p->inner_dport, p->inner_sport, p->inner_proto,
 				   scope);
-			ct = bpf_map_lookup_elem(&conntrack, &k);
+			ct = bpf_map_lookup_elem(h->ct, &k);
 		}
 		if (ct && ct->expires > now && (ct->rev == rev || (ct->flags & CT_F_HOST))) {
+			if (ct->flags & CT_F_HOST)
+				peer = ID_HOST;
 			reason = decide(subject, PEER(), dir | 4 | (__u32)p->proto << 8,
-					subject_flags(ep, subject, rev));
-			return report(skb, p, cfg, ifindex, subject, peer,
+					subject_flags(h->ep, subject, rev));
+			return report(skb, p, cfg, h, subject, peer,
 				      reason == REASON_DROP_DENY ? REASON_DROP_DENY : REASON_ALLOW_RELATED, scope, 0);
 		}
 	}
 
 	ct_key_set(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto, scope);
-	ct = bpf_map_lookup_elem(&conntrack, &k);
+	ct = bpf_map_lookup_elem(h->ct, &k);
+	known = ct != NULL;
 	if (ct && ct->expires > now &&
 	    !((ct->flags & CT_F_CLOSING) && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)) {
-		if (ct->rev != rev && !(ct->flags & CT_F_HOST)) {
-			reason = decide(subject, PEER(), dir | (__u32)p->proto << 8 | (__u32)p->dport << 16,
-					subject_flags(ep, subject, rev));
+		if (ct->rev != rev) {
+			host = ct->flags & CT_F_HOST ? 4 : 0;
+			if (host)
+				peer = ID_HOST;
+			reason = decide(subject, PEER(), dir | host | (__u32)p->proto << 8 | (__u32)p->dport << 16,
+					subject_flags(h->ep, subject, rev));
 			if (is_drop(reason)) {
-				bpf_map_delete_elem(&conntrack, &k);
-				return report(skb, p, cfg, ifindex, subject, peer, REASON_DROP_REVOKED, scope, 1);
+				bpf_map_delete_elem(h->ct, &k);
+				ct_removed(h->st);
+				return report(skb, p, cfg, h, subject, peer, REASON_DROP_REVOKED, scope, 1);
 			}
 			ct->rev = rev;
 		}
 		ct_touch(ct, p, now, 0);
 		*ct_flags = ct->flags;
-		return report(skb, p, cfg, ifindex, subject, cfg && cfg->debug ? PEER() : peer,
-			      REASON_ALLOW_ESTABLISHED, scope, 0);
+		return report(skb, p, cfg, h, subject, cfg && cfg->debug ? PEER() : peer, REASON_ALLOW_ESTABLISHED,
+			      scope, 0);
 	}
 
 	/* A reply is the reverse tuple admitted by this same endpoint's other
@@ -763,49 +952,59 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
 		goto new_flow;
 	ct_key_set(&k, p->daddr, p->saddr, p->dport, p->sport, p->proto, scope ^ 1);
-	ct = bpf_map_lookup_elem(&conntrack, &k);
+	ct = bpf_map_lookup_elem(h->ct, &k);
 	if (ct && ct->expires > now) {
-		if (!(ct->flags & CT_F_HOST)) {
-			if (ct->rev != rev) {
-				reason = decide(subject, PEER(), rdir | (__u32)p->proto << 8 | (__u32)p->sport << 16,
-						 subject_flags(ep, subject, rev));
-				if (is_drop(reason)) {
-					bpf_map_delete_elem(&conntrack, &k);
-					return report(skb, p, cfg, ifindex, subject, peer, REASON_DROP_REVOKED, scope, 1);
-				}
-				ct->rev = rev;
+		host = ct->flags & CT_F_HOST ? 4 : 0;
+		if (host)
+			peer = ID_HOST;
+		if (ct->rev != rev) {
+			reason = decide(subject, PEER(), rdir | host | (__u32)p->proto << 8 | (__u32)p->sport << 16,
+					subject_flags(h->ep, subject, rev));
+			if (is_drop(reason)) {
+				bpf_map_delete_elem(h->ct, &k);
+				ct_removed(h->st);
+				return report(skb, p, cfg, h, subject, peer, REASON_DROP_REVOKED, scope, 1);
 			}
-			/* Deny rules hold for replies too; the answer is kept per
-			 * revision so replies cost one lookup. */
-			if (ct->reply_rev != rev || ct->reply_rev == 0) {
-				reason = decide(subject, PEER(), dir | 4 | (__u32)p->proto << 8 | (__u32)p->dport << 16,
-						 subject_flags(ep, subject, rev));
-				if (reason == REASON_DROP_DENY)
-					ct->flags |= CT_F_REPLY_DENIED;
-				else
-					ct->flags &= ~CT_F_REPLY_DENIED;
-				ct->reply_rev = rev;
-			}
-			if (ct->flags & CT_F_REPLY_DENIED)
-				return report(skb, p, cfg, ifindex, subject, PEER(), REASON_DROP_DENY, scope, 0);
+			ct->rev = rev;
 		}
+		/* Deny rules hold for replies too; the answer is kept per
+		 * revision so replies cost one lookup. */
+		if (ct->reply_rev != rev || ct->reply_rev == 0) {
+			reason = decide(subject, PEER(), dir | 4 | (__u32)p->proto << 8 | (__u32)p->dport << 16,
+					subject_flags(h->ep, subject, rev));
+			if (reason == REASON_DROP_DENY)
+				ct->flags |= CT_F_REPLY_DENIED;
+			else
+				ct->flags &= ~CT_F_REPLY_DENIED;
+			ct->reply_rev = rev;
+		}
+		if (ct->flags & CT_F_REPLY_DENIED)
+			return report(skb, p, cfg, h, subject, PEER(), REASON_DROP_DENY, scope, 0);
 		ct_touch(ct, p, now, 1);
 		*ct_flags = ct->flags;
-		return report(skb, p, cfg, ifindex, subject, cfg && cfg->debug ? PEER() : peer, REASON_ALLOW_REPLY,
-			      scope, 0);
+		return report(skb, p, cfg, h, subject, cfg && cfg->debug ? PEER() : peer, REASON_ALLOW_REPLY, scope,
+			      0);
 	}
 
 new_flow:
 	if (no_new)
 		return CHECK_STACK;
 	/* A new flow. The local node may always reach its pods (kubelet
-	 * probes), and the flow's replies then pass as such. */
-	if (scope == SCOPE_INGRESS && PEER() == ID_HOST) {
-		reason = REASON_ALLOW_HOST;
+	 * probes) unless a deny rule says otherwise, and the flow's replies
+	 * then pass as such. Only what the node's own stack sends is the
+	 * node: a forwarded packet carrying a node address is judged by
+	 * policy like any other. */
+	if (scope == SCOPE_INGRESS && from_host) {
+		reason = decide(subject, PEER(), dir | 4 | (__u32)p->proto << 8 | (__u32)p->dport << 16,
+				subject_flags(h->ep, subject, rev));
+		if (reason != REASON_DROP_DENY)
+			reason = REASON_ALLOW_HOST;
 		nct.flags = CT_F_HOST;
 	} else {
 		reason = decide(subject, PEER(), dir | (__u32)p->proto << 8 | (__u32)p->dport << 16,
-				subject_flags(ep, subject, rev));
+				subject_flags(h->ep, subject, rev));
+		if (reason == REASON_DROP_NO_RULE && mid_flow(p))
+			reason = REASON_DROP_UNKNOWN_FLOW;
 	}
 	if (!is_drop(reason)) {
 		/* Where do this flow's packets leaving a pod go: to the local
@@ -823,10 +1022,12 @@ new_flow:
 		nct.subject = subject;
 		nct.peer = peer;
 		ct_touch(&nct, p, now, 0);
-		if (bpf_map_update_elem(&conntrack, &k, &nct, BPF_ANY))
+		if (bpf_map_update_elem(h->ct, &k, &nct, BPF_ANY))
 			stat_inc(STAT_CT_INSERT_FAIL);
+		else if (!known)
+			ct_added(h->st);
 	}
-	return report(skb, p, cfg, ifindex, subject, peer, reason, scope, 1);
+	return report(skb, p, cfg, h, subject, peer, reason, scope, 1);
 #undef PEER
 }
 
@@ -857,13 +1058,36 @@ static __always_inline int deliver(struct __sk_buff *skb, struct pkt *p, struct 
 	return bpf_redirect_peer(lp->ifindex, 0);
 }
 
+/* source_ok is the spoof check: a packet leaving a pod carries the pod's
+ * own address. Neighbour discovery may also come from the pod's
+ * link-local address, or from :: while the pod checks that its address
+ * is free (RFC 4862); both stay on the link. */
+static __always_inline int source_ok(struct endpoint *ep, struct pkt *p, int nd)
+{
+	if (p->family == 4)
+		return (ep->flags & EP_HAS_V4) && p->saddr[3] == *(__u32 *)ep->ipv4;
+	if ((ep->flags & EP_HAS_V6) && !__builtin_memcmp(p->saddr, ep->ipv6, 16))
+		return 1;
+	return nd && ((bpf_ntohl(p->saddr[0]) & 0xffc00000) == 0xfe800000 ||
+		      !(p->saddr[0] | p->saddr[1] | p->saddr[2] | p->saddr[3]));
+}
+
+/* pass lets a packet go on its way, remembering a first fragment's ports
+ * for the fragments that follow it. */
+static __always_inline int pass(struct pkt *p)
+{
+	if (p->frag_first)
+		frag_first(p);
+	return TC_ACT_OK;
+}
+
 static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 {
 	struct pkt p = {};
-	struct endpoint *ep, *dep;
+	struct hook_ep h = { .ifindex = skb->ifindex }, dh = {};
 	struct local_pod *lp = NULL;
 	struct config *cfg;
-	__u32 zero = 0, ifindex = skb->ifindex, rev, dst_ifindex, ct_flags = 0, dst_ct_flags = 0;
+	__u32 zero = 0, rev, ct_flags = 0, dst_ct_flags = 0;
 	int from_host = scope == SCOPE_INGRESS && skb->ingress_ifindex == 0;
 	__u64 now;
 	int ret, reason;
@@ -873,32 +1097,30 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 		count(REASON_ALLOW_NONIP, scope, skb->len);
 		return TC_ACT_OK;
 	}
+	cfg = bpf_map_lookup_elem(&config, &zero);
+	rev = cfg ? cfg->rev : 0;
+	h.ep = bpf_map_lookup_elem(&endpoints, &h.ifindex);
+	if (!hook_open(&h))
+		return TC_ACT_SHOT;
+	if (ret == PARSE_MALFORMED) {
+		report(skb, &p, cfg, &h, 0, 0, REASON_DROP_MALFORMED, scope, 1);
+		return TC_ACT_SHOT;
+	}
+	if (!h.ep) {
+		report(skb, &p, cfg, &h, 0, 0, REASON_DROP_NO_ENDPOINT, scope, 1);
+		return TC_ACT_SHOT;
+	}
+	if (scope == SCOPE_EGRESS && !source_ok(h.ep, &p, ret == PARSE_ND)) {
+		report(skb, &p, cfg, &h, h.ep->identity, peer_identity(&p, scope, from_host), REASON_DROP_SPOOF,
+		       scope, 1);
+		return TC_ACT_SHOT;
+	}
 	if (ret == PARSE_ND) {
 		count(REASON_ALLOW_ND, scope, skb->len);
 		return TC_ACT_OK;
 	}
-	cfg = bpf_map_lookup_elem(&config, &zero);
-	rev = cfg ? cfg->rev : 0;
-	if (ret == PARSE_MALFORMED) {
-		report(skb, &p, cfg, ifindex, 0, 0, REASON_DROP_MALFORMED, scope, 1);
-		return TC_ACT_SHOT;
-	}
-	ep = bpf_map_lookup_elem(&endpoints, &ifindex);
-	if (!ep) {
-		report(skb, &p, cfg, ifindex, 0, 0, REASON_DROP_NO_ENDPOINT, scope, 1);
-		return TC_ACT_SHOT;
-	}
-	if (scope == SCOPE_EGRESS) {
-		int ok = p.family == 4 ? (ep->flags & EP_HAS_V4) && p.saddr[3] == *(__u32 *)ep->ipv4
-				       : (ep->flags & EP_HAS_V6) && !__builtin_memcmp(p.saddr, ep->ipv6, 16);
-		if (!ok) {
-			report(skb, &p, cfg, ifindex, ep->identity, peer_identity(&p, scope, from_host),
-			       REASON_DROP_SPOOF, scope, 1);
-			return TC_ACT_SHOT;
-		}
-	}
 	if (ret == PARSE_FRAG_UNKNOWN) {
-		report(skb, &p, cfg, ifindex, ep->identity, peer_identity(&p, scope, from_host), REASON_DROP_FRAG,
+		report(skb, &p, cfg, &h, h.ep->identity, peer_identity(&p, scope, from_host), REASON_DROP_FRAG,
 		       scope, 1);
 		return TC_ACT_SHOT;
 	}
@@ -907,11 +1129,11 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	 * serves them and costs a memory read, where the precise one costs a
 	 * clock read on every packet. */
 	now = bpf_ktime_get_coarse_ns();
-	reason = check(skb, &p, cfg, rev, ifindex, ep, scope, from_host, now, 0, &ct_flags, &lp);
+	reason = check(skb, &p, cfg, rev, &h, scope, from_host, now, 0, &ct_flags, &lp);
 	if (is_drop(reason))
 		return TC_ACT_SHOT;
 	if (scope == SCOPE_INGRESS || (ct_flags & CT_F_ROUTED))
-		return TC_ACT_OK;
+		return pass(&p);
 
 	/* A packet for a pod on this node goes to it directly, checked here
 	 * against that pod's ingress as its to_pod would. Routing it through
@@ -922,18 +1144,19 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	 * packet whose hop limit routing would have to refuse. */
 	if (!lp)
 		lp = bpf_map_lookup_elem(&local_pods, p.daddr);
-	if (!lp || lp->ifindex == ifindex || p.ttl <= 1)
-		return TC_ACT_OK;
-	dst_ifindex = lp->ifindex;
-	dep = bpf_map_lookup_elem(&endpoints, &dst_ifindex);
-	if (!dep)
-		return TC_ACT_OK;
-	reason = check(skb, &p, cfg, rev, dst_ifindex, dep, SCOPE_INGRESS, 0, now, reason == REASON_ALLOW_REPLY,
-		       &dst_ct_flags, &lp);
+	if (!lp || lp->ifindex == h.ifindex || p.ttl <= 1)
+		return pass(&p);
+	dh.ifindex = lp->ifindex;
+	dh.ep = bpf_map_lookup_elem(&endpoints, &dh.ifindex);
+	if (!dh.ep || !hook_open(&dh))
+		return pass(&p);
+	reason = check(skb, &p, cfg, rev, &dh, SCOPE_INGRESS, 0, now, reason == REASON_ALLOW_REPLY, &dst_ct_flags,
+		       &lp);
 	if (reason == CHECK_STACK)
-		return TC_ACT_OK;
+		return pass(&p);
 	if (is_drop(reason))
 		return TC_ACT_SHOT;
+	pass(&p);
 	return deliver(skb, &p, lp);
 }
 

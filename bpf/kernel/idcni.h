@@ -9,6 +9,7 @@
 #define ID_HOST 1
 #define ID_WORLD 2
 #define ID_UNRESOLVED 5
+#define ID_REMOTE_NODE 6
 #define ID_MIN_MANUAL 256
 #define ID_MAX_MANUAL 65535
 
@@ -38,7 +39,8 @@ enum scope {
 #define POLICY_MAX_DENY 8
 
 /* Why a packet passed or was dropped. Counters are kept per reason and
- * scope; events carry it. Keep in step with bpf/reason.go. */
+ * scope; events carry it. bpf/types.go names them for Go (a test holds
+ * the two lists to each other). */
 enum reason {
 	REASON_ALLOW_NONIP = 0,       /* ARP and other non-IP frames */
 	REASON_ALLOW_ND = 1,          /* IPv6 neighbour discovery and MLD */
@@ -55,6 +57,7 @@ enum reason {
 	REASON_DROP_NO_ENDPOINT = 12, /* program on a veth with no endpoint */
 	REASON_DROP_FRAG = 13,        /* fragment whose first part was not seen */
 	REASON_DROP_REVOKED = 14,     /* established flow no longer allowed */
+	REASON_DROP_UNKNOWN_FLOW = 15, /* mid-flow packet (a reply) of no known flow, not admitted as new */
 	REASON_MAX = 16,
 };
 
@@ -86,7 +89,11 @@ struct endpoint {
 	__u32 flags;
 	__u8 ipv4[4];
 	__u8 ipv6[16];
-	__u32 pad;
+	/* The endpoint's own conntrack table in ct_tables (and its state in
+	 * ep_states): one pod's flows never evict another's. 0 is the node's
+	 * shared table, for endpoints written without one (endpointctl on a
+	 * veth the plugin did not make). */
+	__u32 ct_slot;
 	/* The datapath's own copy of the identity's flags, see subject_flags
 	 * in datapath.c: one 64-bit store, so no reader sees half of it.
 	 * Writers leave it 0. */
@@ -122,6 +129,19 @@ struct policy_value {
 	__u8 n_deny;
 	struct port_range allow[POLICY_MAX_ALLOW];
 	struct port_range deny[POLICY_MAX_DENY];
+};
+
+/* Per-endpoint state, by conntrack slot. The table's creator sets
+ * ct_capacity; the datapath keeps the rest. Counters are approximate
+ * under concurrent CPUs: they feed metrics, never a verdict. */
+struct ep_state {
+	__u32 ct_capacity; /* entries the slot's table holds */
+	__u32 ct_count;    /* entries in it as the datapath counted them */
+	__u64 ct_created;  /* flows inserted */
+	__u64 ct_evicted;  /* inserts into a full table: each pushed out an older flow of this endpoint */
+	__u64 ev_window;   /* start of the current event window (coarse ns) */
+	__u32 ev_sent;     /* events sent in that window */
+	__u32 ev_suppressed; /* events held back since the last one sent */
 };
 
 struct ct_key {
@@ -193,5 +213,8 @@ struct event {
 	__u8 verdict;
 	__u8 reason;
 	__u8 scope;
-	__u8 pad[7];
+	__u8 pad[3];
+	/* events of this endpoint the rate limit held back just before this
+	 * one (ep_state.ev_suppressed) */
+	__u32 suppressed;
 };

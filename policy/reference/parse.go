@@ -24,6 +24,11 @@ type pkt struct {
 	innerSaddr, innerDaddr [16]byte
 	innerSport, innerDport uint16
 	innerProto             uint8
+	echoReply              bool
+	// A first fragment with more to come: its ports are remembered under
+	// fragID once the packet passes.
+	fragFirst bool
+	fragID    uint32
 }
 
 const (
@@ -88,9 +93,7 @@ func (d *Datapath) parseIPv4(f []byte, p *pkt) parseResult {
 		l4 = ip[hlen:]
 	}
 	res := parseL4(p, l4, tot-hlen, 0)
-	if res == parseOK && frag&0x2000 != 0 {
-		d.fragFirst(p, id)
-	}
+	p.fragFirst, p.fragID = res == parseOK && frag&0x2000 != 0, id
 	return res
 }
 
@@ -161,9 +164,7 @@ func (d *Datapath) parseIPv6(f []byte, p *pkt) parseResult {
 		l4 = ip6[off:]
 	}
 	res := parseL4(p, l4, payload+40-off, ip6[7])
-	if res == parseOK && isFrag && fragMore {
-		d.fragFirst(p, fragID)
-	}
+	p.fragFirst, p.fragID = res == parseOK && isFrag && fragMore, fragID
 	return res
 }
 
@@ -195,12 +196,13 @@ func parseL4(p *pkt, l4 []byte, l4len uint32, hopLimit uint8) parseResult {
 		if isEcho(p.family, p.proto, l4[0]) {
 			p.sport = binary.BigEndian.Uint16(l4[4:6])
 			p.dport = p.sport
+			p.echoReply = l4[0] == 0 || l4[0] == 129
 		}
 		if (p.family == 4 && p.proto == protoICMP && (l4[0] == 3 || l4[0] == 11 || l4[0] == 12)) ||
 			(p.family == 6 && p.proto == protoICMP6 && l4[0] >= 1 && l4[0] <= 4) {
 			parseQuoted(p, l4[8:], l4len-8)
 		}
-		if p.family == 6 && p.proto == protoICMP6 &&
+		if p.family == 6 && p.proto == protoICMP6 && linkScoped(p.daddr) &&
 			((l4[0] >= 133 && l4[0] <= 137 && hopLimit == 255) || ((l4[0] >= 130 && l4[0] <= 132) || l4[0] == 143) && hopLimit == 1) {
 			return parseND
 		}
@@ -211,6 +213,11 @@ func parseL4(p *pkt, l4 []byte, l4len uint32, hopLimit uint8) parseResult {
 	p.sport = binary.BigEndian.Uint16(l4[0:2])
 	p.dport = binary.BigEndian.Uint16(l4[2:4])
 	return parseOK
+}
+
+// linkScoped: fe80::/10 or ff02::/16, addresses no router forwards.
+func linkScoped(a [16]byte) bool {
+	return (a[0] == 0xfe && a[1]&0xc0 == 0x80) || (a[0] == 0xff && a[1] == 0x02)
 }
 
 func isEcho(family, proto, typ uint8) bool {
@@ -265,8 +272,8 @@ func parseQuoted(p *pkt, q []byte, qlen uint32) {
 	p.related = true
 }
 
-func (d *Datapath) fragFirst(p *pkt, id uint32) {
-	d.frags[fragKey{p.saddr, p.daddr, id, p.proto}] = [2]uint16{p.sport, p.dport}
+func (d *Datapath) fragFirst(p *pkt) {
+	d.frags[fragKey{p.saddr, p.daddr, p.fragID, p.proto}] = [2]uint16{p.sport, p.dport}
 }
 
 func (d *Datapath) fragLater(p *pkt, id uint32) parseResult {

@@ -42,13 +42,15 @@ const (
 	DropNoEndpoint
 	DropFrag
 	DropRevoked
+	DropUnknownFlow
 )
 
 // Drop reports whether the reason drops the packet.
 func (r Reason) Drop() bool { return r >= DropNoRule }
 
 var reasonNames = [...]string{"non-ip", "ipv6-link-control", "established", "reply", "rule", "not-isolated", "from-host",
-	"related", "no-rule", "deny-rule", "spoofed-source", "malformed", "no-endpoint", "unknown-fragment", "revoked"}
+	"related", "no-rule", "deny-rule", "spoofed-source", "malformed", "no-endpoint", "unknown-fragment", "revoked",
+	"unknown-flow"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {
@@ -57,10 +59,12 @@ func (r Reason) String() string {
 	return "unknown"
 }
 
-// Endpoint is a pod behind a host veth.
+// Endpoint is a pod behind a host veth. Slot names its conntrack table:
+// endpoints of one slot share their flows, as the datapath's do.
 type Endpoint struct {
 	Identity   identity.ID
 	IPv4, IPv6 netip.Addr
+	Slot       uint32
 }
 
 // Datapath is the state the TC programs read and keep.
@@ -110,6 +114,7 @@ func (d *Datapath) BumpRevision() {
 func (d *Datapath) Flows() int { return len(d.ct) }
 
 type ctKey struct {
+	slot         uint32
 	saddr, daddr [16]byte
 	sport, dport uint16
 	proto        uint8
@@ -168,8 +173,6 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 	switch res {
 	case parseNonIP:
 		return Verdict{Reason: AllowNonIP}
-	case parseND:
-		return Verdict{Reason: AllowND}
 	case parseMalformed:
 		return Verdict{Reason: DropMalformed}
 	}
@@ -177,22 +180,21 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 	if !ok {
 		return Verdict{Reason: DropNoEndpoint}
 	}
-	if scope == Egress {
-		var ok bool
-		if p.family == 4 {
-			ok = ep.IPv4.IsValid() && p.saddr == netip.AddrFrom16(ep.IPv4.As16()).As16()
-		} else {
-			ok = ep.IPv6.IsValid() && p.saddr == ep.IPv6.As16()
-		}
-		if !ok {
-			return Verdict{Reason: DropSpoof}
-		}
+	if scope == Egress && !sourceOK(ep, &p, res == parseND) {
+		return Verdict{Reason: DropSpoof}
+	}
+	if res == parseND {
+		return Verdict{Reason: AllowND}
 	}
 	if res == parseFragUnknown {
 		return Verdict{Reason: DropFrag}
 	}
-	v := Verdict{Reason: d.check(&p, scope, ep.Identity, scope == Ingress && ingressIfindex == 0, false)}
-	if v.Reason.Drop() || scope == Ingress {
+	v := Verdict{Reason: d.check(&p, scope, ep, scope == Ingress && ingressIfindex == 0, false)}
+	if v.Reason.Drop() {
+		return v
+	}
+	if scope == Ingress {
+		d.pass(&p)
 		return v
 	}
 	// A packet for a local pod is checked against its ingress here and
@@ -201,26 +203,52 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 	// or routing would refuse its hop limit.
 	to, ok := d.Local[netip.AddrFrom16(p.daddr).Unmap()]
 	if !ok || to == ifindex || p.ttl <= 1 {
+		d.pass(&p)
 		return v
 	}
 	dst, ok := d.Endpoints[to]
 	if !ok {
+		d.pass(&p)
 		return v
 	}
-	in := d.check(&p, Ingress, dst.Identity, false, v.Reason == AllowReply)
+	in := d.check(&p, Ingress, dst, false, v.Reason == AllowReply)
 	if in == toStack {
+		d.pass(&p)
 		return v
+	}
+	if !in.Drop() {
+		d.pass(&p)
 	}
 	v.To, v.Ingress = to, in
 	return v
+}
+
+// sourceOK is the spoof check: the pod's own address, or for neighbour
+// discovery also its link-local address or :: (RFC 4862).
+func sourceOK(ep Endpoint, p *pkt, nd bool) bool {
+	if p.family == 4 {
+		return ep.IPv4.IsValid() && p.saddr == netip.AddrFrom16(ep.IPv4.As16()).As16()
+	}
+	if ep.IPv6.IsValid() && p.saddr == ep.IPv6.As16() {
+		return true
+	}
+	return nd && ((p.saddr[0] == 0xfe && p.saddr[1]&0xc0 == 0x80) || p.saddr == [16]byte{})
+}
+
+// pass is a packet going on: a first fragment's ports are remembered.
+func (d *Datapath) pass(p *pkt) {
+	if p.fragFirst {
+		d.fragFirst(p)
+	}
 }
 
 // toStack is check's answer when noNew forbids starting a flow.
 const toStack Reason = 255
 
 // check is the datapath's check(): conntrack and rules for one hook of the
-// endpoint whose identity is subject.
-func (d *Datapath) check(p *pkt, scope Scope, subject identity.ID, fromHost, noNew bool) Reason {
+// endpoint ep.
+func (d *Datapath) check(p *pkt, scope Scope, ep Endpoint, fromHost, noNew bool) Reason {
+	subject, slot := ep.Identity, ep.Slot
 	peerOnce := false
 	var peerID identity.ID
 	peer := func() identity.ID {
@@ -237,6 +265,14 @@ func (d *Datapath) check(p *pkt, scope Scope, subject identity.ID, fromHost, noN
 		}
 		return peerID
 	}
+	// Flows the node opened to its pod: their peer is the node.
+	hostFlow := func(ct *ctEntry) bool {
+		if ct.flags&ctHost != 0 {
+			peerOnce, peerID = true, identity.Host
+			return true
+		}
+		return false
+	}
 	dir, rdir := policy.Egress, policy.Ingress
 	if scope == Ingress {
 		dir, rdir = policy.Ingress, policy.Egress
@@ -246,11 +282,12 @@ func (d *Datapath) check(p *pkt, scope Scope, subject identity.ID, fromHost, noN
 	// like a reply of it, unless a deny rule holds or the flow is from an
 	// older policy revision.
 	if p.related {
-		ct := d.ct[ctKey{p.innerSaddr, p.innerDaddr, p.innerSport, p.innerDport, p.innerProto, scope ^ 1}]
+		ct := d.ct[ctKey{slot, p.innerSaddr, p.innerDaddr, p.innerSport, p.innerDport, p.innerProto, scope ^ 1}]
 		if ct == nil {
-			ct = d.ct[ctKey{p.innerDaddr, p.innerSaddr, p.innerDport, p.innerSport, p.innerProto, scope}]
+			ct = d.ct[ctKey{slot, p.innerDaddr, p.innerSaddr, p.innerDport, p.innerSport, p.innerProto, scope}]
 		}
 		if ct != nil && (ct.rev == d.Rev || ct.flags&ctHost != 0) {
+			hostFlow(ct)
 			if d.decide(subject, dir, peer(), p.proto, 0, true) == DropDeny {
 				return DropDeny
 			}
@@ -258,10 +295,11 @@ func (d *Datapath) check(p *pkt, scope Scope, subject identity.ID, fromHost, noN
 		}
 	}
 
-	k := ctKey{p.saddr, p.daddr, p.sport, p.dport, p.proto, scope}
+	k := ctKey{slot, p.saddr, p.daddr, p.sport, p.dport, p.proto, scope}
 	if ct := d.ct[k]; ct != nil && !(ct.flags&ctClosing != 0 && p.tcpFlags&(tcpSYN|tcpACK) == tcpSYN) {
-		if ct.rev != d.Rev && ct.flags&ctHost == 0 {
-			if r := d.decide(subject, dir, peer(), p.proto, p.dport, false); r.Drop() {
+		if ct.rev != d.Rev {
+			// The node's flows need no rule, but deny rules hold.
+			if r := d.decide(subject, dir, peer(), p.proto, p.dport, hostFlow(ct)); r.Drop() {
 				delete(d.ct, k)
 				return DropRevoked
 			}
@@ -271,28 +309,27 @@ func (d *Datapath) check(p *pkt, scope Scope, subject identity.ID, fromHost, noN
 		return AllowEstablished
 	}
 
-	rk := ctKey{p.daddr, p.saddr, p.dport, p.sport, p.proto, scope ^ 1}
+	rk := ctKey{slot, p.daddr, p.saddr, p.dport, p.sport, p.proto, scope ^ 1}
 	bareSYN := p.proto == protoTCP && p.tcpFlags&(tcpSYN|tcpACK) == tcpSYN
 	if ct := d.ct[rk]; ct != nil && !bareSYN {
-		if ct.flags&ctHost == 0 {
-			if ct.rev != d.Rev {
-				if r := d.decide(subject, rdir, peer(), p.proto, p.sport, false); r.Drop() {
-					delete(d.ct, rk)
-					return DropRevoked
-				}
-				ct.rev = d.Rev
+		host := hostFlow(ct)
+		if ct.rev != d.Rev {
+			if r := d.decide(subject, rdir, peer(), p.proto, p.sport, host); r.Drop() {
+				delete(d.ct, rk)
+				return DropRevoked
 			}
-			if ct.replyRev != d.Rev || ct.replyRev == 0 {
-				if d.decide(subject, dir, peer(), p.proto, p.dport, true) == DropDeny {
-					ct.flags |= ctReplyDenied
-				} else {
-					ct.flags &^= ctReplyDenied
-				}
-				ct.replyRev = d.Rev
+			ct.rev = d.Rev
+		}
+		if ct.replyRev != d.Rev || ct.replyRev == 0 {
+			if d.decide(subject, dir, peer(), p.proto, p.dport, true) == DropDeny {
+				ct.flags |= ctReplyDenied
+			} else {
+				ct.flags &^= ctReplyDenied
 			}
-			if ct.flags&ctReplyDenied != 0 {
-				return DropDeny
-			}
+			ct.replyRev = d.Rev
+		}
+		if ct.flags&ctReplyDenied != 0 {
+			return DropDeny
 		}
 		ct.touch(p, true)
 		return AllowReply
@@ -303,11 +340,17 @@ func (d *Datapath) check(p *pkt, scope Scope, subject identity.ID, fromHost, noN
 	}
 	var reason Reason
 	nct := &ctEntry{}
-	if scope == Ingress && peer() == identity.Host {
+	if scope == Ingress && fromHost {
 		reason = AllowHost
+		if d.decide(subject, dir, peer(), p.proto, p.dport, true) == DropDeny {
+			reason = DropDeny
+		}
 		nct.flags = ctHost
 	} else {
 		reason = d.decide(subject, dir, peer(), p.proto, p.dport, false)
+		if reason == DropNoRule && p.midFlow() {
+			reason = DropUnknownFlow
+		}
 	}
 	if !reason.Drop() {
 		nct.rev = d.Rev
@@ -317,6 +360,15 @@ func (d *Datapath) check(p *pkt, scope Scope, subject identity.ID, fromHost, noN
 		d.ct[k] = nct
 	}
 	return reason
+}
+
+// midFlow: a packet only a flow under way sends (any TCP segment but a
+// bare SYN, an echo reply).
+func (p *pkt) midFlow() bool {
+	if p.proto == protoTCP {
+		return p.tcpFlags&(tcpSYN|tcpACK) != tcpSYN
+	}
+	return p.echoReply
 }
 
 // decide is the datapath's decide(): one side of a packet by the rules.

@@ -1,0 +1,213 @@
+package bpf
+
+import (
+	"errors"
+	"fmt"
+	"os"
+
+	"github.com/cilium/ebpf"
+	"golang.org/x/sys/unix"
+)
+
+// maxEndpoints is MAX_ENDPOINTS in datapath.c: the slots of ct_tables and
+// ep_states. TestConstantsMatchKernel holds the two together.
+const maxEndpoints = 16384
+
+// DefaultConntrackPerEndpoint is the size of the conntrack table the CNI
+// plugin gives each pod unless its config says otherwise. An LRU table
+// evicts its oldest flow when full: at this size a pod keeps 16,384 flows
+// (a busy client's worth) before it starts forgetting its own idle ones,
+// and costs about 2 MiB of kernel memory.
+const DefaultConntrackPerEndpoint = 16384
+
+// ConntrackUsage is what the datapath counted of one endpoint's conntrack
+// table. Entries counts expired flows too (an LRU table frees nothing
+// until it needs the room); Evicted counts flows added to a full table,
+// each of which pushed out this endpoint's least recently used flow.
+// Counts are approximate when CPUs race: they are reports, not verdicts.
+type ConntrackUsage struct {
+	Slot     uint32 `json:"slot"`
+	Capacity uint32 `json:"capacity"`
+	Entries  uint32 `json:"entries"`
+	Created  uint64 `json:"created"`
+	Evicted  uint64 `json:"evicted"`
+}
+
+// initSharedConntrack makes the node's shared table slot 0, where
+// endpoints without a table of their own keep their flows.
+func (d *Datapath) initSharedConntrack() error {
+	if err := d.objs.CtTables.Update(uint32(0), d.objs.Conntrack, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("install the shared conntrack table as slot 0: %w", err)
+	}
+	var st datapathEpState
+	if err := d.objs.EpStates.Lookup(uint32(0), &st); err != nil {
+		return fmt.Errorf("read endpoint state 0: %w", err)
+	}
+	if st.CtCapacity != d.objs.Conntrack.MaxEntries() {
+		st.CtCapacity = d.objs.Conntrack.MaxEntries()
+		if err := d.objs.EpStates.Update(uint32(0), &st, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("write endpoint state 0: %w", err)
+		}
+	}
+	return nil
+}
+
+// AddConntrackTable creates a conntrack table of capacity flows in the
+// lowest slot no endpoint uses, and returns the slot for the endpoint
+// entry. Hold Lock: slots are chosen from the endpoints map.
+func (d *Datapath) AddConntrackTable(capacity uint32) (uint32, error) {
+	if capacity == 0 {
+		capacity = DefaultConntrackPerEndpoint
+	}
+	eps, err := d.Endpoints()
+	if err != nil {
+		return 0, err
+	}
+	used := make(map[uint32]bool, len(eps))
+	for _, ep := range eps {
+		used[ep.ConntrackSlot] = true
+	}
+	slot := uint32(1)
+	for ; slot < maxEndpoints && used[slot]; slot++ {
+	}
+	if slot == maxEndpoints {
+		return 0, fmt.Errorf("add conntrack table: all %d slots are in use by endpoints: %w", maxEndpoints-1, unix.E2BIG)
+	}
+	spec, err := loadDatapath()
+	if err != nil {
+		return 0, fmt.Errorf("parse embedded datapath object: %w", err)
+	}
+	inner := spec.Maps["ct_tables"].InnerMap.Copy()
+	inner.Name = fmt.Sprintf("ct_%d", slot)
+	inner.MaxEntries = capacity
+	m, err := ebpf.NewMap(inner)
+	if err != nil {
+		return 0, fmt.Errorf("create conntrack table of %d flows: %w", capacity, err)
+	}
+	defer m.Close()
+	// State first: the table counts its flows against this capacity
+	// from its first packet on.
+	if err := d.objs.EpStates.Update(slot, &datapathEpState{CtCapacity: capacity}, ebpf.UpdateAny); err != nil {
+		return 0, fmt.Errorf("write endpoint state %d: %w", slot, err)
+	}
+	if err := d.objs.CtTables.Update(slot, m, ebpf.UpdateAny); err != nil {
+		return 0, fmt.Errorf("install conntrack table in slot %d: %w", slot, err)
+	}
+	return slot, nil
+}
+
+// DeleteConntrackTable frees a slot's table and state. Slot 0, the shared
+// table, is never freed; an empty slot is not an error.
+func (d *Datapath) DeleteConntrackTable(slot uint32) error {
+	if slot == 0 || slot >= maxEndpoints {
+		return nil
+	}
+	if err := d.objs.CtTables.Delete(slot); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return fmt.Errorf("free conntrack table in slot %d: %w", slot, err)
+	}
+	if err := d.objs.EpStates.Update(slot, &datapathEpState{}, ebpf.UpdateAny); err != nil {
+		return fmt.Errorf("clear endpoint state %d: %w", slot, err)
+	}
+	return nil
+}
+
+// conntrackTables opens every installed table by slot. The caller closes
+// them.
+func (d *Datapath) conntrackTables() (map[uint32]*ebpf.Map, error) {
+	out := map[uint32]*ebpf.Map{}
+	closeAll := func() {
+		for _, m := range out {
+			m.Close()
+		}
+	}
+	var slot, id uint32
+	it := d.objs.CtTables.Iterate()
+	for it.Next(&slot, &id) {
+		m, err := ebpf.NewMapFromID(ebpf.MapID(id))
+		if errors.Is(err, os.ErrNotExist) {
+			continue // freed since the lookup
+		}
+		if err != nil {
+			closeAll()
+			return nil, fmt.Errorf("open conntrack table of slot %d: %w", slot, err)
+		}
+		out[slot] = m
+	}
+	if err := it.Err(); err != nil {
+		closeAll()
+		return nil, fmt.Errorf("list conntrack tables: %w", err)
+	}
+	return out, nil
+}
+
+// ConntrackSlots lists the slots that hold a table, the shared slot 0
+// included.
+func (d *Datapath) ConntrackSlots() ([]uint32, error) {
+	tables, err := d.conntrackTables()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]uint32, 0, len(tables))
+	for slot, m := range tables {
+		out = append(out, slot)
+		m.Close()
+	}
+	return out, nil
+}
+
+// ConntrackUsage reads the datapath's counts for every installed table.
+func (d *Datapath) ConntrackUsage() ([]ConntrackUsage, error) {
+	slots, err := d.ConntrackSlots()
+	if err != nil {
+		return nil, err
+	}
+	out := make([]ConntrackUsage, 0, len(slots))
+	for _, slot := range slots {
+		var st datapathEpState
+		if err := d.objs.EpStates.Lookup(slot, &st); err != nil {
+			return nil, fmt.Errorf("read endpoint state %d: %w", slot, err)
+		}
+		out = append(out, ConntrackUsage{Slot: slot, Capacity: st.CtCapacity, Entries: st.CtCount, Created: st.CtCreated, Evicted: st.CtEvicted})
+	}
+	return out, nil
+}
+
+// forgetFlows lowers a slot's entry count by n after userspace deleted n
+// of its flows, so later inserts are not counted as evictions.
+func (d *Datapath) forgetFlows(slot uint32, n int) {
+	var st datapathEpState
+	if n == 0 || d.objs.EpStates.Lookup(slot, &st) != nil {
+		return
+	}
+	st.CtCount -= min(st.CtCount, uint32(n))
+	_ = d.objs.EpStates.Update(slot, &st, ebpf.UpdateAny)
+}
+
+// EventLoss is how many events of one reason the datapath did not send:
+// Lost when the ring was full, Suppressed when the sending endpoint's rate
+// limit held them back.
+type EventLoss struct {
+	Lost       uint64 `json:"lost"`
+	Suppressed uint64 `json:"suppressed"`
+}
+
+// EventLosses reads the event loss counters by reason.
+func (d *Datapath) EventLosses() (map[Reason]EventLoss, error) {
+	out := map[Reason]EventLoss{}
+	for r := Reason(0); r < reasonMax; r++ {
+		var l EventLoss
+		for kind, dst := range []*uint64{&l.Lost, &l.Suppressed} {
+			var per []uint64
+			if err := d.objs.EventLoss.Lookup(uint32(r)*2+uint32(kind), &per); err != nil {
+				return nil, fmt.Errorf("read event loss counters: %w", err)
+			}
+			for _, v := range per {
+				*dst += v
+			}
+		}
+		if l != (EventLoss{}) {
+			out[r] = l
+		}
+	}
+	return out, nil
+}
