@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"net"
 	"net/http"
+	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/collectors"
@@ -53,7 +54,7 @@ func newMetrics(a *Agent) *metrics {
 		Help: "Verdict events read from the datapath."}, []string{"verdict", "reason"})
 	m.reg.MustRegister(m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
 		m.flushSeconds, m.addSeconds, m.reconcileErrors, m.events,
-		&datapathCollector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
+		&datapathCollector{a: a}, &flowCollector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 
@@ -110,6 +111,20 @@ func (c *datapathCollector) Collect(ch chan<- prometheus.Metric) {
 	}
 }
 
+// Deadlines of the metrics listener. A scrape of a large node takes well
+// under a second to render; the write deadline leaves room for a slow
+// network, not for a client that stopped reading.
+const (
+	metricsReadHeaderTimeout = 5 * time.Second
+	metricsReadTimeout       = 10 * time.Second
+	metricsWriteTimeout      = 30 * time.Second
+	metricsIdleTimeout       = 60 * time.Second
+)
+
+// maxHeaderBytes bounds a request's headers on both listeners; the
+// requests they serve carry a handful of short headers.
+const maxHeaderBytes = 16 << 10
+
 // serveMetrics serves /metrics, /healthz (the process answers) and /readyz
 // (caches synced, maps written) for the DaemonSet's probes.
 func (a *Agent) serveMetrics() (*http.Server, error) {
@@ -128,7 +143,20 @@ func (a *Agent) serveMetrics() (*http.Server, error) {
 			http.Error(w, "informer caches not synced", http.StatusServiceUnavailable)
 		}
 	})
-	srv := &http.Server{Handler: mux}
+	srv := &http.Server{
+		Handler: mux,
+		// The agent runs in the host network, so everything that can
+		// reach the node (every pod that may talk to the host) can
+		// reach this port. Without deadlines, a client that sends a
+		// request a byte at a time, or never reads the answer, holds
+		// a connection and a goroutine forever (slowloris). Prometheus
+		// and the kubelet's probes send one small GET and read at once.
+		ReadHeaderTimeout: metricsReadHeaderTimeout,
+		ReadTimeout:       metricsReadTimeout,
+		WriteTimeout:      metricsWriteTimeout,
+		IdleTimeout:       metricsIdleTimeout,
+		MaxHeaderBytes:    maxHeaderBytes,
+	}
 	go func() {
 		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			a.log.Error("metrics listener stopped", "err", err)

@@ -59,14 +59,84 @@ func (a *Agent) serveAPI(ctx context.Context) (*http.Server, error) {
 	mux.HandleFunc("POST "+api.PathManualRules, a.handleRuleAdd)
 	mux.HandleFunc("POST "+api.PathManualRulesDel, a.handleRuleDelete)
 	mux.HandleFunc("PUT "+api.PathDebug, a.handleDebug)
-	mux.HandleFunc("GET "+api.PathEvents, a.events.serve)
-	srv := &http.Server{Handler: mux, BaseContext: func(net.Listener) context.Context { return ctx }}
+	mux.HandleFunc("GET "+api.PathEvents, streaming(a.events.serve))
+	srv := &http.Server{
+		Handler:     limitBody(mux),
+		BaseContext: func(net.Listener) context.Context { return ctx },
+		// The socket is root-only, but root includes every plugin run
+		// and every tool, and a stuck or buggy one must not hold the
+		// agent's connections forever: a request arrives in full
+		// within these bounds or the connection is closed.
+		ReadHeaderTimeout: apiReadHeaderTimeout,
+		ReadTimeout:       apiReadTimeout,
+		// Longer than the plugin waits for a registration (cni's
+		// agentTimeout, 30s), so the deadline never cuts an answer a
+		// client still waits for. The event stream lifts it.
+		WriteTimeout:   apiWriteTimeout,
+		IdleTimeout:    apiIdleTimeout,
+		MaxHeaderBytes: maxHeaderBytes,
+	}
 	go func() {
 		if err := srv.Serve(l); err != nil && !errors.Is(err, http.ErrServerClosed) {
 			a.log.Error("local API stopped", "err", err)
 		}
 	}()
 	return srv, nil
+}
+
+// Bounds of the local API.
+const (
+	apiReadHeaderTimeout = 10 * time.Second
+	apiReadTimeout       = 30 * time.Second
+	apiWriteTimeout      = 60 * time.Second
+	apiIdleTimeout       = 90 * time.Second
+	// maxRequestBody bounds a request's body: the largest the tools send
+	// is one manual rule or endpoint, a few hundred bytes of JSON.
+	maxRequestBody = 1 << 20
+)
+
+// limitBody caps every request body at maxRequestBody: a JSON decoder
+// reads as long as the value goes on, so a client could otherwise make the
+// agent buffer any amount of memory.
+func limitBody(h http.Handler) http.Handler {
+	return http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		r.Body = http.MaxBytesReader(w, r.Body, maxRequestBody)
+		h.ServeHTTP(w, r)
+	})
+}
+
+// streaming lifts the connection's read and write deadlines for a handler
+// that streams until the client leaves (GET /v1/events). Left in place,
+// the write deadline would cut the stream, and the read deadline, hit by
+// the server's background read, would cancel the request's context.
+func streaming(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		rc := http.NewResponseController(w)
+		if err := rc.SetReadDeadline(time.Time{}); err != nil {
+			fail(w, http.StatusInternalServerError, fmt.Errorf("idcni-agent: lift the read deadline of a stream: %w", err))
+			return
+		}
+		if err := rc.SetWriteDeadline(time.Time{}); err != nil {
+			fail(w, http.StatusInternalServerError, fmt.Errorf("idcni-agent: lift the write deadline of a stream: %w", err))
+			return
+		}
+		h(w, r)
+	}
+}
+
+// decode reads a request's JSON body into v, answering 413 when the body
+// is over maxRequestBody and 400 when it is not JSON of the right shape.
+func decode(w http.ResponseWriter, r *http.Request, v any) bool {
+	err := json.NewDecoder(r.Body).Decode(v)
+	if err == nil {
+		return true
+	}
+	if mbe, ok := errors.AsType[*http.MaxBytesError](err); ok {
+		fail(w, http.StatusRequestEntityTooLarge, fmt.Errorf("idcni-agent: request body over %d bytes", mbe.Limit))
+		return false
+	}
+	fail(w, http.StatusBadRequest, fmt.Errorf("idcni-agent: bad request body: %w", err))
+	return false
 }
 
 func reply(w http.ResponseWriter, v any) {
@@ -97,8 +167,7 @@ func (a *Agent) waitReady(w http.ResponseWriter, r *http.Request) bool {
 func (a *Agent) handleRegister(w http.ResponseWriter, r *http.Request) {
 	start := time.Now()
 	var req api.EndpointRequest
-	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
-		fail(w, http.StatusBadRequest, fmt.Errorf("idcni-agent: bad endpoint request: %w", err))
+	if !decode(w, r, &req) {
 		return
 	}
 	req.ContainerID = r.PathValue("id")
@@ -204,8 +273,7 @@ func (a *Agent) handleManualList(w http.ResponseWriter, r *http.Request) {
 
 func (a *Agent) handleManualBind(w http.ResponseWriter, r *http.Request) {
 	var ep api.ManualEndpoint
-	if err := json.NewDecoder(r.Body).Decode(&ep); err != nil {
-		fail(w, http.StatusBadRequest, err)
+	if !decode(w, r, &ep) {
 		return
 	}
 	a.changeManual(w, func(s *manual.State) error { _, err := s.Bind(ep.IP, ep.Identity); return err })
@@ -228,8 +296,7 @@ func (a *Agent) handleRuleList(w http.ResponseWriter, r *http.Request) {
 
 func (a *Agent) handleRuleAdd(w http.ResponseWriter, r *http.Request) {
 	var req api.RuleRequest
-	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
-		fail(w, http.StatusBadRequest, err)
+	if !decode(w, r, &req) {
 		return
 	}
 	a.changeManual(w, func(s *manual.State) error { _, err := s.AddRule(req.Rule); return err })
@@ -237,8 +304,7 @@ func (a *Agent) handleRuleAdd(w http.ResponseWriter, r *http.Request) {
 
 func (a *Agent) handleRuleDelete(w http.ResponseWriter, r *http.Request) {
 	var req api.RuleRequest
-	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
-		fail(w, http.StatusBadRequest, err)
+	if !decode(w, r, &req) {
 		return
 	}
 	a.changeManual(w, func(s *manual.State) error { _, err := s.DeleteRules(req.Rule); return err })
@@ -246,8 +312,7 @@ func (a *Agent) handleRuleDelete(w http.ResponseWriter, r *http.Request) {
 
 func (a *Agent) handleDebug(w http.ResponseWriter, r *http.Request) {
 	var d api.Debug
-	if err := json.NewDecoder(r.Body).Decode(&d); err != nil {
-		fail(w, http.StatusBadRequest, err)
+	if !decode(w, r, &d) {
 		return
 	}
 	if err := a.dp.SetDebug(d.On); err != nil {
@@ -305,9 +370,20 @@ func (f eventFilter) match(e Event) bool {
 	return true
 }
 
-// Event is a datapath verdict with the pods behind its addresses.
+// Event is a datapath verdict with the pods behind its addresses, or,
+// when Gap is set, the news that events are missing before the next one.
 type Event struct {
 	bpf.Event
 	SrcPod string `json:"srcPod,omitempty"`
 	DstPod string `json:"dstPod,omitempty"`
+	Gap    *Gap   `json:"gap,omitempty"`
+}
+
+// Gap says events are missing from a stream: the datapath's ring was full
+// (Lost, by reason), or this reader fell behind and the agent dropped
+// events for it (Missed). Events the datapath's per-endpoint rate limit
+// held back are told by the endpoint's next event (Suppressed) instead.
+type Gap struct {
+	Lost   map[string]uint64 `json:"lost,omitempty"`
+	Missed uint64            `json:"missed,omitempty"`
 }
