@@ -3,6 +3,7 @@ package netpol
 import (
 	"fmt"
 	"maps"
+	"net/netip"
 	"slices"
 	"strings"
 	"testing"
@@ -14,6 +15,7 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
+	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/policy"
 )
 
@@ -52,6 +54,18 @@ import (
 // the corrected oracle on every cell; cells where raw and corrected differ
 // are counted as documented differences, by cause.
 //
+// Nodes are probed too: the matcher sees a node address as an address
+// outside the cluster (ipBlocks match it, selectors do not), which is what
+// the compiler must make of it. At every step each node layout below is
+// set with SetNodeAddrs in turn, and every pod's ingress from each remote
+// node address and egress to each node address (local and remote) is
+// decided by both. The remote addresses of one layout sit in the same
+// place relative to every block the generator makes (the /24 and the /28
+// around z/c, 0.0.0.0/0, 0.0.0.0/31), because the ipcache gives all remote
+// nodes one identity: a block admits all of them or none (doc.go,
+// "Identities, not pods"). Ingress from the local node is not compared:
+// the datapath admits it whatever the policy.
+//
 // The harness models what a real API server does to the objects the
 // generator's actions create: every namespace carries
 // kubernetes.io/metadata.name=<name> (the matcher's own mock adds it for
@@ -71,6 +85,8 @@ type oracleCounts struct {
 	firstMismatches                []string
 	incrementalChecks, incMismatch int
 	mapStateMismatch               int
+	nodeCells, nodeAllowed         int
+	nodeMismatches                 int
 }
 
 const (
@@ -86,6 +102,32 @@ var oracleIPs = map[string]string{
 	"z/a": "10.244.1.21", "z/b": "10.244.1.3", "z/c": oraclePodCIDRHint,
 }
 
+// nodeLayout is one set of node addresses, in matching positions relative
+// to the generator's blocks (see the top of this file).
+type nodeLayout struct {
+	local, remote []netip.Addr
+}
+
+var oracleNodeLayouts = []nodeLayout{
+	// Remote nodes in the /24, outside the /28 (the except); the local
+	// node likewise.
+	{local: addrs("10.244.1.150"), remote: addrs("10.244.1.100", "10.244.1.120")},
+	// A remote node inside the /28, the except of "ipblock with except";
+	// the local node outside every block but 0.0.0.0/0.
+	{local: addrs("192.0.2.1"), remote: addrs("10.244.1.9")},
+	// Remote nodes outside every block but 0.0.0.0/0; the local node
+	// inside the /28.
+	{local: addrs("10.244.1.10"), remote: addrs("198.51.100.7", "203.0.113.9")},
+}
+
+func addrs(s ...string) []netip.Addr {
+	out := make([]netip.Addr, 0, len(s))
+	for _, a := range s {
+		out = append(out, netip.MustParseAddr(a))
+	}
+	return out
+}
+
 // oracleCluster is the simulated cluster of one test case, kept in the
 // matcher's form (probe.Resources, policy list) and fed to a Compiler.
 type oracleCluster struct {
@@ -95,6 +137,7 @@ type oracleCluster struct {
 	c        *Compiler
 	ids      *MemoryIdentities
 	nextIP   int
+	nodes    nodeLayout // as last given to SetNodeAddrs
 }
 
 func newOracleCluster(t *testing.T) *oracleCluster {
@@ -242,6 +285,7 @@ func (oc *oracleCluster) fullCompile() *Compiler {
 	if err != nil {
 		oc.t.Fatalf("full compile: %v", err)
 	}
+	c.SetNodeAddrs(oc.nodes.local, oc.nodes.remote)
 	return c
 }
 
@@ -313,12 +357,82 @@ func (oc *oracleCluster) probe(family, desc string, stepIdx int, pc *generator.P
 		}
 	}
 	n.byFamily[family] = fam
+	for _, l := range oracleNodeLayouts {
+		oc.probeNodes(desc, stepIdx, l, jobs.Valid, corrected, n)
+	}
 
 	// Incremental state equals a full compile of the same objects.
 	n.incrementalChecks++
 	if d := differingSubjects(takeSnapshot(oc.c), takeSnapshot(oc.fullCompile())); len(d) > 0 {
 		n.incMismatch++
 		t.Errorf("%s [%s] step %d: incremental differs from full compile for %v", family, desc, stepIdx, d)
+	}
+}
+
+// probeNodes decides, for one node layout, every pod's ingress from each
+// remote node and egress to each node, on the ports and protocols of the
+// step's jobs.
+func (oc *oracleCluster) probeNodes(desc string, stepIdx int, l nodeLayout, jobs []*probe.Job, oracle *matcher.Policy, n *oracleCounts) {
+	t := oc.t
+	oc.nodes = l
+	oc.c.SetNodeAddrs(l.local, l.remote)
+	set := oc.c.Set()
+	ms, err := set.Compile()
+	if err != nil {
+		t.Fatalf("%s step %d: compile to map state: %v", desc, stepIdx, err)
+	}
+	cell := func(what string, tr *matcher.Traffic, src, dst identity.ID) {
+		proto, port := oracleProto[tr.Protocol], uint16(tr.ResolvedPort)
+		want := oracle.IsTrafficAllowed(tr).IsAllowed()
+		got := set.Allowed(src, dst, proto, port)
+		eg, _ := ms.Decide(src, policy.Egress, dst, proto, port)
+		in, _ := ms.Decide(dst, policy.Ingress, src, proto, port)
+		if (eg && in) != got {
+			n.mapStateMismatch++
+			t.Errorf("%s step %d: %s: Set says %v, MapState %v", desc, stepIdx, what, got, eg && in)
+		}
+		n.nodeCells++
+		if got {
+			n.nodeAllowed++
+		}
+		if got != want {
+			n.nodeMismatches++
+			if len(n.firstMismatches) < 20 {
+				n.firstMismatches = append(n.firstMismatches, fmt.Sprintf("[%s] step %d: %s %s/%d: compiler %v, oracle %v", desc, stepIdx, what, tr.Protocol, tr.ResolvedPort, got, want))
+			}
+		}
+	}
+	seen := map[string]bool{}
+	for _, job := range jobs {
+		src, _ := oc.c.PodIdentity(job.FromNamespace, job.FromPod)
+		dstNS, dstName := splitKey(job.ToKey)
+		dst, _ := oc.c.PodIdentity(dstNS, dstName)
+		for _, a := range l.remote {
+			key := fmt.Sprintf("in %s %s %s/%d", a, job.ToKey, job.Protocol, job.ResolvedPort)
+			if seen[key] {
+				continue
+			}
+			seen[key] = true
+			tr := job.Traffic()
+			tr.Source = &matcher.TrafficPeer{IP: a.String()}
+			if id := oc.c.IdentityOfAddr(a); id != identity.RemoteNode {
+				t.Fatalf("remote node %s resolves to %s", a, id)
+			}
+			cell(fmt.Sprintf("remote node %s -> %s", a, job.ToKey), tr, identity.RemoteNode, dst)
+		}
+		for _, a := range slices.Concat(l.local, l.remote) {
+			key := fmt.Sprintf("out %s %s %s/%d", job.FromKey, a, job.Protocol, job.ResolvedPort)
+			if seen[key] {
+				continue
+			}
+			seen[key] = true
+			tr := job.Traffic()
+			tr.Destination = &matcher.TrafficPeer{IP: a.String()}
+			// A node declares no container ports: named ports never
+			// match it.
+			tr.ResolvedPortName = ""
+			cell(fmt.Sprintf("%s -> node %s", job.FromKey, a), tr, src, oc.c.IdentityOfAddr(a))
+		}
 	}
 }
 
@@ -504,6 +618,7 @@ func TestCyclonusOracle(t *testing.T) {
 			fmt.Fprintf(&b, "  agree with raw matcher: %d; documented differences: %d (NotIn with missing key: %d, matchLabels empty value: %d); disagreements with corrected oracle: %d\n",
 				n.agree, n.documented, n.diffNotIn, n.diffEmptyValue, n.mismatches)
 			fmt.Fprintf(&b, "  incremental == full compile: %d/%d steps; MapState disagreements with Set: %d\n", n.incrementalChecks-n.incMismatch, n.incrementalChecks, n.mapStateMismatch)
+			fmt.Fprintf(&b, "  nodes: %d cells (%d allowed) in %d layouts, %d disagreements with the oracle\n", n.nodeCells, n.nodeAllowed, len(oracleNodeLayouts), n.nodeMismatches)
 			for _, f := range families {
 				c := n.byFamily[f.name]
 				fmt.Fprintf(&b, "  %-22s %4d cases %7d cells %5d documented differences\n", f.name, c[0], c[1], c[2])
@@ -514,6 +629,12 @@ func TestCyclonusOracle(t *testing.T) {
 			}
 			if n.mismatches > 0 {
 				t.Fatalf("%d cells disagree with the corrected oracle", n.mismatches)
+			}
+			if n.nodeMismatches > 0 {
+				t.Fatalf("%d node cells disagree with the corrected oracle", n.nodeMismatches)
+			}
+			if n.nodeAllowed == 0 || n.nodeAllowed == n.nodeCells {
+				t.Fatalf("node cells: %d of %d allowed; the probe tells nothing apart", n.nodeAllowed, n.nodeCells)
 			}
 			if n.documented != n.cells-n.agree {
 				t.Fatalf("%d cells differ from the raw matcher but only %d are documented differences", n.cells-n.agree, n.documented)
