@@ -5,7 +5,9 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"slices"
+	"strings"
 
 	"github.com/containernetworking/plugins/pkg/ip"
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
@@ -107,6 +109,14 @@ func configureHost(hostName, alias string, podMAC net.HardwareAddr, addrs []neti
 	if err := netlink.LinkSetAlias(link, alias); err != nil {
 		return nil, fmt.Errorf("set alias of host veth %s: %w", hostName, err)
 	}
+	// A pod must not be able to give the node routes: with accept_ra 1
+	// (the default while IPv6 forwarding is off, e.g. with IPv4 pods
+	// only) or 2, the node would take a router advertisement the pod
+	// sends (neighbour discovery passes the datapath) and route its own
+	// traffic through the pod. No IPv6 on the link means nothing to do.
+	if err := os.WriteFile(ipv6Conf+hostName+"/accept_ra", []byte("0"), 0o644); err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("turn router advertisements off on host veth %s: %w", hostName, err)
+	}
 	for _, a := range addrs {
 		if a.Is6() {
 			// The kernel may have turned IPv6 off on new links; the
@@ -145,9 +155,76 @@ func enableForwarding(addrs []netip.Addr) error {
 		}
 	}
 	if slices.ContainsFunc(addrs, netip.Addr.Is6) {
-		if err := ip.EnableIP6Forward(); err != nil {
-			return fmt.Errorf("enable net.ipv6.conf.all.forwarding: %w", err)
+		if err := enableIPv6Forwarding(); err != nil {
+			return err
 		}
+	}
+	return nil
+}
+
+const ipv6Conf = "/proc/sys/net/ipv6/conf/"
+
+// aliasPrefix starts the alias of every host veth (see linkAlias).
+const aliasPrefix = "idcni/"
+
+// enableIPv6Forwarding sets net.ipv6.conf.all.forwarding without taking
+// the node's IPv6 default route away.
+//
+// Turning any IPv6 forwarding switch on (all, or a single interface's)
+// makes the kernel delete every route learned from router advertisements
+// (rt6_purge_dflt_routers), in the whole netns, on each interface whose
+// accept_ra is not 2, and stop accepting advertisements there: a node that
+// got its default route by SLAAC loses IPv6 egress, its pods' included.
+// The per-interface switch is no way out: it only says whether the
+// interface acts as a router (and purges as well); whether the kernel
+// forwards is all.forwarding alone, before 6.17, and after it, also a
+// per-interface force_forwarding, which would be needed on every interface
+// replies to pods come in by (uplinks, tunnels, links added later), which
+// the plugin does not know. So: accept_ra=2 ("accept advertisements even
+// when forwarding") on every interface that accepts them now, then
+// all.forwarding=1. Those interfaces keep their routes and go on taking
+// advertisements, as before; an interface with accept_ra 0 stays so.
+// Nothing is written when forwarding is on already: writing 1 again
+// would purge again, and an operator who turned it on chose already.
+func enableIPv6Forwarding() error {
+	cur, err := os.ReadFile(ipv6Conf + "all/forwarding")
+	if errors.Is(err, os.ErrNotExist) {
+		return errors.New("enable IPv6 forwarding: the kernel has no IPv6 (no " + ipv6Conf + "), yet the pod has an IPv6 address")
+	}
+	if err != nil {
+		return fmt.Errorf("read net.ipv6.conf.all.forwarding: %w", err)
+	}
+	if strings.TrimSpace(string(cur)) == "1" {
+		return nil
+	}
+	links, err := netlinksafe.LinkList()
+	if err != nil {
+		return fmt.Errorf("list links to keep their router advertisements: %w", err)
+	}
+	for _, l := range links {
+		attrs := l.Attrs()
+		// Host veths face pods: a pod must never be a router of the
+		// node (configureHost turns advertisements off on them).
+		if strings.HasPrefix(attrs.Alias, aliasPrefix) || attrs.Flags&net.FlagLoopback != 0 {
+			continue
+		}
+		path := ipv6Conf + attrs.Name + "/accept_ra"
+		v, err := os.ReadFile(path)
+		if errors.Is(err, os.ErrNotExist) {
+			continue // no IPv6 on this link, or it just went away
+		}
+		if err != nil {
+			return fmt.Errorf("read net.ipv6.conf.%s.accept_ra: %w", attrs.Name, err)
+		}
+		if strings.TrimSpace(string(v)) != "1" {
+			continue
+		}
+		if err := os.WriteFile(path, []byte("2"), 0o644); err != nil && !errors.Is(err, os.ErrNotExist) {
+			return fmt.Errorf("set net.ipv6.conf.%s.accept_ra=2 before enabling IPv6 forwarding, so the link keeps its router advertisements: %w", attrs.Name, err)
+		}
+	}
+	if err := os.WriteFile(ipv6Conf+"all/forwarding", []byte("1"), 0o644); err != nil {
+		return fmt.Errorf("enable net.ipv6.conf.all.forwarding: %w", err)
 	}
 	return nil
 }
