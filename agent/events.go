@@ -7,22 +7,39 @@ import (
 	"net/http"
 	"net/netip"
 	"sync"
+	"time"
 
 	"github.com/cilium/ebpf/ringbuf"
+
+	"github.com/idcni/idcni/bpf"
 )
 
 // eventHub reads the datapath's verdict events (a ring buffer has one
 // reader: the agent), names the pods behind the addresses, counts them, and
-// fans them out to every `policyctl monitor` attached.
+// fans them out to every `policyctl monitor` attached. No reader ever
+// misses events silently: a reader that falls behind, and every reader
+// when the datapath's ring overflowed, gets a gap marker before its next
+// event.
 type eventHub struct {
 	a    *Agent
 	mu   sync.Mutex
-	subs map[chan Event]struct{}
+	subs map[*subscriber]struct{}
 	pods map[netip.Addr]string
 }
 
+// subscriber is one attached stream. missed counts the events dropped for
+// it since it last got a gap marker; the hub's mutex guards it.
+type subscriber struct {
+	ch     chan Event
+	missed uint64
+}
+
+// lossPoll is how often the hub looks at the datapath's count of events
+// lost to a full ring.
+const lossPoll = time.Second
+
 func newEventHub(a *Agent) *eventHub {
-	return &eventHub{a: a, subs: map[chan Event]struct{}{}, pods: map[netip.Addr]string{}}
+	return &eventHub{a: a, subs: map[*subscriber]struct{}{}, pods: map[netip.Addr]string{}}
 }
 
 // setPods replaces the address -> "ns/name" index (built on every flush).
@@ -32,6 +49,13 @@ func (h *eventHub) setPods(m map[netip.Addr]string) {
 	h.mu.Unlock()
 }
 
+// podAt names the pod at addr, "" when none is known.
+func (h *eventHub) podAt(addr netip.Addr) string {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	return h.pods[addr]
+}
+
 func (h *eventHub) run(ctx context.Context) {
 	rd, err := h.a.dp.Events()
 	if err != nil {
@@ -39,6 +63,7 @@ func (h *eventHub) run(ctx context.Context) {
 		return
 	}
 	go func() { <-ctx.Done(); rd.Close() }()
+	go h.watchLosses(ctx)
 	for {
 		ev, err := rd.Read()
 		if errors.Is(err, ringbuf.ErrClosed) {
@@ -50,13 +75,68 @@ func (h *eventHub) run(ctx context.Context) {
 		}
 		h.a.metrics.observeEvent(ev)
 		h.mu.Lock()
-		e := Event{Event: ev, SrcPod: h.pods[ev.SrcAddr], DstPod: h.pods[ev.DstAddr]}
-		for ch := range h.subs {
+		h.publish(Event{Event: ev, SrcPod: h.pods[ev.SrcAddr], DstPod: h.pods[ev.DstAddr]})
+		h.mu.Unlock()
+	}
+}
+
+// publish hands e to every reader that has room. A slow reader loses
+// events rather than stalling the rest, and learns how many before the
+// next one it gets. Hold h.mu.
+func (h *eventHub) publish(e Event) {
+	for s := range h.subs {
+		if s.missed > 0 {
 			select {
-			case ch <- e:
-			default: // a slow reader loses events rather than stalling the rest
+			case s.ch <- Event{Gap: &Gap{Missed: s.missed}}:
+				s.missed = 0
+			default:
+				s.missed++
+				continue
 			}
 		}
+		select {
+		case s.ch <- e:
+		default:
+			s.missed++
+		}
+	}
+}
+
+// watchLosses tells every reader when the datapath lost events because
+// the ring was full: they never reached the agent, so only the datapath's
+// counters know.
+func (h *eventHub) watchLosses(ctx context.Context) {
+	last := map[bpf.Reason]uint64{}
+	if l, err := h.a.dp.EventLosses(); err == nil {
+		for r, n := range l {
+			last[r] = n.Lost
+		}
+	}
+	t := time.NewTicker(lossPoll)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		l, err := h.a.dp.EventLosses()
+		if err != nil {
+			h.a.log.Warn("read event loss counters", "err", err)
+			continue
+		}
+		gap := &Gap{Lost: map[string]uint64{}}
+		for r, n := range l {
+			if n.Lost > last[r] {
+				gap.Lost[r.String()] = n.Lost - last[r]
+			}
+			last[r] = n.Lost
+		}
+		if len(gap.Lost) == 0 {
+			continue
+		}
+		h.mu.Lock()
+		h.publish(Event{Gap: gap})
 		h.mu.Unlock()
 	}
 }
@@ -68,13 +148,13 @@ func (h *eventHub) serve(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusBadRequest, err)
 		return
 	}
-	ch := make(chan Event, 1024)
+	sub := &subscriber{ch: make(chan Event, 1024)}
 	h.mu.Lock()
-	h.subs[ch] = struct{}{}
+	h.subs[sub] = struct{}{}
 	h.mu.Unlock()
 	defer func() {
 		h.mu.Lock()
-		delete(h.subs, ch)
+		delete(h.subs, sub)
 		h.mu.Unlock()
 	}()
 	w.Header().Set("Content-Type", "application/x-ndjson")
@@ -88,8 +168,8 @@ func (h *eventHub) serve(w http.ResponseWriter, r *http.Request) {
 		select {
 		case <-r.Context().Done():
 			return
-		case e := <-ch:
-			if !f.match(e) {
+		case e := <-sub.ch:
+			if e.Gap == nil && !f.match(e) {
 				continue
 			}
 			if err := enc.Encode(e); err != nil {

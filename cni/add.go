@@ -163,7 +163,7 @@ func (a *adder) add(ctx context.Context) (*current.Result, error) {
 	if conf.LocalDelivery == LocalDirect {
 		local = &bpf.LocalPod{Ifindex: rec.HostIfIndex, MAC: podIf.HardwareAddr, HostMAC: hostIf.HardwareAddr}
 	}
-	if err := enforce(a.dp, &a.undo, rec.HostIfName, rec.HostIfIndex, identity.Unresolved, addrs, local); err != nil {
+	if err := enforce(a.dp, &a.undo, rec.HostIfName, rec.HostIfIndex, identity.Unresolved, addrs, local, a.conf.ConntrackPerPod); err != nil {
 		return nil, fmt.Errorf("idcni: %w", err)
 	}
 

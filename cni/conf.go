@@ -12,6 +12,7 @@ import (
 	"github.com/containernetworking/cni/pkg/version"
 
 	"github.com/idcni/idcni/agent/api"
+	"github.com/idcni/idcni/bpf"
 )
 
 // Defaults for the fields a network configuration may leave out.
@@ -29,6 +30,10 @@ const (
 	minMTU     = 68
 	minMTUIPv6 = 1280
 	maxMTU     = 65535
+	// A pod's table below this forgets flows a busy pod still uses; above
+	// it, 110 pods would pin gigabytes of kernel memory.
+	minConntrackPerPod = 256
+	maxConntrackPerPod = 1 << 20
 )
 
 // Versions are the CNI spec versions the plugin speaks.
@@ -59,6 +64,11 @@ type NetConf struct {
 	// netfilter; "routed" sends them through the node's routing, where
 	// iptables FORWARD rules and the receiver's own program see them.
 	LocalDelivery string `json:"localDelivery,omitempty"`
+	// ConntrackPerPod is the size of each pod's own conntrack table: the
+	// flows a pod keeps before its oldest idle one is forgotten. Tables
+	// are per pod so that one pod's flood of new flows evicts only its
+	// own. 0 means bpf.DefaultConntrackPerEndpoint.
+	ConntrackPerPod uint32 `json:"conntrackPerPod,omitempty"`
 }
 
 // Values of NetConf.LocalDelivery.
@@ -92,6 +102,9 @@ func LoadNetConf(stdin []byte) (*NetConf, error) {
 	}
 	if conf.MTU == 0 {
 		conf.MTU = DefaultMTU
+	}
+	if conf.ConntrackPerPod == 0 {
+		conf.ConntrackPerPod = bpf.DefaultConntrackPerEndpoint
 	}
 	return conf, nil
 }
@@ -128,6 +141,9 @@ func (c *NetConf) validate() *types.Error {
 	}
 	if c.LocalDelivery != "" && c.LocalDelivery != LocalDirect && c.LocalDelivery != LocalRouted {
 		return invalid(`"localDelivery" must be %q or %q, got %q`, LocalDirect, LocalRouted, c.LocalDelivery)
+	}
+	if c.ConntrackPerPod != 0 && (c.ConntrackPerPod < minConntrackPerPod || c.ConntrackPerPod > maxConntrackPerPod) {
+		return invalid(`"conntrackPerPod" %d is out of range: use %d-%d flows, or leave it out for %d`, c.ConntrackPerPod, minConntrackPerPod, maxConntrackPerPod, bpf.DefaultConntrackPerEndpoint)
 	}
 	if c.MTU != 0 && (c.MTU < minMTU || c.MTU > maxMTU) {
 		return invalid(`"mtu" %d is out of range: use %d-%d (at least %d for IPv6 pods), or leave it out for %d`, c.MTU, minMTU, maxMTU, minMTUIPv6, DefaultMTU)

@@ -40,7 +40,7 @@ func endpointAddrs(ep bpf.Endpoint) []netip.Addr {
 // the maps under id, pushing the inverse of each step on u. It runs before
 // the pod has an address or a route, so the pod never sends a packet the
 // programs do not judge.
-func enforce(dp *bpf.Datapath, u *undo, hostName string, ifindex int, id identity.ID, addrs []netip.Addr, local *bpf.LocalPod) error {
+func enforce(dp *bpf.Datapath, u *undo, hostName string, ifindex int, id identity.ID, addrs []netip.Addr, local *bpf.LocalPod, ctSize uint32) error {
 	if err := dp.Attach(hostName); err != nil {
 		return fmt.Errorf("attach TC programs to host veth %s: %w", hostName, err)
 	}
@@ -61,7 +61,16 @@ func enforce(dp *bpf.Datapath, u *undo, hostName string, ifindex int, id identit
 			bound[a] = true
 		}
 	}
-	if err := dp.PutEndpoint(ifindex, endpointOf(id, addrs)); err != nil {
+	// The pod's own conntrack table, before the endpoint names it: its
+	// first packet already keeps its flows apart from every other pod's.
+	slot, err := dp.AddConntrackTable(ctSize)
+	if err != nil {
+		return fmt.Errorf("add conntrack table of %d flows for ifindex %d: %w", ctSize, ifindex, err)
+	}
+	u.push(fmt.Sprintf("conntrack table in slot %d", slot), func() error { return dp.DeleteConntrackTable(slot) })
+	ep := endpointOf(id, addrs)
+	ep.ConntrackSlot = slot
+	if err := dp.PutEndpoint(ifindex, ep); err != nil {
 		return fmt.Errorf("add endpoint (ifindex %d, %v) to the datapath: %w", ifindex, addrs, err)
 	}
 	u.push(fmt.Sprintf("endpoint entry of ifindex %d", ifindex), func() error { return dp.DeleteEndpoint(ifindex) })
@@ -121,6 +130,8 @@ func release(dp *bpf.Datapath, hostName string, ifindex int, addrs []netip.Addr)
 		if mine {
 			if err := dp.DeleteEndpoint(ifindex); err != nil {
 				errs = append(errs, fmt.Errorf("delete endpoint entry of ifindex %d: %w", ifindex, err))
+			} else if err := dp.DeleteConntrackTable(ep.ConntrackSlot); err != nil {
+				errs = append(errs, err)
 			}
 			if len(addrs) == 0 {
 				addrs = epAddrs

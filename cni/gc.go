@@ -125,6 +125,13 @@ func gcOrphans(conf *NetConf) error {
 		return fmt.Errorf("open the datapath under %s: %w", conf.BPFRoot, err)
 	}
 	defer dp.Close()
+	// ADD creates a pod's conntrack table before its endpoint names it:
+	// without the lock, GC could take that table for a leftover.
+	unlock, err := dp.Lock()
+	if err != nil {
+		return err
+	}
+	defer unlock()
 	eps, err := dp.Endpoints()
 	if err != nil {
 		return fmt.Errorf("list datapath endpoints: %w", err)
@@ -173,6 +180,24 @@ func gcOrphans(conf *NetConf) error {
 	if len(gone) > 0 {
 		if _, err := dp.FlushConntrack(gone...); err != nil {
 			errs = append(errs, fmt.Errorf("flush connection tracking of %v: %w", gone, err))
+		}
+	}
+	// Conntrack tables no endpoint names: an ADD that died between
+	// creating its table and writing its endpoint, or an endpoint deleted
+	// by someone other than DEL.
+	slots, err := dp.ConntrackSlots()
+	if err != nil {
+		errs = append(errs, err)
+	}
+	named := map[uint32]bool{}
+	for _, ep := range eps {
+		named[ep.ConntrackSlot] = true
+	}
+	for _, slot := range slots {
+		if slot != 0 && !named[slot] {
+			if err := dp.DeleteConntrackTable(slot); err != nil {
+				errs = append(errs, err)
+			}
 		}
 	}
 	// Local pod entries whose endpoint is gone, or no longer holds the

@@ -4,10 +4,15 @@ import (
 	"bufio"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"net/url"
+	"os"
+	"slices"
 	"strconv"
+	"strings"
 	"time"
 
 	"github.com/spf13/cobra"
@@ -37,14 +42,37 @@ type eventView struct {
 	// Pods are known to idcni-agent only ("namespace/name").
 	SrcPod string `json:"srcPod,omitempty"`
 	DstPod string `json:"dstPod,omitempty"`
+	// Suppressed counts this endpoint's events its rate limit held back
+	// just before this one.
+	Suppressed uint32 `json:"suppressed,omitempty"`
 }
 
 // agentEvent is a line of the agent's event stream: a datapath event and
-// the pods behind its addresses.
+// the pods behind its addresses, or a gap marker.
 type agentEvent struct {
 	bpf.Event
-	SrcPod string `json:"srcPod,omitempty"`
-	DstPod string `json:"dstPod,omitempty"`
+	SrcPod string     `json:"srcPod,omitempty"`
+	DstPod string     `json:"dstPod,omitempty"`
+	Gap    *gapMarker `json:"gap,omitempty"`
+}
+
+// gapMarker says events are missing before the next one: the datapath's
+// ring was full (lost, by reason), or the reader fell behind the agent
+// (missed). It is the agent's Gap, and what monitor prints in its place.
+type gapMarker struct {
+	Lost   map[string]uint64 `json:"lost,omitempty"`
+	Missed uint64            `json:"missed,omitempty"`
+}
+
+func (g *gapMarker) String() string {
+	var parts []string
+	if g.Missed > 0 {
+		parts = append(parts, fmt.Sprintf("%d events dropped because this monitor fell behind", g.Missed))
+	}
+	for _, r := range slices.Sorted(maps.Keys(g.Lost)) {
+		parts = append(parts, fmt.Sprintf("%d %s events lost (the datapath's ring was full)", g.Lost[r], r))
+	}
+	return "--- gap: " + strings.Join(parts, "; ") + " ---"
 }
 
 func viewOf(ae agentEvent) eventView {
@@ -52,7 +80,7 @@ func viewOf(ae agentEvent) eventView {
 	v := eventView{
 		Time: e.Time, Verdict: verdictOf(e), Reason: e.Reason.String(), Hook: e.Scope.String(), Ifindex: e.Ifindex,
 		SrcIdentity: e.Src, DstIdentity: e.Dst, SrcAddr: e.SrcAddr, DstAddr: e.DstAddr, Proto: e.Proto.String(), Len: e.Len,
-		SrcPod: ae.SrcPod, DstPod: ae.DstPod,
+		SrcPod: ae.SrcPod, DstPod: ae.DstPod, Suppressed: e.Suppressed,
 	}
 	if e.Proto.HasPorts() {
 		v.SrcPort, v.DstPort = e.SrcPort, e.DstPort
@@ -150,6 +178,20 @@ func (f *monitorFlags) emitter(cmd *cobra.Command) func(agentEvent) (done bool, 
 	enc := json.NewEncoder(w)
 	n := 0
 	return func(e agentEvent) (bool, error) {
+		if e.Gap != nil {
+			var err error
+			if f.out == cli.OutputJSON {
+				err = enc.Encode(struct {
+					Gap *gapMarker `json:"gap"`
+				}{e.Gap})
+			} else {
+				_, err = fmt.Fprintln(w, e.Gap)
+			}
+			if err != nil {
+				return true, fmt.Errorf("write gap marker: %w", err)
+			}
+			return false, nil
+		}
 		if !f.match(e.Event) {
 			return false, nil
 		}
@@ -183,10 +225,22 @@ func monitorRing(ctx context.Context, cmd *cobra.Command, g *cli.Globals, f *mon
 	defer stop()
 	fmt.Fprintf(cmd.ErrOrStderr(), "Listening for verdicts of the datapath at %s (Ctrl-C to stop)\n", d.Root())
 	emit := f.emitter(cmd)
+	losses := lossWatch{d: d}
+	losses.gap() // from now on
 	for {
+		// Wake at least every second to tell ring losses.
+		rd.SetDeadline(time.Now().Add(time.Second))
 		e, err := rd.Read()
 		if ctx.Err() != nil {
 			return nil // Ctrl-C is how monitor normally ends
+		}
+		if g := losses.gap(); g != nil {
+			if done, err := emit(agentEvent{Gap: g}); done || err != nil {
+				return err
+			}
+		}
+		if errors.Is(err, os.ErrDeadlineExceeded) {
+			continue
 		}
 		if err != nil {
 			return fmt.Errorf("read verdict events: %w", err)
@@ -197,9 +251,46 @@ func monitorRing(ctx context.Context, cmd *cobra.Command, g *cli.Globals, f *mon
 	}
 }
 
+// lossWatch turns the datapath's counts of events lost to a full ring into
+// gap markers, at most one a second.
+type lossWatch struct {
+	d     *bpf.Datapath
+	last  map[bpf.Reason]uint64
+	asked time.Time
+}
+
+func (w *lossWatch) gap() *gapMarker {
+	if time.Since(w.asked) < time.Second {
+		return nil
+	}
+	w.asked = time.Now()
+	l, err := w.d.EventLosses()
+	if err != nil {
+		return nil
+	}
+	first := w.last == nil
+	if first {
+		w.last = map[bpf.Reason]uint64{}
+	}
+	g := &gapMarker{Lost: map[string]uint64{}}
+	for r, n := range l {
+		if n.Lost > w.last[r] && !first {
+			g.Lost[r.String()] = n.Lost - w.last[r]
+		}
+		w.last[r] = n.Lost
+	}
+	if len(g.Lost) == 0 {
+		return nil
+	}
+	return g
+}
+
 // textOf is the datapath's one-line form, with the pods when known.
 func textOf(e agentEvent) string {
 	s := e.Event.String()
+	if e.Suppressed > 0 {
+		s += fmt.Sprintf(" (+%d earlier events of this endpoint held back by its rate limit)", e.Suppressed)
+	}
 	if e.SrcPod != "" || e.DstPod != "" {
 		s += fmt.Sprintf(" [%s -> %s]", orDash(e.SrcPod), orDash(e.DstPod))
 	}

@@ -2,10 +2,14 @@ package main
 
 import (
 	"fmt"
+	"io"
+	"maps"
+	"slices"
 	"sort"
 
 	"github.com/spf13/cobra"
 
+	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/manual"
 	"github.com/idcni/idcni/manual/cli"
 )
@@ -17,6 +21,20 @@ type statusView struct {
 	Manual   *manualView       `json:"manual,omitempty"`
 	Counters []counterView     `json:"counters"`
 	Stats    map[string]uint64 `json:"stats"`
+	// Conntrack has every conntrack table: each pod's own, and slot 0,
+	// the node's shared one.
+	Conntrack []conntrackView `json:"conntrack"`
+	// EventsNotSent counts, by reason, the verdict events the datapath
+	// did not send: lost (its ring was full) or suppressed (the sending
+	// endpoint's rate limit).
+	EventsNotSent map[string]bpf.EventLoss `json:"eventsNotSent"`
+}
+
+type conntrackView struct {
+	bpf.ConntrackUsage
+	// Ifindex is the host veth of the endpoint whose table it is, 0 for
+	// the shared table.
+	Ifindex int `json:"ifindex,omitempty"`
 }
 
 type datapathView struct {
@@ -60,7 +78,9 @@ func newStatus(g *cli.Globals) *cobra.Command {
 		Long: `Show the datapath's state: policy revision, debug switch, map sizes, whether
 idcni-agent runs, whether the datapath holds the stored manual state, and the
 packet counters by reason and hook (egress: leaving a pod; ingress: entering
-one), then the datapath's error counters.
+one), the conntrack tables (each pod has its own; the ones that are full or
+have evicted flows are listed), then the datapath's error counters, events
+lost to a full ring and events held back by a pod's rate limit among them.
 
 Counters count since the datapath was loaded. Only non-zero counters are
 shown unless --all is given; -o json always has them all.`,
@@ -163,6 +183,28 @@ func gatherStatus(cmd *cobra.Command, g *cli.Globals) (*statusView, error) {
 	for s, n := range stats {
 		v.Stats[s.String()] = n
 	}
+	usage, err := d.ConntrackUsage()
+	if err != nil {
+		return nil, err
+	}
+	owner := map[uint32]int{}
+	for idx, ep := range eps {
+		if ep.ConntrackSlot != 0 {
+			owner[ep.ConntrackSlot] = idx
+		}
+	}
+	for _, u := range usage {
+		v.Conntrack = append(v.Conntrack, conntrackView{ConntrackUsage: u, Ifindex: owner[u.Slot]})
+	}
+	sort.Slice(v.Conntrack, func(i, j int) bool { return v.Conntrack[i].Slot < v.Conntrack[j].Slot })
+	losses, err := d.EventLosses()
+	if err != nil {
+		return nil, err
+	}
+	v.EventsNotSent = map[string]bpf.EventLoss{}
+	for r, l := range losses {
+		v.EventsNotSent[r.String()] = l
+	}
 	return v, nil
 }
 
@@ -196,6 +238,9 @@ func printStatus(cmd *cobra.Command, v *statusView, all bool) error {
 	} else if err := cli.Table(w, "VERDICT\tREASON\tHOOK\tPACKETS\tBYTES", rows); err != nil {
 		return err
 	}
+	if err := printConntrack(w, v, all); err != nil {
+		return err
+	}
 	var srows [][]string
 	names := make([]string, 0, len(v.Stats))
 	for n := range v.Stats {
@@ -207,9 +252,46 @@ func printStatus(cmd *cobra.Command, v *statusView, all bool) error {
 			srows = append(srows, []string{n, fmt.Sprint(v.Stats[n])})
 		}
 	}
+	for _, r := range slices.Sorted(maps.Keys(v.EventsNotSent)) {
+		l := v.EventsNotSent[r]
+		if l.Lost > 0 || all {
+			srows = append(srows, []string{"event-lost (ring full): " + r, fmt.Sprint(l.Lost)})
+		}
+		if l.Suppressed > 0 || all {
+			srows = append(srows, []string{"event-suppressed (rate limit): " + r, fmt.Sprint(l.Suppressed)})
+		}
+	}
 	if len(srows) == 0 {
 		return nil
 	}
 	fmt.Fprintln(w)
 	return cli.Table(w, "DATAPATH ERROR\tCOUNT", srows)
+}
+
+// printConntrack sums up the conntrack tables and lists the ones that
+// matter: full or evicting (all of them with --all). A full table
+// forgets its endpoint's least recently used flows, and their later
+// packets are dropped as unknown-flow.
+func printConntrack(w io.Writer, v *statusView, all bool) error {
+	var entries, capacity, evicted uint64
+	var rows [][]string
+	for _, c := range v.Conntrack {
+		entries += uint64(c.Entries)
+		capacity += uint64(c.Capacity)
+		evicted += c.Evicted
+		full := c.Capacity > 0 && uint64(c.Entries)*10 >= uint64(c.Capacity)*9
+		if all || full || c.Evicted > 0 {
+			owner := "shared"
+			if c.Slot != 0 {
+				owner = fmt.Sprintf("ifindex %d", c.Ifindex)
+			}
+			rows = append(rows, []string{fmt.Sprint(c.Slot), owner, fmt.Sprint(c.Entries), fmt.Sprint(c.Capacity), fmt.Sprint(c.Created), fmt.Sprint(c.Evicted)})
+		}
+	}
+	fmt.Fprintln(w)
+	fmt.Fprintf(w, "Conntrack:    %d tables, %d of %d entries in use, %d flows evicted\n", len(v.Conntrack), entries, capacity, evicted)
+	if len(rows) == 0 {
+		return nil
+	}
+	return cli.Table(w, "SLOT\tOWNER\tENTRIES\tCAPACITY\tCREATED\tEVICTED", rows)
 }
