@@ -351,6 +351,74 @@ func TestHostAlwaysReachesItsPods(t *testing.T) {
 	}
 }
 
+// Only what the node's own stack sends is host. A forwarded packet from an
+// address the ipcache calls host (the node's, or another node's before the
+// agent told them apart) meets policy, and deny rules hold for the node's
+// own flows: new ones, established ones after the change, and replies.
+func TestHostIsTheLocalStackAndDenyHoldsForIt(t *testing.T) {
+	s := newSeed(t)
+	node := netip.MustParseAddr("192.168.1.10")
+	s.ipcache(netip.PrefixFrom(node, 32), identity.Host)
+	probe := pkttest.Packet{Src: node, Dst: ipB, Proto: pkttest.TCP, SrcPort: 50000, DstPort: 8080, TCPFlags: pkttest.SYN}
+	if r := s.send(probe.Frame(), ScopeIngress, s.b, 0); r != ReasonAllowHost {
+		t.Fatalf("kubelet probe: %s, want from-host", r)
+	}
+	forwarded := probe
+	forwarded.SrcPort = 50001
+	if r := s.send(forwarded.Frame(), ScopeIngress, s.b, 99); r != ReasonDropNoRule {
+		t.Fatalf("forwarded packet with the node's address to an isolated pod: %s, want no-rule", r)
+	}
+	s.policy(manual(policy.ManualRule{Action: policy.Deny, Src: identity.Host, Dst: idB}))
+	ack := probe
+	ack.TCPFlags = pkttest.ACK
+	if r := s.send(ack.Frame(), ScopeIngress, s.b, 0); r != ReasonDropRevoked {
+		t.Fatalf("established probe after a deny rule for host: %s, want revoked", r)
+	}
+	probe.SrcPort = 50002
+	if r := s.send(probe.Frame(), ScopeIngress, s.b, 0); r != ReasonDropDeny {
+		t.Fatalf("new probe under a deny rule for host: %s, want deny-rule", r)
+	}
+	// A deny the other way drops the pod's replies to the node.
+	s.policy(manual(policy.ManualRule{Action: policy.Deny, Src: idB, Dst: identity.Host}))
+	probe.SrcPort = 50003
+	if r := s.send(probe.Frame(), ScopeIngress, s.b, 0); r != ReasonAllowHost {
+		t.Fatalf("probe with only a deny from the pod: %s, want from-host", r)
+	}
+	reply := probe.Reverse()
+	reply.TCPFlags = pkttest.SYN | pkttest.ACK
+	if r := s.send(reply.Frame(), ScopeEgress, s.b, 0); r != ReasonDropDeny {
+		t.Fatalf("reply to the node under a deny rule: %s, want deny-rule", r)
+	}
+}
+
+// Neighbour discovery passes only to a link-scoped destination, and only
+// from the pod's own, link-local or unspecified address: a "solicitation"
+// to a routed address is an ICMPv6 packet like any other.
+func TestNeighbourDiscoveryStaysOnTheLink(t *testing.T) {
+	s := newSeed(t)
+	for _, c := range []struct {
+		name     string
+		src, dst string
+		typ      uint8
+		want     Reason
+	}{
+		{"solicitation for the gateway", "fe80::2", "ff02::1:ff00:1", 135, ReasonAllowND},
+		{"duplicate address detection", "::", "ff02::1:ff00:2", 135, ReasonAllowND},
+		{"unicast solicitation to the gateway", "fd13::2", "fe80::1", 135, ReasonAllowND},
+		{"advertisement to all nodes", "fd13::2", "ff02::1", 136, ReasonAllowND},
+		{"router solicitation", "fe80::2", "ff02::2", 133, ReasonAllowND},
+		{"solicitation to another pod's address", "fd13::2", "fd13::3", 135, ReasonDropNoRule},
+		{"redirect to a routed address", "fd13::2", "2001:db8::1", 137, ReasonDropNoRule},
+		{"solicitation from a spoofed address", "fd13::99", "fd13::3", 135, ReasonDropSpoof},
+		{"solicitation from a spoofed address to the link", "fd13::99", "ff02::1", 135, ReasonDropSpoof},
+	} {
+		nd := pkttest.Packet{Src: netip.MustParseAddr(c.src), Dst: netip.MustParseAddr(c.dst), Proto: pkttest.ICMPv6, ICMPType: c.typ, HopLimit: 255, Payload: make([]byte, 24)}
+		if r := s.send(nd.Frame(), ScopeEgress, s.a, 0); r != c.want {
+			t.Errorf("%s: %s, want %s", c.name, r, c.want)
+		}
+	}
+}
+
 func TestLabelIdentitiesOpenUntilIsolated(t *testing.T) {
 	p := newPair(t, 2, Options{})
 	const idC, idD identity.ID = 70000, 70001

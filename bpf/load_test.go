@@ -72,3 +72,34 @@ func TestOpenWithoutPinsSaysWhatLoads(t *testing.T) {
 		t.Fatalf("Open on empty root = %v, want ErrNotLoaded", err)
 	}
 }
+
+// The Go side sizes slots and names reasons by constants the C side
+// defines too: a change on one side only must fail here, not in a pod.
+func TestConstantsMatchKernel(t *testing.T) {
+	spec, err := loadDatapath()
+	if err != nil {
+		t.Fatal(err)
+	}
+	for _, name := range []string{"ct_tables", "ep_states", "endpoints"} {
+		if got := spec.Maps[name].MaxEntries; got != maxEndpoints {
+			t.Errorf("map %s has %d entries, Go's maxEndpoints is %d", name, got, maxEndpoints)
+		}
+	}
+	if got, want := spec.Maps["event_loss"].MaxEntries, uint32(reasonMax)*2; got != want {
+		t.Errorf("event_loss has %d entries, want 2 per reason (%d)", got, want)
+	}
+	if got, want := spec.Maps["counters"].MaxEntries, uint32(reasonMax)*2; got != want {
+		t.Errorf("counters has %d entries, want 2 per reason (%d)", got, want)
+	}
+	for r := Reason(0); r <= ReasonDropUnknownFlow; r++ {
+		if _, ok := reasonNames[r]; !ok {
+			t.Errorf("reason %d has no name", r)
+		}
+	}
+	if ReasonDropUnknownFlow >= reasonMax {
+		t.Errorf("reason %d does not fit the counters (REASON_MAX %d)", ReasonDropUnknownFlow, reasonMax)
+	}
+	if got := spec.Maps["ct_tables"].InnerMap; got == nil || got.Type != ebpf.LRUHash {
+		t.Errorf("ct_tables holds %v, want LRU hash tables", got)
+	}
+}
