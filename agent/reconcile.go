@@ -375,7 +375,10 @@ func (a *Agent) flush() error {
 		return err
 	}
 	for ifindex, ep := range eps {
-		if cur, ok := haveEps[ifindex]; !ok || cur != ep {
+		cur, ok := haveEps[ifindex]
+		// The conntrack slot is the plugin's, and PutEndpoint keeps it.
+		ep.ConntrackSlot = cur.ConntrackSlot
+		if !ok || cur != ep {
 			if err := a.dp.PutEndpoint(ifindex, ep); err != nil {
 				return err
 			}
