@@ -471,9 +471,25 @@ func TestDebugAndStatus(t *testing.T) {
 	if _, ok := s.Stats["event-lost"]; !ok {
 		t.Errorf("status stats = %v", s.Stats)
 	}
+	// The shared conntrack table (slot 0) is always there; this test's
+	// datapath has no plugin-made pods, so it is the only one.
+	if len(s.Conntrack) != 1 || s.Conntrack[0].Slot != 0 || s.Conntrack[0].Capacity == 0 || s.EventsNotSent == nil {
+		t.Errorf("status conntrack = %+v, events not sent = %v", s.Conntrack, s.EventsNotSent)
+	}
 	r = e.MustRun("policyctl", "status")
-	if !strings.Contains(r.Stdout, "policy revision") || !strings.Contains(r.Stdout, "Agent:        not running") {
+	if !strings.Contains(r.Stdout, "policy revision") || !strings.Contains(r.Stdout, "Agent:        not running") ||
+		!strings.Contains(r.Stdout, "Conntrack:    1 tables") {
 		t.Errorf("status:\n%s", r)
+	}
+	// A table of a pod's own that evicted flows is listed by itself.
+	slot, err := d.AddConntrackTable(256)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.DeleteConntrackTable(slot)
+	r = e.MustRun("policyctl", "status", "--all")
+	if !strings.Contains(r.Stdout, "Conntrack:    2 tables") || !strings.Contains(r.Stdout, "SLOT") {
+		t.Errorf("status --all with a second table:\n%s", r)
 	}
 }
 
