@@ -51,7 +51,7 @@ bench: deps build
 	$(GO) test -run '^$$' -bench PodStartup -timeout 30m ./e2e/cluster/
 
 fuzz: deps
-	$(GO) test -run '^$$' -fuzz FuzzDatapath -fuzztime $(FUZZTIME) ./bpf/
+	$(GO) test -run '^$$' -fuzz FuzzDatapath -fuzztime $(FUZZTIME) -timeout 0 ./bpf/
 
 # The walkthrough on a real single-node Kubernetes, kubectl all the way.
 demo: deps build kube

@@ -53,10 +53,16 @@ func FuzzDatapath(f *testing.F) {
 	p.ipcache(netip.MustParsePrefix("10.20.7.2/32"), identity.Host)
 	p.ipcache(netip.MustParsePrefix("fd20::7:1/128"), identity.ID(6))
 	fixed := p.ref
+	byslot, err := p.d.conntrackTables()
+	if err != nil {
+		f.Fatal(err)
+	}
+	f.Cleanup(func() { closeTables(byslot) })
+	tables := slices.Collect(maps.Values(byslot))
 
 	f.Fuzz(func(t *testing.T, data []byte) {
 		p.t = t
-		resetKernel(t, p.d)
+		resetKernel(t, p.d, tables)
 		p.ref = reference.New()
 		p.ref.Endpoints, p.ref.IPCache, p.ref.Local = fixed.Endpoints, fixed.IPCache, fixed.Local
 		in := &fuzzInput{b: data}
@@ -84,14 +90,11 @@ func FuzzDatapath(f *testing.F) {
 	})
 }
 
-// resetKernel empties the state one fuzz input leaves behind.
-func resetKernel(t *testing.T, d *Datapath) {
-	tables, err := d.conntrackTables()
-	if err != nil {
-		t.Fatal(err)
-	}
-	defer closeTables(tables)
-	for _, m := range append(slices.Collect(maps.Values(tables)), d.objs.Fragments) {
+// resetKernel empties the state one fuzz input leaves behind: the
+// conntrack tables the endpoints use (found once, at setup: listing the
+// slots costs more than a whole input) and the fragment table.
+func resetKernel(t *testing.T, d *Datapath, tables []*ebpf.Map) {
+	for _, m := range append(tables, d.objs.Fragments) {
 		if err := clearMap(m); err != nil {
 			t.Fatal(err)
 		}
