@@ -53,6 +53,7 @@ type attackNet struct {
 func newAttackNet(t *testing.T, dualStack bool) *attackNet {
 	t.Helper()
 	e := cnitest.New(t, cnitest.Options{DualStack: dualStack})
+	t.Logf("network %s, subnet %s, bpffs root %s", e.Network, e.Subnet, e.BPFRoot)
 	// Nothing listens on the Env's agent socket: the CLIs write the maps.
 	return &attackNet{t: t, net: e, ctl: clitest.ForRoot(t, e.BPFRoot, e.Socket)}
 }
@@ -677,7 +678,11 @@ func TestAttackEventFlood(t *testing.T) {
 		sprayed <- nil
 	}()
 	// The victim's few denied packets, in the middle of the spray.
-	<-half
+	select {
+	case <-half:
+	case err := <-sprayed:
+		t.Fatalf("the spray stopped before half of it: %v", err)
+	}
 	for i := range mine {
 		pkt := ipv4Packet(victim.v4, target.v4, unix.IPPROTO_UDP, 0, 0, append(udpHeader(40000, uint16(7001+i), 16), make([]byte, 8)...))
 		if err := vs.send(pkt); err != nil {
