@@ -15,6 +15,7 @@ import (
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/idcni/idcni/agent/api"
+	"github.com/idcni/idcni/bpf"
 )
 
 const ipamOK = `"ipam": {"type": "host-local", "ranges": [[{"subnet": "10.13.0.0/24"}]]}`
@@ -24,7 +25,7 @@ func TestLoadNetConfDefaults(t *testing.T) {
 	if err != nil {
 		t.Fatal(err)
 	}
-	if conf.BPFRoot != DefaultBPFRoot || conf.DataDir != DefaultDataDir || conf.AgentSocket != api.DefaultSocket || conf.MTU != DefaultMTU || conf.AgentRequired || conf.LocalDelivery != LocalDirect {
+	if conf.BPFRoot != DefaultBPFRoot || conf.DataDir != DefaultDataDir || conf.AgentSocket != api.DefaultSocket || conf.MTU != DefaultMTU || conf.AgentRequired || conf.LocalDelivery != LocalDirect || conf.ConntrackPerPod != bpf.DefaultConntrackPerEndpoint {
 		t.Errorf("defaults = %+v", conf)
 	}
 	if conf.IPAM.Type != "host-local" || conf.Name != "idcni" || conf.CNIVersion != "1.1.0" {
@@ -35,13 +36,13 @@ func TestLoadNetConfDefaults(t *testing.T) {
 func TestLoadNetConfFields(t *testing.T) {
 	conf, err := LoadNetConf([]byte(`{"cniVersion": "1.0.0", "name": "n", "type": "idcni",
 		"bpfRoot": "/sys/fs/bpf/other", "dataDir": "/tmp/records", "agentSocket": "/run/x.sock",
-		"agentRequired": true, "mtu": 9000, "localDelivery": "routed", ` + ipamOK + `,
+		"agentRequired": true, "mtu": 9000, "localDelivery": "routed", "conntrackPerPod": 4096, ` + ipamOK + `,
 		"cni.dev/valid-attachments": [{"containerID": "c1", "ifname": "eth0"}],
 		"runtimeConfig": {"portMappings": []}, "unknownField": 1}`))
 	if err != nil {
 		t.Fatal(err)
 	}
-	if conf.BPFRoot != "/sys/fs/bpf/other" || conf.DataDir != "/tmp/records" || conf.AgentSocket != "/run/x.sock" || !conf.AgentRequired || conf.MTU != 9000 || conf.LocalDelivery != LocalRouted {
+	if conf.BPFRoot != "/sys/fs/bpf/other" || conf.DataDir != "/tmp/records" || conf.AgentSocket != "/run/x.sock" || !conf.AgentRequired || conf.MTU != 9000 || conf.LocalDelivery != LocalRouted || conf.ConntrackPerPod != 4096 {
 		t.Errorf("fields = %+v", conf)
 	}
 	if len(conf.ValidAttachments) != 1 || conf.ValidAttachments[0] != (types.GCAttachment{ContainerID: "c1", IfName: "eth0"}) {
@@ -69,6 +70,9 @@ func TestLoadNetConfErrors(t *testing.T) {
 		{"mtu too large", `{"name": "n", "mtu": 65536, ` + ipamOK + `}`, types.ErrInvalidNetworkConfig, "68-65535"},
 		{"unknown localDelivery", `{"name": "n", "localDelivery": "bypass", ` + ipamOK + `}`, types.ErrInvalidNetworkConfig, `"localDelivery" must be "direct" or "routed", got "bypass"`},
 		{"negative mtu", `{"name": "n", "mtu": -1, ` + ipamOK + `}`, types.ErrInvalidNetworkConfig, "out of range"},
+		{"tiny conntrack table", `{"name": "n", "conntrackPerPod": 10, ` + ipamOK + `}`, types.ErrInvalidNetworkConfig, `"conntrackPerPod" 10 is out of range: use 256-1048576 flows`},
+		{"huge conntrack table", `{"name": "n", "conntrackPerPod": 1073741824, ` + ipamOK + `}`, types.ErrInvalidNetworkConfig, `"conntrackPerPod" 1073741824 is out of range`},
+		{"negative conntrack table", `{"name": "n", "conntrackPerPod": -1, ` + ipamOK + `}`, types.ErrDecodingFailure, "cannot parse"},
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			_, err := LoadNetConf([]byte(tc.conf))

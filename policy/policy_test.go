@@ -24,9 +24,11 @@ func TestManualRuleExpand(t *testing.T) {
 			t.Errorf("rule %d = %v, want %v", i, got[i], want[i])
 		}
 	}
-	// World and host carry no rules of their own.
-	if got := (ManualRule{Action: Allow, Src: identity.World, Dst: 1002}).Expand(); len(got) != 1 || got[0].Subject != 1002 {
-		t.Fatalf("world source: %v", got)
+	// World, host and remote-node carry no rules of their own.
+	for _, src := range []identity.ID{identity.World, identity.Host, identity.RemoteNode} {
+		if got := (ManualRule{Action: Allow, Src: src, Dst: 1002, Symmetric: true}).Expand(); len(got) != 2 || got[0].Subject != 1002 || got[1].Subject != 1002 {
+			t.Fatalf("%s source: %v", src, got)
+		}
 	}
 }
 

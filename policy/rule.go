@@ -266,10 +266,10 @@ func (m ManualRule) Expand() []Rule {
 	return out
 }
 
-// isSubject reports whether an identity can own rules: host and world are
-// never isolated and carry none.
+// isSubject reports whether an identity can own rules: host, world and
+// remote-node have no endpoint on this node, so no hook would read them.
 func isSubject(id identity.ID) bool {
-	return id != identity.Any && id != identity.Host && id != identity.World
+	return id != identity.Any && id != identity.Host && id != identity.World && id != identity.RemoteNode
 }
 
 func (m ManualRule) String() string {
