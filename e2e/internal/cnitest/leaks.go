@@ -148,6 +148,17 @@ func (e *Env) datapathLeaks() []string {
 			add("conntrack flow %s -> %s", f.Src, f.Dst)
 		}
 	}
+	// Every pod's own conntrack table goes with it; the shared one (slot
+	// 0) stays with the datapath.
+	slots, err := dp.ConntrackSlots()
+	if err != nil {
+		add("list conntrack tables: %v", err)
+	}
+	for _, slot := range slots {
+		if slot != 0 {
+			add("conntrack table in slot %d", slot)
+		}
+	}
 	return out
 }
 
