@@ -49,9 +49,9 @@ func TestIPv6ForwardingKeepsRALearnedDefaultRoute(t *testing.T) {
 	run(t, "ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv6.conf.all.forwarding=0")
 	run(t, "ip", "-n", node, "link", "add", "up0", "type", "veth", "peer", "name", "r0", "netns", router)
 	run(t, "ip", "netns", "exec", node, "sysctl", "-qw", "net.ipv6.conf.up0.accept_ra=1")
-	run(t, "ip", "-n", node, "addr", "add", "fe80::b/64", "dev", "up0")
+	run(t, "ip", "-n", node, "addr", "add", "fe80::b/64", "dev", "up0", "nodad")
 	run(t, "ip", "-n", node, "link", "set", "up0", "up")
-	run(t, "ip", "-n", router, "addr", "add", "fe80::a/64", "dev", "r0")
+	run(t, "ip", "-n", router, "addr", "add", "fe80::a/64", "dev", "r0", "nodad")
 	run(t, "ip", "-n", router, "link", "set", "r0", "up")
 	// Beyond the router: an address the node reaches only by its
 	// default route. The router routes the pods' subnet back to the node.
@@ -59,12 +59,7 @@ func TestIPv6ForwardingKeepsRALearnedDefaultRoute(t *testing.T) {
 	run(t, "ip", "-n", router, "addr", "add", far.String()+"/128", "dev", "lo")
 	run(t, "ip", "-n", router, "-6", "route", "add", e.Subnet6.String(), "via", "fe80::b", "dev", "r0")
 
-	// Advertised again at each poll, as a router does periodically: the
-	// first may go out before the veth has its carrier.
-	waitFor(t, 30*time.Second, "the node learns its default route from the advertisement", func() bool {
-		sendRA(t, router, "r0", "fe80::a")
-		return hasRADefault(t, node, "fe80::a")
-	})
+	advertise(t, router, node, "fe80::a", "the node learns its default route from the advertisement")
 
 	pod := e.NewPod(t)
 	var res *current.Result
@@ -94,11 +89,8 @@ func TestIPv6ForwardingKeepsRALearnedDefaultRoute(t *testing.T) {
 	}
 
 	// Advertisements still count: a second router appears.
-	run(t, "ip", "-n", router, "addr", "add", "fe80::c/64", "dev", "r0")
-	waitFor(t, 30*time.Second, "the forwarding node learns a route from a later advertisement", func() bool {
-		sendRA(t, router, "r0", "fe80::c")
-		return hasRADefault(t, node, "fe80::c")
-	})
+	run(t, "ip", "-n", router, "addr", "add", "fe80::c/64", "dev", "r0", "nodad")
+	advertise(t, router, node, "fe80::c", "the forwarding node learns a route from a later advertisement")
 
 	// And the pod reaches beyond the router through the node. The pod
 	// gets a label-range identity no policy isolates, so nothing but
@@ -141,10 +133,26 @@ func nameIn(e *cnitest.Env, p *cnitest.Pod, id identity.ID) error {
 	return nil
 }
 
+// advertise sends router advertisements from src on the router's r0 until
+// the node has a default route via src, as a router advertises
+// periodically: the first may go out before the veth has its carrier, or
+// before the source address can be bound.
+func advertise(t *testing.T, router, node, src, what string) {
+	t.Helper()
+	var lastErr error
+	deadline := time.Now().Add(30 * time.Second)
+	for !hasRADefault(t, node, src) {
+		if time.Now().After(deadline) {
+			t.Fatalf("timed out waiting until %s (last send: %v)\n%s", what, lastErr, ipOut(t, "-n", node, "-6", "route"))
+		}
+		lastErr = sendRA(router, "r0", src)
+		time.Sleep(50 * time.Millisecond)
+	}
+}
+
 // sendRA sends one router advertisement (router lifetime 30 minutes, no
 // options) from src on ifname in netns to all nodes, as radvd would.
-func sendRA(t *testing.T, netns, ifname, src string) {
-	t.Helper()
+func sendRA(netns, ifname, src string) error {
 	err := ns.WithNetNSPath("/run/netns/"+netns, func(ns.NetNS) error {
 		c, err := net.ListenPacket("ip6:ipv6-icmp", src+"%"+ifname)
 		if err != nil {
@@ -175,8 +183,9 @@ func sendRA(t *testing.T, netns, ifname, src string) {
 		return err
 	})
 	if err != nil {
-		t.Fatalf("send a router advertisement from %s on %s in %s: %v", src, ifname, netns, err)
+		return fmt.Errorf("send a router advertisement from %s on %s in %s: %w", src, ifname, netns, err)
 	}
+	return nil
 }
 
 // hasRADefault reports whether the netns has a default route via gw that
