@@ -16,14 +16,14 @@ import (
 type flowCollector struct{ a *Agent }
 
 var (
-	ctEntriesDesc = prometheus.NewDesc("idcni_conntrack_entries", "Entries in an endpoint's conntrack table, expired ones included (slot 0: the node's shared table).",
-		[]string{"slot", "pod"}, nil)
-	ctCapacityDesc = prometheus.NewDesc("idcni_conntrack_capacity", "Size of an endpoint's conntrack table.",
+	ctEntriesDesc = prometheus.NewDesc("idcni_conntrack_entries", "Entries in an endpoint's conntrack table of the flows it opened or admitted, expired ones included (slot 0: the node's shared table).",
+		[]string{"slot", "pod", "table"}, nil)
+	ctCapacityDesc = prometheus.NewDesc("idcni_conntrack_capacity", "Size of each of an endpoint's two conntrack tables.",
 		[]string{"slot", "pod"}, nil)
 	ctCreatedDesc = prometheus.NewDesc("idcni_conntrack_flows_created_total", "Flows added to an endpoint's conntrack table.",
-		[]string{"slot", "pod"}, nil)
-	ctEvictedDesc = prometheus.NewDesc("idcni_conntrack_evictions_total", "Flows added to a full conntrack table, each pushing out the endpoint's least recently used flow.",
-		[]string{"slot", "pod"}, nil)
+		[]string{"slot", "pod", "table"}, nil)
+	ctEvictedDesc = prometheus.NewDesc("idcni_conntrack_evictions_total", "Flows added to a full conntrack table, each pushing out the endpoint's least recently used flow of that table.",
+		[]string{"slot", "pod", "table"}, nil)
 	eventsNotSentDesc = prometheus.NewDesc("idcni_events_not_sent_total", "Verdict events the datapath did not send, by reason and cause (ring-full: the reader fell behind; rate-limit: the endpoint's budget of events per second was spent).",
 		[]string{"reason", "cause"}, nil)
 )
@@ -38,11 +38,14 @@ func (c *flowCollector) Collect(ch chan<- prometheus.Metric) {
 	if usage, err := c.a.dp.ConntrackUsage(); err == nil {
 		pods := c.podsBySlot()
 		for _, u := range usage {
-			labels := []string{strconv.FormatUint(uint64(u.Slot), 10), pods[u.Slot]}
-			ch <- prometheus.MustNewConstMetric(ctEntriesDesc, prometheus.GaugeValue, float64(u.Entries), labels...)
-			ch <- prometheus.MustNewConstMetric(ctCapacityDesc, prometheus.GaugeValue, float64(u.Capacity), labels...)
-			ch <- prometheus.MustNewConstMetric(ctCreatedDesc, prometheus.CounterValue, float64(u.Created), labels...)
-			ch <- prometheus.MustNewConstMetric(ctEvictedDesc, prometheus.CounterValue, float64(u.Evicted), labels...)
+			slot := strconv.FormatUint(uint64(u.Slot), 10)
+			ch <- prometheus.MustNewConstMetric(ctCapacityDesc, prometheus.GaugeValue, float64(u.Capacity), slot, pods[u.Slot])
+			for table, t := range map[string]bpf.TableUsage{"opened": u.Opened, "admitted": u.Admitted} {
+				labels := []string{slot, pods[u.Slot], table}
+				ch <- prometheus.MustNewConstMetric(ctEntriesDesc, prometheus.GaugeValue, float64(t.Entries), labels...)
+				ch <- prometheus.MustNewConstMetric(ctCreatedDesc, prometheus.CounterValue, float64(t.Created), labels...)
+				ch <- prometheus.MustNewConstMetric(ctEvictedDesc, prometheus.CounterValue, float64(t.Evicted), labels...)
+			}
 		}
 	}
 	if losses, err := c.a.dp.EventLosses(); err == nil {

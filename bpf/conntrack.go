@@ -39,19 +39,19 @@ func (d *Datapath) Conntrack() ([]Flow, error) {
 	}
 	defer closeTables(tables)
 	var out []Flow
-	for slot, m := range tables {
+	for idx, m := range tables {
 		var k datapathCtKey
 		var v datapathCtValue
 		it := m.Iterate()
 		for it.Next(&k, &v) {
 			out = append(out, Flow{
-				Slot: slot, Src: addrFrom16(k.Saddr), Dst: addrFrom16(k.Daddr), SrcPort: k.Sport, DstPort: k.Dport,
+				Slot: idx / 2, Src: addrFrom16(k.Saddr), Dst: addrFrom16(k.Daddr), SrcPort: k.Sport, DstPort: k.Dport,
 				Proto: policy.Proto(k.Proto), Scope: Scope(k.Scope), Subject: identity.ID(v.Subject), Peer: identity.ID(v.Peer),
 				Revision: v.Rev, Expires: time.Duration(int64(v.Expires) - int64(now)), Closing: v.Flags&ctClosing != 0,
 			})
 		}
 		if err := it.Err(); err != nil {
-			return nil, fmt.Errorf("list conntrack slot %d: %w", slot, err)
+			return nil, fmt.Errorf("list conntrack slot %d: %w", idx/2, err)
 		}
 	}
 	return out, nil
@@ -79,7 +79,8 @@ func (d *Datapath) FlushConntrack(addrs ...netip.Addr) (int, error) {
 	}
 	defer closeTables(tables)
 	n := 0
-	for slot, m := range tables {
+	for idx, m := range tables {
+		slot := idx / 2
 		var keys []datapathCtKey
 		var k datapathCtKey
 		var v datapathCtValue
@@ -92,18 +93,18 @@ func (d *Datapath) FlushConntrack(addrs ...netip.Addr) (int, error) {
 		if err := it.Err(); err != nil {
 			return n, fmt.Errorf("scan conntrack slot %d: %w", slot, err)
 		}
-		gone := 0
+		var gone [2]int
 		for i := range keys {
 			err := m.Delete(&keys[i])
 			if err == nil {
-				gone++
+				gone[keys[i].Scope&1]++
+				n++
 			} else if !errors.Is(err, ebpf.ErrKeyNotExist) {
 				d.forgetFlows(slot, gone)
-				return n + gone, fmt.Errorf("delete conntrack entry: %w", err)
+				return n, fmt.Errorf("delete conntrack entry: %w", err)
 			}
 		}
 		d.forgetFlows(slot, gone)
-		n += gone
 	}
 	var fk datapathFragKey
 	var fv datapathFragValue

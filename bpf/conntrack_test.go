@@ -117,18 +117,19 @@ func TestConntrackFullTableEvicts(t *testing.T) {
 			continue
 		}
 		// 2000 new flows into 256 entries, one CPU at a time: 1744
-		// pushed older ones out.
-		if u.Capacity != 256 || u.Created != 2000 || u.Entries != 256 || u.Evicted != 1744 {
-			t.Errorf("slot %d: %+v, want capacity 256, 2000 created, 256 entries, 1744 evicted", u.Slot, u)
+		// pushed older ones out, all of the flows the pod opened.
+		if u.Capacity != 256 || u.Opened != (TableUsage{Entries: 256, Created: 2000, Evicted: 1744}) || u.Admitted != (TableUsage{}) {
+			t.Errorf("slot %d: %+v, want capacity 256, 2000 opened, 256 kept, 1744 evicted, none admitted", u.Slot, u)
 		}
 	}
 }
 
 // One pod's flood of new flows evicts only its own flows: an isolated
 // pod's idle connection, whose server's push passes only as a reply,
-// survives a million-flow flood in a table of its own. When a pod's own
-// table loses a flow, the push is dropped as unknown-flow, not as a
-// policy drop.
+// survives another pod's flood, and a flood into it, in tables of its own
+// (one for the flows it opened, one for those it admitted). When the
+// pod's own flows push the connection out, the push is dropped as
+// unknown-flow, not as a policy drop.
 func TestConntrackFloodEvictsOnlyItsSender(t *testing.T) {
 	const idF identity.ID = 1003
 	ipF := netip.MustParseAddr("10.13.0.4")
@@ -139,6 +140,7 @@ func TestConntrackFloodEvictsOnlyItsSender(t *testing.T) {
 	p.policy(manual(
 		policy.ManualRule{Action: policy.Allow, Src: idA, Dst: idB, Proto: policy.ProtoTCP},
 		policy.ManualRule{Action: policy.Allow, Src: idF, Dst: identity.World},
+		policy.ManualRule{Action: policy.Allow, Src: idF, Dst: idA, Proto: policy.ProtoUDP},
 	))
 	syn := pkttest.Packet{Src: ipA, Dst: ipB, Proto: pkttest.TCP, SrcPort: 40000, DstPort: 80, TCPFlags: pkttest.SYN}
 	if r := p.send(syn.Frame(), ScopeEgress, victim, 0); r != ReasonAllowRule {
@@ -149,34 +151,40 @@ func TestConntrackFloodEvictsOnlyItsSender(t *testing.T) {
 	if r := p.send(push.Frame(), ScopeIngress, victim, server); r != ReasonAllowReply {
 		t.Fatalf("server's answer: %s", r)
 	}
-	for i := 0; i < 5000; i++ {
-		f := pkttest.Packet{Src: ipF, Dst: netip.MustParseAddr("192.0.2.1"), Proto: pkttest.UDP, SrcPort: uint16(1024 + i), DstPort: 53}
-		// Not through the reference: it has no size limit. Two packets
-		// a flow, as in the attack: used entries are the LRU's last
-		// choice.
-		for n, want := range []Reason{ReasonAllowRule, ReasonAllowEstablished} {
-			if r, err := p.run(f.Frame(), ScopeEgress, flooder, 0); err != nil || r != want {
-				t.Fatalf("flood flow %d, packet %d: %s %v", i, n, r, err)
+	// flood sends n two-packet flows (as in the attack: the kernel's LRU
+	// spares an entry used since it last looked) through a hook, not
+	// through the reference, which has no size limit.
+	flood := func(what string, n int, pkt func(i int) pkttest.Packet, scope Scope, ifindex, from int, first Reason) {
+		t.Helper()
+		for i := 0; i < n; i++ {
+			f := pkt(i).Frame()
+			for k, want := range []Reason{first, ReasonAllowEstablished} {
+				if r, err := p.run(f, scope, ifindex, from); err != nil || r != want {
+					t.Fatalf("%s, flow %d, packet %d: %s %v, want %s", what, i, k, r, err, want)
+				}
 			}
 		}
 	}
+	flood("flood to the world", 5000, func(i int) pkttest.Packet {
+		return pkttest.Packet{Src: ipF, Dst: netip.MustParseAddr("192.0.2.1"), Proto: pkttest.UDP, SrcPort: uint16(1024 + i), DstPort: 53}
+	}, ScopeEgress, flooder, 0, ReasonAllowRule)
 	if r := p.send(push.Frame(), ScopeIngress, victim, server); r != ReasonAllowReply {
 		t.Fatalf("server's push after another pod's flood: %s, want reply", r)
 	}
+	flood("flood into the victim", 2000, func(i int) pkttest.Packet {
+		return pkttest.Packet{Src: ipF, Dst: ipA, Proto: pkttest.UDP, SrcPort: uint16(1024 + i), DstPort: 53}
+	}, ScopeIngress, victim, flooder, ReasonAllowRule)
+	if r := p.send(push.Frame(), ScopeIngress, victim, server); r != ReasonAllowReply {
+		t.Fatalf("server's push after a flood into the victim: %s, want reply", r)
+	}
 	// The victim's own churn is another matter: flows of its own push
 	// the connection out of its 64 entries, and the push is dropped as a
-	// flow the table lost. (The kernel's LRU spares an entry used since
-	// it was last looked at, so the churn flows are used twice, like the
-	// two-packet flows of the attack.)
-	for i := 0; i < 2000; i++ {
+	// flow the table lost.
+	flood("the victim's own flows", 2000, func(i int) pkttest.Packet {
 		f := syn
 		f.SrcPort = uint16(50000 + i)
-		for n, want := range []Reason{ReasonAllowRule, ReasonAllowEstablished} {
-			if r, err := p.run(f.Frame(), ScopeEgress, victim, 0); err != nil || r != want {
-				t.Fatalf("victim's flow %d, packet %d: %s %v", i, n, r, err)
-			}
-		}
-	}
+		return f
+	}, ScopeEgress, victim, 0, ReasonAllowRule)
 	if r, err := p.run(push.Frame(), ScopeIngress, victim, server); err != nil || r != ReasonDropUnknownFlow {
 		t.Fatalf("push after the victim's own table evicted its flow: %s %v, want unknown-flow", r, err)
 	}
@@ -188,11 +196,11 @@ func TestConntrackFloodEvictsOnlyItsSender(t *testing.T) {
 	for _, u := range usage {
 		slots[u.Slot] = u
 	}
-	for _, ifindex := range []int{victim, flooder} {
-		ep, _, _ := p.d.Endpoint(ifindex)
-		u := slots[ep.ConntrackSlot]
-		if u.Evicted == 0 || u.Entries != u.Capacity {
-			t.Errorf("ifindex %d: %+v, want a full table and evictions counted", ifindex, u)
-		}
+	vep, _, _ := p.d.Endpoint(victim)
+	fep, _, _ := p.d.Endpoint(flooder)
+	v, f := slots[vep.ConntrackSlot], slots[fep.ConntrackSlot]
+	full := func(u TableUsage, capacity uint32) bool { return u.Entries == capacity && u.Evicted > 0 }
+	if !full(v.Opened, 64) || !full(v.Admitted, 64) || !full(f.Opened, 256) || f.Admitted != (TableUsage{}) {
+		t.Errorf("victim %+v, flooder %+v: want both victim tables full and evicting, the flooder's opened one too", v, f)
 	}
 }

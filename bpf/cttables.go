@@ -4,40 +4,62 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"slices"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
 )
 
-// maxEndpoints is MAX_ENDPOINTS in datapath.c: the slots of ct_tables and
-// ep_states. TestConstantsMatchKernel holds the two together.
+// maxEndpoints is MAX_ENDPOINTS in datapath.c: the slots of ep_states,
+// and half the tables of ct_tables. TestConstantsMatchKernel holds the two
+// together.
 const maxEndpoints = 16384
 
-// DefaultConntrackPerEndpoint is the size of the conntrack table the CNI
-// plugin gives each pod unless its config says otherwise. An LRU table
-// evicts its oldest flow when full: at this size a pod keeps 16,384 flows
-// (a busy client's worth) before it starts forgetting its own idle ones,
-// and costs about 2 MiB of kernel memory.
-const DefaultConntrackPerEndpoint = 16384
+// DefaultConntrackPerEndpoint is the size of each of the two conntrack
+// tables the CNI plugin gives a pod unless its config says otherwise: one
+// for the flows the pod opens, one for the flows its ingress admits. An
+// LRU table evicts its oldest flow when full: at this size a pod keeps
+// 8,192 flows of each kind before it starts forgetting its own idle ones,
+// and both cost about 2 MiB of kernel memory.
+const DefaultConntrackPerEndpoint = 8192
 
 // ConntrackUsage is what the datapath counted of one endpoint's conntrack
-// table. Entries counts expired flows too (an LRU table frees nothing
-// until it needs the room); Evicted counts flows added to a full table,
-// each of which pushed out this endpoint's least recently used flow.
-// Counts are approximate when CPUs race: they are reports, not verdicts.
+// tables: the one of the flows it opened and the one of the flows its
+// ingress admitted. Counts are approximate when CPUs race: they are
+// reports, not verdicts.
 type ConntrackUsage struct {
-	Slot     uint32 `json:"slot"`
-	Capacity uint32 `json:"capacity"`
-	Entries  uint32 `json:"entries"`
-	Created  uint64 `json:"created"`
-	Evicted  uint64 `json:"evicted"`
+	Slot     uint32     `json:"slot"`
+	Capacity uint32     `json:"capacity"` // of each table
+	Opened   TableUsage `json:"opened"`
+	Admitted TableUsage `json:"admitted"`
 }
 
-// initSharedConntrack makes the node's shared table slot 0, where
-// endpoints without a table of their own keep their flows.
+// TableUsage is one conntrack table's counts. Entries counts expired
+// flows too (an LRU table frees nothing until it needs the room); Evicted
+// counts flows added to the full table, each of which pushed out the
+// endpoint's least recently used flow of that table.
+type TableUsage struct {
+	Entries uint32 `json:"entries"`
+	Created uint64 `json:"created"`
+	Evicted uint64 `json:"evicted"`
+}
+
+// Entries sums both tables.
+func (u ConntrackUsage) Entries() uint32 { return u.Opened.Entries + u.Admitted.Entries }
+
+// Evicted sums both tables.
+func (u ConntrackUsage) Evicted() uint64 { return u.Opened.Evicted + u.Admitted.Evicted }
+
+// ctIndex is where ct_tables holds a slot's table for keys of scope.
+func ctIndex(slot uint32, scope Scope) uint32 { return slot*2 + uint32(scope) }
+
+// initSharedConntrack makes the node's shared table both tables of slot
+// 0, where endpoints without tables of their own keep their flows.
 func (d *Datapath) initSharedConntrack() error {
-	if err := d.objs.CtTables.Update(uint32(0), d.objs.Conntrack, ebpf.UpdateAny); err != nil {
-		return fmt.Errorf("install the shared conntrack table as slot 0: %w", err)
+	for _, scope := range []Scope{ScopeEgress, ScopeIngress} {
+		if err := d.objs.CtTables.Update(ctIndex(0, scope), d.objs.Conntrack, ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("install the shared conntrack table in slot 0: %w", err)
+		}
 	}
 	var st datapathEpState
 	if err := d.objs.EpStates.Lookup(uint32(0), &st); err != nil {
@@ -52,9 +74,9 @@ func (d *Datapath) initSharedConntrack() error {
 	return nil
 }
 
-// AddConntrackTable creates a conntrack table of capacity flows in the
-// lowest slot no endpoint uses, and returns the slot for the endpoint
-// entry. Hold Lock: slots are chosen from the endpoints map.
+// AddConntrackTable creates an endpoint's two conntrack tables of capacity
+// flows each in the lowest slot no endpoint uses, and returns the slot for
+// the endpoint entry. Hold Lock: slots are chosen from the endpoints map.
 func (d *Datapath) AddConntrackTable(capacity uint32) (uint32, error) {
 	if capacity == 0 {
 		capacity = DefaultConntrackPerEndpoint
@@ -77,21 +99,24 @@ func (d *Datapath) AddConntrackTable(capacity uint32) (uint32, error) {
 	if err != nil {
 		return 0, fmt.Errorf("parse embedded datapath object: %w", err)
 	}
-	inner := spec.Maps["ct_tables"].InnerMap.Copy()
-	inner.Name = fmt.Sprintf("ct_%d", slot)
-	inner.MaxEntries = capacity
-	m, err := ebpf.NewMap(inner)
-	if err != nil {
-		return 0, fmt.Errorf("create conntrack table of %d flows: %w", capacity, err)
-	}
-	defer m.Close()
-	// State first: the table counts its flows against this capacity
-	// from its first packet on.
+	// State first: the tables count their flows against this capacity
+	// from their first packet on.
 	if err := d.objs.EpStates.Update(slot, &datapathEpState{CtCapacity: capacity}, ebpf.UpdateAny); err != nil {
 		return 0, fmt.Errorf("write endpoint state %d: %w", slot, err)
 	}
-	if err := d.objs.CtTables.Update(slot, m, ebpf.UpdateAny); err != nil {
-		return 0, fmt.Errorf("install conntrack table in slot %d: %w", slot, err)
+	for _, scope := range []Scope{ScopeEgress, ScopeIngress} {
+		inner := spec.Maps["ct_tables"].InnerMap.Copy()
+		inner.Name = fmt.Sprintf("ct_%d_%d", slot, scope)
+		inner.MaxEntries = capacity
+		m, err := ebpf.NewMap(inner)
+		if err != nil {
+			return 0, fmt.Errorf("create conntrack table of %d flows: %w", capacity, err)
+		}
+		err = d.objs.CtTables.Update(ctIndex(slot, scope), m, ebpf.UpdateAny)
+		m.Close()
+		if err != nil {
+			return 0, fmt.Errorf("install conntrack table in slot %d: %w", slot, err)
+		}
 	}
 	return slot, nil
 }
@@ -102,8 +127,10 @@ func (d *Datapath) DeleteConntrackTable(slot uint32) error {
 	if slot == 0 || slot >= maxEndpoints {
 		return nil
 	}
-	if err := d.objs.CtTables.Delete(slot); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-		return fmt.Errorf("free conntrack table in slot %d: %w", slot, err)
+	for _, scope := range []Scope{ScopeEgress, ScopeIngress} {
+		if err := d.objs.CtTables.Delete(ctIndex(slot, scope)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("free conntrack table in slot %d: %w", slot, err)
+		}
 	}
 	if err := d.objs.EpStates.Update(slot, &datapathEpState{}, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("clear endpoint state %d: %w", slot, err)
@@ -111,8 +138,9 @@ func (d *Datapath) DeleteConntrackTable(slot uint32) error {
 	return nil
 }
 
-// conntrackTables opens every installed table by slot. The caller closes
-// them.
+// conntrackTables opens every installed table by its index in ct_tables
+// (slot * 2 + scope), each table once: slot 0's two indexes are one
+// shared table. The caller closes them.
 func (d *Datapath) conntrackTables() (map[uint32]*ebpf.Map, error) {
 	out := map[uint32]*ebpf.Map{}
 	closeAll := func() {
@@ -120,9 +148,14 @@ func (d *Datapath) conntrackTables() (map[uint32]*ebpf.Map, error) {
 			m.Close()
 		}
 	}
+	seen := map[uint32]bool{}
 	var slot, id uint32
 	it := d.objs.CtTables.Iterate()
 	for it.Next(&slot, &id) {
+		if seen[id] {
+			continue
+		}
+		seen[id] = true
 		m, err := ebpf.NewMapFromID(ebpf.MapID(id))
 		if errors.Is(err, os.ErrNotExist) {
 			continue // freed since the lookup
@@ -147,11 +180,14 @@ func (d *Datapath) ConntrackSlots() ([]uint32, error) {
 	if err != nil {
 		return nil, err
 	}
-	out := make([]uint32, 0, len(tables))
-	for slot, m := range tables {
-		out = append(out, slot)
+	var out []uint32
+	for idx, m := range tables {
+		if !slices.Contains(out, idx/2) {
+			out = append(out, idx/2)
+		}
 		m.Close()
 	}
+	slices.Sort(out)
 	return out, nil
 }
 
@@ -167,19 +203,26 @@ func (d *Datapath) ConntrackUsage() ([]ConntrackUsage, error) {
 		if err := d.objs.EpStates.Lookup(slot, &st); err != nil {
 			return nil, fmt.Errorf("read endpoint state %d: %w", slot, err)
 		}
-		out = append(out, ConntrackUsage{Slot: slot, Capacity: st.CtCapacity, Entries: st.CtCount, Created: st.CtCreated, Evicted: st.CtEvicted})
+		var tables [2]TableUsage
+		for scope, u := range st.Ct {
+			tables[scope] = TableUsage{Entries: u.Count, Created: u.Created, Evicted: u.Evicted}
+		}
+		out = append(out, ConntrackUsage{Slot: slot, Capacity: st.CtCapacity,
+			Opened: tables[ScopeEgress], Admitted: tables[ScopeIngress]})
 	}
 	return out, nil
 }
 
-// forgetFlows lowers a slot's entry count by n after userspace deleted n
-// of its flows, so later inserts are not counted as evictions.
-func (d *Datapath) forgetFlows(slot uint32, n int) {
+// forgetFlows lowers a slot's entry counts by what userspace deleted (by
+// key scope), so later inserts are not counted as evictions.
+func (d *Datapath) forgetFlows(slot uint32, gone [2]int) {
 	var st datapathEpState
-	if n == 0 || d.objs.EpStates.Lookup(slot, &st) != nil {
+	if gone == [2]int{} || d.objs.EpStates.Lookup(slot, &st) != nil {
 		return
 	}
-	st.CtCount -= min(st.CtCount, uint32(n))
+	for scope, n := range gone {
+		st.Ct[scope].Count -= min(st.Ct[scope].Count, uint32(n))
+	}
 	_ = d.objs.EpStates.Update(slot, &st, ebpf.UpdateAny)
 }
 

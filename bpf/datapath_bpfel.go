@@ -60,12 +60,17 @@ type datapathEndpoint struct {
 type datapathEpState struct {
 	_            structs.HostLayout
 	CtCapacity   uint32
-	CtCount      uint32
-	CtCreated    uint64
-	CtEvicted    uint64
-	EvWindow     uint64
 	EvSent       uint32
 	EvSuppressed uint32
+	Pad          uint32
+	EvWindow     uint64
+	Ct           [2]struct {
+		_       structs.HostLayout
+		Count   uint32
+		Pad     uint32
+		Created uint64
+		Evicted uint64
+	}
 }
 
 type datapathEvent struct {

@@ -64,10 +64,11 @@ type NetConf struct {
 	// netfilter; "routed" sends them through the node's routing, where
 	// iptables FORWARD rules and the receiver's own program see them.
 	LocalDelivery string `json:"localDelivery,omitempty"`
-	// ConntrackPerPod is the size of each pod's own conntrack table: the
-	// flows a pod keeps before its oldest idle one is forgotten. Tables
-	// are per pod so that one pod's flood of new flows evicts only its
-	// own. 0 means bpf.DefaultConntrackPerEndpoint.
+	// ConntrackPerPod is the size of each of a pod's two conntrack tables
+	// (the flows it opens, the flows its ingress admits): how many flows
+	// of each kind a pod keeps before its oldest idle one is forgotten.
+	// Tables are per pod so that one pod's flood of new flows evicts only
+	// its own. 0 means bpf.DefaultConntrackPerEndpoint.
 	ConntrackPerPod uint32 `json:"conntrackPerPod,omitempty"`
 }
 

@@ -636,8 +636,9 @@ func evictions(t *testing.T, dp *bpf.Datapath) string {
 	}
 	var out []string
 	for _, u := range us {
-		if u.Evicted > 0 {
-			out = append(out, fmt.Sprintf("slot %d (%d flows): %d created, %d evicted", u.Slot, u.Capacity, u.Created, u.Evicted))
+		if u.Evicted() > 0 {
+			out = append(out, fmt.Sprintf("slot %d (%d flows a table): opened %d created, %d evicted; admitted %d created, %d evicted",
+				u.Slot, u.Capacity, u.Opened.Created, u.Opened.Evicted, u.Admitted.Created, u.Admitted.Evicted))
 		}
 	}
 	return strings.Join(out, "; ")

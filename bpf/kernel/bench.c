@@ -50,7 +50,7 @@ static __always_inline void expire_in(struct hook_ep *h, struct ct_key *k)
 
 	if (!hook_open(h))
 		return;
-	v = bpf_map_lookup_elem(h->ct, k);
+	v = bpf_map_lookup_elem(k->scope == SCOPE_EGRESS ? h->ct[SCOPE_EGRESS] : h->ct[SCOPE_INGRESS], k);
 	if (v)
 		v->expires = 0;
 }

@@ -95,7 +95,7 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } identities SEC(".maps");
 
-/* The node's shared conntrack table: slot 0 of ct_tables. */
+/* The node's shared conntrack table: both tables of slot 0. */
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct ct_key);
@@ -104,14 +104,18 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } conntrack SEC(".maps");
 
-/* Conntrack tables by endpoint.ct_slot. An LRU table evicts its least
- * recently used entry when full, whoever owns it: in one shared table, a
- * pod opening a million flows pushed out other pods' idle connections,
- * whose replies then met policy as new flows. Each endpoint the plugin
- * creates gets a table of its own, so a flood evicts only its sender's
- * flows. Every lookup is for one endpoint's hook (a reply is the reverse
- * of a flow the same endpoint's other hook admitted), so nothing needs a
- * flow of another table. */
+/* Conntrack tables, two per endpoint.ct_slot: at slot * 2 + scope, by the
+ * scope of the keys they hold. An LRU table evicts its least recently
+ * used entry when full, whoever owns it: in one shared table, a pod
+ * opening a million flows pushed out other pods' idle connections, whose
+ * replies then met policy as new flows. Each endpoint the plugin creates
+ * gets tables of its own. Every lookup is for one endpoint's hook (a
+ * reply is the reverse of a flow the same endpoint's other hook
+ * admitted), so nothing needs another endpoint's table. The flows an
+ * endpoint opened (keys of its egress scope) and the ones it admitted
+ * (ingress scope) are apart: a flood the endpoint's ingress lets in
+ * evicts only the flows it admitted, never a connection it opened, and a
+ * flood it sends evicts only its own. */
 struct ct_table {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct ct_key);
@@ -122,7 +126,7 @@ struct ct_table {
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY_OF_MAPS);
 	__type(key, __u32);
-	__uint(max_entries, MAX_ENDPOINTS);
+	__uint(max_entries, MAX_ENDPOINTS * 2);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 	__array(values, struct ct_table);
 } ct_tables SEC(".maps");
@@ -669,32 +673,38 @@ static __always_inline void trace(struct pkt *p, __u32 src, __u32 dst, int reaso
 }
 
 /* An endpoint as one hook sees it: its host veth, its entry, and the
- * conntrack table and state of its slot. */
+ * conntrack tables (by key scope) and state of its slot. */
 struct hook_ep {
 	__u32 ifindex;
 	struct endpoint *ep; /* NULL: no endpoint behind this veth */
-	void *ct;
+	void *ct[2];
 	struct ep_state *st;
 };
 
-/* hook_open finds the conntrack table and state of h's endpoint (slot 0's
- * when it has no endpoint or no table of its own). It fails only when the
- * loader's shared table is missing. */
+/* hook_open finds the conntrack tables and state of h's endpoint (slot
+ * 0's when it has no endpoint or no tables of its own). It fails only
+ * when the loader's shared table is missing. */
 static __always_inline int hook_open(struct hook_ep *h)
 {
-	__u32 slot = h->ep ? h->ep->ct_slot : 0, zero = 0;
+	__u32 slot = h->ep ? h->ep->ct_slot : 0, egress, ingress;
 
 	if (slot >= MAX_ENDPOINTS)
 		slot = 0;
-	h->ct = bpf_map_lookup_elem(&ct_tables, &slot);
-	if (!h->ct) {
+	egress = slot * 2 + SCOPE_EGRESS;
+	ingress = slot * 2 + SCOPE_INGRESS;
+	h->ct[SCOPE_EGRESS] = bpf_map_lookup_elem(&ct_tables, &egress);
+	h->ct[SCOPE_INGRESS] = bpf_map_lookup_elem(&ct_tables, &ingress);
+	if (!h->ct[SCOPE_EGRESS] || !h->ct[SCOPE_INGRESS]) {
 		/* The plugin's DEL or GC freed the slot while the endpoint
 		 * entry still names it: its packets are the last ones. */
 		slot = 0;
-		h->ct = bpf_map_lookup_elem(&ct_tables, &zero);
+		egress = SCOPE_EGRESS;
+		ingress = SCOPE_INGRESS;
+		h->ct[SCOPE_EGRESS] = bpf_map_lookup_elem(&ct_tables, &egress);
+		h->ct[SCOPE_INGRESS] = bpf_map_lookup_elem(&ct_tables, &ingress);
 	}
 	h->st = bpf_map_lookup_elem(&ep_states, &slot);
-	return h->ct != NULL;
+	return h->ct[SCOPE_EGRESS] && h->ct[SCOPE_INGRESS];
 }
 
 static __always_inline void event_loss_inc(int reason, int held_back)
@@ -837,24 +847,28 @@ static __always_inline void ct_key_set(struct ct_key *k, const __u32 *saddr, con
 	k->scope = scope;
 }
 
-/* ct_added and ct_removed keep the endpoint's count of its table's
- * entries. A flow added to a full table pushed out the least recently
- * used one: an eviction, of this endpoint's own flows only. */
-static __always_inline void ct_added(struct ep_state *st)
+/* ct_added and ct_removed keep the endpoint's count of the entries of its
+ * table for keys of scope kscope. A flow added to a full table pushed
+ * out the least recently used one: an eviction, of the endpoint's own
+ * flows of that table only. */
+static __always_inline void ct_added(struct ep_state *st, const __u8 kscope)
 {
+	struct ct_usage *u;
+
 	if (!st)
 		return;
-	__sync_fetch_and_add(&st->ct_created, 1);
-	if (st->ct_count >= st->ct_capacity)
-		__sync_fetch_and_add(&st->ct_evicted, 1);
+	u = &st->ct[kscope];
+	__sync_fetch_and_add(&u->created, 1);
+	if (u->count >= st->ct_capacity)
+		__sync_fetch_and_add(&u->evicted, 1);
 	else
-		__sync_fetch_and_add(&st->ct_count, 1);
+		__sync_fetch_and_add(&u->count, 1);
 }
 
-static __always_inline void ct_removed(struct ep_state *st)
+static __always_inline void ct_removed(struct ep_state *st, const __u8 kscope)
 {
-	if (st && st->ct_count)
-		__sync_fetch_and_add(&st->ct_count, -1);
+	if (st && st->ct[kscope].count)
+		__sync_fetch_and_add(&st->ct[kscope].count, -1);
 }
 
 /* mid_flow reports whether a packet can only belong to a flow already
@@ -906,11 +920,11 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 	if (p->related) {
 		ct_key_set(&k, p->inner_saddr, p->inner_daddr, p->inner_sport, p->inner_dport, p->inner_proto,
 			   scope ^ 1);
-		ct = bpf_map_lookup_elem(h->ct, &k);
+		ct = bpf_map_lookup_elem(h->ct[scope ^ 1], &k);
 		if (!ct || ct->expires <= now) {
 			ct_key_set(&k, p->inner_daddr, p->inner_saddr, p->inner_dport, p->inner_sport, p->inner_proto,
 				   scope);
-			ct = bpf_map_lookup_elem(h->ct, &k);
+			ct = bpf_map_lookup_elem(h->ct[scope], &k);
 		}
 		if (ct && ct->expires > now && (ct->rev == rev || (ct->flags & CT_F_HOST))) {
 			if (ct->flags & CT_F_HOST)
@@ -923,7 +937,7 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 	}
 
 	ct_key_set(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto, scope);
-	ct = bpf_map_lookup_elem(h->ct, &k);
+	ct = bpf_map_lookup_elem(h->ct[scope], &k);
 	known = ct != NULL;
 	if (ct && ct->expires > now &&
 	    !((ct->flags & CT_F_CLOSING) && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)) {
@@ -934,8 +948,8 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 			reason = decide(subject, PEER(), dir | host | (__u32)p->proto << 8 | (__u32)p->dport << 16,
 					subject_flags(h->ep, subject, rev));
 			if (is_drop(reason)) {
-				bpf_map_delete_elem(h->ct, &k);
-				ct_removed(h->st);
+				bpf_map_delete_elem(h->ct[scope], &k);
+				ct_removed(h->st, scope);
 				return report(skb, p, cfg, h, subject, peer, REASON_DROP_REVOKED, scope, 1);
 			}
 			ct->rev = rev;
@@ -952,7 +966,7 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
 		goto new_flow;
 	ct_key_set(&k, p->daddr, p->saddr, p->dport, p->sport, p->proto, scope ^ 1);
-	ct = bpf_map_lookup_elem(h->ct, &k);
+	ct = bpf_map_lookup_elem(h->ct[scope ^ 1], &k);
 	if (ct && ct->expires > now) {
 		host = ct->flags & CT_F_HOST ? 4 : 0;
 		if (host)
@@ -961,8 +975,8 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 			reason = decide(subject, PEER(), rdir | host | (__u32)p->proto << 8 | (__u32)p->sport << 16,
 					subject_flags(h->ep, subject, rev));
 			if (is_drop(reason)) {
-				bpf_map_delete_elem(h->ct, &k);
-				ct_removed(h->st);
+				bpf_map_delete_elem(h->ct[scope ^ 1], &k);
+				ct_removed(h->st, scope ^ 1);
 				return report(skb, p, cfg, h, subject, peer, REASON_DROP_REVOKED, scope, 1);
 			}
 			ct->rev = rev;
@@ -1022,10 +1036,10 @@ new_flow:
 		nct.subject = subject;
 		nct.peer = peer;
 		ct_touch(&nct, p, now, 0);
-		if (bpf_map_update_elem(h->ct, &k, &nct, BPF_ANY))
+		if (bpf_map_update_elem(h->ct[scope], &k, &nct, BPF_ANY))
 			stat_inc(STAT_CT_INSERT_FAIL);
 		else if (!known)
-			ct_added(h->st);
+			ct_added(h->st, scope);
 	}
 	return report(skb, p, cfg, h, subject, peer, reason, scope, 1);
 #undef PEER

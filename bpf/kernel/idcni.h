@@ -89,7 +89,7 @@ struct endpoint {
 	__u32 flags;
 	__u8 ipv4[4];
 	__u8 ipv6[16];
-	/* The endpoint's own conntrack table in ct_tables (and its state in
+	/* The endpoint's own conntrack tables in ct_tables (and its state in
 	 * ep_states): one pod's flows never evict another's. 0 is the node's
 	 * shared table, for endpoints written without one (endpointctl on a
 	 * veth the plugin did not make). */
@@ -131,17 +131,26 @@ struct policy_value {
 	struct port_range deny[POLICY_MAX_DENY];
 };
 
-/* Per-endpoint state, by conntrack slot. The table's creator sets
+/* What the datapath counted of one conntrack table. */
+struct ct_usage {
+	__u32 count;   /* entries in it as the datapath counted them */
+	__u32 pad;
+	__u64 created; /* flows inserted */
+	__u64 evicted; /* inserts into a full table: each pushed out an older flow */
+};
+
+/* Per-endpoint state, by conntrack slot. The tables' creator sets
  * ct_capacity; the datapath keeps the rest. Counters are approximate
  * under concurrent CPUs: they feed metrics, never a verdict. */
 struct ep_state {
-	__u32 ct_capacity; /* entries the slot's table holds */
-	__u32 ct_count;    /* entries in it as the datapath counted them */
-	__u64 ct_created;  /* flows inserted */
-	__u64 ct_evicted;  /* inserts into a full table: each pushed out an older flow of this endpoint */
-	__u64 ev_window;   /* start of the current event window (coarse ns) */
-	__u32 ev_sent;     /* events sent in that window */
+	__u32 ct_capacity;   /* entries each of the slot's two tables holds */
+	__u32 ev_sent;       /* events sent in the current window */
 	__u32 ev_suppressed; /* events held back since the last one sent */
+	__u32 pad;
+	__u64 ev_window;     /* start of the current event window (coarse ns) */
+	/* by the scope of the flows' keys: [SCOPE_EGRESS] the flows the
+	 * endpoint opened, [SCOPE_INGRESS] the ones it admitted */
+	struct ct_usage ct[2];
 };
 
 struct ct_key {

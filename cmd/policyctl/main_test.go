@@ -478,7 +478,7 @@ func TestDebugAndStatus(t *testing.T) {
 	}
 	r = e.MustRun("policyctl", "status")
 	if !strings.Contains(r.Stdout, "policy revision") || !strings.Contains(r.Stdout, "Agent:        not running") ||
-		!strings.Contains(r.Stdout, "Conntrack:    1 tables") {
+		!strings.Contains(r.Stdout, "Conntrack:    the shared table and 0 pods' own") {
 		t.Errorf("status:\n%s", r)
 	}
 	// A table of a pod's own that evicted flows is listed by itself.
@@ -488,7 +488,7 @@ func TestDebugAndStatus(t *testing.T) {
 	}
 	defer d.DeleteConntrackTable(slot)
 	r = e.MustRun("policyctl", "status", "--all")
-	if !strings.Contains(r.Stdout, "Conntrack:    2 tables") || !strings.Contains(r.Stdout, "SLOT") {
+	if !strings.Contains(r.Stdout, "Conntrack:    the shared table and 1 pods' own") || !strings.Contains(r.Stdout, "ADMITTED") {
 		t.Errorf("status --all with a second table:\n%s", r)
 	}
 }

@@ -21,8 +21,8 @@ type statusView struct {
 	Manual   *manualView       `json:"manual,omitempty"`
 	Counters []counterView     `json:"counters"`
 	Stats    map[string]uint64 `json:"stats"`
-	// Conntrack has every conntrack table: each pod's own, and slot 0,
-	// the node's shared one.
+	// Conntrack has every endpoint's conntrack tables (the flows it
+	// opened, the flows it admitted), and slot 0, the node's shared one.
 	Conntrack []conntrackView `json:"conntrack"`
 	// EventsNotSent counts, by reason, the verdict events the datapath
 	// did not send: lost (its ring was full) or suppressed (the sending
@@ -276,22 +276,33 @@ func printConntrack(w io.Writer, v *statusView, all bool) error {
 	var entries, capacity, evicted uint64
 	var rows [][]string
 	for _, c := range v.Conntrack {
-		entries += uint64(c.Entries)
-		capacity += uint64(c.Capacity)
-		evicted += c.Evicted
-		full := c.Capacity > 0 && uint64(c.Entries)*10 >= uint64(c.Capacity)*9
-		if all || full || c.Evicted > 0 {
+		tables := uint64(2)
+		if c.Slot == 0 {
+			tables = 1 // one shared table serves both kinds of flow
+		}
+		entries += uint64(c.Entries())
+		capacity += tables * uint64(c.Capacity)
+		evicted += c.Evicted()
+		full := func(u bpf.TableUsage) bool { return c.Capacity > 0 && uint64(u.Entries)*10 >= uint64(c.Capacity)*9 }
+		if all || full(c.Opened) || full(c.Admitted) || c.Evicted() > 0 {
 			owner := "shared"
 			if c.Slot != 0 {
 				owner = fmt.Sprintf("ifindex %d", c.Ifindex)
 			}
-			rows = append(rows, []string{fmt.Sprint(c.Slot), owner, fmt.Sprint(c.Entries), fmt.Sprint(c.Capacity), fmt.Sprint(c.Created), fmt.Sprint(c.Evicted)})
+			rows = append(rows, []string{fmt.Sprint(c.Slot), owner, fmt.Sprint(c.Capacity),
+				fmt.Sprintf("%d/%d", c.Opened.Entries, c.Opened.Evicted), fmt.Sprintf("%d/%d", c.Admitted.Entries, c.Admitted.Evicted)})
 		}
 	}
 	fmt.Fprintln(w)
-	fmt.Fprintf(w, "Conntrack:    %d tables, %d of %d entries in use, %d flows evicted\n", len(v.Conntrack), entries, capacity, evicted)
+	pods := 0
+	for _, c := range v.Conntrack {
+		if c.Slot != 0 {
+			pods++
+		}
+	}
+	fmt.Fprintf(w, "Conntrack:    the shared table and %d pods' own, %d of %d entries in use, %d flows evicted\n", pods, entries, capacity, evicted)
 	if len(rows) == 0 {
 		return nil
 	}
-	return cli.Table(w, "SLOT\tOWNER\tENTRIES\tCAPACITY\tCREATED\tEVICTED", rows)
+	return cli.Table(w, "SLOT\tOWNER\tCAPACITY\tOPENED (KEPT/EVICTED)\tADMITTED (KEPT/EVICTED)", rows)
 }
