@@ -11,13 +11,14 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 
+	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/manifests"
 )
 
 func TestEventFilter(t *testing.T) {
-	drop := Event{Event: bpf.Event{Src: 70000, Dst: 70001, Allowed: false}, SrcPod: "shop/web", DstPod: "shop/db"}
-	allow := Event{Event: bpf.Event{Src: 70002, Dst: 70001, Allowed: true}, SrcPod: "ops/prom", DstPod: "shop/db"}
+	drop := api.Event{Event: bpf.Event{Src: 70000, Dst: 70001, Allowed: false}, SrcPod: "shop/web", DstPod: "shop/db"}
+	allow := api.Event{Event: bpf.Event{Src: 70002, Dst: 70001, Allowed: true}, SrcPod: "ops/prom", DstPod: "shop/db"}
 	for _, c := range []struct {
 		query      map[string][]string
 		drop, pass bool

@@ -11,6 +11,7 @@ import (
 
 	"github.com/cilium/ebpf/ringbuf"
 
+	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/bpf"
 )
 
@@ -30,7 +31,7 @@ type eventHub struct {
 // subscriber is one attached stream. missed counts the events dropped for
 // it since it last got a gap marker; the hub's mutex guards it.
 type subscriber struct {
-	ch     chan Event
+	ch     chan api.Event
 	missed uint64
 }
 
@@ -75,7 +76,7 @@ func (h *eventHub) run(ctx context.Context) {
 		}
 		h.a.metrics.observeEvent(ev)
 		h.mu.Lock()
-		h.publish(Event{Event: ev, SrcPod: h.pods[ev.SrcAddr], DstPod: h.pods[ev.DstAddr]})
+		h.publish(api.Event{Event: ev, SrcPod: h.pods[ev.SrcAddr], DstPod: h.pods[ev.DstAddr]})
 		h.mu.Unlock()
 	}
 }
@@ -83,11 +84,11 @@ func (h *eventHub) run(ctx context.Context) {
 // publish hands e to every reader that has room. A slow reader loses
 // events rather than stalling the rest, and learns how many before the
 // next one it gets. Hold h.mu.
-func (h *eventHub) publish(e Event) {
+func (h *eventHub) publish(e api.Event) {
 	for s := range h.subs {
 		if s.missed > 0 {
 			select {
-			case s.ch <- Event{Gap: &Gap{Missed: s.missed}}:
+			case s.ch <- api.Event{Gap: &api.Gap{Missed: s.missed}}:
 				s.missed = 0
 			default:
 				s.missed++
@@ -125,7 +126,7 @@ func (h *eventHub) watchLosses(ctx context.Context) {
 			h.a.log.Warn("read event loss counters", "err", err)
 			continue
 		}
-		gap := &Gap{Lost: map[string]uint64{}}
+		gap := &api.Gap{Lost: map[string]uint64{}}
 		for r, n := range l {
 			if n.Lost > last[r] {
 				gap.Lost[r.String()] = n.Lost - last[r]
@@ -136,7 +137,7 @@ func (h *eventHub) watchLosses(ctx context.Context) {
 			continue
 		}
 		h.mu.Lock()
-		h.publish(Event{Gap: gap})
+		h.publish(api.Event{Gap: gap})
 		h.mu.Unlock()
 	}
 }
@@ -148,7 +149,7 @@ func (h *eventHub) serve(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusBadRequest, err)
 		return
 	}
-	sub := &subscriber{ch: make(chan Event, 1024)}
+	sub := &subscriber{ch: make(chan api.Event, 1024)}
 	h.mu.Lock()
 	h.subs[sub] = struct{}{}
 	h.mu.Unlock()

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"testing"
 
+	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/bpf"
 )
 
@@ -12,16 +13,16 @@ import (
 // missed, and a reader that keeps up is not affected.
 func TestSlowReaderSeesGap(t *testing.T) {
 	h := newEventHub(nil)
-	slow := &subscriber{ch: make(chan Event, 4)}
-	fast := &subscriber{ch: make(chan Event, 64)}
+	slow := &subscriber{ch: make(chan api.Event, 4)}
+	fast := &subscriber{ch: make(chan api.Event, 64)}
 	h.subs[slow], h.subs[fast] = struct{}{}, struct{}{}
 	for i := range 10 {
-		h.publish(Event{Event: bpf.Event{Ifindex: i + 1}})
+		h.publish(api.Event{Event: bpf.Event{Ifindex: i + 1}})
 	}
 	if len(fast.ch) != 10 {
 		t.Fatalf("the fast reader got %d of 10 events", len(fast.ch))
 	}
-	var got []Event
+	var got []api.Event
 	drain := func() {
 		for len(slow.ch) > 0 {
 			got = append(got, <-slow.ch)
@@ -29,7 +30,7 @@ func TestSlowReaderSeesGap(t *testing.T) {
 	}
 	drain()
 	// Events 5..10 did not fit; the marker waits for room.
-	h.publish(Event{Event: bpf.Event{Ifindex: 11}})
+	h.publish(api.Event{Event: bpf.Event{Ifindex: 11}})
 	drain()
 	want := []string{"event 1", "event 2", "event 3", "event 4", "gap 6", "event 11"}
 	if len(got) != len(want) {

@@ -18,7 +18,6 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/idcni/idcni/agent/api"
-	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/manual"
 	"github.com/idcni/idcni/policy"
@@ -350,7 +349,7 @@ func parseEventFilter(q map[string][]string) (eventFilter, error) {
 	return f, nil
 }
 
-func (f eventFilter) match(e Event) bool {
+func (f eventFilter) match(e api.Event) bool {
 	if f.identity != 0 && e.Src != f.identity && e.Dst != f.identity {
 		return false
 	}
@@ -368,22 +367,4 @@ func (f eventFilter) match(e Event) bool {
 		return ok
 	}
 	return true
-}
-
-// Event is a datapath verdict with the pods behind its addresses, or,
-// when Gap is set, the news that events are missing before the next one.
-type Event struct {
-	bpf.Event
-	SrcPod string `json:"srcPod,omitempty"`
-	DstPod string `json:"dstPod,omitempty"`
-	Gap    *Gap   `json:"gap,omitempty"`
-}
-
-// Gap says events are missing from a stream: the datapath's ring was full
-// (Lost, by reason), or this reader fell behind and the agent dropped
-// events for it (Missed). Events the datapath's per-endpoint rate limit
-// held back are told by the endpoint's next event (Suppressed) instead.
-type Gap struct {
-	Lost   map[string]uint64 `json:"lost,omitempty"`
-	Missed uint64            `json:"missed,omitempty"`
 }

@@ -639,20 +639,7 @@ func TestAgentManualOverrides(t *testing.T) {
 	if !a.reach(b, 80) {
 		t.Fatal("open label identities cannot talk")
 	}
-	bins, err := clitest.Bins()
-	if err != nil {
-		t.Fatal(err)
-	}
-	run := func(tool string, args ...string) string {
-		t.Helper()
-		cmd := exec.Command(filepath.Join(bins, tool), append(args, "--agent-socket", e.agent.socket,
-			"--bpf-root", e.BPFRoot, "--state", filepath.Join(t.TempDir(), "unused.db"))...)
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			t.Fatalf("%s %v: %v\n%s", tool, args, err, out)
-		}
-		return string(out)
-	}
+	run := func(tool string, args ...string) string { t.Helper(); return e.cli(t, tool, args...) }
 	if out := run("endpointctl", "add", "--ip", b.ip.String(), "--identity", "1002"); !strings.Contains(out, "through idcni-agent") {
 		t.Fatalf("endpointctl did not use the agent: %s", out)
 	}
@@ -689,4 +676,21 @@ func TestAgentManualOverrides(t *testing.T) {
 		t.Fatalf("/readyz: %v %v", resp, err)
 	}
 	resp.Body.Close()
+}
+
+// cli runs endpointctl or policyctl against the env's agent and fails the
+// test when it fails.
+func (e *agentEnv) cli(t *testing.T, tool string, args ...string) string {
+	t.Helper()
+	bins, err := clitest.Bins()
+	if err != nil {
+		t.Fatal(err)
+	}
+	cmd := exec.Command(filepath.Join(bins, tool), append(args, "--agent-socket", e.agent.socket,
+		"--bpf-root", e.BPFRoot, "--state", filepath.Join(t.TempDir(), "unused.db"))...)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		t.Fatalf("%s %s: %v\n%s", tool, strings.Join(args, " "), err, out)
+	}
+	return string(out)
 }

@@ -6,7 +6,6 @@ import (
 	"net"
 	"net/netip"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -18,7 +17,6 @@ import (
 
 	"github.com/idcni/idcni/e2e/internal/cnitest"
 	"github.com/idcni/idcni/identity"
-	"github.com/idcni/idcni/manual/cli/clitest"
 )
 
 // remoteNode is a network namespace standing in for another node of the
@@ -215,20 +213,7 @@ func TestRemoteNodeManualRules(t *testing.T) {
 	other := newRemoteNode(t, e)
 	e.registerNode(t, "other-"+cnitest.RandHex(6), other.node)
 
-	bins, err := clitest.Bins()
-	if err != nil {
-		t.Fatal(err)
-	}
-	run := func(tool string, args ...string) string {
-		t.Helper()
-		cmd := exec.Command(filepath.Join(bins, tool), append(args, "--agent-socket", e.agent.socket,
-			"--bpf-root", e.BPFRoot, "--state", filepath.Join(t.TempDir(), "unused.db"))...)
-		out, err := cmd.CombinedOutput()
-		if err != nil {
-			t.Fatalf("%s %s: %v\n%s", tool, strings.Join(args, " "), err, out)
-		}
-		return string(out)
-	}
+	run := func(tool string, args ...string) string { t.Helper(); return e.cli(t, tool, args...) }
 	run("endpointctl", "add", "--ip", web.ip.String(), "--identity", "1001")
 	eventually(t, "other node -> web:80 once web is manual identity 1001 (isolated)", false, func() bool { return other.reach(other.node, web, 80) })
 

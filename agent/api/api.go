@@ -7,6 +7,7 @@ package api
 import (
 	"net/netip"
 
+	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/policy"
 )
@@ -69,4 +70,23 @@ type RuleList struct {
 // RuleRequest carries one policyctl allow/deny/delete.
 type RuleRequest struct {
 	Rule policy.ManualRule `json:"rule"`
+}
+
+// Event is a line of the event stream (PathEvents): a datapath verdict
+// with the pods behind its addresses, or, when Gap is set, the news that
+// events are missing before the next one.
+type Event struct {
+	bpf.Event
+	SrcPod string `json:"srcPod,omitempty"`
+	DstPod string `json:"dstPod,omitempty"`
+	Gap    *Gap   `json:"gap,omitempty"`
+}
+
+// Gap says events are missing from a stream: the datapath's ring was full
+// (Lost, by reason), or this reader fell behind and the agent dropped
+// events for it (Missed). Events the datapath's per-endpoint rate limit
+// held back are told by the endpoint's next event (Suppressed) instead.
+type Gap struct {
+	Lost   map[string]uint64 `json:"lost,omitempty"`
+	Missed uint64            `json:"missed,omitempty"`
 }

@@ -29,7 +29,7 @@ type agentPeer struct {
 	mu     sync.Mutex
 	st     manual.State
 	debug  *bool
-	events []agentEvent
+	events []api.Event
 	query  url.Values
 }
 
@@ -121,9 +121,12 @@ func TestThroughAgent(t *testing.T) {
 	t.Parallel()
 	e, d := clitest.New(t)
 	now := time.Now()
-	p := &agentPeer{events: []agentEvent{
+	p := &agentPeer{events: []api.Event{
 		{Event: bpf.Event{Time: now, Src: 1001, Dst: 1002, SrcAddr: podA, DstAddr: podB, Proto: policy.ProtoICMP, Allowed: true, Reason: bpf.ReasonAllowRule, Scope: bpf.ScopeEgress}},
-		{Event: bpf.Event{Time: now, Src: 1002, Dst: 1001, SrcAddr: podB, DstAddr: podA, Proto: policy.ProtoTCP, DstPort: 8080, Reason: bpf.ReasonDropDeny, Scope: bpf.ScopeEgress},
+		// Events are missing here: the reader fell behind, and the
+		// datapath's ring was full.
+		{Gap: &api.Gap{Missed: 3, Lost: map[string]uint64{"no-rule": 2}}},
+		{Event: bpf.Event{Time: now, Src: 1002, Dst: 1001, SrcAddr: podB, DstAddr: podA, Proto: policy.ProtoTCP, DstPort: 8080, Reason: bpf.ReasonDropDeny, Scope: bpf.ScopeEgress, Suppressed: 7},
 			SrcPod: "shop/backend", DstPod: "shop/frontend"},
 	}}
 	p.serve(t, e.Socket)
@@ -165,9 +168,17 @@ func TestThroughAgent(t *testing.T) {
 	}
 
 	// Events come from the agent's stream, filtered there and here.
+	// A gap marker passes every filter: whatever was lost may have
+	// matched.
 	r = e.MustRun("policyctl", "monitor", "--verdict", "drop", "--namespace", "shop", "-o", "json", "-c", "1")
+	lines := strings.Split(strings.TrimSpace(r.Stdout), "\n")
+	var gap struct {
+		Gap api.Gap `json:"gap"`
+	}
 	var ev eventView
-	if err := json.Unmarshal([]byte(r.Stdout), &ev); err != nil || ev.Verdict != "drop" || ev.Reason != "deny-rule" || ev.SrcIdentity != 1002 || ev.DstPort != 8080 || ev.Proto != "tcp" || ev.SrcPod != "shop/backend" {
+	if len(lines) != 2 || json.Unmarshal([]byte(lines[0]), &gap) != nil || gap.Gap.Missed != 3 || gap.Gap.Lost["no-rule"] != 2 {
+		t.Errorf("monitor through the agent: want a gap marker, then the drop:\n%s", r)
+	} else if err := json.Unmarshal([]byte(lines[1]), &ev); err != nil || ev.Verdict != "drop" || ev.Reason != "deny-rule" || ev.SrcIdentity != 1002 || ev.DstPort != 8080 || ev.Proto != "tcp" || ev.SrcPod != "shop/backend" || ev.Suppressed != 7 {
 		t.Errorf("monitor through the agent = %+v, %v\n%s", ev, err, r)
 	}
 	if !strings.Contains(r.Stderr, "through idcni-agent on "+e.Socket) {
@@ -180,7 +191,9 @@ func TestThroughAgent(t *testing.T) {
 	p.mu.Unlock()
 
 	r = e.MustRun("policyctl", "monitor", "-c", "2")
-	if lines := strings.Split(strings.TrimSpace(r.Stdout), "\n"); len(lines) != 2 || !strings.HasSuffix(lines[1], "[shop/backend -> shop/frontend]") {
+	if lines := strings.Split(strings.TrimSpace(r.Stdout), "\n"); len(lines) != 3 ||
+		lines[1] != "--- gap: 3 events dropped because this monitor fell behind; 2 no-rule events lost (the datapath's ring was full) ---" ||
+		!strings.Contains(lines[2], "(+7 earlier events of this endpoint held back by its rate limit)") || !strings.HasSuffix(lines[2], "[shop/backend -> shop/frontend]") {
 		t.Errorf("monitor text through the agent:\n%s", r)
 	}
 

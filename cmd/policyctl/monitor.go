@@ -47,24 +47,8 @@ type eventView struct {
 	Suppressed uint32 `json:"suppressed,omitempty"`
 }
 
-// agentEvent is a line of the agent's event stream: a datapath event and
-// the pods behind its addresses, or a gap marker.
-type agentEvent struct {
-	bpf.Event
-	SrcPod string     `json:"srcPod,omitempty"`
-	DstPod string     `json:"dstPod,omitempty"`
-	Gap    *gapMarker `json:"gap,omitempty"`
-}
-
-// gapMarker says events are missing before the next one: the datapath's
-// ring was full (lost, by reason), or the reader fell behind the agent
-// (missed). It is the agent's Gap, and what monitor prints in its place.
-type gapMarker struct {
-	Lost   map[string]uint64 `json:"lost,omitempty"`
-	Missed uint64            `json:"missed,omitempty"`
-}
-
-func (g *gapMarker) String() string {
+// gapText is a gap marker as monitor prints it.
+func gapText(g *api.Gap) string {
 	var parts []string
 	if g.Missed > 0 {
 		parts = append(parts, fmt.Sprintf("%d events dropped because this monitor fell behind", g.Missed))
@@ -75,7 +59,7 @@ func (g *gapMarker) String() string {
 	return "--- gap: " + strings.Join(parts, "; ") + " ---"
 }
 
-func viewOf(ae agentEvent) eventView {
+func viewOf(ae api.Event) eventView {
 	e := ae.Event
 	v := eventView{
 		Time: e.Time, Verdict: verdictOf(e), Reason: e.Reason.String(), Hook: e.Scope.String(), Ifindex: e.Ifindex,
@@ -173,19 +157,19 @@ event stream and adds the pods' names (and filters by --pod and
 }
 
 // emitter prints matching events and says when --count is reached.
-func (f *monitorFlags) emitter(cmd *cobra.Command) func(agentEvent) (done bool, err error) {
+func (f *monitorFlags) emitter(cmd *cobra.Command) func(api.Event) (done bool, err error) {
 	w := cmd.OutOrStdout()
 	enc := json.NewEncoder(w)
 	n := 0
-	return func(e agentEvent) (bool, error) {
+	return func(e api.Event) (bool, error) {
 		if e.Gap != nil {
 			var err error
 			if f.out == cli.OutputJSON {
 				err = enc.Encode(struct {
-					Gap *gapMarker `json:"gap"`
+					Gap *api.Gap `json:"gap"`
 				}{e.Gap})
 			} else {
-				_, err = fmt.Fprintln(w, e.Gap)
+				_, err = fmt.Fprintln(w, gapText(e.Gap))
 			}
 			if err != nil {
 				return true, fmt.Errorf("write gap marker: %w", err)
@@ -235,7 +219,7 @@ func monitorRing(ctx context.Context, cmd *cobra.Command, g *cli.Globals, f *mon
 			return nil // Ctrl-C is how monitor normally ends
 		}
 		if g := losses.gap(); g != nil {
-			if done, err := emit(agentEvent{Gap: g}); done || err != nil {
+			if done, err := emit(api.Event{Gap: g}); done || err != nil {
 				return err
 			}
 		}
@@ -245,7 +229,7 @@ func monitorRing(ctx context.Context, cmd *cobra.Command, g *cli.Globals, f *mon
 		if err != nil {
 			return fmt.Errorf("read verdict events: %w", err)
 		}
-		if done, err := emit(agentEvent{Event: e}); done || err != nil {
+		if done, err := emit(api.Event{Event: e}); done || err != nil {
 			return err
 		}
 	}
@@ -259,7 +243,7 @@ type lossWatch struct {
 	asked time.Time
 }
 
-func (w *lossWatch) gap() *gapMarker {
+func (w *lossWatch) gap() *api.Gap {
 	if time.Since(w.asked) < time.Second {
 		return nil
 	}
@@ -272,7 +256,7 @@ func (w *lossWatch) gap() *gapMarker {
 	if first {
 		w.last = map[bpf.Reason]uint64{}
 	}
-	g := &gapMarker{Lost: map[string]uint64{}}
+	g := &api.Gap{Lost: map[string]uint64{}}
 	for r, n := range l {
 		if n.Lost > w.last[r] && !first {
 			g.Lost[r.String()] = n.Lost - w.last[r]
@@ -286,7 +270,7 @@ func (w *lossWatch) gap() *gapMarker {
 }
 
 // textOf is the datapath's one-line form, with the pods when known.
-func textOf(e agentEvent) string {
+func textOf(e api.Event) string {
 	s := e.Event.String()
 	if e.Suppressed > 0 {
 		s += fmt.Sprintf(" (+%d earlier events of this endpoint held back by its rate limit)", e.Suppressed)
@@ -328,7 +312,7 @@ func monitorAgent(ctx context.Context, cmd *cobra.Command, c *api.Client, f *mon
 	emit := f.emitter(cmd)
 	sc := bufio.NewScanner(body)
 	for sc.Scan() {
-		var e agentEvent
+		var e api.Event
 		if err := json.Unmarshal(sc.Bytes(), &e); err != nil {
 			return fmt.Errorf("decode event from idcni-agent: %w", err)
 		}
