@@ -44,13 +44,14 @@ int bench_bump_only(struct __sk_buff *skb)
  * Replacing a stale entry costs the LRU a little more than filling a free
  * one. expire_only is its baseline: the same lookup and write, and no
  * datapath. */
-static __always_inline void expire_in(struct hook_ep *h, struct ct_key *k)
+static __always_inline void expire_in(struct hook_ep *h, struct ct_key *k, const __u8 kscope)
 {
 	struct ct_value *v;
+	void *t;
 
-	if (!hook_open(h))
-		return;
-	v = bpf_map_lookup_elem(k->scope == SCOPE_EGRESS ? h->ct[SCOPE_EGRESS] : h->ct[SCOPE_INGRESS], k);
+	hook_open(h);
+	t = ct_table(h, kscope);
+	v = t ? bpf_map_lookup_elem(t, k) : NULL;
 	if (v)
 		v->expires = 0;
 }
@@ -73,7 +74,7 @@ static __always_inline int expire(struct __sk_buff *skb)
 	k.sport = bpf_ntohs(ports[0]);
 	k.dport = bpf_ntohs(ports[1]);
 	h.ep = bpf_map_lookup_elem(&endpoints, &h.ifindex);
-	expire_in(&h, &k);
+	expire_in(&h, &k, SCOPE_EGRESS);
 	/* and the destination's entry, in its own table, where from_pod
 	 * checked a local pod */
 	lp = bpf_map_lookup_elem(&local_pods, k.daddr);
@@ -82,7 +83,7 @@ static __always_inline int expire(struct __sk_buff *skb)
 	dh.ifindex = lp->ifindex;
 	dh.ep = bpf_map_lookup_elem(&endpoints, &dh.ifindex);
 	k.scope = SCOPE_INGRESS;
-	expire_in(&dh, &k);
+	expire_in(&dh, &k, SCOPE_INGRESS);
 	return 0;
 }
 

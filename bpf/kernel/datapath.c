@@ -672,39 +672,41 @@ static __always_inline void trace(struct pkt *p, __u32 src, __u32 dst, int reaso
 	}
 }
 
-/* An endpoint as one hook sees it: its host veth, its entry, and the
- * conntrack tables (by key scope) and state of its slot. */
+/* An endpoint as one hook sees it: its host veth, its entry, and the slot
+ * of its conntrack tables and state. Tables and state are looked up where
+ * they are used: an established packet needs one table, not both. */
 struct hook_ep {
 	__u32 ifindex;
+	__u32 slot;
 	struct endpoint *ep; /* NULL: no endpoint behind this veth */
-	void *ct[2];
-	struct ep_state *st;
 };
 
-/* hook_open finds the conntrack tables and state of h's endpoint (slot
- * 0's when it has no endpoint or no tables of its own). It fails only
- * when the loader's shared table is missing. */
-static __always_inline int hook_open(struct hook_ep *h)
+/* hook_open names h's slot: its endpoint's, or the shared slot 0 when it
+ * has none (or one out of range). */
+static __always_inline void hook_open(struct hook_ep *h)
 {
-	__u32 slot = h->ep ? h->ep->ct_slot : 0, egress, ingress;
+	h->slot = h->ep && h->ep->ct_slot < MAX_ENDPOINTS ? h->ep->ct_slot : 0;
+}
 
-	if (slot >= MAX_ENDPOINTS)
-		slot = 0;
-	egress = slot * 2 + SCOPE_EGRESS;
-	ingress = slot * 2 + SCOPE_INGRESS;
-	h->ct[SCOPE_EGRESS] = bpf_map_lookup_elem(&ct_tables, &egress);
-	h->ct[SCOPE_INGRESS] = bpf_map_lookup_elem(&ct_tables, &ingress);
-	if (!h->ct[SCOPE_EGRESS] || !h->ct[SCOPE_INGRESS]) {
-		/* The plugin's DEL or GC freed the slot while the endpoint
-		 * entry still names it: its packets are the last ones. */
-		slot = 0;
-		egress = SCOPE_EGRESS;
-		ingress = SCOPE_INGRESS;
-		h->ct[SCOPE_EGRESS] = bpf_map_lookup_elem(&ct_tables, &egress);
-		h->ct[SCOPE_INGRESS] = bpf_map_lookup_elem(&ct_tables, &ingress);
+/* ct_table is h's conntrack table for keys of scope kscope, or the shared
+ * one when the plugin's DEL or GC freed the slot while the endpoint entry
+ * still names it (its packets are the last ones). NULL only when the
+ * loader's shared table is missing. */
+static __always_inline void *ct_table(struct hook_ep *h, const __u8 kscope)
+{
+	__u32 idx = h->slot * 2 + kscope;
+	void *t = bpf_map_lookup_elem(&ct_tables, &idx);
+
+	if (!t) {
+		idx = kscope;
+		t = bpf_map_lookup_elem(&ct_tables, &idx);
 	}
-	h->st = bpf_map_lookup_elem(&ep_states, &slot);
-	return h->ct[SCOPE_EGRESS] && h->ct[SCOPE_INGRESS];
+	return t;
+}
+
+static __always_inline struct ep_state *ep_state(struct hook_ep *h)
+{
+	return bpf_map_lookup_elem(&ep_states, &h->slot);
 }
 
 static __always_inline void event_loss_inc(int reason, int held_back)
@@ -747,7 +749,8 @@ static __always_inline long events_admit(struct ep_state *st)
 static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, struct hook_ep *h, __u32 src, __u32 dst,
 				 int reason, __u8 scope)
 {
-	long held = events_admit(h->st);
+	struct ep_state *st = ep_state(h);
+	long held = events_admit(st);
 	struct event *e;
 	__u64 avail;
 
@@ -759,8 +762,8 @@ static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, struct ho
 	if (!e) {
 		stat_inc(STAT_EVENT_LOST);
 		event_loss_inc(reason, 0);
-		if (held && h->st) /* still to be told */
-			__sync_fetch_and_add(&h->st->ev_suppressed, held);
+		if (held && st) /* still to be told */
+			__sync_fetch_and_add(&st->ev_suppressed, held);
 		return;
 	}
 	e->ts = bpf_ktime_get_ns();
@@ -905,9 +908,10 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 	const __u8 dir = scope == SCOPE_EGRESS ? DIR_EGRESS : DIR_INGRESS;
 	const __u8 rdir = scope == SCOPE_EGRESS ? DIR_INGRESS : DIR_EGRESS;
 	struct ct_key k = {};
-	struct ct_value *ct, nct = {};
+	struct ct_value *ct = NULL, nct = {};
 	__u32 peer = ID_ANY, host;
 	int reason, known;
+	void *fwd_ct, *rev_ct;
 
 #define PEER() (peer == ID_ANY ? (peer = peer_identity(p, scope, from_host)) : peer)
 
@@ -920,11 +924,14 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 	if (p->related) {
 		ct_key_set(&k, p->inner_saddr, p->inner_daddr, p->inner_sport, p->inner_dport, p->inner_proto,
 			   scope ^ 1);
-		ct = bpf_map_lookup_elem(h->ct[scope ^ 1], &k);
+		rev_ct = ct_table(h, scope ^ 1);
+		if (rev_ct)
+			ct = bpf_map_lookup_elem(rev_ct, &k);
 		if (!ct || ct->expires <= now) {
 			ct_key_set(&k, p->inner_daddr, p->inner_saddr, p->inner_dport, p->inner_sport, p->inner_proto,
 				   scope);
-			ct = bpf_map_lookup_elem(h->ct[scope], &k);
+			fwd_ct = ct_table(h, scope);
+			ct = fwd_ct ? bpf_map_lookup_elem(fwd_ct, &k) : NULL;
 		}
 		if (ct && ct->expires > now && (ct->rev == rev || (ct->flags & CT_F_HOST))) {
 			if (ct->flags & CT_F_HOST)
@@ -936,8 +943,11 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 		}
 	}
 
+	fwd_ct = ct_table(h, scope);
+	if (!fwd_ct)
+		return report(skb, p, cfg, h, subject, 0, REASON_DROP_NO_ENDPOINT, scope, 1);
 	ct_key_set(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto, scope);
-	ct = bpf_map_lookup_elem(h->ct[scope], &k);
+	ct = bpf_map_lookup_elem(fwd_ct, &k);
 	known = ct != NULL;
 	if (ct && ct->expires > now &&
 	    !((ct->flags & CT_F_CLOSING) && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)) {
@@ -948,8 +958,8 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 			reason = decide(subject, PEER(), dir | host | (__u32)p->proto << 8 | (__u32)p->dport << 16,
 					subject_flags(h->ep, subject, rev));
 			if (is_drop(reason)) {
-				bpf_map_delete_elem(h->ct[scope], &k);
-				ct_removed(h->st, scope);
+				bpf_map_delete_elem(fwd_ct, &k);
+				ct_removed(ep_state(h), scope);
 				return report(skb, p, cfg, h, subject, peer, REASON_DROP_REVOKED, scope, 1);
 			}
 			ct->rev = rev;
@@ -966,7 +976,8 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
 		goto new_flow;
 	ct_key_set(&k, p->daddr, p->saddr, p->dport, p->sport, p->proto, scope ^ 1);
-	ct = bpf_map_lookup_elem(h->ct[scope ^ 1], &k);
+	rev_ct = ct_table(h, scope ^ 1);
+	ct = rev_ct ? bpf_map_lookup_elem(rev_ct, &k) : NULL;
 	if (ct && ct->expires > now) {
 		host = ct->flags & CT_F_HOST ? 4 : 0;
 		if (host)
@@ -975,8 +986,8 @@ static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct co
 			reason = decide(subject, PEER(), rdir | host | (__u32)p->proto << 8 | (__u32)p->sport << 16,
 					subject_flags(h->ep, subject, rev));
 			if (is_drop(reason)) {
-				bpf_map_delete_elem(h->ct[scope ^ 1], &k);
-				ct_removed(h->st, scope ^ 1);
+				bpf_map_delete_elem(rev_ct, &k);
+				ct_removed(ep_state(h), scope ^ 1);
 				return report(skb, p, cfg, h, subject, peer, REASON_DROP_REVOKED, scope, 1);
 			}
 			ct->rev = rev;
@@ -1036,10 +1047,10 @@ new_flow:
 		nct.subject = subject;
 		nct.peer = peer;
 		ct_touch(&nct, p, now, 0);
-		if (bpf_map_update_elem(h->ct[scope], &k, &nct, BPF_ANY))
+		if (bpf_map_update_elem(fwd_ct, &k, &nct, BPF_ANY))
 			stat_inc(STAT_CT_INSERT_FAIL);
 		else if (!known)
-			ct_added(h->st, scope);
+			ct_added(ep_state(h), scope);
 	}
 	return report(skb, p, cfg, h, subject, peer, reason, scope, 1);
 #undef PEER
@@ -1114,8 +1125,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	cfg = bpf_map_lookup_elem(&config, &zero);
 	rev = cfg ? cfg->rev : 0;
 	h.ep = bpf_map_lookup_elem(&endpoints, &h.ifindex);
-	if (!hook_open(&h))
-		return TC_ACT_SHOT;
+	hook_open(&h);
 	if (ret == PARSE_MALFORMED) {
 		report(skb, &p, cfg, &h, 0, 0, REASON_DROP_MALFORMED, scope, 1);
 		return TC_ACT_SHOT;
@@ -1162,8 +1172,9 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 		return pass(&p);
 	dh.ifindex = lp->ifindex;
 	dh.ep = bpf_map_lookup_elem(&endpoints, &dh.ifindex);
-	if (!dh.ep || !hook_open(&dh))
+	if (!dh.ep)
 		return pass(&p);
+	hook_open(&dh);
 	reason = check(skb, &p, cfg, rev, &dh, SCOPE_INGRESS, 0, now, reason == REASON_ALLOW_REPLY, &dst_ct_flags,
 		       &lp);
 	if (reason == CHECK_STACK)
