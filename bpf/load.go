@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"sync"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -45,6 +46,9 @@ type Datapath struct {
 	mode   AttachMode
 	objs   datapathObjects
 	closed bool
+	// cfgMu serialises this handle's config read-modify-writes (see
+	// updateConfig).
+	cfgMu sync.Mutex
 }
 
 // RootFromEnv returns IDCNI_BPF_ROOT, or DefaultRoot.

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"path/filepath"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -335,28 +336,23 @@ func (d *Datapath) Revision() (uint32, error) {
 }
 
 // BumpRevision moves the policy revision on: every conntrack entry admitted
-// under an older one is checked again on its next packet. Callers hold the
-// root lock or are the only writer.
+// under an older one is checked again on its next packet. It is safe to call
+// concurrently with itself and SetDebug from any goroutine or process: see
+// updateConfig.
 func (d *Datapath) BumpRevision() error {
-	cfg, err := d.config()
-	if err != nil {
-		return err
-	}
-	cfg.Rev++
-	if cfg.Rev == 0 {
-		cfg.Rev = 1 // 0 means "never checked" in conntrack entries
-	}
-	return d.setConfig(cfg)
+	return d.updateConfig(func(cfg *datapathConfig) {
+		cfg.Rev++
+		if cfg.Rev == 0 {
+			cfg.Rev = 1 // 0 means "never checked" in conntrack entries
+		}
+	})
 }
 
 // SetDebug switches the seed-style trace lines on or off.
 func (d *Datapath) SetDebug(on bool) error {
-	cfg, err := d.config()
-	if err != nil {
-		return err
-	}
-	cfg.Debug = uint32(b2u(on))
-	return d.setConfig(cfg)
+	return d.updateConfig(func(cfg *datapathConfig) {
+		cfg.Debug = uint32(b2u(on))
+	})
 }
 
 // Debug reports whether trace lines are on.
@@ -373,7 +369,29 @@ func (d *Datapath) config() (datapathConfig, error) {
 	return cfg, nil
 }
 
-func (d *Datapath) setConfig(cfg datapathConfig) error {
+// updateConfig read-modify-writes the config entry. The entry holds both the
+// revision and the debug switch and the kernel only replaces it whole, so two
+// unserialised writers lose one's change: a lost revision bump lets flows
+// admitted under a revoked policy live on. Writers are serialised in this
+// handle by cfgMu and across handles and processes (the agent, policyctl
+// without an agent) by a flock on the pinned progs directory. That is a lock
+// of its own, not the root lock of Lock, so callers that already hold the
+// root lock (ApplyPolicy under manual.Apply) do not deadlock, and nothing
+// else takes it while holding it. The C struct, and so the map layout, stays
+// as it is.
+func (d *Datapath) updateConfig(change func(*datapathConfig)) error {
+	d.cfgMu.Lock()
+	defer d.cfgMu.Unlock()
+	unlock, err := lockDir(filepath.Join(d.root, "progs"))
+	if err != nil {
+		return fmt.Errorf("lock config entry: %w", err)
+	}
+	defer unlock()
+	cfg, err := d.config()
+	if err != nil {
+		return err
+	}
+	change(&cfg)
 	if err := d.objs.Config.Update(uint32(0), &cfg, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("write config map: %w", err)
 	}
