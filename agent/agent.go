@@ -119,7 +119,7 @@ func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
 		return fail(fmt.Errorf("load datapath: %w", err))
 	}
 	opts := identity.Options{ChurnLabels: cfg.ChurnLabels}
-	a.compiler = netpol.NewCompiler(&podIdentities{alloc: a.alloc, opts: opts})
+	a.compiler = netpol.NewCompiler(&netpol.PodIdentities{Alloc: a.alloc, Opts: opts})
 	a.metrics = newMetrics(a)
 	a.events = newEventHub(a)
 
@@ -221,26 +221,9 @@ func (a *Agent) Run(ctx context.Context) error {
 	return nil
 }
 
-// podIdentities allocates pod identities from the persistent allocator, one
-// user per pod so an identity is released when its last pod goes.
-type podIdentities struct {
-	alloc *identity.Allocator
-	opts  identity.Options
-}
-
-func (p *podIdentities) IdentityOf(pod *corev1.Pod, ns *corev1.Namespace) (identity.ID, error) {
-	var nsLabels map[string]string
-	if ns != nil {
-		nsLabels = ns.Labels
-	}
-	set, err := identity.FromPod(pod.Labels, pod.Namespace, nsLabels, p.opts)
-	if err != nil {
-		return 0, err
-	}
-	return p.alloc.Acquire(podUser(pod.Namespace, pod.Name), set)
-}
-
-func podUser(ns, name string) string { return "pod/" + ns + "/" + name }
+// podUser is the allocator user of a pod, the one netpol.PodIdentities
+// acquires its identity for.
+func podUser(ns, name string) string { return netpol.PodUser(ns, name) }
 
 // podAddrs returns a pod's addresses as the API server reports them.
 func podAddrs(pod *corev1.Pod) []netip.Addr {

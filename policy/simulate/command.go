@@ -2,8 +2,11 @@ package simulate
 
 import (
 	"fmt"
+	"strings"
 
 	"github.com/spf13/cobra"
+
+	"github.com/idcni/idcni/identity"
 )
 
 // Command returns `policyctl simulate`, for the policyctl main to mount.
@@ -13,6 +16,7 @@ func Command() *cobra.Command {
 		output   string
 		ports    []int
 		protocol string
+		churn    []string
 	)
 	cmd := &cobra.Command{
 		Use:   "simulate -f FILE_OR_DIR... [-o json] [--port N] [--protocol P]",
@@ -40,7 +44,7 @@ No cluster and no privileges are needed.`,
 			if err != nil {
 				return err
 			}
-			results, err := Run(in, Options{Ports: ports, Protocol: protocol}, cmd.ErrOrStderr())
+			results, err := Run(in, Options{Ports: ports, Protocol: protocol, ChurnLabels: churn}, cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}
@@ -55,5 +59,7 @@ No cluster and no privileges are needed.`,
 	f.StringVarP(&output, "output", "o", "", "output format: json, or table (default)")
 	f.IntSliceVar(&ports, "port", nil, "probe these ports instead of the ports pods declare (repeatable, or comma separated)")
 	f.StringVar(&protocol, "protocol", "", "protocol of --port (TCP, UDP, SCTP; default TCP); without --port, probe only declared ports of this protocol")
+	// The agent's own flag, so a cluster that changed it simulates alike.
+	f.StringSliceVar(&churn, "churn-labels", nil, "pod labels left out of identities, as the agent's --churn-labels (default: "+strings.Join(identity.DefaultChurnLabels(), ",")+")")
 	return cmd
 }

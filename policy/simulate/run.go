@@ -44,6 +44,9 @@ type Options struct {
 	// Protocol (TCP, UDP, SCTP) of Ports, TCP when empty; without Ports it
 	// keeps only the declared ports of this protocol.
 	Protocol string
+	// ChurnLabels are the pod labels left out of identities, as the agent's
+	// --churn-labels; nil means identity.DefaultChurnLabels().
+	ChurnLabels []string
 }
 
 var protocols = map[string]policy.Proto{"TCP": policy.ProtoTCP, "UDP": policy.ProtoUDP, "SCTP": policy.ProtoSCTP}
@@ -100,7 +103,11 @@ func Run(in *Inputs, opts Options, warn io.Writer) ([]Result, error) {
 		}
 	}
 
-	c, err := netpol.Compile(netpol.NewMemoryIdentities(), in.Namespaces, endpoints, in.Policies)
+	// The agent's identities (canonical label sets, churn labels stripped),
+	// numbered in memory: pods that share an identity in the agent share it
+	// here, so a selector on a churn label matches nothing here either.
+	ids0 := &netpol.PodIdentities{Alloc: identity.NewMemoryAllocator(), Opts: identity.Options{ChurnLabels: opts.ChurnLabels}}
+	c, err := netpol.Compile(ids0, in.Namespaces, endpoints, in.Policies)
 	if err != nil {
 		return nil, fmt.Errorf("compile policies: %w", err)
 	}
