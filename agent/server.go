@@ -52,12 +52,14 @@ func (a *Agent) serveAPI(ctx context.Context) (*http.Server, error) {
 	mux.HandleFunc("PUT "+api.PathEndpoints+"{id}", a.handleRegister)
 	mux.HandleFunc("DELETE "+api.PathEndpoints+"{id}", a.handleUnregister)
 	mux.HandleFunc("GET "+api.PathManualEndpoints, a.handleManualList)
-	mux.HandleFunc("PUT "+api.PathManualEndpoints, a.handleManualBind)
-	mux.HandleFunc("DELETE "+api.PathManualEndpoints, a.handleManualUnbind)
+	// Changes wait for readiness (readyOnly); the lists answer from the
+	// state file loaded at start.
+	mux.HandleFunc("PUT "+api.PathManualEndpoints, a.readyOnly(a.handleManualBind))
+	mux.HandleFunc("DELETE "+api.PathManualEndpoints, a.readyOnly(a.handleManualUnbind))
 	mux.HandleFunc("GET "+api.PathManualRules, a.handleRuleList)
-	mux.HandleFunc("POST "+api.PathManualRules, a.handleRuleAdd)
-	mux.HandleFunc("POST "+api.PathManualRulesDel, a.handleRuleDelete)
-	mux.HandleFunc("PUT "+api.PathDebug, a.handleDebug)
+	mux.HandleFunc("POST "+api.PathManualRules, a.readyOnly(a.handleRuleAdd))
+	mux.HandleFunc("POST "+api.PathManualRulesDel, a.readyOnly(a.handleRuleDelete))
+	mux.HandleFunc("PUT "+api.PathDebug, a.readyOnly(a.handleDebug))
 	mux.HandleFunc("GET "+api.PathEvents, streaming(a.events.serve))
 	srv := &http.Server{
 		Handler:     limitBody(mux),
@@ -147,6 +149,26 @@ func fail(w http.ResponseWriter, code int, err error) {
 	w.Header().Set("Content-Type", "application/json")
 	w.WriteHeader(code)
 	_ = json.NewEncoder(w).Encode(api.Error{Message: err.Error()})
+}
+
+// errNotReady is the answer to a change asked of an agent that is not ready.
+var errNotReady = errors.New("idcni-agent is not ready yet: it has not synced with the Kubernetes API server and written the maps, and refuses changes until it has; retry once it is ready (policyctl status, or GET " + api.PathHealth + ")")
+
+// readyOnly refuses a change with 503 until the agent is ready. A change
+// writes the maps from the agent's view of the cluster (flush), and before
+// the caches synced that view is empty: one manual PUT while the API
+// server was unreachable emptied the ipcache and left every local pod
+// unresolved. It answers at once rather than waiting, since a CLI cannot
+// tell a slow start from a hung agent.
+func (a *Agent) readyOnly(h http.HandlerFunc) http.HandlerFunc {
+	return func(w http.ResponseWriter, r *http.Request) {
+		select {
+		case <-a.ready:
+			h(w, r)
+		default:
+			fail(w, http.StatusServiceUnavailable, errNotReady)
+		}
+	}
 }
 
 // waitReady holds requests until the caches are synced: answering earlier

@@ -155,6 +155,8 @@ type loneAgent struct {
 	netns   string // path
 	metrics string
 	socket  string
+	bpfRoot string // the test's own pins
+	state   string // state file
 }
 
 func startLoneAgent(t *testing.T) *loneAgent {
@@ -189,14 +191,18 @@ current-context: none
 	}
 	a := &loneAgent{netns: "/run/netns/" + name, metrics: "127.0.0.1:9965", socket: filepath.Join(dir, "agent.sock")}
 	bpfRoot := "/sys/fs/bpf/idcni-test-" + cnitest.RandHex(8)
+	a.bpfRoot, a.state = bpfRoot, filepath.Join(dir, "state.db")
 	logPath := filepath.Join(dir, "agent.log")
 	logf, err := os.Create(logPath)
 	if err != nil {
 		t.Fatal(err)
 	}
 	defer logf.Close()
-	cmd := exec.Command("ip", "netns", "exec", name, bin, "--kubeconfig", kubeconfig, "--node-name", "lone",
-		"--bpf-root", bpfRoot, "--state", filepath.Join(dir, "state.db"), "--socket", a.socket,
+	// nsenter --net, not ip netns exec: that one also gives the agent a
+	// mount namespace with a bpffs of its own, so its pins would be out of
+	// the test's sight (and cleanup's).
+	cmd := exec.Command("nsenter", "--net="+a.netns, "--", bin, "--kubeconfig", kubeconfig, "--node-name", "lone",
+		"--bpf-root", bpfRoot, "--state", a.state, "--socket", a.socket,
 		"--metrics-addr", a.metrics, "--cni-conf-dir", "")
 	cmd.Stdout, cmd.Stderr = logf, logf
 	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}

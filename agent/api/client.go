@@ -56,6 +56,29 @@ func (c *Client) Running(ctx context.Context) bool {
 	return c.do(ctx, http.MethodGet, PathHealth, nil, nil) == nil
 }
 
+// Answering reports whether an agent answers on the socket within a short
+// time, ready or still starting (Running is only true once it is ready).
+// The CLIs send their changes to an answering agent, so a starting one
+// refuses them with its own message rather than the CLI writing the maps
+// behind its back.
+func (c *Client) Answering(ctx context.Context) bool {
+	if _, err := os.Stat(c.socket); err != nil {
+		return false
+	}
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, "http://agent"+PathHealth, nil)
+	if err != nil {
+		return false
+	}
+	resp, err := c.http.Do(req)
+	if err != nil {
+		return false
+	}
+	resp.Body.Close()
+	return true
+}
+
 // RegisterEndpoint asks the agent to resolve and enforce the endpoint; it
 // returns once the endpoint's policy is in the maps.
 func (c *Client) RegisterEndpoint(ctx context.Context, req EndpointRequest) (EndpointResponse, error) {

@@ -66,10 +66,13 @@ func RequireRoot(tool string) error {
 }
 
 // Agent returns a client when idcni-agent answers on the socket, nil when
-// no agent runs and the command should work on the maps itself.
+// no agent runs and the command should work on the maps itself. An agent
+// that is still starting counts as running: it owns the maps and the state
+// file, so a change goes to it and it answers why it refuses (not ready),
+// rather than the tool writing around it.
 func (g *Globals) Agent(ctx context.Context) *api.Client {
 	c := api.NewClient(g.AgentSocket)
-	if c.Running(ctx) {
+	if c.Answering(ctx) {
 		return c
 	}
 	return nil
