@@ -14,48 +14,13 @@ import (
 
 	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/bpf"
-	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/manual/cli/clitest"
 	"github.com/idcni/idcni/policy"
 )
 
 // notReadyMessage is what a starting agent's refusal says, to the API
 // client and through it to the CLIs.
 const notReadyMessage = "idcni-agent is not ready yet"
-
-// mapsSnapshot is everything a manual change or a debug switch writes.
-type mapsSnapshot struct {
-	IPCache   map[netip.Prefix]identity.ID
-	Endpoints map[int]bpf.Endpoint
-	LocalPods map[netip.Addr]bpf.LocalPod
-	Policy    *policy.MapState
-	Revision  uint32
-	Debug     bool
-}
-
-func snapshotMaps(t *testing.T, d *bpf.Datapath) mapsSnapshot {
-	t.Helper()
-	var s mapsSnapshot
-	var err error
-	if s.IPCache, err = d.IPCache(); err != nil {
-		t.Fatal(err)
-	}
-	if s.Endpoints, err = d.Endpoints(); err != nil {
-		t.Fatal(err)
-	}
-	if s.LocalPods, err = d.LocalPods(); err != nil {
-		t.Fatal(err)
-	}
-	if s.Policy, err = d.Policy(); err != nil {
-		t.Fatal(err)
-	}
-	if s.Revision, err = d.Revision(); err != nil {
-		t.Fatal(err)
-	}
-	if s.Debug, err = d.Debug(); err != nil {
-		t.Fatal(err)
-	}
-	return s
-}
 
 // endpointctlBin is endpointctl from IDCNI_E2E_BIN, or built from the
 // working tree into the test's own directory.
@@ -85,7 +50,7 @@ func TestAgentRefusesManualChangesUntilReady(t *testing.T) {
 		t.Fatalf("open the agent's datapath: %v", err)
 	}
 	defer d.Close()
-	before := snapshotMaps(t, d)
+	before := clitest.SnapshotMaps(t, d)
 	hc := a.httpClient("unix", a.socket)
 
 	// The precondition: the agent serves but is not ready, and never will
@@ -160,7 +125,7 @@ func TestAgentRefusesManualChangesUntilReady(t *testing.T) {
 		t.Errorf("endpointctl add against a starting agent: err %v, output:\n%s\nwant a failure saying %q", err, out, notReadyMessage)
 	}
 
-	if after := snapshotMaps(t, d); !reflect.DeepEqual(before, after) {
+	if after := clitest.SnapshotMaps(t, d); !reflect.DeepEqual(before, after) {
 		t.Errorf("the maps changed while the agent was not ready:\nbefore %+v\nafter  %+v", before, after)
 	}
 }

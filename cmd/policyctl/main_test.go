@@ -207,34 +207,15 @@ func TestPortsAndProtocols(t *testing.T) {
 	}
 }
 
+// snapshot is everything the CLIs may write: the maps and the state file.
 type snapshot struct {
-	Endpoints map[int]bpf.Endpoint
-	IPCache   map[netip.Prefix]identity.ID
-	Policy    *policy.MapState
-	Revision  uint32
-	Debug     bool
-	State     []byte
+	clitest.Maps
+	State []byte
 }
 
 func snap(t *testing.T, e *clitest.Env, d *bpf.Datapath) snapshot {
 	t.Helper()
-	var s snapshot
-	var err error
-	if s.Endpoints, err = d.Endpoints(); err != nil {
-		t.Fatal(err)
-	}
-	if s.IPCache, err = d.IPCache(); err != nil {
-		t.Fatal(err)
-	}
-	if s.Policy, err = d.Policy(); err != nil {
-		t.Fatal(err)
-	}
-	if s.Revision, err = d.Revision(); err != nil {
-		t.Fatal(err)
-	}
-	if s.Debug, err = d.Debug(); err != nil {
-		t.Fatal(err)
-	}
+	s := snapshot{Maps: clitest.SnapshotMaps(t, d)}
 	s.State, _ = os.ReadFile(e.State)
 	return s
 }

@@ -25,6 +25,7 @@ import (
 
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/policy"
 )
 
 var (
@@ -391,4 +392,41 @@ func (p *Proc) Interrupt(timeout time.Duration) (rest []string, code int, err er
 			return rest, -1, fmt.Errorf("did not exit within %s of SIGINT", timeout)
 		}
 	}
+}
+
+// Maps is everything the CLIs and the agent write to the datapath, as one
+// value a test compares before and after.
+type Maps struct {
+	Endpoints map[int]bpf.Endpoint
+	IPCache   map[netip.Prefix]identity.ID
+	LocalPods map[netip.Addr]bpf.LocalPod
+	Policy    *policy.MapState
+	Revision  uint32
+	Debug     bool
+}
+
+// SnapshotMaps reads Maps off d.
+func SnapshotMaps(t testing.TB, d *bpf.Datapath) Maps {
+	t.Helper()
+	var s Maps
+	var err error
+	if s.Endpoints, err = d.Endpoints(); err != nil {
+		t.Fatal(err)
+	}
+	if s.IPCache, err = d.IPCache(); err != nil {
+		t.Fatal(err)
+	}
+	if s.LocalPods, err = d.LocalPods(); err != nil {
+		t.Fatal(err)
+	}
+	if s.Policy, err = d.Policy(); err != nil {
+		t.Fatal(err)
+	}
+	if s.Revision, err = d.Revision(); err != nil {
+		t.Fatal(err)
+	}
+	if s.Debug, err = d.Debug(); err != nil {
+		t.Fatal(err)
+	}
+	return s
 }
