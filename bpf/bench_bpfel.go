@@ -160,8 +160,10 @@ const (
 	benchProgToPod            = "to_pod"
 	benchVarUnusedEpState     = "unused_ep_state"
 	benchVarUnusedEvent       = "unused_event"
+	benchVarUnusedFlowKeys    = "unused_flow_keys"
 	benchVarUnusedReason      = "unused_reason"
 	benchVarUnusedScope       = "unused_scope"
+	benchVarUnusedSock        = "unused_sock"
 	benchVarUnusedStat        = "unused_stat"
 )
 
@@ -239,11 +241,13 @@ type benchMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type benchVariableSpecs struct {
-	UnusedEpState *ebpf.VariableSpec `ebpf:"unused_ep_state"`
-	UnusedEvent   *ebpf.VariableSpec `ebpf:"unused_event"`
-	UnusedReason  *ebpf.VariableSpec `ebpf:"unused_reason"`
-	UnusedScope   *ebpf.VariableSpec `ebpf:"unused_scope"`
-	UnusedStat    *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedEpState  *ebpf.VariableSpec `ebpf:"unused_ep_state"`
+	UnusedEvent    *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedFlowKeys *ebpf.VariableSpec `ebpf:"unused_flow_keys"`
+	UnusedReason   *ebpf.VariableSpec `ebpf:"unused_reason"`
+	UnusedScope    *ebpf.VariableSpec `ebpf:"unused_scope"`
+	UnusedSock     *ebpf.VariableSpec `ebpf:"unused_sock"`
+	UnusedStat     *ebpf.VariableSpec `ebpf:"unused_stat"`
 }
 
 // benchObjects contains all objects after they have been loaded into the kernel.
@@ -305,11 +309,13 @@ func (m *benchMaps) Close() error {
 //
 // It can be passed to loadBenchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type benchVariables struct {
-	UnusedEpState *ebpf.Variable `ebpf:"unused_ep_state"`
-	UnusedEvent   *ebpf.Variable `ebpf:"unused_event"`
-	UnusedReason  *ebpf.Variable `ebpf:"unused_reason"`
-	UnusedScope   *ebpf.Variable `ebpf:"unused_scope"`
-	UnusedStat    *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedEpState  *ebpf.Variable `ebpf:"unused_ep_state"`
+	UnusedEvent    *ebpf.Variable `ebpf:"unused_event"`
+	UnusedFlowKeys *ebpf.Variable `ebpf:"unused_flow_keys"`
+	UnusedReason   *ebpf.Variable `ebpf:"unused_reason"`
+	UnusedScope    *ebpf.Variable `ebpf:"unused_scope"`
+	UnusedSock     *ebpf.Variable `ebpf:"unused_sock"`
+	UnusedStat     *ebpf.Variable `ebpf:"unused_stat"`
 }
 
 // benchPrograms contains all programs after they have been loaded into the kernel.

@@ -196,27 +196,29 @@ const (
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
-	datapathMapConfig        = "config"
-	datapathMapConntrack     = "conntrack"
-	datapathMapCounters      = "counters"
-	datapathMapCtTables      = "ct_tables"
-	datapathMapEndpoints     = "endpoints"
-	datapathMapEpStates      = "ep_states"
-	datapathMapEventLoss     = "event_loss"
-	datapathMapEvents        = "events"
-	datapathMapFragments     = "fragments"
-	datapathMapIdentities    = "identities"
-	datapathMapIpcache       = "ipcache"
-	datapathMapLocalPods     = "local_pods"
-	datapathMapPolicy        = "policy"
-	datapathMapStats         = "stats"
-	datapathProgFromPod      = "from_pod"
-	datapathProgToPod        = "to_pod"
-	datapathVarUnusedEpState = "unused_ep_state"
-	datapathVarUnusedEvent   = "unused_event"
-	datapathVarUnusedReason  = "unused_reason"
-	datapathVarUnusedScope   = "unused_scope"
-	datapathVarUnusedStat    = "unused_stat"
+	datapathMapConfig         = "config"
+	datapathMapConntrack      = "conntrack"
+	datapathMapCounters       = "counters"
+	datapathMapCtTables       = "ct_tables"
+	datapathMapEndpoints      = "endpoints"
+	datapathMapEpStates       = "ep_states"
+	datapathMapEventLoss      = "event_loss"
+	datapathMapEvents         = "events"
+	datapathMapFragments      = "fragments"
+	datapathMapIdentities     = "identities"
+	datapathMapIpcache        = "ipcache"
+	datapathMapLocalPods      = "local_pods"
+	datapathMapPolicy         = "policy"
+	datapathMapStats          = "stats"
+	datapathProgFromPod       = "from_pod"
+	datapathProgToPod         = "to_pod"
+	datapathVarUnusedEpState  = "unused_ep_state"
+	datapathVarUnusedEvent    = "unused_event"
+	datapathVarUnusedFlowKeys = "unused_flow_keys"
+	datapathVarUnusedReason   = "unused_reason"
+	datapathVarUnusedScope    = "unused_scope"
+	datapathVarUnusedSock     = "unused_sock"
+	datapathVarUnusedStat     = "unused_stat"
 )
 
 // loadDatapath returns the embedded CollectionSpec for datapath.
@@ -289,11 +291,13 @@ type datapathMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathVariableSpecs struct {
-	UnusedEpState *ebpf.VariableSpec `ebpf:"unused_ep_state"`
-	UnusedEvent   *ebpf.VariableSpec `ebpf:"unused_event"`
-	UnusedReason  *ebpf.VariableSpec `ebpf:"unused_reason"`
-	UnusedScope   *ebpf.VariableSpec `ebpf:"unused_scope"`
-	UnusedStat    *ebpf.VariableSpec `ebpf:"unused_stat"`
+	UnusedEpState  *ebpf.VariableSpec `ebpf:"unused_ep_state"`
+	UnusedEvent    *ebpf.VariableSpec `ebpf:"unused_event"`
+	UnusedFlowKeys *ebpf.VariableSpec `ebpf:"unused_flow_keys"`
+	UnusedReason   *ebpf.VariableSpec `ebpf:"unused_reason"`
+	UnusedScope    *ebpf.VariableSpec `ebpf:"unused_scope"`
+	UnusedSock     *ebpf.VariableSpec `ebpf:"unused_sock"`
+	UnusedStat     *ebpf.VariableSpec `ebpf:"unused_stat"`
 }
 
 // datapathObjects contains all objects after they have been loaded into the kernel.
@@ -355,11 +359,13 @@ func (m *datapathMaps) Close() error {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathVariables struct {
-	UnusedEpState *ebpf.Variable `ebpf:"unused_ep_state"`
-	UnusedEvent   *ebpf.Variable `ebpf:"unused_event"`
-	UnusedReason  *ebpf.Variable `ebpf:"unused_reason"`
-	UnusedScope   *ebpf.Variable `ebpf:"unused_scope"`
-	UnusedStat    *ebpf.Variable `ebpf:"unused_stat"`
+	UnusedEpState  *ebpf.Variable `ebpf:"unused_ep_state"`
+	UnusedEvent    *ebpf.Variable `ebpf:"unused_event"`
+	UnusedFlowKeys *ebpf.Variable `ebpf:"unused_flow_keys"`
+	UnusedReason   *ebpf.Variable `ebpf:"unused_reason"`
+	UnusedScope    *ebpf.Variable `ebpf:"unused_scope"`
+	UnusedSock     *ebpf.Variable `ebpf:"unused_sock"`
+	UnusedStat     *ebpf.Variable `ebpf:"unused_stat"`
 }
 
 // datapathPrograms contains all programs after they have been loaded into the kernel.

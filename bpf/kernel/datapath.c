@@ -187,6 +187,14 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } events SEC(".maps");
 
+/* struct __sk_buff points to these two. LLVM orders the BTF it makes for
+ * the types it meets only through pointers by where they sit in its own
+ * memory, which changes from one clang run to the next; declaring them
+ * here first puts them in source order, so the object is reproducible
+ * (scripts/check-generate.sh compares it byte for byte). */
+const struct bpf_flow_keys *unused_flow_keys __attribute__((unused));
+const struct bpf_sock *unused_sock __attribute__((unused));
+
 /* Force the types into BTF so bpf2go emits them. */
 const struct event *unused_event __attribute__((unused));
 const enum reason *unused_reason __attribute__((unused));
