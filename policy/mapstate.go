@@ -8,7 +8,7 @@ import (
 )
 
 // Limits of one policy map entry; bpf/kernel/idcni.h has the same numbers
-// and a test in bpf/ keeps them equal.
+// and bpf.TestDefinesMatchGo keeps them equal.
 const (
 	MaxAllowRanges = 16
 	MaxDenyRanges  = 8
