@@ -49,6 +49,8 @@ func TestDefinesMatchGo(t *testing.T) {
 		"EP_HAS_V4":            epHasV4,
 		"EP_HAS_V6":            epHasV6,
 		"CT_F_CLOSING":         ctClosing,
+		"POLICY_MAX_ALLOW":     policy.MaxAllowRanges,
+		"POLICY_MAX_DENY":      policy.MaxDenyRanges,
 	} {
 		got, ok := defines[name]
 		if !ok {
