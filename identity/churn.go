@@ -5,13 +5,16 @@ import (
 	"strings"
 )
 
-// defaultChurnLabels are pod labels that controllers set and that change
-// without the workload changing, or that are unique per pod. Keeping any of
-// them would give every rollout (or every pod) a fresh identity: identities
-// would stop being shared, the allocator and the policy maps would grow with
-// pod churn instead of with the number of workloads, and each rollout would
-// briefly run new pods under an identity the datapath has no rules for yet.
-// No sensible NetworkPolicy selects on them.
+// defaultChurnLabels are pod labels that the cluster sets and that say nothing
+// about what the pod is: labels that change without the workload changing,
+// labels unique per pod, and labels naming where the pod was placed. Keeping
+// any of them would give every rollout (or every pod, or every zone) a fresh
+// identity: identities would stop being shared, the allocator and the
+// policy maps would grow with pod churn (or zones) instead of with the number
+// of workloads, and each rollout would briefly run new pods under an
+// identity the datapath has no rules for yet.
+// No sensible NetworkPolicy selects on them; one that does can no longer
+// match by them (its selector names a key no identity has).
 //
 // Kept on purpose: job-name and batch.kubernetes.io/job-name. They name the
 // Job, are the same for all of its pods, and are the natural way to write a
@@ -36,6 +39,22 @@ var defaultChurnLabels = []string{
 	"batch.kubernetes.io/controller-uid",
 	// Indexed Job: the pod's completion index. Unique per pod.
 	"batch.kubernetes.io/job-completion-index",
+
+	// Placement labels: where the scheduler put the pod, not what the pod
+	// is. The cluster writes them, not the workload's author: Kubernetes'
+	// PodTopologyLabels admission (KEP-4742: alpha in 1.33, beta in 1.35)
+	// copies the node's topology.kubernetes.io/zone and /region onto
+	// every pod it binds, and older node-to-pod label controllers copy the
+	// deprecated failure-domain.beta.kubernetes.io twins. Kept, they would
+	// multiply every workload's identity by the number of zones the
+	// workload spans, and a pod would carry the zone of whichever node it
+	// landed on, so replicas of one Deployment would differ in identity.
+	// kubernetes.io/hostname is not here: Kubernetes does not copy it onto
+	// pods; a cluster whose own controller does adds it via ChurnLabels.
+	"topology.kubernetes.io/zone",
+	"topology.kubernetes.io/region",
+	"failure-domain.beta.kubernetes.io/zone",
+	"failure-domain.beta.kubernetes.io/region",
 }
 
 // DefaultChurnLabels returns the pod label keys FromPod strips unless
@@ -44,9 +63,10 @@ func DefaultChurnLabels() []string { return slices.Clone(defaultChurnLabels) }
 
 // Options tune how FromPod builds a label set.
 type Options struct {
-	// ChurnLabels are the pod label keys left out of identities. nil means
-	// DefaultChurnLabels(); an empty, non-nil slice strips none. To extend
-	// the defaults, append to DefaultChurnLabels().
+	// ChurnLabels are the pod label keys left out of identities: churn and
+	// placement labels alike, since both are stripped the same way. nil
+	// means DefaultChurnLabels(); an empty, non-nil slice strips none. To
+	// extend the defaults, append to DefaultChurnLabels().
 	ChurnLabels []string
 }
 

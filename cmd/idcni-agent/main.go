@@ -126,7 +126,7 @@ config into --cni-conf-dir, so the node only takes pods it can enforce.
 	f.StringVar(&cfg.CNIConfName, "cni-conf-name", "10-idcni.conflist", "file name of the CNI config")
 	f.StringVar(&confFile, "cni-conf-template", "", "conflist to install instead of the built-in manifests/cni/10-idcni.conflist")
 	f.DurationVar(&cfg.IdentityGrace, "identity-grace", identity.DefaultGrace, "how long an identity no pod uses keeps its number")
-	f.StringSliceVar(&cfg.ChurnLabels, "churn-labels", nil, "pod labels left out of identities (default: "+strings.Join(identity.DefaultChurnLabels(), ",")+")")
+	f.StringSliceVar(&cfg.ChurnLabels, "churn-labels", nil, "pod labels left out of identities, churn and placement labels alike; the list replaces the default, so to extend it repeat the default and add (default: "+strings.Join(identity.DefaultChurnLabels(), ",")+")")
 	f.DurationVar(&cfg.Resync, "resync", 10*time.Minute, "informer resync period")
 	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config and every pin, then exit")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")

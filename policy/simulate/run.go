@@ -4,10 +4,13 @@ import (
 	"cmp"
 	"fmt"
 	"io"
+	"maps"
 	"slices"
 	"strings"
 
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/policy"
@@ -102,6 +105,8 @@ func Run(in *Inputs, opts Options, warn io.Writer) ([]Result, error) {
 			fmt.Fprintf(warn, "warning: no Namespace %q given; its only label is taken to be %s=%s\n", p.Namespace, corev1.LabelMetadataName, p.Namespace)
 		}
 	}
+
+	warnStrippedSelectors(in.Policies, identity.Options{ChurnLabels: opts.ChurnLabels}, warn)
 
 	// The agent's identities (canonical label sets, churn labels stripped),
 	// numbered in memory: pods that share an identity in the agent share it
@@ -232,4 +237,42 @@ func side(c *netpol.Compiler, d policy.Decision, subject, peer string, id identi
 		s.Reason = fmt.Sprintf("%s isolated for %s by %s; no rule allows %s", subject, dir, strings.Join(c.IsolatedBy(id, dir), ", "), peer)
 	}
 	return s
+}
+
+// warnStrippedSelectors warns about each podSelector that names a pod label
+// identities leave out (churn and placement labels, --churn-labels): no
+// identity carries it, so the selector cannot select by it, here or in the
+// agent.
+func warnStrippedSelectors(policies []*networkingv1.NetworkPolicy, opts identity.Options, warn io.Writer) {
+	for _, np := range policies {
+		seen := map[string]bool{}
+		check := func(sel *metav1.LabelSelector) {
+			if sel == nil {
+				return
+			}
+			keys := slices.Collect(maps.Keys(sel.MatchLabels))
+			for _, e := range sel.MatchExpressions {
+				keys = append(keys, e.Key)
+			}
+			slices.Sort(keys)
+			for _, k := range keys {
+				if !seen[k] && opts.Strips(k) {
+					seen[k] = true
+					fmt.Fprintf(warn, "warning: NetworkPolicy %s/%s selects pods by label %q, which identities leave out (--churn-labels): no pod has it as far as policy goes\n",
+						np.Namespace, np.Name, k)
+				}
+			}
+		}
+		check(&np.Spec.PodSelector)
+		for _, r := range np.Spec.Ingress {
+			for _, peer := range r.From {
+				check(peer.PodSelector)
+			}
+		}
+		for _, r := range np.Spec.Egress {
+			for _, peer := range r.To {
+				check(peer.PodSelector)
+			}
+		}
+	}
 }
