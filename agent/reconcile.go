@@ -347,7 +347,9 @@ func (a *Agent) desired() (ipc map[netip.Prefix]identity.ID, eps map[int]bpf.End
 // flush makes the maps equal to the desired state. Order matters: new
 // ipcache entries and endpoints first (rules may name them), then the
 // policy (written before stale entries go), then stale ipcache entries, then
-// a revision bump so established flows are checked against all of it.
+// a revision bump so established flows are checked against all of it. An
+// ipcache too full for the new entries beside the stale ones loses the
+// stale ones first.
 // Callers hold a.mu.
 func (a *Agent) flush() error {
 	start := time.Now()
@@ -363,8 +365,44 @@ func (a *Agent) flush() error {
 	if err != nil {
 		return err
 	}
+	var stale []netip.Prefix
+	for p := range have {
+		if _, ok := ipc[p]; !ok {
+			stale = append(stale, p)
+		}
+	}
+	added := 0
+	for p := range ipc {
+		if _, ok := have[p]; !ok {
+			added++
+		}
+	}
+	// Stale entries go after the policy that may still name them, unless
+	// the new ones would not fit beside them: then they go first, or a map
+	// near capacity refuses the churn before anything leaves it and stays
+	// full for good. Nothing the new state wants resolves through a stale
+	// prefix, so removing it early only moves its addresses to what they
+	// resolve to after the flush (a covering prefix, or world).
+	if len(stale) > 0 && len(have)+added >= a.dp.IPCacheCapacity() {
+		for _, p := range stale {
+			if err := a.dp.DeleteIPCache(p); err != nil {
+				return err
+			}
+		}
+		stale = nil
+	}
+	// Changed entries are replaced in place, never deleted and re-added, so
+	// an address is never unresolved; they go before new prefixes, while
+	// the map has the most room.
 	for p, id := range ipc {
-		if cur, ok := have[p]; !ok || cur != id {
+		if cur, ok := have[p]; ok && cur != id {
+			if err := a.dp.PutIPCache(p, id); err != nil {
+				return err
+			}
+		}
+	}
+	for p, id := range ipc {
+		if _, ok := have[p]; !ok {
 			if err := a.dp.PutIPCache(p, id); err != nil {
 				return err
 			}
@@ -387,11 +425,9 @@ func (a *Agent) flush() error {
 	if err := a.dp.ApplyPolicy(ms); err != nil {
 		return err
 	}
-	for p := range have {
-		if _, ok := ipc[p]; !ok {
-			if err := a.dp.DeleteIPCache(p); err != nil {
-				return err
-			}
+	for _, p := range stale {
+		if err := a.dp.DeleteIPCache(p); err != nil {
+			return err
 		}
 	}
 	if err := a.dp.BumpRevision(); err != nil {

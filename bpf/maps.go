@@ -148,6 +148,11 @@ func (d *Datapath) PutIPCache(p netip.Prefix, id identity.ID) error {
 	return nil
 }
 
+// IPCacheCapacity is how many prefixes the ipcache holds at most.
+func (d *Datapath) IPCacheCapacity() int {
+	return int(d.objs.Ipcache.MaxEntries())
+}
+
 // DeleteIPCache removes a prefix; a missing one is not an error.
 func (d *Datapath) DeleteIPCache(p netip.Prefix) error {
 	k := ipcacheKey(p)
@@ -318,15 +323,24 @@ func batchUpdate[K, V any](m *ebpf.Map, keys []K, vals []V, name string) error {
 	return nil
 }
 
-var errE2BIG = unix.E2BIG
+// ErrMapFull is wrapped by every write a map refused for want of room.
+var ErrMapFull = errors.New("map is full")
 
-// mapFull turns the kernel's E2BIG on insert into an error an operator can act
-// on.
+// sizeOption names the Options field that sizes each map that has one.
+var sizeOption = map[string]string{"policy": "PolicyEntries", "conntrack": "ConntrackEntries", "ipcache": "IPCacheEntries"}
+
+// mapFull turns the kernel's "no room" on insert into an error an operator
+// can act on. Hash and array maps say E2BIG; an LPM trie (the ipcache) says
+// ENOSPC.
 func mapFull(err error, name string) error {
-	if errors.Is(err, errE2BIG) {
-		return fmt.Errorf("map %s is full: %w (raise its size or remove entries)", name, err)
+	if !errors.Is(err, unix.E2BIG) && !errors.Is(err, unix.ENOSPC) {
+		return err
 	}
-	return err
+	how := "its max_entries in the datapath object"
+	if f, ok := sizeOption[name]; ok {
+		how = "its size (bpf.Options." + f + ")"
+	}
+	return fmt.Errorf("%s %w: %w (raise %s or remove entries)", name, ErrMapFull, err, how)
 }
 
 // Revision returns the current policy revision.
