@@ -12,7 +12,6 @@ import (
 	"github.com/cilium/ebpf/ringbuf"
 
 	"github.com/idcni/idcni/agent/api"
-	"github.com/idcni/idcni/bpf"
 )
 
 // eventHub reads the datapath's verdict events (a ring buffer has one
@@ -107,11 +106,10 @@ func (h *eventHub) publish(e api.Event) {
 // the ring was full: they never reached the agent, so only the datapath's
 // counters know.
 func (h *eventHub) watchLosses(ctx context.Context) {
-	last := map[bpf.Reason]uint64{}
-	if l, err := h.a.dp.EventLosses(); err == nil {
-		for r, n := range l {
-			last[r] = n.Lost
-		}
+	w, err := h.a.dp.WatchLosses()
+	if err != nil {
+		h.a.log.Error("event loss counters unavailable: gaps from a full ring go untold", "err", err)
+		return
 	}
 	t := time.NewTicker(lossPoll)
 	defer t.Stop()
@@ -121,24 +119,16 @@ func (h *eventHub) watchLosses(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		l, err := h.a.dp.EventLosses()
+		lost, err := w.Since()
 		if err != nil {
 			h.a.log.Warn("read event loss counters", "err", err)
 			continue
 		}
-		gap := &api.Gap{Lost: map[string]uint64{}}
-		for r, n := range l {
-			if n.Lost > last[r] {
-				gap.Lost[r.String()] = n.Lost - last[r]
-			}
-			last[r] = n.Lost
+		if gap := api.LostGap(lost); gap != nil {
+			h.mu.Lock()
+			h.publish(api.Event{Gap: gap})
+			h.mu.Unlock()
 		}
-		if len(gap.Lost) == 0 {
-			continue
-		}
-		h.mu.Lock()
-		h.publish(api.Event{Gap: gap})
-		h.mu.Unlock()
 	}
 }
 

@@ -3,6 +3,7 @@ package bpf
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"os"
 	"slices"
 
@@ -95,17 +96,13 @@ func (d *Datapath) AddConntrackTable(capacity uint32) (uint32, error) {
 	if slot == maxEndpoints {
 		return 0, fmt.Errorf("add conntrack table: all %d slots are in use by endpoints: %w", maxEndpoints-1, unix.E2BIG)
 	}
-	spec, err := loadDatapath()
-	if err != nil {
-		return 0, fmt.Errorf("parse embedded datapath object: %w", err)
-	}
 	// State first: the tables count their flows against this capacity
 	// from their first packet on.
 	if err := d.objs.EpStates.Update(slot, &datapathEpState{CtCapacity: capacity}, ebpf.UpdateAny); err != nil {
 		return 0, fmt.Errorf("write endpoint state %d: %w", slot, err)
 	}
 	for _, scope := range []Scope{ScopeEgress, ScopeIngress} {
-		inner := spec.Maps["ct_tables"].InnerMap.Copy()
+		inner := d.ctTable.Copy()
 		inner.Name = fmt.Sprintf("ct_%d_%d", slot, scope)
 		inner.MaxEntries = capacity
 		m, err := ebpf.NewMap(inner)
@@ -138,71 +135,83 @@ func (d *Datapath) DeleteConntrackTable(slot uint32) error {
 	return nil
 }
 
+// slotStates reads the state of every slot that holds tables: the ones
+// with a capacity, which AddConntrackTable writes before it installs the
+// tables and DeleteConntrackTable clears after it frees them. One batch
+// read of ep_states answers what walking ct_tables' 32,768 indexes would
+// take as many lookups for.
+func (d *Datapath) slotStates() (map[uint32]datapathEpState, error) {
+	keys := make([]uint32, maxEndpoints)
+	vals := make([]datapathEpState, maxEndpoints)
+	var cursor ebpf.MapBatchCursor
+	n, err := d.objs.EpStates.BatchLookup(&cursor, keys, vals, nil)
+	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+		return nil, fmt.Errorf("read endpoint states: %w", err)
+	}
+	out := map[uint32]datapathEpState{}
+	for i := range n {
+		if vals[i].CtCapacity != 0 {
+			out[keys[i]] = vals[i]
+		}
+	}
+	return out, nil
+}
+
 // conntrackTables opens every installed table by its index in ct_tables
 // (slot * 2 + scope), each table once: slot 0's two indexes are one
 // shared table. The caller closes them.
 func (d *Datapath) conntrackTables() (map[uint32]*ebpf.Map, error) {
+	states, err := d.slotStates()
+	if err != nil {
+		return nil, err
+	}
 	out := map[uint32]*ebpf.Map{}
-	closeAll := func() {
-		for _, m := range out {
-			m.Close()
-		}
-	}
 	seen := map[uint32]bool{}
-	var slot, id uint32
-	it := d.objs.CtTables.Iterate()
-	for it.Next(&slot, &id) {
-		if seen[id] {
-			continue
+	for slot := range states {
+		for _, scope := range []Scope{ScopeEgress, ScopeIngress} {
+			var id uint32
+			idx := ctIndex(slot, scope)
+			err := d.objs.CtTables.Lookup(idx, &id)
+			if errors.Is(err, ebpf.ErrKeyNotExist) || seen[id] {
+				continue
+			}
+			var m *ebpf.Map
+			if err == nil {
+				seen[id] = true
+				m, err = ebpf.NewMapFromID(ebpf.MapID(id))
+				if errors.Is(err, os.ErrNotExist) {
+					continue // freed since the lookup
+				}
+			}
+			if err != nil {
+				closeTables(out)
+				return nil, fmt.Errorf("open conntrack table of slot %d: %w", slot, err)
+			}
+			out[idx] = m
 		}
-		seen[id] = true
-		m, err := ebpf.NewMapFromID(ebpf.MapID(id))
-		if errors.Is(err, os.ErrNotExist) {
-			continue // freed since the lookup
-		}
-		if err != nil {
-			closeAll()
-			return nil, fmt.Errorf("open conntrack table of slot %d: %w", slot, err)
-		}
-		out[slot] = m
-	}
-	if err := it.Err(); err != nil {
-		closeAll()
-		return nil, fmt.Errorf("list conntrack tables: %w", err)
 	}
 	return out, nil
 }
 
-// ConntrackSlots lists the slots that hold a table, the shared slot 0
+// ConntrackSlots lists the slots that hold tables, the shared slot 0
 // included.
 func (d *Datapath) ConntrackSlots() ([]uint32, error) {
-	tables, err := d.conntrackTables()
+	states, err := d.slotStates()
 	if err != nil {
 		return nil, err
 	}
-	var out []uint32
-	for idx, m := range tables {
-		if !slices.Contains(out, idx/2) {
-			out = append(out, idx/2)
-		}
-		m.Close()
-	}
-	slices.Sort(out)
-	return out, nil
+	return slices.Sorted(maps.Keys(states)), nil
 }
 
 // ConntrackUsage reads the datapath's counts for every installed table.
 func (d *Datapath) ConntrackUsage() ([]ConntrackUsage, error) {
-	slots, err := d.ConntrackSlots()
+	states, err := d.slotStates()
 	if err != nil {
 		return nil, err
 	}
-	out := make([]ConntrackUsage, 0, len(slots))
-	for _, slot := range slots {
-		var st datapathEpState
-		if err := d.objs.EpStates.Lookup(slot, &st); err != nil {
-			return nil, fmt.Errorf("read endpoint state %d: %w", slot, err)
-		}
+	out := make([]ConntrackUsage, 0, len(states))
+	for _, slot := range slices.Sorted(maps.Keys(states)) {
+		st := states[slot]
 		var tables [2]TableUsage
 		for scope, u := range st.Ct {
 			tables[scope] = TableUsage{Entries: u.Count, Created: u.Created, Evicted: u.Evicted}
@@ -251,6 +260,38 @@ func (d *Datapath) EventLosses() (map[Reason]EventLoss, error) {
 		if l != (EventLoss{}) {
 			out[r] = l
 		}
+	}
+	return out, nil
+}
+
+// LossWatch tells, each time it is asked, how many events of each reason
+// the datapath lost to a full ring since it was last asked: what a reader
+// of the events must report as a gap in what it read.
+type LossWatch struct {
+	d    *Datapath
+	last map[Reason]uint64
+}
+
+// WatchLosses starts a LossWatch from the counts as they are now.
+func (d *Datapath) WatchLosses() (*LossWatch, error) {
+	w := &LossWatch{d: d, last: map[Reason]uint64{}}
+	_, err := w.Since()
+	return w, err
+}
+
+// Since returns the events lost since the last call, by reason; the map
+// is empty when none were.
+func (w *LossWatch) Since() (map[Reason]uint64, error) {
+	l, err := w.d.EventLosses()
+	if err != nil {
+		return nil, err
+	}
+	out := map[Reason]uint64{}
+	for r, n := range l {
+		if n.Lost > w.last[r] {
+			out[r] = n.Lost - w.last[r]
+		}
+		w.last[r] = n.Lost
 	}
 	return out, nil
 }

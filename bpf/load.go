@@ -49,6 +49,9 @@ type Datapath struct {
 	// cfgMu serialises this handle's config read-modify-writes (see
 	// updateConfig).
 	cfgMu sync.Mutex
+	// ctTable is the embedded object's conntrack table, the template of
+	// every pod's (AddConntrackTable), kept from the parse that opened d.
+	ctTable *ebpf.MapSpec
 }
 
 // RootFromEnv returns IDCNI_BPF_ROOT, or DefaultRoot.
@@ -127,6 +130,7 @@ func (d *Datapath) spec(opts Options) (*ebpf.CollectionSpec, error) {
 			spec.Maps[name].MaxEntries = n
 		}
 	}
+	d.ctTable = spec.Maps["ct_tables"].InnerMap
 	return spec, nil
 }
 

@@ -90,3 +90,16 @@ type Gap struct {
 	Lost   map[string]uint64 `json:"lost,omitempty"`
 	Missed uint64            `json:"missed,omitempty"`
 }
+
+// LostGap is the gap marker for events the datapath lost to a full ring
+// (bpf.LossWatch), nil when none were.
+func LostGap(lost map[bpf.Reason]uint64) *Gap {
+	if len(lost) == 0 {
+		return nil
+	}
+	g := &Gap{Lost: make(map[string]uint64, len(lost))}
+	for r, n := range lost {
+		g.Lost[r.String()] = n
+	}
+	return g
+}

@@ -209,8 +209,11 @@ func monitorRing(ctx context.Context, cmd *cobra.Command, g *cli.Globals, f *mon
 	defer stop()
 	fmt.Fprintf(cmd.ErrOrStderr(), "Listening for verdicts of the datapath at %s (Ctrl-C to stop)\n", d.Root())
 	emit := f.emitter(cmd)
-	losses := lossWatch{d: d}
-	losses.gap() // from now on
+	w, err := d.WatchLosses()
+	if err != nil {
+		return err
+	}
+	losses := lossWatch{w: w, asked: time.Now()}
 	for {
 		// Wake at least every second to tell ring losses.
 		rd.SetDeadline(time.Now().Add(time.Second))
@@ -238,35 +241,20 @@ func monitorRing(ctx context.Context, cmd *cobra.Command, g *cli.Globals, f *mon
 // lossWatch turns the datapath's counts of events lost to a full ring into
 // gap markers, at most one a second.
 type lossWatch struct {
-	d     *bpf.Datapath
-	last  map[bpf.Reason]uint64
+	w     *bpf.LossWatch
 	asked time.Time
 }
 
-func (w *lossWatch) gap() *api.Gap {
-	if time.Since(w.asked) < time.Second {
+func (l *lossWatch) gap() *api.Gap {
+	if time.Since(l.asked) < time.Second {
 		return nil
 	}
-	w.asked = time.Now()
-	l, err := w.d.EventLosses()
+	l.asked = time.Now()
+	lost, err := l.w.Since()
 	if err != nil {
 		return nil
 	}
-	first := w.last == nil
-	if first {
-		w.last = map[bpf.Reason]uint64{}
-	}
-	g := &api.Gap{Lost: map[string]uint64{}}
-	for r, n := range l {
-		if n.Lost > w.last[r] && !first {
-			g.Lost[r.String()] = n.Lost - w.last[r]
-		}
-		w.last[r] = n.Lost
-	}
-	if len(g.Lost) == 0 {
-		return nil
-	}
-	return g
+	return api.LostGap(lost)
 }
 
 // textOf is the datapath's one-line form, with the pods when known.
