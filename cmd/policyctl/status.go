@@ -137,11 +137,7 @@ func gatherStatus(cmd *cobra.Command, g *cli.Globals) (*statusView, error) {
 	if err != nil {
 		return nil, err
 	}
-	flows, err := d.Conntrack()
-	if err != nil {
-		return nil, err
-	}
-	dp.Endpoints, dp.IPCache, dp.PolicyEntries, dp.Identities, dp.Flows = len(eps), len(ipc), len(pol.Entries), len(pol.Identities), len(flows)
+	dp.Endpoints, dp.IPCache, dp.PolicyEntries, dp.Identities = len(eps), len(ipc), len(pol.Entries), len(pol.Identities)
 
 	if !v.Agent.Running {
 		st, err := g.LoadState()
@@ -193,8 +189,12 @@ func gatherStatus(cmd *cobra.Command, g *cli.Globals) (*statusView, error) {
 			owner[ep.ConntrackSlot] = idx
 		}
 	}
+	// The flows come from the datapath's own counts: listing the pods'
+	// tables needs them opened by id, which takes CAP_SYS_ADMIN, and the
+	// agent's container (where operators run policyctl) has CAP_BPF.
 	for _, u := range usage {
 		v.Conntrack = append(v.Conntrack, conntrackView{ConntrackUsage: u, Ifindex: owner[u.Slot]})
+		dp.Flows += int(u.Entries())
 	}
 	sort.Slice(v.Conntrack, func(i, j int) bool { return v.Conntrack[i].Slot < v.Conntrack[j].Slot })
 	losses, err := d.EventLosses()
