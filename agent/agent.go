@@ -12,9 +12,11 @@ import (
 	"log/slog"
 	"net/netip"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
@@ -26,6 +28,7 @@ import (
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/manual"
+	"github.com/idcni/idcni/policy"
 	"github.com/idcni/idcni/policy/netpol"
 	"github.com/idcni/idcni/store"
 )
@@ -47,7 +50,15 @@ type Config struct {
 	IdentityGrace time.Duration
 	ChurnLabels   []string
 	Resync        time.Duration
-	Logger        *slog.Logger
+	// AuditInterval is how often the maps are compared with what the
+	// agent wrote (drift is repaired and counted); 0 disables.
+	AuditInterval time.Duration
+	// PolicyEntries and IPCacheEntries size the policy map and the
+	// ipcache; 0 keeps the datapath's defaults. Maps pinned with other
+	// sizes are refused, never resized.
+	PolicyEntries  uint32
+	IPCacheEntries uint32
+	Logger         *slog.Logger
 }
 
 // Agent is one node's agent.
@@ -62,26 +73,40 @@ type Agent struct {
 	policies  netlisters.NetworkPolicyLister
 	nodes     corelisters.NodeLister
 	synced    []cache.InformerSynced
-	queue     workqueue.TypedRateLimitingInterface[string]
+	queue     workqueue.TypedRateLimitingInterface[key]
 	recorder  record.EventRecorder
 	broadcast record.EventBroadcaster
 
 	db       *store.DB
 	dp       *bpf.Datapath
+	maps     datapathMaps // dp, or a fake in unit tests
 	alloc    *identity.Allocator
 	compiler *netpol.Compiler
-	manual   manual.State
 	metrics  *metrics
 	events   *eventHub
 
-	// mu serialises changes to the compiler and writes to the maps: the
-	// reconcile worker and endpoint registrations take turns.
-	mu        sync.Mutex
-	endpoints *endpointRegistry
+	// Handed from the local API to the writer loop.
+	pending       pendingEndpoints
+	pendingManual pendingManual
+	waiting       waiters
+	// manualView is the manual state for the API's lists.
+	manualView atomic.Pointer[manual.State]
+
+	// Owned by the writer loop (processNext) once Run started.
+	st          *nodeState
+	endpoints   *endpointRegistry
+	manual      manual.State
+	manualRules map[identity.ID][]policy.Rule
+	manualDirty bool         // manual changed since the last save
+	manualSaved manual.State // as in the state file
+	refused     refusedPolicies
+	accepted    map[string]*networkingv1.NetworkPolicy // the version of each policy in force
+	held        []chan error                           // callers answered by the next flush
 	// dirtySince is when the first change not yet in the maps arrived.
 	dirtySince time.Time
-	ready      chan struct{}
-	readyOnce  sync.Once
+
+	ready     chan struct{}
+	readyOnce sync.Once
 }
 
 // New opens the state file and the datapath (loading or upgrading it) and
@@ -108,16 +133,21 @@ func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
 	if err != nil {
 		return fail(fmt.Errorf("open manual state: %w", err))
 	}
+	a.manualSaved = a.manual
+	a.manualView.Store(&a.manual)
 	a.endpoints, err = openEndpointRegistry(a.db)
 	if err != nil {
 		return fail(err)
 	}
 	// Replace: an agent start is how a node upgrades its programs; the
 	// tcx links move to the new ones atomically.
-	a.dp, err = bpf.Load(bpf.Options{Root: cfg.BPFRoot, Replace: true})
+	a.dp, err = bpf.Load(bpf.Options{Root: cfg.BPFRoot, Replace: true, PolicyEntries: cfg.PolicyEntries, IPCacheEntries: cfg.IPCacheEntries})
 	if err != nil {
 		return fail(fmt.Errorf("load datapath: %w", err))
 	}
+	a.maps = a.dp
+	a.st = newNodeState()
+	a.accepted = map[string]*networkingv1.NetworkPolicy{}
 	opts := identity.Options{ChurnLabels: cfg.ChurnLabels}
 	a.compiler = netpol.NewCompiler(&netpol.PodIdentities{Alloc: a.alloc, Opts: opts})
 	a.metrics = newMetrics(a)
@@ -129,9 +159,9 @@ func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
 	npInf := a.factory.Networking().V1().NetworkPolicies()
 	nodeInf := a.factory.Core().V1().Nodes()
 	a.pods, a.nss, a.policies, a.nodes = podInf.Lister(), nsInf.Lister(), npInf.Lister(), nodeInf.Lister()
-	a.queue = workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[string](),
-		workqueue.TypedRateLimitingQueueConfig[string]{Name: "idcni-agent"})
-	for kind, inf := range map[string]cache.SharedIndexInformer{
+	a.queue = workqueue.NewTypedRateLimitingQueueWithConfig(workqueue.DefaultTypedControllerRateLimiter[key](),
+		workqueue.TypedRateLimitingQueueConfig[key]{Name: "idcni-agent"})
+	for kind, inf := range map[kind]cache.SharedIndexInformer{
 		kindPod: podInf.Informer(), kindNamespace: nsInf.Informer(), kindPolicy: npInf.Informer(), kindNode: nodeInf.Informer(),
 	} {
 		if _, err := inf.AddEventHandler(a.handler(kind)); err != nil {
@@ -198,9 +228,15 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	// Start from the cluster's truth: everything in the caches goes into
 	// the compiler, then one write makes the maps equal to it, removing
-	// whatever stale state the last run left.
+	// whatever stale state the last run left. A policy that does not fit
+	// is refused alone; maps too small for the rest are an error the
+	// writer keeps retrying, not a crash.
 	if err := a.resync(); err != nil {
 		return fmt.Errorf("first reconcile: %w", err)
+	}
+	a.dirtySince = time.Now()
+	if err := a.flush(); err != nil {
+		a.log.Error("first write of the maps is incomplete; retrying", "err", err)
 	}
 	if err := a.WriteCNIConf(); err != nil {
 		return err
@@ -215,6 +251,20 @@ func (a *Agent) Run(ctx context.Context) error {
 			a.log.Info("released unused identities", "count", len(freed))
 		}
 	})
+	if a.cfg.AuditInterval > 0 {
+		go func() {
+			t := time.NewTicker(a.cfg.AuditInterval)
+			defer t.Stop()
+			for {
+				select {
+				case <-ctx.Done():
+					return
+				case <-t.C:
+					a.queue.Add(key{kind: kindAudit})
+				}
+			}
+		}()
+	}
 	go func() { <-ctx.Done(); a.queue.ShutDown() }()
 	for a.processNext() {
 	}

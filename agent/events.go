@@ -42,10 +42,21 @@ func newEventHub(a *Agent) *eventHub {
 	return &eventHub{a: a, subs: map[*subscriber]struct{}{}, pods: map[netip.Addr]string{}}
 }
 
-// setPods replaces the address -> "ns/name" index (built on every flush).
-func (h *eventHub) setPods(m map[netip.Addr]string) {
+// setPod names the pod at addr; delPod forgets it if it is still key's.
+func (h *eventHub) setPod(addr netip.Addr, key string) {
 	h.mu.Lock()
-	h.pods = m
+	if h.pods == nil {
+		h.pods = map[netip.Addr]string{}
+	}
+	h.pods[addr] = key
+	h.mu.Unlock()
+}
+
+func (h *eventHub) delPod(addr netip.Addr, key string) {
+	h.mu.Lock()
+	if h.pods[addr] == key {
+		delete(h.pods, addr)
+	}
 	h.mu.Unlock()
 }
 

@@ -48,6 +48,7 @@ func flushAgent(t *testing.T, capacity uint32) *Agent {
 		a.dp = nil
 		t.Fatal(err)
 	}
+	a.maps = a.dp
 	return a
 }
 
@@ -56,12 +57,11 @@ func churnAddr(i int) netip.Addr { return netip.AddrFrom4([4]byte{10, 97, byte(i
 // flushBindings makes the manual bindings the whole desired ipcache (the
 // fake cluster has no nodes, pods or policies) and flushes.
 func flushBindings(a *Agent, want map[netip.Addr]identity.ID) error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	a.manual = manual.State{}
+	var st manual.State
 	for addr, id := range want {
-		a.manual.Bindings = append(a.manual.Bindings, manual.Binding{IP: addr, Identity: id})
+		st.Bindings = append(st.Bindings, manual.Binding{IP: addr, Identity: id})
 	}
+	a.setManual(st)
 	return a.flush()
 }
 

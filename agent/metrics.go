@@ -12,7 +12,6 @@ import (
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 
 	"github.com/idcni/idcni/bpf"
-	"github.com/idcni/idcni/policy"
 )
 
 // metrics are the agent's Prometheus metrics. Packet counters are read
@@ -29,6 +28,11 @@ type metrics struct {
 	addSeconds       prometheus.Histogram
 	reconcileErrors  prometheus.Counter
 	events           *prometheus.CounterVec
+	writes           *prometheus.CounterVec
+	revisionBumps    prometheus.Counter
+	policiesRefused  prometheus.Gauge
+	overflow         prometheus.Gauge
+	auditDrift       *prometheus.CounterVec
 }
 
 func newMetrics(a *Agent) *metrics {
@@ -52,17 +56,38 @@ func newMetrics(a *Agent) *metrics {
 		Help: "Reconciles that failed and were retried."})
 	m.events = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "idcni", Name: "verdict_events_total",
 		Help: "Verdict events read from the datapath."}, []string{"verdict", "reason"})
+	m.writes = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "idcni", Name: "map_writes_total",
+		Help: "Map entries the agent wrote or deleted, by map and operation."}, []string{"map", "op"})
+	m.revisionBumps = prometheus.NewCounter(prometheus.CounterOpts{Namespace: "idcni", Name: "policy_revision_bumps_total",
+		Help: "Policy revision changes: writes that could revoke what established flows rely on, so every flow was checked again."})
+	m.policiesRefused = prometheus.NewGauge(f("policies_refused", "NetworkPolicies left out because their rules do not fit the policy map (each has a PolicyRefused Event)."))
+	m.overflow = prometheus.NewGauge(f("map_overflow", "Subjects and ipcache entries waiting for room in a full map."))
+	m.auditDrift = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "idcni", Name: "audit_drift_total",
+		Help: "Map entries the periodic audit found different from what the agent wrote, and repaired, by map."}, []string{"map"})
 	m.reg.MustRegister(m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
-		m.flushSeconds, m.addSeconds, m.reconcileErrors, m.events,
+		m.flushSeconds, m.addSeconds, m.reconcileErrors, m.events, m.writes, m.revisionBumps, m.policiesRefused, m.overflow, m.auditDrift,
 		&datapathCollector{a: a}, &flowCollector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
 }
 
-func (m *metrics) observeState(ipcache, endpoints int, ms *policy.MapState) {
-	m.ipcache.Set(float64(ipcache))
-	m.endpoints.Set(float64(endpoints))
-	m.identities.Set(float64(len(ms.Identities)))
-	m.policyEntries.Set(float64(len(ms.Entries)))
+// observeFlush records one flush: what it wrote, how long it took, how
+// long the oldest change in it waited, and the sizes it left.
+func (m *metrics) observeFlush(f flushStats, took, waited time.Duration, s *nodeState) {
+	m.flushSeconds.Observe(took.Seconds())
+	m.reconcileSeconds.Observe(waited.Seconds())
+	for _, w := range []struct {
+		m, op string
+		n     int
+	}{{"ipcache", "put", f.ipcPut}, {"ipcache", "delete", f.ipcDel}, {"endpoints", "put", f.epPut}, {"endpoints", "delete", f.epDel}, {"policy", "put", f.polPut}, {"policy", "delete", f.polDel}} {
+		if w.n > 0 {
+			m.writes.WithLabelValues(w.m, w.op).Add(float64(w.n))
+		}
+	}
+	m.overflow.Set(float64(len(f.overflow) + f.ipcFull))
+	m.ipcache.Set(float64(len(s.ipc)))
+	m.endpoints.Set(float64(len(s.eps)))
+	m.identities.Set(float64(len(s.flags)))
+	m.policyEntries.Set(float64(len(s.pol)))
 }
 
 func (m *metrics) observeEvent(ev bpf.Event) {

@@ -40,7 +40,7 @@ func TestNodeAddrsSplitLocalFromRemote(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	a := &Agent{cfg: Config{NodeName: "me"}, nodes: corelisters.NewNodeLister(idx)}
+	a := &Agent{cfg: Config{NodeName: "me"}, nodes: corelisters.NewNodeLister(idx), st: newNodeState()}
 	local, remote, err := a.nodeAddrs()
 	if err != nil {
 		t.Fatal(err)
@@ -62,7 +62,7 @@ func TestNodeAddrsSplitLocalFromRemote(t *testing.T) {
 	}
 
 	a.compiler = netpol.NewCompiler(netpol.NewMemoryIdentities())
-	if _, err := a.syncNodes(); err != nil {
+	if err := a.syncNodes(); err != nil {
 		t.Fatal(err)
 	}
 	for addr, want := range map[string]identity.ID{"192.0.2.10": identity.Host, "203.0.113.10": identity.Host, "192.0.2.11": identity.RemoteNode, "192.0.2.12": identity.RemoteNode, "192.0.2.13": identity.World} {

@@ -4,131 +4,273 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
+	networkingv1 "k8s.io/api/networking/v1"
+	"k8s.io/apimachinery/pkg/api/equality"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/tools/cache"
 
-	"github.com/idcni/idcni/bpf"
+	"github.com/idcni/idcni/desired"
 	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/manual"
 	"github.com/idcni/idcni/policy"
+	"github.com/idcni/idcni/policy/netpol"
 )
 
-// Work queue keys are "<kind>:<namespace/name>".
+// kind is what a work queue key names.
+type kind uint8
+
 const (
-	kindPod       = "pod"
-	kindNamespace = "namespace"
-	kindPolicy    = "networkpolicy"
-	kindNode      = "node"
+	kindPod       kind = iota + 1 // ns/name
+	kindNamespace                 // name
+	kindPolicy                    // ns/name
+	kindNode                      // every node at once (the set of node addresses)
+	kindEndpoint                  // name: container ID of a registration or removal
+	kindManual                    // the manual state's pending changes
+	kindAudit                     // compare the maps with what was written
+	kindRetry                     // flush what an earlier flush could not write
 )
 
-func (a *Agent) handler(kind string) cache.ResourceEventHandler {
+func (k kind) String() string {
+	return [...]string{"", "pod", "namespace", "networkpolicy", "node", "endpoint", "manual", "audit", "retry"}[k]
+}
+
+// key is one item of the work queue. Informer and API handlers only add
+// keys; the one worker (processNext) turns them into map writes.
+type key struct {
+	kind      kind
+	namespace string
+	name      string
+}
+
+func (k key) String() string {
+	if k.namespace != "" {
+		return k.kind.String() + ":" + k.namespace + "/" + k.name
+	}
+	return k.kind.String() + ":" + k.name
+}
+
+// handler enqueues the objects of one kind. An update that changes nothing
+// the agent looks at (a resync with the same ResourceVersion, a pod's
+// condition or container status) enqueues nothing, so it costs nothing.
+func (a *Agent) handler(k kind) cache.ResourceEventHandler {
 	enqueue := func(obj any) {
-		key, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj)
+		nsName, err := cache.DeletionHandlingMetaNamespaceKeyFunc(obj)
 		if err != nil {
-			a.log.Error("cannot key object", "kind", kind, "err", err)
+			a.log.Error("cannot key object", "kind", k, "err", err)
 			return
 		}
-		a.queue.Add(kind + ":" + key)
+		ns, name, _ := cache.SplitMetaNamespaceKey(nsName)
+		if k == kindNode {
+			ns, name = "", ""
+		}
+		a.queue.Add(key{kind: k, namespace: ns, name: name})
 	}
 	return cache.ResourceEventHandlerFuncs{
-		AddFunc:    enqueue,
-		UpdateFunc: func(_, obj any) { enqueue(obj) },
+		AddFunc: enqueue,
+		UpdateFunc: func(old, obj any) {
+			if relevantChange(k, old, obj) {
+				enqueue(obj)
+			}
+		},
 		DeleteFunc: enqueue,
 	}
 }
 
-// processNext syncs one key into the compiler, and writes the maps once
-// the queue is empty and something changed, so a burst of changes costs one
-// write and a resync that changes nothing costs none.
-func (a *Agent) processNext() bool {
-	key, quit := a.queue.Get()
-	if quit {
-		return false
+// relevantChange reports whether an update can change the maps.
+func relevantChange(k kind, old, obj any) bool {
+	switch k {
+	case kindPod:
+		o, n := old.(*corev1.Pod), obj.(*corev1.Pod)
+		if o.ResourceVersion == n.ResourceVersion {
+			return false
+		}
+		return !labels.Equals(o.Labels, n.Labels) || o.Status.PodIP != n.Status.PodIP ||
+			!equality.Semantic.DeepEqual(o.Status.PodIPs, n.Status.PodIPs) ||
+			netpol.IsEndpoint(o) != netpol.IsEndpoint(n) || !sameContainerPorts(o, n)
+	case kindNamespace:
+		o, n := old.(*corev1.Namespace), obj.(*corev1.Namespace)
+		return o.ResourceVersion != n.ResourceVersion && !labels.Equals(o.Labels, n.Labels)
+	case kindPolicy:
+		o, n := old.(*networkingv1.NetworkPolicy), obj.(*networkingv1.NetworkPolicy)
+		return o.ResourceVersion != n.ResourceVersion && !equality.Semantic.DeepEqual(o.Spec, n.Spec)
+	case kindNode:
+		o, n := old.(*corev1.Node), obj.(*corev1.Node)
+		return o.ResourceVersion != n.ResourceVersion && !equality.Semantic.DeepEqual(o.Status.Addresses, n.Status.Addresses)
 	}
-	defer a.queue.Done(key)
-	a.mu.Lock()
-	err := a.sync(key)
-	if err == nil && a.queue.Len() == 0 && !a.dirtySince.IsZero() {
-		err = a.flush()
-	}
-	a.mu.Unlock()
-	if err != nil {
-		a.log.Error("reconcile", "key", key, "err", err)
-		a.metrics.reconcileErrors.Inc()
-		a.queue.AddRateLimited(key)
-		return true
-	}
-	a.queue.Forget(key)
 	return true
 }
 
-// sync moves one object's current state from the informer cache into the
-// compiler. Callers hold a.mu.
-func (a *Agent) sync(key string) error {
-	kind, nsName, _ := strings.Cut(key, ":")
-	ns, name, err := cache.SplitMetaNamespaceKey(nsName)
+func sameContainerPorts(a, b *corev1.Pod) bool {
+	ports := func(p *corev1.Pod) [][]corev1.ContainerPort {
+		var out [][]corev1.ContainerPort
+		for _, c := range p.Spec.InitContainers {
+			out = append(out, c.Ports)
+		}
+		for _, c := range p.Spec.Containers {
+			out = append(out, c.Ports)
+		}
+		return out
+	}
+	return equality.Semantic.DeepEqual(ports(a), ports(b))
+}
+
+// maxFlushDelay bounds how long changes wait for the queue to empty before
+// they are written anyway, so a steady stream of events cannot hold back
+// the writes.
+const maxFlushDelay = 50 * time.Millisecond
+
+// processNext takes one key into the compiler and the node state, and
+// writes the maps once the queue is empty (or changes have waited
+// maxFlushDelay), so a burst of changes costs one write. API callers whose
+// changes the key carried are answered after the write that contains them.
+func (a *Agent) processNext() bool {
+	k, quit := a.queue.Get()
+	if quit {
+		return false
+	}
+	defer a.queue.Done(k)
+	waiters := a.takeWaiters(k)
+	err := a.sync(k)
+	if err != nil {
+		a.log.Error("reconcile", "key", k, "err", err)
+		a.metrics.reconcileErrors.Inc()
+		answer(waiters, err)
+		if k.kind != kindEndpoint && k.kind != kindManual {
+			a.queue.AddRateLimited(k)
+		}
+		return true
+	}
+	a.queue.Forget(k)
+	a.held = append(a.held, waiters...)
+	if a.st.dirty() || len(a.held) > 0 {
+		if a.dirtySince.IsZero() {
+			a.dirtySince = time.Now()
+		}
+		if a.queue.Len() == 0 || time.Since(a.dirtySince) > maxFlushDelay {
+			err := a.flush()
+			answer(a.held, err)
+			a.held = nil
+		}
+	}
+	return true
+}
+
+// sync moves one key's current state into the compiler and the node state.
+func (a *Agent) sync(k key) error {
+	switch k.kind {
+	case kindPod:
+		return a.syncPod(k.namespace, k.name)
+	case kindNamespace:
+		return a.syncNamespace(k.name)
+	case kindPolicy:
+		return a.syncPolicy(k.namespace, k.name)
+	case kindNode:
+		return a.syncNodes()
+	case kindEndpoint:
+		return a.syncEndpoint(k.name)
+	case kindManual:
+		return a.syncManual()
+	case kindAudit:
+		return a.audit()
+	case kindRetry:
+		return nil
+	}
+	return fmt.Errorf("unknown key %v", k)
+}
+
+// applyDelta marks what a compiler change touched.
+func (a *Agent) applyDelta(d netpol.Delta) {
+	a.st.touchSubjects(d.Identities)
+	for _, c := range d.CIDRsAdded {
+		a.st.setCIDR(c.Prefix, c.ID, true)
+	}
+	for _, c := range d.CIDRsRemoved {
+		if a.st.cidrs[c.Prefix] == c.ID {
+			a.st.setCIDR(c.Prefix, c.ID, false)
+		}
+	}
+}
+
+func (a *Agent) syncPod(ns, name string) error {
+	pod, err := a.pods.Pods(ns).Get(name)
+	if apierrors.IsNotFound(err) {
+		return a.forgetPod(ns, name)
+	}
 	if err != nil {
 		return err
 	}
-	var changed bool
-	switch kind {
-	case kindPod:
-		changed, err = a.syncPod(ns, name)
-	case kindNamespace:
-		changed, err = a.syncNamespace(name)
-	case kindPolicy:
-		changed, err = a.syncPolicy(ns, name)
-	case kindNode:
-		changed, err = a.syncNodes()
-	default:
-		return fmt.Errorf("unknown key %q", key)
-	}
-	if changed {
-		a.markDirty()
-	}
-	return err
+	return a.compilePod(pod)
 }
 
-// markDirty records that the maps lag the compiler, and since when.
-func (a *Agent) markDirty() {
-	if a.dirtySince.IsZero() {
-		a.dirtySince = time.Now()
-	}
-}
-
-func (a *Agent) syncPod(ns, name string) (bool, error) {
-	pod, err := a.pods.Pods(ns).Get(name)
-	if apierrors.IsNotFound(err) {
-		if _, err := a.compiler.DeletePod(ns, name); err != nil {
-			return false, err
-		}
-		return true, a.alloc.Release(podUser(ns, name))
-	}
+func (a *Agent) forgetPod(ns, name string) error {
+	d, err := a.compiler.DeletePod(ns, name)
 	if err != nil {
-		return false, err
+		return err
 	}
-	// Changed even when the compiler's Delta is empty: the Delta names
-	// identities whose rules changed, not addresses that moved in the
-	// ipcache.
-	_, err = a.compiler.UpsertPod(a.withLocalAddrs(pod))
-	return true, err
+	a.applyDelta(d)
+	key := ns + "/" + name
+	if c, ok := a.st.pods[key]; ok {
+		for _, addr := range c.addrs {
+			a.events.delPod(addr, key)
+		}
+	}
+	a.st.setPod(key, 0, nil, false)
+	return a.alloc.Release(podUser(ns, name))
 }
 
-// syncNodes hands every node address to the compiler: this node's resolve
-// to host, every other node's to remote-node, and ipBlocks containing them
-// allow those identities (pods reaching the API server on a node address,
-// for one).
-func (a *Agent) syncNodes() (bool, error) {
+// compilePod gives the compiler a pod (with the addresses its plugin
+// registered, which the API server learns only after the CNI ADD) and
+// records its identity and addresses.
+func (a *Agent) compilePod(pod *corev1.Pod) error {
+	pod = a.withLocalAddrs(pod)
+	d, err := a.compiler.UpsertPod(pod)
+	if err != nil {
+		return err
+	}
+	a.applyDelta(d)
+	key := pod.Namespace + "/" + pod.Name
+	id, ok := a.compiler.PodIdentity(pod.Namespace, pod.Name)
+	addrs := podAddrs(pod)
+	slices.SortFunc(addrs, netip.Addr.Compare)
+	if old, had := a.st.pods[key]; had {
+		for _, addr := range old.addrs {
+			a.events.delPod(addr, key)
+		}
+	}
+	if ok {
+		for _, addr := range addrs {
+			a.events.setPod(addr, key)
+		}
+	}
+	a.st.setPod(key, id, addrs, ok)
+	return nil
+}
+
+// syncNodes hands every node address to the compiler and the ipcache:
+// this node's resolve to host, every other node's to remote-node.
+func (a *Agent) syncNodes() error {
 	local, remote, err := a.nodeAddrs()
 	if err != nil {
-		return false, err
+		return err
 	}
-	a.compiler.SetNodeAddrs(local, remote)
-	return true, nil // node addresses are ipcache entries too
+	a.applyDelta(a.compiler.SetNodeAddrs(local, remote))
+	want := map[netip.Addr]identity.ID{}
+	// Local after remote: an address two Node objects claim, one of them
+	// this node's, is this node's, as the compiler has it.
+	for _, r := range remote {
+		want[r] = identity.RemoteNode
+	}
+	for _, l := range local {
+		want[l] = identity.Host
+	}
+	a.st.setNodes(want)
+	return nil
 }
 
 // nodeAddrs returns the InternalIPs and ExternalIPs of this node (local)
@@ -159,29 +301,55 @@ func (a *Agent) nodeAddrs() (local, remote []netip.Addr, err error) {
 	return local, remote, nil
 }
 
-func (a *Agent) syncNamespace(name string) (bool, error) {
+func (a *Agent) syncNamespace(name string) error {
 	ns, err := a.nss.Get(name)
-	if apierrors.IsNotFound(err) {
-		_, err := a.compiler.DeleteNamespace(name)
-		return true, err
+	var d netpol.Delta
+	switch {
+	case apierrors.IsNotFound(err):
+		d, err = a.compiler.DeleteNamespace(name)
+	case err == nil:
+		d, err = a.compiler.UpsertNamespace(ns)
 	}
 	if err != nil {
-		return false, err
+		return err
 	}
-	// A label change moves the namespace's pods to other identities in
-	// the ipcache, which the Delta does not report.
-	_, err = a.compiler.UpsertNamespace(ns)
-	return true, err
+	a.applyDelta(d)
+	// A label change gives the namespace's pods other identities, which
+	// the Delta does not list: ask the compiler again for each.
+	pods, err := a.pods.Pods(name).List(labels.Everything())
+	if err != nil {
+		return err
+	}
+	for _, pod := range pods {
+		key := pod.Namespace + "/" + pod.Name
+		id, ok := a.compiler.PodIdentity(pod.Namespace, pod.Name)
+		if old, had := a.st.pods[key]; had && ok && old.id != id {
+			a.st.setPod(key, id, old.addrs, true)
+		}
+	}
+	return nil
 }
 
-func (a *Agent) syncPolicy(ns, name string) (bool, error) {
+func (a *Agent) syncPolicy(ns, name string) error {
 	np, err := a.policies.NetworkPolicies(ns).Get(name)
 	if apierrors.IsNotFound(err) {
 		d, err := a.compiler.DeletePolicy(ns, name)
-		return !d.Empty(), err
+		if err != nil {
+			return err
+		}
+		a.applyDelta(d)
+		delete(a.accepted, ns+"/"+name)
+		if a.refused.forget(ns+"/"+name) || a.refused.len() > 0 {
+			// Room freed: try the refused ones again.
+			for k := range a.refused {
+				rns, rname, _ := strings.Cut(k, "/")
+				a.queue.Add(key{kind: kindPolicy, namespace: rns, name: rname})
+			}
+		}
+		return nil
 	}
 	if err != nil {
-		return false, err
+		return err
 	}
 	d, err := a.compiler.UpsertPolicy(np)
 	if err != nil {
@@ -189,23 +357,211 @@ func (a *Agent) syncPolicy(ns, name string) (bool, error) {
 		a.log.Warn("policy rejected", "policy", ns+"/"+name, "err", err)
 		// Not retried: the previous version stays in force until the
 		// object changes again.
-		return false, nil
+		return nil
 	}
-	if d.Empty() {
-		return false, nil
-	}
-	// A policy that does not fit the maps is refused whole: write now, and
-	// take the policy out again when the maps cannot hold it.
-	a.markDirty()
-	if err := a.flush(); err != nil {
-		if _, derr := a.compiler.DeletePolicy(ns, name); derr != nil {
-			return true, errors.Join(err, derr)
+	// A policy whose rules do not fit the policy map beside everything
+	// else, or not in one entry, is refused alone: it is taken out
+	// again, and the rest of the node's policy goes on being written.
+	need, room, undo, err := a.policyGrowth(d.Identities)
+	if err == nil && need <= room {
+		a.applyDelta(d)
+		a.accepted[ns+"/"+name] = np
+		if a.refused.forget(ns + "/" + name) {
+			a.metrics.policiesRefused.Set(float64(a.refused.len()))
 		}
-		a.recorder.Eventf(np, corev1.EventTypeWarning, "PolicyRejected", "idcni cannot enforce this policy: %v", err)
-		a.log.Error("policy refused: it does not fit the maps", "policy", ns+"/"+name, "err", err)
-		return true, a.flush()
+		return nil
 	}
-	return false, nil
+	if undo != nil {
+		undo()
+	}
+	// Back to the version in force before, if any.
+	var back netpol.Delta
+	var derr error
+	if prev := a.accepted[ns+"/"+name]; prev != nil {
+		back, derr = a.compiler.UpsertPolicy(prev)
+	} else {
+		back, derr = a.compiler.DeletePolicy(ns, name)
+	}
+	if derr != nil {
+		return errors.Join(fmt.Errorf("take out policy %s/%s that cannot be written", ns, name), derr)
+	}
+	a.applyDelta(d)
+	a.applyDelta(back)
+	a.refused.add(ns+"/"+name, np.ResourceVersion)
+	a.metrics.policiesRefused.Set(float64(a.refused.len()))
+	if err != nil {
+		a.recorder.Eventf(np, corev1.EventTypeWarning, "PolicyRejected", "idcni cannot enforce this policy: %v", err)
+		a.log.Warn("policy rejected", "policy", ns+"/"+name, "err", err)
+		return nil
+	}
+	msg := fmt.Sprintf("idcni cannot enforce this policy on node %s: its rules need %d more policy map entries and %d are free (the map holds %d; raise the agent's --policy-map-size)",
+		a.cfg.NodeName, need, room, a.maps.PolicyCapacity())
+	a.recorder.Event(np, corev1.EventTypeWarning, "PolicyRefused", msg)
+	a.log.Error("policy refused: it does not fit the policy map", "policy", ns+"/"+name, "need", need, "free", room)
+	return nil
+}
+
+// policyGrowth is how many entries the policy map would gain if the
+// subjects' rules were written now, and how many entries are free, counting
+// the changes not written yet. It records the subjects' new sizes; undo
+// puts the old ones back for a change that is refused.
+func (a *Agent) policyGrowth(ids []identity.ID) (need, room int, undo func(), err error) {
+	s := a.st
+	room = a.maps.PolicyCapacity() - s.projectedEntries()
+	prev := map[identity.ID]int{}
+	for _, id := range ids {
+		n := 0
+		if s.isSubject(id) {
+			rules, iso := a.subjectRules(id)
+			ms, err := desired.Subject(id, rules, iso)
+			if err != nil {
+				for id, n := range prev {
+					s.projected[id] = n
+				}
+				return 0, 0, nil, err
+			}
+			n = len(ms.Entries)
+		}
+		cur := s.entriesOf(id)
+		prev[id] = cur
+		need += n - cur
+		s.projected[id] = n
+	}
+	return need, room, func() {
+		for id, n := range prev {
+			s.projected[id] = n
+		}
+	}, nil
+}
+
+// syncEndpoint applies a registration or removal the API handed over.
+func (a *Agent) syncEndpoint(containerID string) error {
+	req, ok := a.pending.take(containerID)
+	if !ok {
+		return nil
+	}
+	if req.remove {
+		ep, had, err := a.endpoints.remove(containerID)
+		if err != nil || !had {
+			return err
+		}
+		if ifindex, ok := a.st.endpointOfContainer(containerID); ok {
+			a.st.setLocal(ifindex, localEndpoint{}, false)
+		}
+		a.log.Info("endpoint removed", "pod", ep.PodNamespace+"/"+ep.PodName, "container", short(containerID))
+		return nil
+	}
+	r := req.register
+	if err := a.endpoints.put(r); err != nil {
+		return err
+	}
+	a.st.setLocal(r.HostIfIndex, localEndpoint{containerID: r.ContainerID, pod: r.PodNamespace + "/" + r.PodName, addrs: sortedAddrs(r.Addresses)}, true)
+	pod := req.pod
+	if cached, err := a.pods.Pods(r.PodNamespace).Get(r.PodName); err == nil {
+		pod = cached
+	}
+	if err := a.compilePod(pod); err != nil {
+		_, _, _ = a.endpoints.remove(r.ContainerID)
+		a.st.setLocal(r.HostIfIndex, localEndpoint{}, false)
+		return fmt.Errorf("idcni-agent: pod %s/%s: %w", r.PodNamespace, r.PodName, err)
+	}
+	return nil
+}
+
+func (s *nodeState) endpointOfContainer(id string) (int, bool) {
+	for ifindex, ep := range s.local {
+		if ep.containerID == id {
+			return ifindex, true
+		}
+	}
+	return 0, false
+}
+
+func sortedAddrs(in []netip.Addr) []netip.Addr {
+	out := make([]netip.Addr, 0, len(in))
+	for _, a := range in {
+		out = append(out, a.Unmap())
+	}
+	slices.SortFunc(out, netip.Addr.Compare)
+	return out
+}
+
+// syncManual applies the pending manual changes in order: each is checked
+// alone, a bad one is answered and skipped. They are written with the next
+// flush and saved once written (changeManual).
+func (a *Agent) syncManual() error {
+	next := a.manual.Clone()
+	for _, c := range a.pendingManual.take() {
+		try := next.Clone()
+		err := c.change(&try)
+		if err == nil {
+			err = try.Validate()
+		}
+		if err != nil {
+			c.done <- badRequest{err}
+			continue
+		}
+		next = try
+		a.held = append(a.held, c.done)
+		a.manualDirty = true
+	}
+	a.setManual(next)
+	return nil
+}
+
+// refusedPolicies are the policies left out because they did not fit, by
+// "ns/name", with the ResourceVersion refused.
+type refusedPolicies map[string]string
+
+func (r *refusedPolicies) add(k, rv string) {
+	if *r == nil {
+		*r = refusedPolicies{}
+	}
+	(*r)[k] = rv
+}
+
+// forget reports whether k was refused.
+func (r refusedPolicies) forget(k string) bool {
+	_, ok := r[k]
+	delete(r, k)
+	return ok
+}
+
+func (r refusedPolicies) len() int { return len(r) }
+
+// setManual makes st the manual state the maps follow.
+func (a *Agent) setManual(st manual.State) {
+	old := a.manual
+	a.manual = st
+	view := st.Clone()
+	a.manualView.Store(&view)
+	want := map[netip.Addr]identity.ID{}
+	for _, b := range st.Bindings {
+		want[b.IP] = b.Identity
+	}
+	a.st.setBindings(want)
+	a.manualRules = map[identity.ID][]policy.Rule{}
+	for _, r := range st.PolicyRules() {
+		a.manualRules[r.Subject] = append(a.manualRules[r.Subject], r)
+	}
+	for _, r := range old.PolicyRules() {
+		a.st.dirtySub[r.Subject] = struct{}{}
+	}
+	for _, r := range st.PolicyRules() {
+		a.st.dirtySub[r.Subject] = struct{}{}
+	}
+}
+
+// subjectRules are one identity's compiled NetworkPolicy rules and
+// isolation, with the manual rules of that identity.
+func (a *Agent) subjectRules(id identity.ID) ([]policy.Rule, policy.Isolation) {
+	rules := a.compiler.Rules(id)
+	rules = append(rules, a.manualRules[id]...)
+	iso := a.compiler.Isolation(id)
+	if id.IsolatedByDefault() {
+		iso = policy.Isolation{Ingress: true, Egress: true}
+	}
+	return rules, iso
 }
 
 // withLocalAddrs gives a local pod the addresses its plugin registered,
@@ -223,43 +579,50 @@ func (a *Agent) withLocalAddrs(pod *corev1.Pod) *corev1.Pod {
 	return pod
 }
 
-// resync feeds every cached object to the compiler and writes the maps.
+// resync feeds every cached object to the compiler and the node state:
+// the start, from whatever the maps hold.
 func (a *Agent) resync() error {
-	a.mu.Lock()
-	defer a.mu.Unlock()
 	nss, err := a.nss.List(labels.Everything())
 	if err != nil {
 		return err
 	}
 	for _, ns := range nss {
-		if _, err := a.compiler.UpsertNamespace(ns); err != nil {
+		d, err := a.compiler.UpsertNamespace(ns)
+		if err != nil {
 			return err
 		}
+		a.applyDelta(d)
+	}
+	if err := a.syncNodes(); err != nil {
+		return err
 	}
 	pods, err := a.pods.List(labels.Everything())
 	if err != nil {
 		return err
 	}
 	for _, pod := range pods {
-		if _, err := a.compiler.UpsertPod(a.withLocalAddrs(pod)); err != nil {
+		if err := a.compilePod(pod); err != nil {
 			a.log.Warn("pod not compiled", "pod", pod.Namespace+"/"+pod.Name, "err", err)
 		}
 	}
-	if _, err := a.syncNodes(); err != nil {
-		return err
+	a.releaseGonePods(pods)
+	for _, ep := range a.endpoints.all() {
+		a.st.setLocal(ep.HostIfIndex, localEndpoint{containerID: ep.ContainerID, pod: ep.PodNamespace + "/" + ep.PodName, addrs: sortedAddrs(ep.Addresses)}, true)
+	}
+	a.setManual(a.manual)
+	if err := a.st.adopt(a.maps); err != nil {
+		return fmt.Errorf("read the maps: %w", err)
 	}
 	nps, err := a.policies.List(labels.Everything())
 	if err != nil {
 		return err
 	}
 	for _, np := range nps {
-		if _, err := a.compiler.UpsertPolicy(np); err != nil {
-			a.recorder.Eventf(np, corev1.EventTypeWarning, "PolicyRejected", "idcni cannot enforce this policy: %v", err)
+		if err := a.syncPolicy(np.Namespace, np.Name); err != nil {
+			return err
 		}
 	}
-	a.releaseGonePods(pods)
-	a.dirtySince = time.Now()
-	return a.flush()
+	return nil
 }
 
 // releaseGonePods drops allocator users whose pods disappeared while the
@@ -278,167 +641,69 @@ func (a *Agent) releaseGonePods(pods []*corev1.Pod) {
 	}
 }
 
-// desired computes what the maps must hold: every pod of the cluster and
-// every CIDR identity in the ipcache, every local endpoint, and the policy
-// of compiled NetworkPolicies plus manual rules. Manual bindings win over
-// label identities for the addresses they name.
-func (a *Agent) desired() (ipc map[netip.Prefix]identity.ID, eps map[int]bpf.Endpoint, set *policy.Set, err error) {
-	ipc = map[netip.Prefix]identity.ID{}
-	for _, c := range a.compiler.CIDRs() {
-		ipc[c.Prefix] = c.ID
-	}
-	local, remote, err := a.nodeAddrs()
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	// Local after remote: an address two Node objects claim, one of them
-	// this node's, is this node's, as the compiler has it.
-	for _, r := range remote {
-		ipc[netip.PrefixFrom(r, r.BitLen())] = identity.RemoteNode
-	}
-	for _, l := range local {
-		ipc[netip.PrefixFrom(l, l.BitLen())] = identity.Host
-	}
-	pods, err := a.pods.List(labels.Everything())
-	if err != nil {
-		return nil, nil, nil, err
-	}
-	podByAddr := map[netip.Addr]string{}
-	for _, pod := range pods {
-		id, ok := a.compiler.PodIdentity(pod.Namespace, pod.Name)
-		if !ok {
-			continue
-		}
-		for _, addr := range podAddrs(a.withLocalAddrs(pod)) {
-			ipc[netip.PrefixFrom(addr, addr.BitLen())] = id
-			podByAddr[addr] = pod.Namespace + "/" + pod.Name
-		}
-	}
-	a.events.setPods(podByAddr)
-	manualIDs := map[netip.Addr]identity.ID{}
-	for _, b := range a.manual.Bindings {
-		manualIDs[b.IP] = b.Identity
-		ipc[netip.PrefixFrom(b.IP, b.IP.BitLen())] = b.Identity
-	}
-	eps = map[int]bpf.Endpoint{}
-	for _, ep := range a.endpoints.all() {
-		id, ok := a.compiler.PodIdentity(ep.PodNamespace, ep.PodName)
-		if !ok {
-			id = identity.Unresolved
-		}
-		e := bpf.Endpoint{Identity: id}
-		for _, addr := range ep.Addresses {
-			if m, ok := manualIDs[addr]; ok {
-				e.Identity = m
-			}
-			if addr.Is4() {
-				e.IPv4 = addr
-			} else {
-				e.IPv6 = addr
-			}
-		}
-		eps[ep.HostIfIndex] = e
-	}
-	set = a.compiler.Set()
-	set.Rules = append(set.Rules, a.manual.PolicyRules()...)
-	return ipc, eps, set, nil
-}
-
-// flush makes the maps equal to the desired state. Order matters: new
-// ipcache entries and endpoints first (rules may name them), then the
-// policy (written before stale entries go), then stale ipcache entries, then
-// a revision bump so established flows are checked against all of it. An
-// ipcache too full for the new entries beside the stale ones loses the
-// stale ones first.
-// Callers hold a.mu.
+// flush writes the dirty keys, then saves a manual state that just went
+// in, and schedules a retry for what could not be written.
 func (a *Agent) flush() error {
 	start := time.Now()
-	ipc, eps, set, err := a.desired()
+	st, err := a.st.flush(a.maps, a.subjectRules)
 	if err != nil {
-		return err
-	}
-	ms, err := set.Compile()
-	if err != nil {
-		return fmt.Errorf("compile policy: %w", err)
-	}
-	have, err := a.dp.IPCache()
-	if err != nil {
-		return err
-	}
-	var stale []netip.Prefix
-	for p := range have {
-		if _, ok := ipc[p]; !ok {
-			stale = append(stale, p)
+		// What was written is no longer certain: read it back and
+		// compare everything on the retry.
+		a.metrics.reconcileErrors.Inc()
+		if rerr := a.readopt(); rerr != nil {
+			err = errors.Join(err, rerr)
 		}
-	}
-	added := 0
-	for p := range ipc {
-		if _, ok := have[p]; !ok {
-			added++
+		a.queue.AddRateLimited(key{kind: kindRetry})
+		// A manual change is in force whole or not at all: its caller
+		// hears the error, and the saved state stays the one to write.
+		if a.manualDirty {
+			a.manualDirty = false
+			a.setManual(a.manualSaved)
 		}
+		return fmt.Errorf("write maps: %w", err)
 	}
-	// Stale entries go after the policy that may still name them, unless
-	// the new ones would not fit beside them: then they go first, or a map
-	// near capacity refuses the churn before anything leaves it and stays
-	// full for good. Nothing the new state wants resolves through a stale
-	// prefix, so removing it early only moves its addresses to what they
-	// resolve to after the flush (a covering prefix, or world).
-	if len(stale) > 0 && len(have)+added >= a.dp.IPCacheCapacity() {
-		for _, p := range stale {
-			if err := a.dp.DeleteIPCache(p); err != nil {
-				return err
-			}
-		}
-		stale = nil
-	}
-	// Changed entries are replaced in place, never deleted and re-added, so
-	// an address is never unresolved; they go before new prefixes, while
-	// the map has the most room.
-	for p, id := range ipc {
-		if cur, ok := have[p]; ok && cur != id {
-			if err := a.dp.PutIPCache(p, id); err != nil {
-				return err
-			}
-		}
-	}
-	for p, id := range ipc {
-		if _, ok := have[p]; !ok {
-			if err := a.dp.PutIPCache(p, id); err != nil {
-				return err
-			}
-		}
-	}
-	haveEps, err := a.dp.Endpoints()
-	if err != nil {
-		return err
-	}
-	for ifindex, ep := range eps {
-		cur, ok := haveEps[ifindex]
-		// The conntrack slot is the plugin's, and PutEndpoint keeps it.
-		ep.ConntrackSlot = cur.ConntrackSlot
-		if !ok || cur != ep {
-			if err := a.dp.PutEndpoint(ifindex, ep); err != nil {
-				return err
-			}
-		}
-	}
-	if err := a.dp.ApplyPolicy(ms); err != nil {
-		return err
-	}
-	for _, p := range stale {
-		if err := a.dp.DeleteIPCache(p); err != nil {
+	if a.manualDirty {
+		a.manualDirty = false
+		if err := manual.Save(a.db, a.manual); err != nil {
 			return err
 		}
-	}
-	if err := a.dp.BumpRevision(); err != nil {
-		return err
+		a.manualSaved = a.manual
 	}
 	now := time.Now()
-	a.metrics.flushSeconds.Observe(now.Sub(start).Seconds())
-	if !a.dirtySince.IsZero() {
-		a.metrics.reconcileSeconds.Observe(now.Sub(a.dirtySince).Seconds())
-		a.dirtySince = time.Time{}
+	a.metrics.observeFlush(st, now.Sub(start), now.Sub(a.dirtySince), a.st)
+	a.dirtySince = time.Time{}
+	if st.revoked {
+		a.metrics.revisionBumps.Inc()
 	}
-	a.metrics.observeState(len(ipc), len(eps), ms)
+	if len(st.overflow) > 0 || st.ipcFull > 0 {
+		a.log.Error("maps full: changes wait for room", "subjects", st.overflow, "ipcache-entries", st.ipcFull)
+		a.queue.AddAfter(key{kind: kindRetry}, 5*time.Second)
+		if len(st.overflow) > 0 {
+			return fmt.Errorf("the rules of identities %v do not fit the policy map (%d entries): raise --policy-map-size", st.overflow, a.maps.PolicyCapacity())
+		}
+		return fmt.Errorf("%d ipcache entries do not fit the ipcache (%d entries; the agent's --ipcache-size): %w", st.ipcFull, a.maps.IPCacheCapacity(), st.ipcErr)
+	}
 	return nil
+}
+
+// readopt forgets what the writer believed it wrote and takes the maps as
+// they are, every key dirty.
+func (a *Agent) readopt() error {
+	fresh := newNodeState()
+	fresh.pods, fresh.addrPods, fresh.nodes, fresh.cidrs, fresh.bindings = a.st.pods, a.st.addrPods, a.st.nodes, a.st.cidrs, a.st.bindings
+	fresh.local, fresh.localAddr = a.st.local, a.st.localAddr
+	for id := range a.st.dirtySub {
+		fresh.dirtySub[id] = struct{}{}
+	}
+	for id := range a.st.bySubject {
+		fresh.dirtySub[id] = struct{}{}
+	}
+	for id := range a.st.subjects {
+		fresh.dirtySub[id] = struct{}{}
+	}
+	for id := range a.manualRules {
+		fresh.dirtySub[id] = struct{}{}
+	}
+	a.st = fresh
+	return fresh.adopt(a.maps)
 }

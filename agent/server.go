@@ -208,18 +208,11 @@ func (a *Agent) handleRegister(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusNotFound, fmt.Errorf("idcni-agent: pod %s/%s: %w", req.PodNamespace, req.PodName, err))
 		return
 	}
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	if err := a.endpoints.put(req); err != nil {
-		fail(w, http.StatusInternalServerError, err)
-		return
+	for i, addr := range req.Addresses {
+		req.Addresses[i] = addr.Unmap()
 	}
-	if _, err := a.compiler.UpsertPod(a.withLocalAddrs(pod)); err != nil {
-		_, _, _ = a.endpoints.remove(req.ContainerID)
-		fail(w, http.StatusInternalServerError, fmt.Errorf("idcni-agent: pod %s/%s: %w", req.PodNamespace, req.PodName, err))
-		return
-	}
-	if err := a.flush(); err != nil {
+	a.pending.put(req.ContainerID, endpointChange{register: req, pod: pod})
+	if err := a.submit(r.Context(), key{kind: kindEndpoint, name: req.ContainerID}); err != nil {
 		fail(w, http.StatusInternalServerError, fmt.Errorf("idcni-agent: write maps for pod %s/%s: %w", req.PodNamespace, req.PodName, err))
 		return
 	}
@@ -232,50 +225,41 @@ func (a *Agent) handleRegister(w http.ResponseWriter, r *http.Request) {
 
 func short(id string) string { return id[:min(12, len(id))] }
 
+// handleUnregister forgets a container's endpoint. The plugin removes its
+// own map entries; the writer removes the endpoint entry only while it is
+// still this container's (a late DEL must not hit the pod that got the
+// ifindex since), and the pod's ipcache entry goes when the API server
+// reports the pod gone.
 func (a *Agent) handleUnregister(w http.ResponseWriter, r *http.Request) {
 	id := r.PathValue("id")
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	ep, ok, err := a.endpoints.remove(id)
-	if err != nil {
-		fail(w, http.StatusInternalServerError, err)
+	if !a.waitReady(w, r) {
 		return
 	}
-	if ok {
-		// The plugin removes its own map entries; the pod's ipcache entry
-		// goes when the API server reports the pod gone.
-		if err := a.dp.DeleteEndpoint(ep.HostIfIndex); err != nil {
-			fail(w, http.StatusInternalServerError, err)
-			return
-		}
-		a.log.Info("endpoint removed", "pod", ep.PodNamespace+"/"+ep.PodName, "container", short(id))
+	a.pending.put(id, endpointChange{remove: true})
+	if err := a.submit(r.Context(), key{kind: kindEndpoint, name: id}); err != nil {
+		fail(w, http.StatusInternalServerError, err)
+		return
 	}
 	reply(w, struct{}{})
 }
 
-// Manual overrides: persisted first, then written, so a crash between the
-// two is repaired by the next start's reconcile.
-func (a *Agent) changeManual(w http.ResponseWriter, change func(*manual.State) error) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	next := a.manual.Clone()
-	if err := change(&next); err != nil {
+// changeManual hands a manual change to the writer, which checks it,
+// writes it, and saves it once it is in force.
+func (a *Agent) changeManual(w http.ResponseWriter, r *http.Request, change func(*manual.State) error) {
+	done := make(chan error, 1)
+	a.pendingManual.add(manualChange{change: change, done: done})
+	a.queue.Add(key{kind: kindManual})
+	var err error
+	select {
+	case err = <-done:
+	case <-r.Context().Done():
+		err = errors.Join(errors.New("idcni-agent: the change is queued but not written yet"), r.Context().Err())
+	}
+	if _, ok := errors.AsType[badRequest](err); ok {
 		fail(w, http.StatusBadRequest, err)
 		return
 	}
-	if err := next.Validate(); err != nil {
-		fail(w, http.StatusBadRequest, err)
-		return
-	}
-	prev := a.manual
-	a.manual = next
-	if err := a.flush(); err != nil {
-		a.manual = prev
-		_ = a.flush()
-		fail(w, http.StatusInternalServerError, err)
-		return
-	}
-	if err := manual.Save(a.db, next); err != nil {
+	if err != nil {
 		fail(w, http.StatusInternalServerError, err)
 		return
 	}
@@ -283,10 +267,8 @@ func (a *Agent) changeManual(w http.ResponseWriter, change func(*manual.State) e
 }
 
 func (a *Agent) handleManualList(w http.ResponseWriter, r *http.Request) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
 	out := []api.ManualEndpoint{}
-	for _, b := range a.manual.Bindings {
+	for _, b := range a.manualView.Load().Bindings {
 		out = append(out, api.ManualEndpoint{IP: b.IP, Identity: b.Identity})
 	}
 	reply(w, out)
@@ -297,7 +279,7 @@ func (a *Agent) handleManualBind(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &ep) {
 		return
 	}
-	a.changeManual(w, func(s *manual.State) error { _, err := s.Bind(ep.IP, ep.Identity); return err })
+	a.changeManual(w, r, func(s *manual.State) error { _, err := s.Bind(ep.IP, ep.Identity); return err })
 }
 
 func (a *Agent) handleManualUnbind(w http.ResponseWriter, r *http.Request) {
@@ -306,13 +288,11 @@ func (a *Agent) handleManualUnbind(w http.ResponseWriter, r *http.Request) {
 		fail(w, http.StatusBadRequest, fmt.Errorf("bad ip: %w", err))
 		return
 	}
-	a.changeManual(w, func(s *manual.State) error { _, err := s.Unbind(ip.Unmap()); return err })
+	a.changeManual(w, r, func(s *manual.State) error { _, err := s.Unbind(ip.Unmap()); return err })
 }
 
 func (a *Agent) handleRuleList(w http.ResponseWriter, r *http.Request) {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	reply(w, api.RuleList{Rules: append([]policy.ManualRule{}, a.manual.Rules...)})
+	reply(w, api.RuleList{Rules: append([]policy.ManualRule{}, a.manualView.Load().Rules...)})
 }
 
 func (a *Agent) handleRuleAdd(w http.ResponseWriter, r *http.Request) {
@@ -320,7 +300,7 @@ func (a *Agent) handleRuleAdd(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
-	a.changeManual(w, func(s *manual.State) error { _, err := s.AddRule(req.Rule); return err })
+	a.changeManual(w, r, func(s *manual.State) error { _, err := s.AddRule(req.Rule); return err })
 }
 
 func (a *Agent) handleRuleDelete(w http.ResponseWriter, r *http.Request) {
@@ -328,7 +308,7 @@ func (a *Agent) handleRuleDelete(w http.ResponseWriter, r *http.Request) {
 	if !decode(w, r, &req) {
 		return
 	}
-	a.changeManual(w, func(s *manual.State) error { _, err := s.DeleteRules(req.Rule); return err })
+	a.changeManual(w, r, func(s *manual.State) error { _, err := s.DeleteRules(req.Rule); return err })
 }
 
 func (a *Agent) handleDebug(w http.ResponseWriter, r *http.Request) {

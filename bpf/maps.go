@@ -234,45 +234,64 @@ func (d *Datapath) ApplyPolicy(want *policy.MapState) error {
 	if max := int(d.objs.Identities.MaxEntries()); len(want.Identities) > max {
 		return fmt.Errorf("policy names %d identities; the identities map holds at most %d", len(want.Identities), max)
 	}
-	// Writing before deleting needs room for old and new at once; when
-	// there is none, delete first and accept that stale allows go a moment
-	// early.
-	if len(have.Entries)+len(upsert)-len(del) > int(d.objs.Policy.MaxEntries()) {
+	var flagDel []identity.ID
+	for id := range have.Identities {
+		if _, ok := want.Identities[id]; !ok {
+			flagDel = append(flagDel, id)
+		}
+	}
+	flags := map[identity.ID]policy.IdentityFlags{}
+	for id, f := range want.Identities {
+		if hf, ok := have.Identities[id]; !ok || hf != f {
+			flags[id] = f
+		}
+	}
+	if err := d.WritePolicy(len(have.Entries), upsert, del, flags, flagDel); err != nil {
+		return err
+	}
+	return d.BumpRevision()
+}
+
+// PolicyCapacity is how many entries the policy map holds at most.
+func (d *Datapath) PolicyCapacity() int { return int(d.objs.Policy.MaxEntries()) }
+
+// WritePolicy changes the policy and identity maps: entries, then flags,
+// then deletions. Rules first when flags close a direction keeps every
+// allowed flow allowed (flags first would briefly deny), rules first when
+// flags open one lets nothing through early (an open direction ignores
+// rules), so every single lookup sees the old or the new policy. have is
+// how many entries the map holds now: when the upserts do not fit beside
+// the stale entries, the deletions go first and stale allows end a moment
+// early. It does not move the revision: the caller decides whether the
+// change revokes anything.
+func (d *Datapath) WritePolicy(have int, upsert map[policy.Key]*policy.Entry, del []policy.Key, flags map[identity.ID]policy.IdentityFlags, flagDel []identity.ID) error {
+	if have+len(upsert) > d.PolicyCapacity() {
 		if err := d.deletePolicyEntries(del); err != nil {
 			return err
 		}
 		del = nil
 	}
-	var ids []uint32
-	var flags []uint32
-	for id, f := range want.Identities {
-		if hf, ok := have.Identities[id]; !ok || hf != f {
-			ids = append(ids, uint32(id))
-			flags = append(flags, uint32(f))
-		}
+	ids := make([]uint32, 0, len(flags))
+	vals := make([]uint32, 0, len(flags))
+	for id, f := range flags {
+		ids = append(ids, uint32(id))
+		vals = append(vals, uint32(f))
 	}
-	// Flags first when they open a direction would briefly allow too much;
-	// rules first when they close one would briefly deny. Rules, then flags,
-	// then deletions keeps every allowed flow allowed and every packet
-	// under either the old or the new policy for each single lookup.
 	if err := d.writePolicyEntries(upsert); err != nil {
 		return err
 	}
-	if err := batchUpdate(d.objs.Identities, ids, flags, "identities"); err != nil {
+	if err := batchUpdate(d.objs.Identities, ids, vals, "identities"); err != nil {
 		return err
 	}
 	if err := d.deletePolicyEntries(del); err != nil {
 		return err
 	}
-	for id := range have.Identities {
-		if _, ok := want.Identities[id]; ok {
-			continue
-		}
+	for _, id := range flagDel {
 		if err := d.objs.Identities.Delete(uint32(id)); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 			return fmt.Errorf("delete identity flags of %s: %w", id, err)
 		}
 	}
-	return d.BumpRevision()
+	return nil
 }
 
 func (d *Datapath) deletePolicyEntries(del []policy.Key) error {

@@ -123,6 +123,17 @@ type Endpoint struct {
 	ConntrackSlot uint32 `json:"conntrackSlot,omitzero"`
 }
 
+// Addrs lists the endpoint's valid addresses, IPv4 first.
+func (e Endpoint) Addrs() []netip.Addr {
+	var out []netip.Addr
+	for _, a := range []netip.Addr{e.IPv4, e.IPv6} {
+		if a.IsValid() {
+			out = append(out, a)
+		}
+	}
+	return out
+}
+
 func (e Endpoint) toKernel() (datapathEndpoint, error) {
 	k := datapathEndpoint{Identity: uint32(e.Identity), CtSlot: e.ConntrackSlot}
 	if e.ConntrackSlot >= maxEndpoints {
