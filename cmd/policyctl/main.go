@@ -7,7 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/idcni/idcni/manual/cli"
+	"github.com/idcni/idcni/internal/cli"
 	"github.com/idcni/idcni/policy/simulate"
 )
 
