@@ -478,7 +478,7 @@ func TestSimulateIsMounted(t *testing.T) {
 	t.Parallel()
 	e := clitest.NewEmpty(t)
 	// Offline: works without a datapath, and as any user.
-	r := e.RunAs(65534, 65534, "policyctl", "simulate", "-f", "../../policy/simulate/testdata/shop", "-o", "json")
+	r := e.RunAs(65534, 65534, "policyctl", "simulate", "-f", "testdata/shop", "-o", "json")
 	if r.Code != 0 {
 		t.Fatalf("%s", r)
 	}
