@@ -9,10 +9,10 @@ import (
 
 	"github.com/cilium/ebpf"
 
+	"github.com/idcni/idcni/bpf/reference"
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/internal/pkttest"
 	"github.com/idcni/idcni/policy"
-	"github.com/idcni/idcni/policy/reference"
 )
 
 // FuzzDatapath feeds random rule sets and random packet sequences (crafted

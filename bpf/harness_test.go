@@ -14,9 +14,9 @@ import (
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
+	"github.com/idcni/idcni/bpf/reference"
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/policy"
-	"github.com/idcni/idcni/policy/reference"
 )
 
 // testNet is a private network namespace, held by one locked OS thread,

@@ -27,8 +27,8 @@ import (
 
 	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/e2e/internal/cnitest"
-	"github.com/idcni/idcni/e2e/kube"
-	"github.com/idcni/idcni/manual/cli/clitest"
+	"github.com/idcni/idcni/e2e/internal/kube"
+	"github.com/idcni/idcni/internal/clitest"
 )
 
 // agentProc is a running idcni-agent binary.

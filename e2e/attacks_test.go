@@ -25,7 +25,7 @@ import (
 	"github.com/idcni/idcni/cni"
 	"github.com/idcni/idcni/e2e/internal/cnitest"
 	"github.com/idcni/idcni/identity"
-	"github.com/idcni/idcni/manual/cli/clitest"
+	"github.com/idcni/idcni/internal/clitest"
 	"github.com/idcni/idcni/policy"
 )
 

@@ -14,7 +14,7 @@ import (
 
 	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/bpf"
-	"github.com/idcni/idcni/manual/cli/clitest"
+	"github.com/idcni/idcni/internal/clitest"
 	"github.com/idcni/idcni/policy"
 )
 

@@ -20,7 +20,7 @@ import (
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/e2e/internal/cnitest"
 	"github.com/idcni/idcni/identity"
-	"github.com/idcni/idcni/manual/cli/clitest"
+	"github.com/idcni/idcni/internal/clitest"
 )
 
 // The seed walkthrough, end to end: the real plugin creates two pods

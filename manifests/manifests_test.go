@@ -401,12 +401,14 @@ func TestAgentFlags(t *testing.T) {
 }
 
 // TestExamples checks the seed's pods and policies, and that idcni's own
-// simulator, reading the manifests folder as `policyctl simulate -f
-// manifests/` does, finds the seed's answer: frontend reaches backend on
-// port 80, and nothing reaches frontend.
+// simulator, given the example objects, finds the seed's answer: frontend
+// reaches backend on port 80, and nothing reaches frontend. (cmd/policyctl's
+// TestSimulateManifestsFolder reads this folder as `policyctl simulate -f
+// manifests/` does.)
 func TestExamples(t *testing.T) {
 	var pods []*corev1.Pod
 	var policies []string
+	var in simulate.Inputs
 	sas := map[string]bool{}
 	files, err := filepath.Glob(filepath.Join("examples", "*.yaml"))
 	if err != nil || len(files) == 0 {
@@ -415,12 +417,16 @@ func TestExamples(t *testing.T) {
 	for _, f := range files {
 		for _, obj := range decode(t, f) {
 			switch o := obj.(type) {
+			case *corev1.Namespace:
+				in.Namespaces = append(in.Namespaces, o)
 			case *corev1.Pod:
 				pods = append(pods, o)
+				in.Pods = append(in.Pods, o)
 			case *corev1.ServiceAccount:
 				sas[o.Namespace+"/"+o.Name] = true
 			case *networkingv1.NetworkPolicy:
 				policies = append(policies, o.Name)
+				in.Policies = append(in.Policies, o)
 			}
 		}
 	}
@@ -444,11 +450,7 @@ func TestExamples(t *testing.T) {
 	}
 
 	var warn bytes.Buffer
-	inputs, err := simulate.Load([]string{"."}, nil, &warn)
-	if err != nil {
-		t.Fatal(err)
-	}
-	results, err := simulate.Run(inputs, simulate.Options{Ports: []int{80}}, &warn)
+	results, err := simulate.Run(&in, simulate.Options{Ports: []int{80}}, &warn)
 	if err != nil {
 		t.Fatalf("simulate: %v\n%s", err, warn.String())
 	}

@@ -1,8 +1,9 @@
 // Package policy holds the rule model every path of idcni shares: manual rules
 // from policyctl and compiled NetworkPolicies become the same per-identity
-// rules, which compile to the entries the datapath looks up. It also holds the
-// reference evaluator the datapath is tested against. It never touches the
-// kernel.
+// rules, which compile to the entries the datapath looks up. Set.Decide is
+// the rule book: bpf/reference (the datapath's Go model the datapath tests
+// hold the kernel to) and policyctl simulate decide by it. It never touches
+// the kernel.
 package policy
 
 import (

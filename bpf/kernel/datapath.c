@@ -5,7 +5,7 @@
  * checks the pod's egress; to_pod runs on its TC egress (the packet enters
  * the pod) and checks the pod's ingress. Both decide by identity: the
  * endpoint map names the pod's own identity, the ipcache the peer's.
- * The rule book is DESIGN.md section 3; policy/reference is the same logic
+ * The rule book is DESIGN.md section 3; bpf/reference is the same logic
  * in Go, and the tests hold the two to each other. */
 #include <linux/bpf.h>
 #include <linux/if_ether.h>

@@ -13,8 +13,8 @@ import (
 	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/internal/cli"
 	"github.com/idcni/idcni/manual"
-	"github.com/idcni/idcni/manual/cli"
 )
 
 const tool = "endpointctl"

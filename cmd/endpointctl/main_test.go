@@ -12,7 +12,7 @@ import (
 
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/identity"
-	"github.com/idcni/idcni/manual/cli/clitest"
+	"github.com/idcni/idcni/internal/clitest"
 	"github.com/idcni/idcni/store"
 )
 

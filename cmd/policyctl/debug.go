@@ -9,7 +9,7 @@ import (
 	"github.com/spf13/cobra"
 	"golang.org/x/sys/unix"
 
-	"github.com/idcni/idcni/manual/cli"
+	"github.com/idcni/idcni/internal/cli"
 )
 
 // tracefs is where the kernel's trace pipe lives on current kernels; older

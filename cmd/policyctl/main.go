@@ -7,8 +7,7 @@ import (
 
 	"github.com/spf13/cobra"
 
-	"github.com/idcni/idcni/manual/cli"
-	"github.com/idcni/idcni/policy/simulate"
+	"github.com/idcni/idcni/internal/cli"
 )
 
 const tool = "policyctl"
@@ -54,7 +53,7 @@ state file, from which 'policyctl restore' puts them back after a reboot.`,
 		newRuleCmd(g, ruleAllow), newRuleCmd(g, ruleDeny), newRuleCmd(g, ruleDelete),
 		newList(g), newMonitor(g), newDebug(g), newRestore(g), newStatus(g),
 		// Offline: reads manifests, touches no map and no state file.
-		simulate.Command(),
+		newSimulate(),
 	)
 	return root
 }

@@ -12,7 +12,7 @@ import (
 
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/identity"
-	"github.com/idcni/idcni/manual/cli/clitest"
+	"github.com/idcni/idcni/internal/clitest"
 	"github.com/idcni/idcni/policy"
 	"github.com/idcni/idcni/store"
 )
@@ -478,7 +478,7 @@ func TestSimulateIsMounted(t *testing.T) {
 	t.Parallel()
 	e := clitest.NewEmpty(t)
 	// Offline: works without a datapath, and as any user.
-	r := e.RunAs(65534, 65534, "policyctl", "simulate", "-f", "../../policy/simulate/testdata/shop", "-o", "json")
+	r := e.RunAs(65534, 65534, "policyctl", "simulate", "-f", "testdata/shop", "-o", "json")
 	if r.Code != 0 {
 		t.Fatalf("%s", r)
 	}

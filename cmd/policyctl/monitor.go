@@ -20,7 +20,7 @@ import (
 	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/identity"
-	"github.com/idcni/idcni/manual/cli"
+	"github.com/idcni/idcni/internal/cli"
 )
 
 // eventView is a verdict event as -o json prints it: words rather than the

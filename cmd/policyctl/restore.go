@@ -9,8 +9,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/idcni/idcni/bpf"
+	"github.com/idcni/idcni/internal/cli"
 	"github.com/idcni/idcni/manual"
-	"github.com/idcni/idcni/manual/cli"
 )
 
 func newRestore(g *cli.Globals) *cobra.Command {

@@ -10,8 +10,8 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/idcni/idcni/bpf"
+	"github.com/idcni/idcni/internal/cli"
 	"github.com/idcni/idcni/manual"
-	"github.com/idcni/idcni/manual/cli"
 )
 
 type statusView struct {

@@ -16,7 +16,7 @@ import (
 	"syscall"
 	"time"
 
-	"github.com/idcni/idcni/e2e/kube"
+	"github.com/idcni/idcni/e2e/internal/kube"
 )
 
 // binaries are the programs a cluster runs, all found or built before the

@@ -1,3 +1,11 @@
+// Package simulate answers "what would these NetworkPolicies allow?"
+// offline, for Namespace, Pod and NetworkPolicy objects already in memory:
+// it numbers the pods' identities as the agent does (identity, with the
+// agent's churn labels), compiles the policies with the agent's compiler
+// (policy/netpol), and decides every ordered pod pair and port with the
+// rule book (policy.Set.Decide), saying which rule allowed or which
+// isolation denied. No cluster, no root, no files and no cobra: policyctl
+// simulate (cmd/policyctl) reads the manifests and prints the results.
 package simulate
 
 import (
@@ -16,6 +24,13 @@ import (
 	"github.com/idcni/idcni/policy"
 	"github.com/idcni/idcni/policy/netpol"
 )
+
+// Inputs are the objects to simulate, as read from manifests.
+type Inputs struct {
+	Namespaces []*corev1.Namespace
+	Pods       []*corev1.Pod
+	Policies   []*networkingv1.NetworkPolicy
+}
 
 // Result is the verdict for one packet: from a pod to a port of another.
 type Result struct {

@@ -1,5 +1,5 @@
 // Package pki is the throw-away certificate authority of a test cluster
-// (e2e/kube, e2e/cluster): a CA, leaf certificates, key pairs and
+// (e2e/internal/kube, e2e/cluster): a CA, leaf certificates, key pairs and
 // kubeconfigs, all as PEM files in one directory.
 package pki
 

@@ -1,19 +1,22 @@
-package simulate
+package main
 
 import (
 	"bytes"
 	"encoding/json"
 	"os"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
+
+	"github.com/idcni/idcni/policy/simulate"
 )
 
-// run executes the command as policyctl would and returns stdout, stderr
-// and the error.
-func run(t *testing.T, stdin string, args ...string) (string, string, error) {
+// runSimulate executes `policyctl simulate` in process and returns stdout,
+// stderr and the error.
+func runSimulate(t *testing.T, stdin string, args ...string) (string, string, error) {
 	t.Helper()
-	cmd := Command()
+	cmd := newSimulate()
 	var out, errb bytes.Buffer
 	cmd.SetOut(&out)
 	cmd.SetErr(&errb)
@@ -23,47 +26,42 @@ func run(t *testing.T, stdin string, args ...string) (string, string, error) {
 	return out.String(), errb.String(), err
 }
 
-func results(t *testing.T, stdout string) map[string]Result {
+func simResults(t *testing.T, stdout string) map[string]simulate.Result {
 	t.Helper()
-	var rs []Result
+	var rs []simulate.Result
 	if err := json.Unmarshal([]byte(stdout), &rs); err != nil {
 		t.Fatalf("output is not a JSON array of results: %v\n%s", err, stdout)
 	}
-	m := map[string]Result{}
+	m := map[string]simulate.Result{}
 	for _, r := range rs {
-		m[r.From+" "+r.To+" "+r.Protocol+"/"+itoa(r.Port)] = r
+		m[r.From+" "+r.To+" "+r.Protocol+"/"+strconv.Itoa(r.Port)] = r
 	}
 	return m
 }
 
-func itoa(n int) string {
-	b, _ := json.Marshal(n)
-	return string(b)
-}
-
-func TestShopJSON(t *testing.T) {
-	stdout, stderr, err := run(t, "", "-f", "testdata/shop", "-o", "json")
+func TestSimulateShopJSON(t *testing.T) {
+	stdout, stderr, err := runSimulate(t, "", "-f", "testdata/shop", "-o", "json")
 	if err != nil {
 		t.Fatalf("simulate: %v\n%s", err, stderr)
 	}
-	got := results(t, stdout)
-	want := map[string]Result{
+	got := simResults(t, stdout)
+	want := map[string]simulate.Result{
 		"ops/prom shop/web TCP/80": {Allowed: true,
 			Reason:  "egress: ops/prom not isolated for egress; ingress: allowed by shop/allow-web ingress[0]",
-			Egress:  Side{Allowed: true, Reason: "ops/prom not isolated for egress"},
-			Ingress: Side{Allowed: true, Reason: "allowed by shop/allow-web ingress[0]", Rule: "shop/allow-web ingress[0]"}},
+			Egress:  simulate.Side{Allowed: true, Reason: "ops/prom not isolated for egress"},
+			Ingress: simulate.Side{Allowed: true, Reason: "allowed by shop/allow-web ingress[0]", Rule: "shop/allow-web ingress[0]"}},
 		"ops/prom shop/db TCP/5432": {Allowed: false,
 			Reason:  "shop/db isolated for ingress by shop/default-deny, shop/web-to-db; no rule allows ops/prom",
-			Egress:  Side{Allowed: true, Reason: "ops/prom not isolated for egress"},
-			Ingress: Side{Allowed: false, Reason: "shop/db isolated for ingress by shop/default-deny, shop/web-to-db; no rule allows ops/prom"}},
+			Egress:  simulate.Side{Allowed: true, Reason: "ops/prom not isolated for egress"},
+			Ingress: simulate.Side{Allowed: false, Reason: "shop/db isolated for ingress by shop/default-deny, shop/web-to-db; no rule allows ops/prom"}},
 		"shop/web shop/db TCP/5432": {Allowed: true,
 			Reason:  "egress: allowed by shop/web-egress egress[0]; ingress: allowed by shop/web-to-db ingress[0]",
-			Egress:  Side{Allowed: true, Reason: "allowed by shop/web-egress egress[0]", Rule: "shop/web-egress egress[0]"},
-			Ingress: Side{Allowed: true, Reason: "allowed by shop/web-to-db ingress[0]", Rule: "shop/web-to-db ingress[0]"}},
+			Egress:  simulate.Side{Allowed: true, Reason: "allowed by shop/web-egress egress[0]", Rule: "shop/web-egress egress[0]"},
+			Ingress: simulate.Side{Allowed: true, Reason: "allowed by shop/web-to-db ingress[0]", Rule: "shop/web-to-db ingress[0]"}},
 		"shop/db shop/web TCP/80": {Allowed: false,
 			Reason:  "shop/db isolated for egress by shop/default-deny; no rule allows shop/web",
-			Egress:  Side{Allowed: false, Reason: "shop/db isolated for egress by shop/default-deny; no rule allows shop/web"},
-			Ingress: Side{Allowed: true, Reason: "allowed by shop/allow-web ingress[0]", Rule: "shop/allow-web ingress[0]"}},
+			Egress:  simulate.Side{Allowed: false, Reason: "shop/db isolated for egress by shop/default-deny; no rule allows shop/web"},
+			Ingress: simulate.Side{Allowed: true, Reason: "allowed by shop/allow-web ingress[0]", Rule: "shop/allow-web ingress[0]"}},
 	}
 	if len(got) != len(want) {
 		t.Errorf("got %d results, want %d:\n%s", len(got), len(want), stdout)
@@ -93,8 +91,8 @@ func TestShopJSON(t *testing.T) {
 	}
 }
 
-func TestShopTable(t *testing.T) {
-	stdout, _, err := run(t, "", "-f", "testdata/shop/namespaces.yaml", "-f", "testdata/shop/pods.json", "testdata/shop/policies")
+func TestSimulateShopTable(t *testing.T) {
+	stdout, _, err := runSimulate(t, "", "-f", "testdata/shop/namespaces.yaml", "-f", "testdata/shop/pods.json", "testdata/shop/policies")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -111,12 +109,12 @@ func TestShopTable(t *testing.T) {
 	}
 }
 
-func TestPortAndProtocolFlags(t *testing.T) {
-	stdout, _, err := run(t, "", "-f", "testdata/shop", "-o", "json", "--port", "80,5432", "--protocol", "tcp")
+func TestSimulatePortAndProtocolFlags(t *testing.T) {
+	stdout, _, err := runSimulate(t, "", "-f", "testdata/shop", "-o", "json", "--port", "80,5432", "--protocol", "tcp")
 	if err != nil {
 		t.Fatal(err)
 	}
-	got := results(t, stdout)
+	got := simResults(t, stdout)
 	if len(got) != 3*2*2 { // ordered pairs of 3 endpoints x 2 ports
 		t.Errorf("got %d results, want 12", len(got))
 	}
@@ -127,16 +125,16 @@ func TestPortAndProtocolFlags(t *testing.T) {
 		t.Errorf("shop/db -> ops/prom allowed: %+v", r)
 	}
 
-	stdout, _, err = run(t, "", "-f", "testdata/shop", "--port", "53", "--protocol", "UDP", "-o", "json")
+	stdout, _, err = runSimulate(t, "", "-f", "testdata/shop", "--port", "53", "--protocol", "UDP", "-o", "json")
 	if err != nil {
 		t.Fatal(err)
 	}
-	if r := results(t, stdout)["ops/prom shop/web UDP/53"]; r.Allowed || r.Ingress.Allowed {
+	if r := simResults(t, stdout)["ops/prom shop/web UDP/53"]; r.Allowed || r.Ingress.Allowed {
 		t.Errorf("UDP/53 to web should be denied by ingress (allow-web names TCP http): %+v", r)
 	}
 
 	// Without --port, --protocol filters the declared ports.
-	stdout, _, err = run(t, "", "-f", "testdata/shop", "--protocol", "UDP")
+	stdout, _, err = runSimulate(t, "", "-f", "testdata/shop", "--protocol", "UDP")
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -145,7 +143,7 @@ func TestPortAndProtocolFlags(t *testing.T) {
 	}
 }
 
-func TestStdinAndLists(t *testing.T) {
+func TestSimulateStdinAndLists(t *testing.T) {
 	manifest := `
 apiVersion: v1
 kind: PodList
@@ -166,11 +164,11 @@ spec:
   - from: [{ipBlock: {cidr: 10.0.0.1/32}}]
     ports: [{protocol: UDP}]
 `
-	stdout, stderr, err := run(t, manifest, "-f", "-", "-o", "json")
+	stdout, stderr, err := runSimulate(t, manifest, "-f", "-", "-o", "json")
 	if err != nil {
 		t.Fatalf("%v\n%s", err, stderr)
 	}
-	got := results(t, stdout)
+	got := simResults(t, stdout)
 	if r := got["ns1/a ns1/b UDP/8080"]; !r.Allowed || r.Ingress.Rule != "ns1/only-from-a ingress[0]" {
 		t.Errorf("a -> b: %+v", r)
 	}
@@ -182,7 +180,7 @@ spec:
 	}
 }
 
-func TestDuplicatesAndArrays(t *testing.T) {
+func TestSimulateDuplicatesAndArrays(t *testing.T) {
 	dir := t.TempDir()
 	write := func(name, s string) {
 		if err := os.WriteFile(filepath.Join(dir, name), []byte(s), 0o644); err != nil {
@@ -193,7 +191,7 @@ func TestDuplicatesAndArrays(t *testing.T) {
 	 {"apiVersion":"v1","kind":"Pod","metadata":{"name":"q"},"status":{"podIP":"10.0.0.2"}}]`)
 	write("b.yaml", "apiVersion: v1\nkind: Pod\nmetadata: {name: p, labels: {v: '2'}}\nstatus: {podIP: 10.0.0.3}\n")
 	var warn bytes.Buffer
-	in, err := Load([]string{dir}, nil, &warn)
+	in, err := loadManifests([]string{dir}, nil, &warn)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -205,7 +203,7 @@ func TestDuplicatesAndArrays(t *testing.T) {
 	}
 }
 
-func TestErrors(t *testing.T) {
+func TestSimulateErrors(t *testing.T) {
 	cases := []struct {
 		args []string
 		want []string
@@ -221,7 +219,7 @@ func TestErrors(t *testing.T) {
 		{nil, []string{"no manifests given"}},
 	}
 	for _, tc := range cases {
-		_, _, err := run(t, "", tc.args...)
+		_, _, err := runSimulate(t, "", tc.args...)
 		if err == nil {
 			t.Errorf("%v: no error", tc.args)
 			continue
@@ -233,13 +231,13 @@ func TestErrors(t *testing.T) {
 		}
 	}
 	// Wrong apiVersion of a known kind is an error, not a silent skip.
-	_, err := Load([]string{"-"}, strings.NewReader("apiVersion: extensions/v1beta1\nkind: NetworkPolicy\nmetadata: {name: x}\n"), &bytes.Buffer{})
+	_, err := loadManifests([]string{"-"}, strings.NewReader("apiVersion: extensions/v1beta1\nkind: NetworkPolicy\nmetadata: {name: x}\n"), &bytes.Buffer{})
 	if err == nil || !strings.Contains(err.Error(), "networking.k8s.io/v1") {
 		t.Errorf("old apiVersion: %v", err)
 	}
 }
 
-func TestUnreadableFile(t *testing.T) {
+func TestSimulateUnreadableFile(t *testing.T) {
 	// A symlink loop cannot be read by anyone, root included (tests run as
 	// root in CI, where file modes would not stop a read).
 	dir := t.TempDir()
@@ -247,13 +245,33 @@ func TestUnreadableFile(t *testing.T) {
 	if err := os.Symlink(p, p); err != nil {
 		t.Fatal(err)
 	}
-	_, _, err := run(t, "", "-f", p)
+	_, _, err := runSimulate(t, "", "-f", p)
 	if err == nil || !strings.Contains(err.Error(), "loop.yaml") {
 		t.Errorf("unreadable file: %v", err)
 	}
 	// Inside a directory walk too.
-	_, _, err = run(t, "", "-f", dir)
+	_, _, err = runSimulate(t, "", "-f", dir)
 	if err == nil || !strings.Contains(err.Error(), "loop.yaml") {
 		t.Errorf("unreadable file in a directory: %v", err)
+	}
+}
+
+// TestSimulateManifestsFolder reads the repository's manifests folder as
+// `policyctl simulate -f manifests/` does (the install manifests' other
+// kinds are skipped) and finds the seed's answer: frontend reaches backend
+// on port 80, and nothing reaches frontend.
+func TestSimulateManifestsFolder(t *testing.T) {
+	stdout, stderr, err := runSimulate(t, "", "-f", "../../manifests", "--port", "80", "-o", "json")
+	if err != nil {
+		t.Fatalf("simulate: %v\n%s", err, stderr)
+	}
+	got := simResults(t, stdout)
+	for k, want := range map[string]bool{
+		"idcni-demo/frontend idcni-demo/backend TCP/80": true,
+		"idcni-demo/backend idcni-demo/frontend TCP/80": false,
+	} {
+		if r, ok := got[k]; !ok || r.Allowed != want {
+			t.Errorf("%s: allowed %v (found %v), want %v", k, r.Allowed, ok, want)
+		}
 	}
 }

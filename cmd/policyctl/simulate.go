@@ -1,4 +1,4 @@
-package simulate
+package main
 
 import (
 	"fmt"
@@ -7,10 +7,12 @@ import (
 	"github.com/spf13/cobra"
 
 	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/policy/simulate"
 )
 
-// Command returns `policyctl simulate`, for the policyctl main to mount.
-func Command() *cobra.Command {
+// newSimulate is `policyctl simulate`: it reads manifests (simulate_load.go),
+// asks package simulate, and prints (simulate_output.go).
+func newSimulate() *cobra.Command {
 	var (
 		files    []string
 		output   string
@@ -40,18 +42,18 @@ No cluster and no privileges are needed.`,
 				return fmt.Errorf("unknown output format %q: want json or table", output)
 			}
 			cmd.SilenceUsage = true // from here on, errors are about the input
-			in, err := Load(append(files, args...), cmd.InOrStdin(), cmd.ErrOrStderr())
+			in, err := loadManifests(append(files, args...), cmd.InOrStdin(), cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}
-			results, err := Run(in, Options{Ports: ports, Protocol: protocol, ChurnLabels: churn}, cmd.ErrOrStderr())
+			results, err := simulate.Run(in, simulate.Options{Ports: ports, Protocol: protocol, ChurnLabels: churn}, cmd.ErrOrStderr())
 			if err != nil {
 				return err
 			}
 			if output == "json" {
-				return WriteJSON(cmd.OutOrStdout(), results)
+				return writeSimulateJSON(cmd.OutOrStdout(), results)
 			}
-			return WriteTable(cmd.OutOrStdout(), results)
+			return writeSimulateTable(cmd.OutOrStdout(), results)
 		},
 	}
 	f := cmd.Flags()

@@ -6,6 +6,9 @@
 //
 // It checks policy from the rules themselves, not from the compiled map
 // entries, so a mistake in policy.Compile shows as a disagreement too.
+//
+// It sits beside the datapath it models but imports only identity and
+// policy, never package bpf, so bpf's own tests can import it.
 package reference
 
 import (

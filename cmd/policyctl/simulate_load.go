@@ -1,8 +1,4 @@
-// Package simulate answers "what would these NetworkPolicies allow?" offline:
-// it reads Namespace, Pod and NetworkPolicy manifests, compiles them with
-// the same code the agent uses (policy/netpol), and decides every pod pair
-// with the reference evaluator (policy.Set). No cluster, no root.
-package simulate
+package main
 
 import (
 	"bytes"
@@ -19,25 +15,21 @@ import (
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"sigs.k8s.io/yaml"
-)
 
-// Inputs are the objects read from manifests.
-type Inputs struct {
-	Namespaces []*corev1.Namespace
-	Pods       []*corev1.Pod
-	Policies   []*networkingv1.NetworkPolicy
-}
+	"github.com/idcni/idcni/policy/simulate"
+)
 
 // manifestExts are the file names a directory walk picks up.
 var manifestExts = map[string]bool{".yaml": true, ".yml": true, ".json": true}
 
-// Load reads every path: a file, a directory (recursively, *.yaml, *.yml
-// and *.json, in lexical order) or "-" for standard input. Objects of other
-// kinds are skipped with a warning written to warn; an object that names
-// the same kind, namespace and name as an earlier one replaces it, with a
-// warning, as applying both in order would.
-func Load(paths []string, stdin io.Reader, warn io.Writer) (*Inputs, error) {
-	l := &loader{warn: warn, in: &Inputs{}, seen: map[string]string{}}
+// loadManifests reads, for policyctl simulate, every path: a file, a
+// directory (recursively, *.yaml, *.yml and *.json, in lexical order) or "-"
+// for standard input. Objects of other kinds are skipped with a warning
+// written to warn; an object that names the same kind, namespace and name
+// as an earlier one replaces it, with a warning, as applying both in order
+// would.
+func loadManifests(paths []string, stdin io.Reader, warn io.Writer) (*simulate.Inputs, error) {
+	l := &manifestLoader{warn: warn, in: &simulate.Inputs{}, seen: map[string]string{}}
 	if len(paths) == 0 {
 		return nil, fmt.Errorf("no manifests given: pass -f FILE_OR_DIR (or - for standard input)")
 	}
@@ -91,9 +83,10 @@ func Load(paths []string, stdin io.Reader, warn io.Writer) (*Inputs, error) {
 	return l.in, nil
 }
 
-type loader struct {
+// manifestLoader files the objects of the manifests it reads.
+type manifestLoader struct {
 	warn io.Writer
-	in   *Inputs
+	in   *simulate.Inputs
 	seen map[string]string // "Kind ns/name" -> where it was read
 }
 
@@ -101,7 +94,7 @@ type loader struct {
 // comment or directive text).
 var docSeparator = regexp.MustCompile(`(?m)^---(?:[ \t].*)?$`)
 
-func (l *loader) file(name string, data []byte) error {
+func (l *manifestLoader) file(name string, data []byte) error {
 	trimmed := bytes.TrimSpace(data)
 	var docs [][]byte
 	if len(trimmed) > 0 && (trimmed[0] == '{' || trimmed[0] == '[') {
@@ -148,7 +141,7 @@ func (l *loader) file(name string, data []byte) error {
 
 // object files one JSON object; defaultKind is the kind of a list's items
 // when they do not say.
-func (l *loader) object(where string, js []byte, defaultKind string) error {
+func (l *manifestLoader) object(where string, js []byte, defaultKind string) error {
 	var tm metav1.TypeMeta
 	if err := json.Unmarshal(js, &tm); err != nil {
 		return fmt.Errorf("%s: not a Kubernetes object: %w", where, err)
@@ -251,7 +244,7 @@ func (l *loader) object(where string, js []byte, defaultKind string) error {
 }
 
 // decode unmarshals js into obj after checking the apiVersion.
-func (l *loader) decode(where, kind, got, want string, js []byte, obj any, strict bool) error {
+func (l *manifestLoader) decode(where, kind, got, want string, js []byte, obj any, strict bool) error {
 	if got != "" && got != want {
 		return fmt.Errorf("%s: %s has apiVersion %q; simulate reads %s", where, kind, got, want)
 	}
@@ -268,7 +261,7 @@ func (l *loader) decode(where, kind, got, want string, js []byte, obj any, stric
 }
 
 // replace records an object and reports whether it repeats an earlier one.
-func (l *loader) replace(where, id string) bool {
+func (l *manifestLoader) replace(where, id string) bool {
 	if prev, ok := l.seen[id]; ok {
 		fmt.Fprintf(l.warn, "warning: %s: %s already read from %s; the later one wins\n", where, id, prev)
 		l.seen[id] = where

@@ -14,7 +14,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/idcni/idcni/e2e/internal/pki"
 	"net"
 	"net/http"
 	"os"
@@ -31,6 +30,8 @@ import (
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/client-go/kubernetes"
 	"k8s.io/client-go/rest"
+
+	"github.com/idcni/idcni/e2e/internal/pki"
 )
 
 // Options tune Start. The zero value is a working cluster.

@@ -9,7 +9,7 @@ import (
 	"testing"
 	"time"
 
-	"github.com/idcni/idcni/e2e/kube"
+	"github.com/idcni/idcni/e2e/internal/kube"
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	apierrors "k8s.io/apimachinery/pkg/api/errors"

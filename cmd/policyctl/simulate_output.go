@@ -1,4 +1,4 @@
-package simulate
+package main
 
 import (
 	"cmp"
@@ -7,12 +7,14 @@ import (
 	"io"
 	"slices"
 	"text/tabwriter"
+
+	"github.com/idcni/idcni/policy/simulate"
 )
 
-// WriteJSON writes results as one JSON array.
-func WriteJSON(w io.Writer, results []Result) error {
+// writeSimulateJSON writes results as one JSON array.
+func writeSimulateJSON(w io.Writer, results []simulate.Result) error {
 	if results == nil {
-		results = []Result{} // "[]", not "null", for an empty answer
+		results = []simulate.Result{} // "[]", not "null", for an empty answer
 	}
 	enc := json.NewEncoder(w)
 	enc.SetIndent("", "  ")
@@ -22,10 +24,10 @@ func WriteJSON(w io.Writer, results []Result) error {
 	return nil
 }
 
-// WriteTable writes one matrix per protocol and port (rows: from, columns:
+// writeSimulateTable writes one matrix per protocol and port (rows: from, columns:
 // to; "ok" allowed, "DENY" denied, "-" not probed), then the reason for
 // every denial.
-func WriteTable(w io.Writer, results []Result) error {
+func writeSimulateTable(w io.Writer, results []simulate.Result) error {
 	if len(results) == 0 {
 		_, err := fmt.Fprintln(w, "nothing to probe: no pod pair with a port (give pods containerPorts, or pass --port)")
 		return err
