@@ -112,6 +112,17 @@ type Agent struct {
 // New opens the state file and the datapath (loading or upgrading it) and
 // prepares the informers. Nothing runs until Run.
 func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
+	return newAgent(cfg, client, func() (*bpf.Datapath, datapathMaps, error) {
+		// Replace: an agent start is how a node upgrades its programs;
+		// the tcx links move to the new ones atomically.
+		dp, err := bpf.Load(bpf.Options{Root: cfg.BPFRoot, Replace: true, PolicyEntries: cfg.PolicyEntries, IPCacheEntries: cfg.IPCacheEntries})
+		return dp, dp, err
+	})
+}
+
+// newAgent is New with the datapath's maps from load: unit tests pass
+// fake maps and no datapath.
+func newAgent(cfg Config, client kubernetes.Interface, load func() (*bpf.Datapath, datapathMaps, error)) (*Agent, error) {
 	if cfg.Logger == nil {
 		cfg.Logger = slog.Default()
 	}
@@ -139,13 +150,10 @@ func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
 	if err != nil {
 		return fail(err)
 	}
-	// Replace: an agent start is how a node upgrades its programs; the
-	// tcx links move to the new ones atomically.
-	a.dp, err = bpf.Load(bpf.Options{Root: cfg.BPFRoot, Replace: true, PolicyEntries: cfg.PolicyEntries, IPCacheEntries: cfg.IPCacheEntries})
+	a.dp, a.maps, err = load()
 	if err != nil {
 		return fail(fmt.Errorf("load datapath: %w", err))
 	}
-	a.maps = a.dp
 	a.st = newNodeState()
 	a.accepted = map[string]*networkingv1.NetworkPolicy{}
 	opts := identity.Options{ChurnLabels: cfg.ChurnLabels}
