@@ -256,7 +256,9 @@ func TestControllerIgnoresIrrelevantUpdates(t *testing.T) {
 		func(p *corev1.Pod) { p.Labels["v"] = "2" },
 		func(p *corev1.Pod) { p.Status.PodIPs = append(p.Status.PodIPs, corev1.PodIP{IP: "fd00::3"}) },
 		func(p *corev1.Pod) { p.Status.Phase = corev1.PodSucceeded },
-		func(p *corev1.Pod) { p.Spec.Containers = []corev1.Container{{Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 80}}}} },
+		func(p *corev1.Pod) {
+			p.Spec.Containers = []corev1.Container{{Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 80}}}}
+		},
 	} {
 		r := q.DeepCopy()
 		change(r)
