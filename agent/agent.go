@@ -78,6 +78,9 @@ type Agent struct {
 	// reconcile worker and endpoint registrations take turns.
 	mu        sync.Mutex
 	endpoints *endpointRegistry
+	// links is the host's links, against which the registry is checked
+	// (endpointaudit.go); nil skips the checks.
+	links hostLinks
 	// dirtySince is when the first change not yet in the maps arrived.
 	dirtySince time.Time
 	ready      chan struct{}
@@ -112,6 +115,7 @@ func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
 	if err != nil {
 		return fail(err)
 	}
+	a.links = netlinkLinks{}
 	// Replace: an agent start is how a node upgrades its programs; the
 	// tcx links move to the new ones atomically.
 	a.dp, err = bpf.Load(bpf.Options{Root: cfg.BPFRoot, Replace: true})

@@ -227,6 +227,11 @@ func (a *Agent) withLocalAddrs(pod *corev1.Pod) *corev1.Pod {
 func (a *Agent) resync() error {
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	// Registry hook (endpointaudit.go): before the pods are compiled,
+	// since withLocalAddrs reads the registry.
+	if err := a.auditEndpoints(); err != nil {
+		a.log.Warn("endpoint registry audit", "err", err)
+	}
 	nss, err := a.nss.List(labels.Everything())
 	if err != nil {
 		return err

@@ -210,6 +210,16 @@ func (a *Agent) handleRegister(w http.ResponseWriter, r *http.Request) {
 	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	// Registry hook (endpointaudit.go): the host veth must be the link at
+	// its ifindex; older entries at that ifindex are forgotten.
+	if err := a.claimEndpoint(req); err != nil {
+		code := http.StatusInternalServerError
+		if errors.Is(err, errLinkNotOwned) {
+			code = http.StatusConflict
+		}
+		fail(w, code, fmt.Errorf("idcni-agent: pod %s/%s: %w", req.PodNamespace, req.PodName, err))
+		return
+	}
 	if err := a.endpoints.put(req); err != nil {
 		fail(w, http.StatusInternalServerError, err)
 		return
@@ -243,8 +253,10 @@ func (a *Agent) handleUnregister(w http.ResponseWriter, r *http.Request) {
 	}
 	if ok {
 		// The plugin removes its own map entries; the pod's ipcache entry
-		// goes when the API server reports the pod gone.
-		if err := a.dp.DeleteEndpoint(ep.HostIfIndex); err != nil {
+		// goes when the API server reports the pod gone. Registry hook
+		// (endpointaudit.go): the entry at the ifindex goes only while it
+		// is still this container's.
+		if err := a.dropEndpointEntry(ep); err != nil {
 			fail(w, http.StatusInternalServerError, err)
 			return
 		}
