@@ -39,7 +39,9 @@ func (a *Agent) auditEndpoints() error {
 	}
 	network, dataDir := a.pluginNetwork()
 	var errs []error
-	pruned, err := a.endpoints.verify(a.links, network)
+	// Any network's alias binds an entry to its container: the network
+	// only says where the records are and which veths to rebuild.
+	pruned, err := a.endpoints.verify(a.links, "")
 	if err != nil {
 		errs = append(errs, fmt.Errorf("verify endpoint registry: %w", err))
 	}
@@ -93,8 +95,9 @@ func (a *Agent) claimEndpoint(req api.EndpointRequest) error {
 	if a.links == nil {
 		return nil
 	}
-	network, _ := a.pluginNetwork()
-	displaced, err := a.endpoints.claim(a.links, req, network)
+	// Any network: a conflist the agent did not write still registers
+	// with it, and the container ID is what binds the veth.
+	displaced, err := a.endpoints.claim(a.links, req, "")
 	for _, ep := range displaced {
 		a.log.Info("endpoint forgotten: its ifindex now holds another container's host veth",
 			"pod", ep.PodNamespace+"/"+ep.PodName, "container", short(ep.ContainerID),
