@@ -93,8 +93,11 @@ type Agent struct {
 	manualView atomic.Pointer[manual.State]
 
 	// Owned by the writer loop (processNext) once Run started.
-	st          *nodeState
-	endpoints   *endpointRegistry
+	st        *nodeState
+	endpoints *endpointRegistry
+	// links is the host's links, against which the registry is checked
+	// (endpointaudit.go); nil skips the checks.
+	links       hostLinks
 	manual      manual.State
 	manualRules map[identity.ID][]policy.Rule
 	manualDirty bool         // manual changed since the last save
@@ -112,12 +115,17 @@ type Agent struct {
 // New opens the state file and the datapath (loading or upgrading it) and
 // prepares the informers. Nothing runs until Run.
 func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
-	return newAgent(cfg, client, func() (*bpf.Datapath, datapathMaps, error) {
+	a, err := newAgent(cfg, client, func() (*bpf.Datapath, datapathMaps, error) {
 		// Replace: an agent start is how a node upgrades its programs;
 		// the tcx links move to the new ones atomically.
 		dp, err := bpf.Load(bpf.Options{Root: cfg.BPFRoot, Replace: true, PolicyEntries: cfg.PolicyEntries, IPCacheEntries: cfg.IPCacheEntries})
 		return dp, dp, err
 	})
+	if err != nil {
+		return nil, err
+	}
+	a.links = netlinkLinks{}
+	return a, nil
 }
 
 // newAgent is New with the datapath's maps from load: unit tests pass

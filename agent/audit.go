@@ -13,6 +13,14 @@ import (
 // nobody registered (the plugin's, until registration), and the ipcache
 // entries of their addresses.
 func (a *Agent) audit() error {
+	// The registry first: entries whose host veth is gone are pruned,
+	// live veths it lost are rebuilt.
+	if err := a.auditEndpoints(); err != nil {
+		a.log.Warn("endpoint registry audit", "err", err)
+	}
+	if err := a.syncLocal(); err != nil {
+		return err
+	}
 	s := a.st
 	drift := map[string]int{}
 	ipc, err := a.maps.IPCache()

@@ -15,6 +15,7 @@ import (
 	"k8s.io/apimachinery/pkg/labels"
 	"k8s.io/client-go/tools/cache"
 
+	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/desired"
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/manual"
@@ -452,6 +453,9 @@ func (a *Agent) syncEndpoint(containerID string) error {
 		return nil
 	}
 	r := req.register
+	if err := a.claimEndpoint(r); err != nil {
+		return err
+	}
 	if err := a.endpoints.put(r); err != nil {
 		return err
 	}
@@ -464,6 +468,32 @@ func (a *Agent) syncEndpoint(containerID string) error {
 		_, _, _ = a.endpoints.remove(r.ContainerID)
 		a.st.setLocal(r.HostIfIndex, localEndpoint{}, false)
 		return fmt.Errorf("idcni-agent: pod %s/%s: %w", r.PodNamespace, r.PodName, err)
+	}
+	return nil
+}
+
+// syncLocal makes the local endpoints the registry's, after an audit of
+// the registry pruned or rebuilt entries.
+func (a *Agent) syncLocal() error {
+	want := map[int]api.EndpointRequest{}
+	for _, ep := range a.endpoints.all() {
+		want[ep.HostIfIndex] = ep
+	}
+	for ifindex, l := range a.st.local {
+		if w, ok := want[ifindex]; !ok || w.ContainerID != l.containerID {
+			a.st.setLocal(ifindex, localEndpoint{}, false)
+		}
+	}
+	for ifindex, ep := range want {
+		if l, ok := a.st.local[ifindex]; ok && l.containerID == ep.ContainerID {
+			continue
+		}
+		a.st.setLocal(ifindex, localEndpoint{containerID: ep.ContainerID, pod: ep.PodNamespace + "/" + ep.PodName, addrs: sortedAddrs(ep.Addresses)}, true)
+		if pod, err := a.pods.Pods(ep.PodNamespace).Get(ep.PodName); err == nil {
+			if err := a.compilePod(pod); err != nil {
+				return err
+			}
+		}
 	}
 	return nil
 }
@@ -582,6 +612,10 @@ func (a *Agent) withLocalAddrs(pod *corev1.Pod) *corev1.Pod {
 // resync feeds every cached object to the compiler and the node state:
 // the start, from whatever the maps hold.
 func (a *Agent) resync() error {
+	// Before the pods are compiled: withLocalAddrs reads the registry.
+	if err := a.auditEndpoints(); err != nil {
+		a.log.Warn("endpoint registry audit", "err", err)
+	}
 	nss, err := a.nss.List(labels.Everything())
 	if err != nil {
 		return err

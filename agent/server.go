@@ -213,7 +213,11 @@ func (a *Agent) handleRegister(w http.ResponseWriter, r *http.Request) {
 	}
 	a.pending.put(req.ContainerID, endpointChange{register: req, pod: pod})
 	if err := a.submit(r.Context(), key{kind: kindEndpoint, name: req.ContainerID}); err != nil {
-		fail(w, http.StatusInternalServerError, fmt.Errorf("idcni-agent: write maps for pod %s/%s: %w", req.PodNamespace, req.PodName, err))
+		code := http.StatusInternalServerError
+		if errors.Is(err, errLinkNotOwned) {
+			code = http.StatusConflict
+		}
+		fail(w, code, fmt.Errorf("idcni-agent: pod %s/%s: %w", req.PodNamespace, req.PodName, err))
 		return
 	}
 	id, _ := a.compiler.PodIdentity(req.PodNamespace, req.PodName)

@@ -685,7 +685,7 @@ func (s *nodeState) flush(m datapathMaps, rulesOf subjectRules) (st flushStats, 
 		if err != nil {
 			return st, err
 		}
-		if ok && desired.Owns(have.Addrs(), s.eps[ifindex].Addrs()) {
+		if ok && have.HoldsAny(s.eps[ifindex].Addrs()) {
 			if err := m.DeleteEndpoint(ifindex); err != nil {
 				return st, err
 			}

@@ -134,6 +134,21 @@ func (e Endpoint) Addrs() []netip.Addr {
 	return out
 }
 
+// HoldsAny reports whether the endpoint carries one of addrs. It is the
+// ownership test for an entry found at a remembered ifindex: the kernel
+// reuses ifindexes, so whoever deletes the entry of a pod it knows by an
+// old record (the plugin's DEL, the agent's unregister) deletes it only
+// while it still carries one of that pod's addresses, never the entry of
+// another pod whose host veth got the index since. No addresses: false.
+func (e Endpoint) HoldsAny(addrs []netip.Addr) bool {
+	for _, a := range addrs {
+		if a.IsValid() && (a == e.IPv4 || a == e.IPv6) {
+			return true
+		}
+	}
+	return false
+}
+
 func (e Endpoint) toKernel() (datapathEndpoint, error) {
 	k := datapathEndpoint{Identity: uint32(e.Identity), CtSlot: e.ConntrackSlot}
 	if e.ConntrackSlot >= maxEndpoints {

@@ -79,6 +79,9 @@ func CmdAdd(args *skel.CmdArgs) (err error) {
 			IfName:      args.IfName,
 			Netns:       args.Netns,
 			HostIfName:  HostVethName(args.ContainerID, args.IfName),
+			// For the agent, should it have to rebuild its registry.
+			PodNamespace: pod.Namespace,
+			PodName:      pod.Name,
 		},
 	}
 	result, err := a.add(ctx)

@@ -199,3 +199,16 @@ func TestLinkAliasRoundTrip(t *testing.T) {
 		t.Error("network idc claims links of network idcni")
 	}
 }
+
+// ParseLinkAlias, for the agent, reads the network as well.
+func TestParseLinkAliasAnyNetwork(t *testing.T) {
+	net, cid, ifName, ok := ParseLinkAlias(linkAlias("idcni-e2e.1", "c0ffee", "net1"))
+	if !ok || net != "idcni-e2e.1" || cid != "c0ffee" || ifName != "net1" {
+		t.Errorf("ParseLinkAlias = %q, %q, %q, %v", net, cid, ifName, ok)
+	}
+	for _, bad := range []string{"", "idcni/", "idcni//c/eth0", "idcni/n/c", "idcni/n//eth0", "idcni/n/c/eth0/x", "calico/n/c/eth0"} {
+		if _, _, _, ok := ParseLinkAlias(bad); ok {
+			t.Errorf("ParseLinkAlias(%q) accepted a malformed alias", bad)
+		}
+	}
+}

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"slices"
 
 	"github.com/vishvananda/netlink"
 
@@ -126,7 +125,7 @@ func release(dp *bpf.Datapath, hostName string, ifindex int, addrs []netip.Addr)
 		// Ours if it carries one of our addresses; with no addresses
 		// known, the caller vouches for the ifindex (it just read it off
 		// our host veth).
-		mine := len(addrs) == 0 || slices.ContainsFunc(epAddrs, func(a netip.Addr) bool { return slices.Contains(addrs, a) })
+		mine := len(addrs) == 0 || ep.HoldsAny(addrs)
 		if mine {
 			if err := dp.DeleteEndpoint(ifindex); err != nil {
 				errs = append(errs, fmt.Errorf("delete endpoint entry of ifindex %d: %w", ifindex, err))

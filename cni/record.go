@@ -24,6 +24,11 @@ type Record struct {
 	HostIfName  string       `json:"hostIfName"`
 	HostIfIndex int          `json:"hostIfIndex,omitempty"`
 	Addresses   []netip.Addr `json:"addresses,omitempty"`
+	// PodNamespace and PodName are the pod of CNI_ARGS (K8S_POD_*), when
+	// the runtime passed them: the agent rebuilds its endpoint registry
+	// from the records when its state file is lost.
+	PodNamespace string `json:"podNamespace,omitempty"`
+	PodName      string `json:"podName,omitempty"`
 	// Complete is set once ADD returned success; a record without it is
 	// the trace of an ADD that failed or died.
 	Complete bool `json:"complete,omitempty"`
@@ -152,4 +157,39 @@ func (s *recordStore) List() ([]*Record, error) {
 		out = append(out, r)
 	}
 	return out, errors.Join(errs...)
+}
+
+// ReadRecords returns the records of a network in dataDir (see
+// NetConf.DataDir) for a reader outside the plugin: the agent, rebuilding
+// its endpoint registry. It takes no lock (records are replaced by rename,
+// so each one read is whole) and creates nothing: a missing directory is
+// no records. Unreadable records are reported beside the readable ones.
+func ReadRecords(dataDir, network string) ([]*Record, error) {
+	s := &recordStore{dir: filepath.Join(dataDir, network)}
+	recs, err := s.List()
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	return recs, err
+}
+
+// ParseLinkAlias reads the alias the plugin gives every host veth (see
+// linkAlias): the network, container ID and interface name of the
+// attachment that owns the link. ok is false for any other alias.
+// Network names cannot contain '/' (libcni refuses them), so the alias
+// is unambiguous.
+func ParseLinkAlias(alias string) (network, containerID, ifName string, ok bool) {
+	rest, ok := strings.CutPrefix(alias, aliasPrefix)
+	if !ok {
+		return "", "", "", false
+	}
+	network, _, ok = strings.Cut(rest, "/")
+	if !ok || network == "" {
+		return "", "", "", false
+	}
+	containerID, ifName, ok = parseLinkAlias(network, alias)
+	if !ok {
+		return "", "", "", false
+	}
+	return network, containerID, ifName, true
 }

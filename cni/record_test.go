@@ -5,6 +5,7 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"reflect"
 	"slices"
 	"strings"
 	"testing"
@@ -132,5 +133,37 @@ func TestPodRoutes(t *testing.T) {
 	// Routes of a family the pod lacks are dropped.
 	if got := podRoutes([]netip.Addr{v4}, []netip.Prefix{netip.MustParsePrefix("fd01::/64")}); !slices.Equal(got, want[:1]) {
 		t.Errorf("podRoutes v4-only = %v", got)
+	}
+}
+
+// The agent reads the records without the plugin's lock; a network that
+// never had a record is no records, not an error, and nothing is created.
+func TestReadRecords(t *testing.T) {
+	dir := t.TempDir()
+	if recs, err := ReadRecords(dir, "none"); err != nil || len(recs) != 0 {
+		t.Fatalf("ReadRecords of a missing network = %v, %v", recs, err)
+	}
+	if _, err := os.Stat(filepath.Join(dir, "none")); !os.IsNotExist(err) {
+		t.Errorf("ReadRecords created the network's directory: %v", err)
+	}
+	s, err := openRecords(dir, "net", false)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer s.Close()
+	want := &Record{Network: "net", ContainerID: "c1", IfName: "eth0", HostIfName: "h1", HostIfIndex: 7,
+		Addresses: []netip.Addr{netip.MustParseAddr("10.1.0.2")}, PodNamespace: "ns", PodName: "p", Complete: true}
+	if err := s.Put(want); err != nil {
+		t.Fatal(err)
+	}
+	if err := os.WriteFile(filepath.Join(dir, "net", "bad:eth0.json"), []byte("{"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	recs, err := ReadRecords(dir, "net")
+	if err == nil {
+		t.Error("a corrupt record was not reported")
+	}
+	if len(recs) != 1 || !reflect.DeepEqual(recs[0], want) {
+		t.Errorf("ReadRecords = %+v, want the readable record %+v", recs, want)
 	}
 }

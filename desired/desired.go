@@ -12,7 +12,6 @@ package desired
 
 import (
 	"net/netip"
-	"slices"
 
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/policy"
@@ -88,16 +87,3 @@ func Subject(id identity.ID, rules []policy.Rule, iso policy.Isolation) (*policy
 	return set.Compile()
 }
 
-// Owns reports whether an endpoint entry holding the addresses have is
-// still the one made for a pod with the addresses ours. The kernel reuses
-// ifindexes and addresses, and a record, a registration or a DEL may be
-// older than the entry: an entry is removed only while it carries one of
-// its pod's addresses, never once another pod's entry took the ifindex.
-func Owns(have, ours []netip.Addr) bool {
-	for _, a := range have {
-		if slices.Contains(ours, a) {
-			return true
-		}
-	}
-	return false
-}
