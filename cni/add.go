@@ -19,6 +19,7 @@ import (
 
 	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/bpf"
+	"github.com/idcni/idcni/desired"
 	"github.com/idcni/idcni/identity"
 )
 
@@ -252,7 +253,7 @@ func buildResult(ipam *current.Result, rec *Record, hostIf, podIf net.Interface,
 	for _, a := range rec.Addresses {
 		res.IPs = append(res.IPs, &current.IPConfig{
 			Interface: current.Int(1),
-			Address:   *ipNet(hostPrefix(a)),
+			Address:   *ipNet(desired.HostPrefix(a)),
 			Gateway:   gatewayFor(a).AsSlice(),
 		})
 	}

@@ -19,6 +19,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/idcni/idcni/bpf"
+	"github.com/idcni/idcni/desired"
 )
 
 // CmdCheck implements CHECK: it verifies that everything ADD set up is still
@@ -138,10 +139,10 @@ func (c *checker) checkHost(prev *current.Result) (hostMAC, podMAC net.HardwareA
 		c.fail("host veth %s has MAC %s, prevResult says %s", rec.HostIfName, hostMAC, m)
 	}
 	for _, a := range rec.Addresses {
-		if ok, err := hasRoute(st.link, hostPrefix(a), netip.Addr{}); err != nil {
+		if ok, err := hasRoute(st.link, desired.HostPrefix(a), netip.Addr{}); err != nil {
 			c.fail("list routes of %s: %v", rec.HostIfName, err)
 		} else if !ok {
-			c.fail("host route %s dev %s is missing", hostPrefix(a), rec.HostIfName)
+			c.fail("host route %s dev %s is missing", desired.HostPrefix(a), rec.HostIfName)
 		}
 		if podMAC == nil {
 			continue
@@ -187,7 +188,7 @@ func (c *checker) checkPod(netns string, hostMAC, podMAC net.HardwareAddr) {
 				return ha.Unmap() == a && ones == a.BitLen()
 			})
 			if !found {
-				c.fail("address %s is missing on %s in the pod", hostPrefix(a), rec.IfName)
+				c.fail("address %s is missing on %s in the pod", desired.HostPrefix(a), rec.IfName)
 			}
 		}
 		for _, gw := range gateways(rec.Addresses) {
@@ -243,7 +244,7 @@ func (c *checker) checkDatapath(hostMAC, podMAC net.HardwareAddr) {
 		c.fail("the datapath has no endpoint entry for host veth %s (ifindex %d)", rec.HostIfName, rec.HostIfIndex)
 		return
 	}
-	if got, want := endpointAddrs(ep), rec.Addresses; !slices.Equal(slices.SortedFunc(slices.Values(got), netip.Addr.Compare), slices.SortedFunc(slices.Values(want), netip.Addr.Compare)) {
+	if got, want := ep.Addrs(), rec.Addresses; !slices.Equal(slices.SortedFunc(slices.Values(got), netip.Addr.Compare), slices.SortedFunc(slices.Values(want), netip.Addr.Compare)) {
 		c.fail("the endpoint entry of ifindex %d has addresses %v, want %v", rec.HostIfIndex, got, want)
 	}
 	c.checkLocal(dp, hostMAC, podMAC)

@@ -8,6 +8,7 @@ import (
 	"github.com/vishvananda/netlink"
 
 	"github.com/idcni/idcni/bpf"
+	"github.com/idcni/idcni/desired"
 	"github.com/idcni/idcni/identity"
 )
 
@@ -22,17 +23,6 @@ func endpointOf(id identity.ID, addrs []netip.Addr) bpf.Endpoint {
 		}
 	}
 	return ep
-}
-
-// endpointAddrs lists the valid addresses of an endpoint.
-func endpointAddrs(ep bpf.Endpoint) []netip.Addr {
-	var out []netip.Addr
-	for _, a := range []netip.Addr{ep.IPv4, ep.IPv6} {
-		if a.IsValid() {
-			out = append(out, a)
-		}
-	}
-	return out
 }
 
 // enforce attaches the TC programs to the host veth and enters the pod in
@@ -53,13 +43,7 @@ func enforce(dp *bpf.Datapath, u *undo, hostName string, ifindex int, id identit
 	defer unlock()
 	// An address bound with `endpointctl add` keeps its identity for
 	// whichever pod gets it: the seed binds addresses, not pods.
-	bound := map[netip.Addr]bool{}
-	for _, a := range addrs {
-		if b, ok, err := dp.IPCacheLookup(a); err == nil && ok && b.IsManual() {
-			id = b
-			bound[a] = true
-		}
-	}
+	id = desired.EndpointIdentity(id, addrs, manualBinding(dp))
 	// The pod's own conntrack table, before the endpoint names it: its
 	// first packet already keeps its flows apart from every other pod's.
 	slot, err := dp.AddConntrackTable(ctSize)
@@ -74,13 +58,16 @@ func enforce(dp *bpf.Datapath, u *undo, hostName string, ifindex int, id identit
 	}
 	u.push(fmt.Sprintf("endpoint entry of ifindex %d", ifindex), func() error { return dp.DeleteEndpoint(ifindex) })
 
+	bound := manualBinding(dp)
 	for _, a := range addrs {
-		if bound[a] {
+		b, _ := bound(a)
+		want, _ := desired.Claims{Binding: b, Local: id}.Identity()
+		if want == b {
 			continue // the binding's entry stays as it is, ADD failing or not
 		}
-		p := hostPrefix(a)
-		if err := dp.PutIPCache(p, id); err != nil {
-			return fmt.Errorf("add ipcache entry %s -> identity %s: %w", p, id, err)
+		p := desired.HostPrefix(a)
+		if err := dp.PutIPCache(p, want); err != nil {
+			return fmt.Errorf("add ipcache entry %s -> identity %s: %w", p, want, err)
 		}
 		u.push("ipcache entry "+p.String(), func() error { return dp.DeleteIPCache(p) })
 	}
@@ -121,19 +108,17 @@ func release(dp *bpf.Datapath, hostName string, ifindex int, addrs []netip.Addr)
 		return errors.Join(append(errs, fmt.Errorf("list datapath endpoints: %w", err))...)
 	}
 	if ep, ok := eps[ifindex]; ok && ifindex > 0 {
-		epAddrs := endpointAddrs(ep)
 		// Ours if it carries one of our addresses; with no addresses
 		// known, the caller vouches for the ifindex (it just read it off
 		// our host veth).
-		mine := len(addrs) == 0 || ep.HoldsAny(addrs)
-		if mine {
+		if len(addrs) == 0 || ep.HoldsAny(addrs) {
 			if err := dp.DeleteEndpoint(ifindex); err != nil {
 				errs = append(errs, fmt.Errorf("delete endpoint entry of ifindex %d: %w", ifindex, err))
 			} else if err := dp.DeleteConntrackTable(ep.ConntrackSlot); err != nil {
 				errs = append(errs, err)
 			}
 			if len(addrs) == 0 {
-				addrs = epAddrs
+				addrs = ep.Addrs()
 			}
 			delete(eps, ifindex)
 		}
@@ -145,27 +130,45 @@ func release(dp *bpf.Datapath, hostName string, ifindex int, addrs []netip.Addr)
 			errs = append(errs, err)
 		}
 	}
+	return errors.Join(append(errs, forgetAddrs(dp, eps, addrs))...)
+}
 
+// forgetAddrs makes the ipcache entries of addresses no endpoint in eps
+// holds any more what package desired says they must be, as far as the
+// plugin knows: a manual binding (an entry in the manual range) outlives
+// its pod, an address another endpoint holds is that endpoint's, anything
+// else goes (with an agent, the agent writes the pod's entry back while
+// its Pod object still reports the address). The flows of every address
+// that changed hands are flushed: the next pod with the address must not
+// inherit their verdicts. DEL and GC both come here.
+func forgetAddrs(dp *bpf.Datapath, eps map[int]bpf.Endpoint, addrs []netip.Addr) error {
+	var errs []error
 	var gone []netip.Addr
+	bound := manualBinding(dp)
 	for _, a := range addrs {
-		if claimedByOther(eps, a) {
-			continue
+		var c desired.Claims
+		c.Binding, _ = bound(a)
+		for _, ep := range eps {
+			if ep.HoldsAny([]netip.Addr{a}) {
+				c.Local = ep.Identity
+			}
 		}
-		// A manual binding outlives the pod (see enforce); its flows do
-		// not.
-		if bound, ok, err := dp.IPCacheLookup(a); err == nil && ok && bound.IsManual() {
-			gone = append(gone, a)
-			continue
+		if c.Local != identity.Unknown {
+			continue // the other endpoint's entry, as its ADD wrote it
 		}
-		if err := dp.DeleteIPCache(hostPrefix(a)); err != nil {
-			errs = append(errs, fmt.Errorf("delete ipcache entry %s: %w", hostPrefix(a), err))
+		p := desired.HostPrefix(a)
+		if want, ok := c.Identity(); ok {
+			if err := dp.PutIPCache(p, want); err != nil {
+				errs = append(errs, fmt.Errorf("write ipcache entry %s: %w", p, err))
+				continue
+			}
+		} else if err := dp.DeleteIPCache(p); err != nil {
+			errs = append(errs, fmt.Errorf("delete ipcache entry %s: %w", p, err))
 			continue
 		}
 		gone = append(gone, a)
 	}
 	if len(gone) > 0 {
-		// Flows of a deleted pod must not let the next pod with the same
-		// address inherit their verdicts.
 		if _, err := dp.FlushConntrack(gone...); err != nil {
 			errs = append(errs, fmt.Errorf("flush connection tracking of %v: %w", gone, err))
 		}
@@ -173,14 +176,17 @@ func release(dp *bpf.Datapath, hostName string, ifindex int, addrs []netip.Addr)
 	return errors.Join(errs...)
 }
 
-// claimedByOther reports whether another endpoint holds a.
-func claimedByOther(others map[int]bpf.Endpoint, a netip.Addr) bool {
-	for _, ep := range others {
-		if ep.IPv4 == a || ep.IPv6 == a {
-			return true
+// manualBinding reads the manual bindings off the ipcache: without the
+// agent's state file (the agent holds its lock), an entry in the manual
+// range is a binding.
+func manualBinding(dp *bpf.Datapath) func(netip.Addr) (identity.ID, bool) {
+	return func(a netip.Addr) (identity.ID, bool) {
+		id, ok, err := dp.IPCacheLookup(a)
+		if err != nil || !ok || !id.IsManual() {
+			return identity.Unknown, false
 		}
+		return id, true
 	}
-	return false
 }
 
 // loadDatapath loads the datapath, or opens it when it is pinned already.

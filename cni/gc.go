@@ -7,7 +7,6 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
-	"slices"
 	"strings"
 
 	"github.com/containernetworking/cni/pkg/invoke"
@@ -166,21 +165,11 @@ func gcOrphans(conf *NetConf) error {
 			continue
 		}
 		delete(eps, idx)
-		for _, a := range endpointAddrs(ep) {
-			if claimedByOther(eps, a) {
-				continue
-			}
-			if err := dp.DeleteIPCache(hostPrefix(a)); err != nil {
-				errs = append(errs, fmt.Errorf("delete ipcache entry %s: %w", hostPrefix(a), err))
-				continue
-			}
-			gone = append(gone, a)
-		}
+		gone = append(gone, ep.Addrs()...)
 	}
-	if len(gone) > 0 {
-		if _, err := dp.FlushConntrack(gone...); err != nil {
-			errs = append(errs, fmt.Errorf("flush connection tracking of %v: %w", gone, err))
-		}
+	// The same rule as DEL's: a manual binding outlives its pod.
+	if err := forgetAddrs(dp, eps, gone); err != nil {
+		errs = append(errs, err)
 	}
 	// Conntrack tables no endpoint names: an ADD that died between
 	// creating its table and writing its endpoint, or an endpoint deleted
@@ -207,7 +196,7 @@ func gcOrphans(conf *NetConf) error {
 		errs = append(errs, err)
 	}
 	for a, lp := range locals {
-		if ep, ok := eps[lp.Ifindex]; ok && slices.Contains(endpointAddrs(ep), a) {
+		if ep, ok := eps[lp.Ifindex]; ok && ep.HoldsAny([]netip.Addr{a}) {
 			continue
 		}
 		if err := dp.DeleteLocalPod(a, lp.Ifindex); err != nil {

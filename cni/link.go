@@ -15,6 +15,8 @@ import (
 	"github.com/containernetworking/plugins/pkg/utils/sysctl"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
+
+	"github.com/idcni/idcni/desired"
 )
 
 // The pod's gateway is a link-local address that exists nowhere: the pod
@@ -39,11 +41,6 @@ func family(a netip.Addr) int {
 		return netlink.FAMILY_V4
 	}
 	return netlink.FAMILY_V6
-}
-
-// hostPrefix is the single-address prefix of a: /32 or /128.
-func hostPrefix(a netip.Addr) netip.Prefix {
-	return netip.PrefixFrom(a, a.BitLen())
 }
 
 func ipNet(p netip.Prefix) *net.IPNet {
@@ -125,7 +122,7 @@ func configureHost(hostName, alias string, podMAC net.HardwareAddr, addrs []neti
 				return nil, fmt.Errorf("enable IPv6 on host veth %s: %w", hostName, err)
 			}
 		}
-		r := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: ipNet(hostPrefix(a)), Family: family(a)}
+		r := &netlink.Route{LinkIndex: link.Attrs().Index, Dst: ipNet(desired.HostPrefix(a)), Family: family(a)}
 		if a.Is4() {
 			r.Scope = netlink.SCOPE_LINK
 		}
@@ -134,9 +131,9 @@ func configureHost(hostName, alias string, podMAC net.HardwareAddr, addrs []neti
 		// pod off.
 		if err := netlink.RouteAdd(r); err != nil {
 			if errors.Is(err, unix.EEXIST) {
-				return nil, fmt.Errorf("a route to %s already exists on this host: another pod or a leftover of one holds the address IPAM handed out; find it with `ip route show %s`", hostPrefix(a), a)
+				return nil, fmt.Errorf("a route to %s already exists on this host: another pod or a leftover of one holds the address IPAM handed out; find it with `ip route show %s`", desired.HostPrefix(a), a)
 			}
-			return nil, fmt.Errorf("add route %s dev %s: %w", hostPrefix(a), hostName, err)
+			return nil, fmt.Errorf("add route %s dev %s: %w", desired.HostPrefix(a), hostName, err)
 		}
 		n := &netlink.Neigh{LinkIndex: link.Attrs().Index, Family: family(a), State: netlink.NUD_PERMANENT, IP: a.AsSlice(), HardwareAddr: podMAC}
 		if err := netlink.NeighSet(n); err != nil {
@@ -248,14 +245,14 @@ func configurePod(podNS ns.NetNS, ifName string, hostMAC net.HardwareAddr, addrs
 			return fmt.Errorf("set %s up in the pod: %w", ifName, err)
 		}
 		for _, a := range addrs {
-			addr := &netlink.Addr{IPNet: ipNet(hostPrefix(a))}
+			addr := &netlink.Addr{IPNet: ipNet(desired.HostPrefix(a))}
 			if a.Is6() {
 				// The address is the pod's alone; waiting a second for
 				// duplicate detection would only delay the pod.
 				addr.Flags = unix.IFA_F_NODAD
 			}
 			if err := netlink.AddrAdd(link, addr); err != nil {
-				return fmt.Errorf("add address %s to %s in the pod: %w", hostPrefix(a), ifName, err)
+				return fmt.Errorf("add address %s to %s in the pod: %w", desired.HostPrefix(a), ifName, err)
 			}
 		}
 		for _, gw := range gateways(addrs) {
@@ -266,7 +263,7 @@ func configurePod(podNS ns.NetNS, ifName string, hostMAC net.HardwareAddr, addrs
 			if gw.Is4() {
 				// An IPv4 gateway must be reachable by a route of its
 				// own; fe80::/64 already is for IPv6.
-				r := &netlink.Route{LinkIndex: idx, Dst: ipNet(hostPrefix(gw)), Scope: netlink.SCOPE_LINK}
+				r := &netlink.Route{LinkIndex: idx, Dst: ipNet(desired.HostPrefix(gw)), Scope: netlink.SCOPE_LINK}
 				if err := netlink.RouteAdd(r); err != nil {
 					return fmt.Errorf("add route %s dev %s in the pod: %w", gw, ifName, err)
 				}

@@ -2,11 +2,13 @@ package manual
 
 import (
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"sort"
 
 	"github.com/idcni/idcni/bpf"
+	"github.com/idcni/idcni/desired"
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/policy"
 )
@@ -45,11 +47,6 @@ func Apply(d *bpf.Datapath, st State) error {
 	return nil
 }
 
-// hostPrefix is the ipcache key of one address.
-func hostPrefix(a netip.Addr) netip.Prefix {
-	return netip.PrefixFrom(a, a.BitLen())
-}
-
 // bindingPlan is the set of writes that brings the ipcache and endpoints
 // maps to a list of bindings.
 type bindingPlan struct {
@@ -62,86 +59,79 @@ func (p *bindingPlan) empty() bool {
 	return len(p.putIPCache) == 0 && len(p.putEndpoint) == 0 && len(p.delIPCache) == 0
 }
 
-// planBindings compares the maps with the bindings. The manual identity
-// range belongs to this package: a local endpoint or ipcache host entry
-// carrying a manual identity with no binding behind it is left over from a
-// removed binding and is undone. An endpoint goes back to the unresolved
-// identity (5), which is denied everything, as when the plugin created it;
-// an ipcache entry of an address no local pod has is removed.
+// planBindings compares the maps with the bindings, asking package
+// desired what each entry must hold. The manual identity range belongs to
+// this package: a local endpoint carrying a manual identity with no
+// binding behind it is left over from a removed binding and goes back to
+// the unresolved identity (5), which is denied everything, as when the
+// plugin created it; an ipcache host entry in the manual range that no
+// binding and no local pod claims is removed. Endpoints of other
+// identities (the plugin's unresolved pods, an agent's) keep theirs.
 func planBindings(eps map[int]bpf.Endpoint, ipc map[netip.Prefix]identity.ID, bindings []Binding) (*bindingPlan, error) {
 	bound := make(map[netip.Addr]identity.ID, len(bindings))
 	for _, b := range bindings {
 		bound[b.IP] = b.Identity
 	}
+	lookup := func(a netip.Addr) (identity.ID, bool) { id, ok := bound[a]; return id, ok }
 	p := &bindingPlan{putIPCache: map[netip.Prefix]identity.ID{}, putEndpoint: map[int]bpf.Endpoint{}}
-	put := func(a netip.Addr, id identity.ID) {
-		if have, ok := ipc[hostPrefix(a)]; !ok || have != id {
-			p.putIPCache[hostPrefix(a)] = id
-		}
+	want := map[netip.Addr]desired.Claims{}
+	ours := map[netip.Addr]bool{}
+	for _, b := range bindings {
+		want[b.IP] = desired.Claims{Binding: b.Identity}
 	}
-	local := map[netip.Addr]bool{}
 	// Sorted so that errors name the same endpoint on every run.
-	idxs := make([]int, 0, len(eps))
-	for idx := range eps {
-		idxs = append(idxs, idx)
-	}
-	sort.Ints(idxs)
+	idxs := slices.Sorted(maps.Keys(eps))
 	for _, idx := range idxs {
 		ep := eps[idx]
-		var addrs []netip.Addr
-		for _, a := range []netip.Addr{ep.IPv4, ep.IPv6} {
-			if a.IsValid() {
-				addrs = append(addrs, a)
-				local[a] = true
-			}
-		}
-		want := identity.Unknown
+		addrs := ep.Addrs()
+		var first identity.ID
 		for _, a := range addrs {
-			id, ok := bound[a]
-			if !ok {
-				continue
-			}
-			if want != identity.Unknown && want != id {
-				return nil, fmt.Errorf("the pod on ifindex %d has addresses %s bound to different identities (%s and %s); a pod has one identity: bind both addresses to the same one", idx, joinAddrs(addrs), want, id)
-			}
-			want = id
-		}
-		if want == identity.Unknown {
-			if !ep.Identity.IsManual() {
-				// Not ours (the plugin's unresolved pod, or an
-				// agent's), but an address of it still resolving to
-				// a manual identity is a binding half undone: the
-				// pod's own identity is the truth.
-				for _, a := range addrs {
-					if ipc[hostPrefix(a)].IsManual() {
-						put(a, ep.Identity)
-					}
+			if id, ok := bound[a]; ok {
+				if first != identity.Unknown && first != id {
+					return nil, fmt.Errorf("the pod on ifindex %d has addresses %s bound to different identities (%s and %s); a pod has one identity: bind both addresses to the same one", idx, joinAddrs(addrs), first, id)
 				}
-				continue
+				first = id
 			}
-			want = identity.Unresolved
 		}
-		if ep.Identity != want {
-			ep.Identity = want
+		own := ep.Identity
+		if own.IsManual() {
+			own = identity.Unknown // a binding's, gone or still there
+		}
+		id := desired.EndpointIdentity(own, addrs, lookup)
+		if ep.Identity != id {
+			ep.Identity = id
 			p.putEndpoint[idx] = ep
 		}
 		// Every address of the pod resolves to its identity, bound or
 		// not, so its IPv6 replies are judged like its IPv4 ones.
 		for _, a := range addrs {
-			put(a, want)
+			c := want[a]
+			c.Local = id
+			want[a] = c
+			if id.IsManual() || eps[idx].Identity.IsManual() {
+				ours[a] = true
+			}
 		}
 	}
-	for _, b := range bindings {
-		if !local[b.IP] {
-			put(b.IP, b.Identity)
+	for a, c := range want {
+		id, _ := c.Identity()
+		pfx := desired.HostPrefix(a)
+		// An endpoint of another identity is not ours to rewrite, unless
+		// its address still resolves to a manual identity: a binding
+		// half undone, where the pod's own identity is the truth.
+		if c.Binding == identity.Unknown && !ours[a] && !ipc[pfx].IsManual() {
+			continue
+		}
+		if have, ok := ipc[pfx]; !ok || have != id {
+			p.putIPCache[pfx] = id
 		}
 	}
 	for pfx, id := range ipc {
 		a := pfx.Addr()
-		if !id.IsManual() || pfx.Bits() != a.BitLen() || local[a] {
+		if !id.IsManual() || pfx.Bits() != a.BitLen() {
 			continue
 		}
-		if _, ok := bound[a]; !ok {
+		if _, ok := want[a]; !ok {
 			p.delIPCache = append(p.delIPCache, pfx)
 		}
 	}
@@ -217,7 +207,7 @@ func Drift(d *bpf.Datapath, st State) ([]string, error) {
 	if !p.empty() {
 		bound := map[netip.Prefix]identity.ID{}
 		for _, b := range st.Bindings {
-			bound[hostPrefix(b.IP)] = b.Identity
+			bound[desired.HostPrefix(b.IP)] = b.Identity
 		}
 		pfxs := make([]netip.Prefix, 0, len(p.putIPCache))
 		for pfx := range p.putIPCache {

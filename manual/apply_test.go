@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/idcni/idcni/bpf"
+	"github.com/idcni/idcni/desired"
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/policy"
 )
@@ -56,7 +57,7 @@ func putPod(t *testing.T, d *bpf.Datapath, ifindex int, addrs ...netip.Addr) {
 		} else {
 			ep.IPv6 = a
 		}
-		if err := d.PutIPCache(hostPrefix(a), identity.Unresolved); err != nil {
+		if err := d.PutIPCache(desired.HostPrefix(a), identity.Unresolved); err != nil {
 			t.Fatal(err)
 		}
 	}
@@ -177,7 +178,7 @@ func TestApplyLeavesOtherIdentitiesAlone(t *testing.T) {
 	if err := d.PutEndpoint(103, bpf.Endpoint{Identity: label, IPv4: podB}); err != nil {
 		t.Fatal(err)
 	}
-	if err := d.PutIPCache(hostPrefix(podB), label); err != nil {
+	if err := d.PutIPCache(desired.HostPrefix(podB), label); err != nil {
 		t.Fatal(err)
 	}
 	cidr := netip.MustParsePrefix("192.0.2.0/24")
@@ -193,7 +194,7 @@ func TestApplyLeavesOtherIdentitiesAlone(t *testing.T) {
 		t.Fatal(err)
 	}
 	s := snap(t, d)
-	if s.Endpoints[103].Identity != label || s.IPCache[hostPrefix(podB)] != label || s.IPCache[cidr] != identity.MinCIDR || s.IPCache[wide] != 1001 {
+	if s.Endpoints[103].Identity != label || s.IPCache[desired.HostPrefix(podB)] != label || s.IPCache[cidr] != identity.MinCIDR || s.IPCache[wide] != 1001 {
 		t.Errorf("Apply of an empty state touched entries that are not manual: %+v %+v", s.Endpoints, s.IPCache)
 	}
 }
@@ -292,7 +293,7 @@ func TestApplyRepairsHalfUndoneBinding(t *testing.T) {
 	putPod(t, d, 101, podA, podA6)
 	// As if an unbind stopped between resetting the endpoint and its
 	// ipcache entries.
-	if err := d.PutIPCache(hostPrefix(podA), 1001); err != nil {
+	if err := d.PutIPCache(desired.HostPrefix(podA), 1001); err != nil {
 		t.Fatal(err)
 	}
 	var st State
