@@ -86,4 +86,3 @@ func Subject(id identity.ID, rules []policy.Rule, iso policy.Isolation) (*policy
 	}
 	return set.Compile()
 }
-
