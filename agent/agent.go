@@ -17,6 +17,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
 	corelisters "k8s.io/client-go/listers/core/v1"
@@ -268,18 +269,7 @@ func (a *Agent) Run(ctx context.Context) error {
 		}
 	})
 	if a.cfg.AuditInterval > 0 {
-		go func() {
-			t := time.NewTicker(a.cfg.AuditInterval)
-			defer t.Stop()
-			for {
-				select {
-				case <-ctx.Done():
-					return
-				case <-t.C:
-					a.queue.Add(key{kind: kindAudit})
-				}
-			}
-		}()
+		go wait.UntilWithContext(ctx, func(context.Context) { a.queue.Add(key{kind: kindAudit}) }, a.cfg.AuditInterval)
 	}
 	go func() { <-ctx.Done(); a.queue.ShutDown() }()
 	for a.processNext() {

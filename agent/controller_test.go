@@ -502,3 +502,38 @@ func TestControllerAuditRepairsDrift(t *testing.T) {
 		t.Error("revision did not move after repairs")
 	}
 }
+
+// A new local subject whose rules do not fit waits for room isolated (its
+// pod is denied what the missing rules would allow, never allowed more),
+// and registrations go on being answered.
+func TestControllerSubjectThatDoesNotFitFailsClosed(t *testing.T) {
+	objs := []runtime.Object{ns("shop", nil), allowFrom("shop", "db-from-web", "db", "web", 80)}
+	for i := range 5 {
+		objs = append(objs, pod("shop", fmt.Sprintf("w%d", i), "node-b", fmt.Sprintf("10.2.0.%d", 10+i), map[string]string{"app": "web", "i": fmt.Sprint(i)}))
+	}
+	db := pod("shop", "db", localNode, "10.1.0.3", map[string]string{"app": "db"})
+	other := pod("shop", "other", localNode, "10.1.0.4", map[string]string{"app": "other"})
+	objs = append(objs, db, other)
+	fm := newFakeMaps()
+	fm.polCap = 3
+	ta := newTestAgent(t, fm, objs...)
+	ta.register(t, db, 9)
+	ta.register(t, other, 10)
+	id := ta.idOf(t, "shop", "db")
+	if n := fm.subjects()[id]; n != 0 {
+		t.Fatalf("%d of db's 5 entries written into a map of 3", n)
+	}
+	if f, ok := fm.flags[id]; !ok || !f.Isolated(policy.Ingress) {
+		t.Fatalf("db's flags %v (present %v): want it isolated for ingress while its rules wait", f, ok)
+	}
+	if _, ok := ta.st.dirtySub[id]; !ok {
+		t.Fatal("db's rules are not kept for a later flush")
+	}
+	// Room comes: the rules go in.
+	fm.polCap = 100
+	ta.queue.Add(key{kind: kindRetry})
+	ta.settle(t)
+	if n := fm.subjects()[id]; n != 5 {
+		t.Fatalf("after room came, db has %d entries, want 5", n)
+	}
+}

@@ -119,10 +119,23 @@ func TestFlushChurnAtFullIPCache(t *testing.T) {
 	}
 	checkIPCache(t, a, want)
 
-	// More than fits is an error that says so and how to raise the size.
-	want[churnAddr(1000)] = identity.ID(5000)
-	err := flushBindings(a, want)
-	if !errors.Is(err, bpf.ErrMapFull) || !strings.Contains(err.Error(), "IPCacheEntries") {
-		t.Fatalf("flush of %d entries into an ipcache of %d: %v, want ErrMapFull naming IPCacheEntries", len(want), capacity, err)
+	// More than fits waits, and says why and how to raise the size; the
+	// rest is written.
+	extra := churnAddr(1000)
+	want[extra] = identity.ID(5000)
+	var st manual.State
+	for addr, id := range want {
+		st.Bindings = append(st.Bindings, manual.Binding{IP: addr, Identity: id})
+	}
+	a.setManual(st)
+	fs, err := a.st.flush(a.maps, a.subjectRules)
+	if err != nil {
+		t.Fatalf("flush of %d entries into an ipcache of %d failed: %v; want the one that does not fit to wait", len(want), capacity, err)
+	}
+	if fs.ipcFull != 1 || !errors.Is(fs.ipcErr, bpf.ErrMapFull) || !strings.Contains(fs.ipcErr.Error(), "IPCacheEntries") {
+		t.Fatalf("flush of %d entries into an ipcache of %d: %d waiting (%v), want 1 with ErrMapFull naming IPCacheEntries", len(want), capacity, fs.ipcFull, fs.ipcErr)
+	}
+	if _, ok := a.st.dirtyPfx[netip.PrefixFrom(extra, 32)]; !ok {
+		t.Fatal("the entry that did not fit is not kept for the next flush")
 	}
 }

@@ -709,13 +709,17 @@ func (a *Agent) flush() error {
 	if st.revoked {
 		a.metrics.revisionBumps.Inc()
 	}
-	if len(st.overflow) > 0 || st.ipcFull > 0 {
-		a.log.Error("maps full: changes wait for room", "subjects", st.overflow, "ipcache-entries", st.ipcFull)
+	// What does not fit waits for room, and the rest goes on: a full map
+	// must not fail every registration on the node.
+	if len(st.overflow) > 0 {
+		a.log.Error("policy map full: these identities' rules wait for room, their pods denied what the missing rules would allow; raise --policy-map-size",
+			"identities", st.overflow, "entries", a.maps.PolicyCapacity())
 		a.queue.AddAfter(key{kind: kindRetry}, 5*time.Second)
-		if len(st.overflow) > 0 {
-			return fmt.Errorf("the rules of identities %v do not fit the policy map (%d entries): raise --policy-map-size", st.overflow, a.maps.PolicyCapacity())
-		}
-		return fmt.Errorf("%d ipcache entries do not fit the ipcache (%d entries; the agent's --ipcache-size): %w", st.ipcFull, a.maps.IPCacheCapacity(), st.ipcErr)
+	}
+	if st.ipcFull > 0 {
+		a.log.Error("ipcache full: these addresses resolve to a shorter prefix or world until there is room; raise --ipcache-size",
+			"waiting", st.ipcFull, "err", st.ipcErr)
+		a.queue.AddAfter(key{kind: kindRetry}, 5*time.Second)
 	}
 	return nil
 }

@@ -425,8 +425,20 @@ type flushStats struct {
 	ipcErr                                       error         // the first of their errors
 }
 
-func (f flushStats) wrote() bool {
-	return f.ipcPut+f.ipcDel+f.epPut+f.epDel+f.polPut+f.polDel > 0
+// flushPlan is what a flush writes, computed before the first write.
+type flushPlan struct {
+	epPut  map[int]bpf.Endpoint
+	epDel  []int
+	epSeen []int // dirty endpoints handled
+
+	polPut  map[policy.Key]*policy.Entry
+	polDel  []policy.Key
+	flagPut map[identity.ID]policy.IdentityFlags
+	flagDel []identity.ID
+	subSeen []identity.ID // dirty subjects handled (written or unchanged)
+
+	ipcPut   map[netip.Prefix]identity.ID
+	ipcStale []netip.Prefix
 }
 
 // flush writes what the dirty keys must hold and differs from what was
@@ -437,248 +449,51 @@ func (f flushStats) wrote() bool {
 // relies on, one revision bump. Keys that fail stay dirty for the next
 // flush.
 func (s *nodeState) flush(m datapathMaps, rulesOf subjectRules) (st flushStats, err error) {
-	// Endpoints first in memory: they decide which subjects are local.
-	type epPut struct {
-		ifindex int
-		ep      bpf.Endpoint
-	}
-	var epPuts []epPut
-	var epDels []int
-	epSeen := slices.Sorted(maps.Keys(s.dirtyEP))
-	for _, ifindex := range epSeen {
-		want, ok := s.wantEndpoint(ifindex)
-		have, had := s.eps[ifindex]
-		switch {
-		case ok && (!had || have != want):
-			epPuts = append(epPuts, epPut{ifindex, want})
-			if had && have.Identity != want.Identity {
-				// Its established flows were admitted as the old
-				// identity.
-				st.revoked = true
-			}
-			if had {
-				s.refSubject(have.Identity, -1)
-			}
-			s.refSubject(want.Identity, 1)
-		case !ok && had:
-			epDels = append(epDels, ifindex)
-			s.refSubject(have.Identity, -1)
-		}
-	}
-
-	// Policy of the dirty subjects.
-	upsert := map[policy.Key]*policy.Entry{}
-	var del []policy.Key
-	flagPut := map[identity.ID]policy.IdentityFlags{}
-	var flagDel []identity.ID
-	room := m.PolicyCapacity() - len(s.pol)
-	var failed []identity.ID
-	for _, id := range slices.Sorted(maps.Keys(s.dirtySub)) {
-		want := &policy.MapState{}
-		if s.isSubject(id) {
-			rules, iso := rulesOf(id)
-			if want, err = desired.Subject(id, rules, iso); err != nil {
-				return st, fmt.Errorf("compile rules of identity %s: %w", id, err)
-			}
-		}
-		var up []policy.Key
-		for k, e := range want.Entries {
-			if have := s.pol[k]; have == nil || !have.Equal(e) {
-				up = append(up, k)
-			}
-		}
-		var gone []policy.Key
-		for k := range s.bySubject[id] {
-			if _, ok := want.Entries[k]; !ok {
-				gone = append(gone, k)
-			}
-		}
-		added := 0
-		for _, k := range up {
-			if s.pol[k] == nil {
-				added++
-			}
-		}
-		// A subject's entries go in whole or not at all: what does not
-		// fit waits, with its old entries in force, for room.
-		if added-len(gone) > room {
-			st.overflow = append(st.overflow, id)
-			failed = append(failed, id)
-			continue
-		}
-		room -= added - len(gone)
-		for _, k := range up {
-			if desired.EntryRevokes(s.pol[k], want.Entries[k]) {
-				st.revoked = true
-			}
-			upsert[k] = want.Entries[k]
-		}
-		for _, k := range gone {
-			if desired.EntryRevokes(s.pol[k], nil) {
-				st.revoked = true
-			}
-			del = append(del, k)
-		}
-		oldF, hadF := s.flags[id]
-		newF, hasF := want.Identities[id]
-		if !hadF {
-			oldF = policy.DefaultFlags(id)
-		}
-		if !hasF {
-			newF = policy.DefaultFlags(id)
-		}
-		// Endpoints cache their identity's flags stamped with the
-		// revision (subject_flags in the datapath): any change of them
-		// needs a new revision to be seen, revoking or not.
-		if oldF != newF || hadF != hasF {
-			st.revoked = true
-		}
-		switch {
-		case hasF && (!hadF || s.flags[id] != newF):
-			flagPut[id] = newF
-		case !hasF && hadF:
-			flagDel = append(flagDel, id)
-		}
-	}
-	// Allows first (deletes first only when there is no room for both).
-	first := del
-	if len(s.pol)+len(upsert) <= m.PolicyCapacity() {
-		first = nil
-	}
-	if err := m.WritePolicy(len(s.pol), upsert, first, flagPut, nil); err != nil {
+	p := &flushPlan{epPut: map[int]bpf.Endpoint{}, polPut: map[policy.Key]*policy.Entry{},
+		flagPut: map[identity.ID]policy.IdentityFlags{}, ipcPut: map[netip.Prefix]identity.ID{}}
+	// Endpoints first: they decide which subjects are local.
+	s.planEndpoints(p, &st)
+	if err := s.planPolicy(p, &st, m.PolicyCapacity(), rulesOf); err != nil {
 		return st, err
 	}
-	for k, e := range upsert {
-		s.putPolicy(k, e)
+	// Allows first; deletes with them only when there is no room for
+	// both.
+	first := p.polDel
+	if len(s.pol)+len(p.polPut) <= m.PolicyCapacity() {
+		first = nil
 	}
-	for id, f := range flagPut {
-		s.flags[id] = f
+	if err := s.writePolicy(m, p.polPut, first, p.flagPut, nil); err != nil {
+		return st, err
 	}
+	st.polPut = len(p.polPut)
 	if first != nil {
-		for _, k := range first {
-			s.delPolicy(k)
-		}
-		del = nil
+		p.polDel = nil
 	}
-	st.polPut = len(upsert)
-
-	// The ipcache, judged against the policy as it now stands.
-	type ipcPut struct {
-		p  netip.Prefix
-		id identity.ID
+	// The ipcache is judged against the policy as it now stands.
+	s.planIPCache(p, &st)
+	if err := s.writeIPCache(m, p, &st); err != nil {
+		return st, err
 	}
-	var puts []ipcPut
-	var stale []netip.Prefix
-	for _, p := range slices.SortedFunc(maps.Keys(s.dirtyPfx), netip.Prefix.Compare) {
-		want, ok := s.wantIPCache(p)
-		have, had := s.ipc[p]
-		if ok == had && want == have {
-			delete(s.dirtyPfx, p)
-			continue
-		}
-		before := have
-		if !had {
-			before = s.resolve(p.Addr(), p)
-		}
-		after := want
-		if !ok {
-			after = s.resolve(p.Addr(), p)
-		}
-		if desired.PeerChangeRevokes(s.entry, s.keysOfPeer, before, after) {
-			st.revoked = true
-		}
-		if ok {
-			puts = append(puts, ipcPut{p, want})
-		} else {
-			stale = append(stale, p)
-		}
-	}
-	added := 0
-	for _, pu := range puts {
-		if _, had := s.ipc[pu.p]; !had {
-			added++
-		}
-	}
-	// Near capacity, stale entries go first, or a churn that adds before
-	// it removes would find the map full and never shrink it. Nothing
-	// wanted resolves through a stale prefix.
-	if len(stale) > 0 && len(s.ipc)+added > m.IPCacheCapacity() {
-		for _, p := range stale {
-			if err := m.DeleteIPCache(p); err != nil {
-				return st, err
-			}
-			s.delIPC(p)
-			delete(s.dirtyPfx, p)
-			st.ipcDel++
-		}
-		stale = nil
-	}
-	// Changed entries before new ones: they need no room.
-	slices.SortStableFunc(puts, func(a, b ipcPut) int {
-		_, ah := s.ipc[a.p]
-		_, bh := s.ipc[b.p]
-		switch {
-		case ah && !bh:
-			return -1
-		case bh && !ah:
-			return 1
-		}
-		return 0
-	})
-	for _, pu := range puts {
-		if err := m.PutIPCache(pu.p, pu.id); err != nil {
-			if errors.Is(err, bpf.ErrMapFull) {
-				if st.ipcFull == 0 {
-					st.ipcErr = err
-				}
-				st.ipcFull++
-				continue // stays dirty
-			}
+	for ifindex, ep := range p.epPut {
+		if err := m.PutEndpoint(ifindex, ep); err != nil {
 			return st, err
 		}
-		s.putIPC(pu.p, pu.id)
-		delete(s.dirtyPfx, pu.p)
-		st.ipcPut++
-	}
-
-	for _, e := range epPuts {
-		if err := m.PutEndpoint(e.ifindex, e.ep); err != nil {
-			return st, err
-		}
-		s.eps[e.ifindex] = e.ep
-		delete(s.foreign, e.ifindex)
+		s.eps[ifindex] = ep
+		delete(s.foreign, ifindex)
 		st.epPut++
 	}
-
-	if len(del) > 0 || len(flagDel) > 0 {
-		if err := m.WritePolicy(len(s.pol), nil, del, nil, flagDel); err != nil {
-			return st, err
-		}
-		for _, k := range del {
-			s.delPolicy(k)
-		}
-		for _, id := range flagDel {
-			delete(s.flags, id)
-		}
+	if err := s.writePolicy(m, nil, p.polDel, nil, p.flagDel); err != nil {
+		return st, err
 	}
-	st.polDel = len(del)
-	for id := range s.dirtySub {
-		if !slices.Contains(failed, id) {
-			delete(s.dirtySub, id)
-			delete(s.projected, id)
-		}
+	st.polDel = len(first) + len(p.polDel)
+	for _, id := range p.subSeen {
+		delete(s.dirtySub, id)
+		delete(s.projected, id)
 	}
-
-	for _, p := range stale {
-		if err := m.DeleteIPCache(p); err != nil {
-			return st, err
-		}
-		s.delIPC(p)
-		delete(s.dirtyPfx, p)
-		st.ipcDel++
+	if err := s.deleteIPCache(m, p.ipcStale, &st); err != nil {
+		return st, err
 	}
-
-	for _, ifindex := range epDels {
+	for _, ifindex := range p.epDel {
 		// The plugin may have given the ifindex to a new pod since: its
 		// entry is not ours to remove.
 		have, ok, err := m.Endpoint(ifindex)
@@ -693,10 +508,9 @@ func (s *nodeState) flush(m datapathMaps, rulesOf subjectRules) (st flushStats, 
 		}
 		delete(s.eps, ifindex)
 	}
-	for _, ifindex := range epSeen {
+	for _, ifindex := range p.epSeen {
 		delete(s.dirtyEP, ifindex)
 	}
-
 	st.revoked = st.revoked || s.revokeAll
 	if st.revoked {
 		if err := m.BumpRevision(); err != nil {
@@ -705,6 +519,199 @@ func (s *nodeState) flush(m datapathMaps, rulesOf subjectRules) (st flushStats, 
 	}
 	s.revokeAll = false
 	return st, nil
+}
+
+// planEndpoints decides the dirty endpoints' entries, and counts them in
+// or out of their identities (which marks subjects that gain their first
+// endpoint or lose their last one).
+func (s *nodeState) planEndpoints(p *flushPlan, st *flushStats) {
+	p.epSeen = slices.Sorted(maps.Keys(s.dirtyEP))
+	for _, ifindex := range p.epSeen {
+		want, ok := s.wantEndpoint(ifindex)
+		have, had := s.eps[ifindex]
+		switch {
+		case ok && (!had || have != want):
+			p.epPut[ifindex] = want
+			if had && have.Identity != want.Identity {
+				// Its established flows were admitted as the old
+				// identity.
+				st.revoked = true
+			}
+			if had {
+				s.refSubject(have.Identity, -1)
+			}
+			s.refSubject(want.Identity, 1)
+		case !ok && had:
+			p.epDel = append(p.epDel, ifindex)
+			s.refSubject(have.Identity, -1)
+		}
+	}
+}
+
+// planPolicy decides the dirty subjects' entries and flags. A subject's
+// entries go in whole or not at all: what does not fit waits, its old
+// entries in force, for room.
+func (s *nodeState) planPolicy(p *flushPlan, st *flushStats, capacity int, rulesOf subjectRules) error {
+	room := capacity - len(s.pol)
+	for _, id := range slices.Sorted(maps.Keys(s.dirtySub)) {
+		want := &policy.MapState{}
+		if s.isSubject(id) {
+			rules, iso := rulesOf(id)
+			var err error
+			if want, err = desired.Subject(id, rules, iso); err != nil {
+				return fmt.Errorf("compile rules of identity %s: %w", id, err)
+			}
+		}
+		var put, gone []policy.Key
+		added := 0
+		for k, e := range want.Entries {
+			if have := s.pol[k]; have == nil || !have.Equal(e) {
+				put = append(put, k)
+				if have == nil {
+					added++
+				}
+			}
+		}
+		for k := range s.bySubject[id] {
+			if _, ok := want.Entries[k]; !ok {
+				gone = append(gone, k)
+			}
+		}
+		if added-len(gone) > room {
+			st.overflow = append(st.overflow, id)
+			// A new subject that does not fit is isolated as its
+			// policies say, with no allows yet: it fails closed, not
+			// open. One that had entries keeps them and its flags.
+			if newF, ok := want.Identities[id]; ok && len(s.bySubject[id]) == 0 && s.flags[id] != newF {
+				p.flagPut[id] = newF &^ (policy.FlagAnyPeerIngress | policy.FlagAnyPeerEgress | policy.FlagAnyProtoIngress | policy.FlagAnyProtoEgress)
+				st.revoked = true
+			}
+			continue
+		}
+		room -= added - len(gone)
+		p.subSeen = append(p.subSeen, id)
+		for _, k := range put {
+			st.revoked = st.revoked || desired.EntryRevokes(s.pol[k], want.Entries[k])
+			p.polPut[k] = want.Entries[k]
+		}
+		for _, k := range gone {
+			st.revoked = st.revoked || desired.EntryRevokes(s.pol[k], nil)
+			p.polDel = append(p.polDel, k)
+		}
+		have, hadF := s.flags[id]
+		newF, hasF := want.Identities[id]
+		// Endpoints cache their identity's flags stamped with the
+		// revision (subject_flags in the datapath): any change of them
+		// needs a new revision to be seen, revoking or not.
+		switch {
+		case hasF && (!hadF || have != newF):
+			p.flagPut[id] = newF
+			st.revoked = true
+		case !hasF && hadF:
+			p.flagDel = append(p.flagDel, id)
+			st.revoked = true
+		}
+	}
+	return nil
+}
+
+// writePolicy writes a part of a plan and records it as written.
+func (s *nodeState) writePolicy(m datapathMaps, put map[policy.Key]*policy.Entry, del []policy.Key, flags map[identity.ID]policy.IdentityFlags, flagDel []identity.ID) error {
+	if len(put) == 0 && len(del) == 0 && len(flags) == 0 && len(flagDel) == 0 {
+		return nil
+	}
+	if err := m.WritePolicy(len(s.pol), put, del, flags, flagDel); err != nil {
+		return err
+	}
+	for k, e := range put {
+		s.putPolicy(k, e)
+	}
+	for _, k := range del {
+		s.delPolicy(k)
+	}
+	for id, f := range flags {
+		s.flags[id] = f
+	}
+	for _, id := range flagDel {
+		delete(s.flags, id)
+	}
+	return nil
+}
+
+// planIPCache decides the dirty prefixes' entries, and whether moving an
+// address to another identity can revoke something.
+func (s *nodeState) planIPCache(p *flushPlan, st *flushStats) {
+	for _, pfx := range slices.SortedFunc(maps.Keys(s.dirtyPfx), netip.Prefix.Compare) {
+		want, ok := s.wantIPCache(pfx)
+		have, had := s.ipc[pfx]
+		if ok == had && want == have {
+			delete(s.dirtyPfx, pfx)
+			continue
+		}
+		before, after := have, want
+		if !had {
+			before = s.resolve(pfx.Addr(), pfx)
+		}
+		if !ok {
+			after = s.resolve(pfx.Addr(), pfx)
+		}
+		st.revoked = st.revoked || desired.PeerChangeRevokes(s.entry, s.keysOfPeer, before, after)
+		if ok {
+			p.ipcPut[pfx] = want
+		} else {
+			p.ipcStale = append(p.ipcStale, pfx)
+		}
+	}
+}
+
+// writeIPCache writes the plan's ipcache entries: changed ones first (they
+// need no room), then new ones. Near capacity the stale entries go first,
+// or a churn that adds before it removes would find the map full and
+// never shrink it (nothing wanted resolves through a stale prefix). New
+// entries that find no room stay dirty.
+func (s *nodeState) writeIPCache(m datapathMaps, p *flushPlan, st *flushStats) error {
+	var changed, added []netip.Prefix
+	for pfx := range p.ipcPut {
+		if _, had := s.ipc[pfx]; had {
+			changed = append(changed, pfx)
+		} else {
+			added = append(added, pfx)
+		}
+	}
+	if len(p.ipcStale) > 0 && len(s.ipc)+len(added) > m.IPCacheCapacity() {
+		if err := s.deleteIPCache(m, p.ipcStale, st); err != nil {
+			return err
+		}
+		p.ipcStale = nil
+	}
+	for _, pfx := range append(changed, added...) {
+		if err := m.PutIPCache(pfx, p.ipcPut[pfx]); err != nil {
+			if !errors.Is(err, bpf.ErrMapFull) {
+				return err
+			}
+			if st.ipcFull == 0 {
+				st.ipcErr = err
+			}
+			st.ipcFull++
+			continue
+		}
+		s.putIPC(pfx, p.ipcPut[pfx])
+		delete(s.dirtyPfx, pfx)
+		st.ipcPut++
+	}
+	return nil
+}
+
+func (s *nodeState) deleteIPCache(m datapathMaps, stale []netip.Prefix, st *flushStats) error {
+	for _, pfx := range stale {
+		if err := m.DeleteIPCache(pfx); err != nil {
+			return err
+		}
+		s.delIPC(pfx)
+		delete(s.dirtyPfx, pfx)
+		st.ipcDel++
+	}
+	return nil
 }
 
 // refSubject counts an endpoint in or out of its identity; an identity
