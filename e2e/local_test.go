@@ -63,12 +63,17 @@ func TestLocalDelivery(t *testing.T) {
 			if ok, out := b.Ping(addrA, 2); ok {
 				t.Errorf("B -> A answered with no rule allowing it:\n%s", out)
 			}
+			// Neighbour discovery goes through B's host veth either way
+			// (B resolving its gateway, the node probing B's addresses):
+			// 0 to 4 packets over 8 runs, against 11 to 14 routed. With
+			// 3 pings that noise alone failed the direct case now and
+			// then on a loaded machine.
 			before = txPackets(t, hostB)
-			if ok, out := a.Ping(addr6B, 3); !ok {
+			if ok, out := a.Ping(addr6B, 10); !ok {
 				t.Fatalf("A -> B over IPv6: no reply:\n%s", out)
 			}
-			if sent := txPackets(t, hostB) - before; (mode == cni.LocalDirect) != (sent < 3) {
-				t.Errorf("%s: B's host veth transmitted %d packets during 3 IPv6 pings", mode, sent)
+			if sent := txPackets(t, hostB) - before; (mode == cni.LocalDirect) != (sent < 6) {
+				t.Errorf("%s: B's host veth transmitted %d packets during 10 IPv6 pings", mode, sent)
 			}
 
 			// TCP both ways through the same path: the reply of an
