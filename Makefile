@@ -10,7 +10,7 @@ CNI_PLUGINS := github.com/containernetworking/plugins/plugins
 # Fuzzing the datapath for real (the seed corpus runs in `make test`).
 FUZZTIME ?= 10m
 
-.PHONY: all deps build generate check-generate test unit lint bench fuzz demo demo-netns clean kube cluster cluster-down
+.PHONY: all deps build generate check-generate test unit lint bench bench-agent-scale fuzz demo demo-netns clean kube cluster cluster-down
 
 all: build
 
@@ -49,6 +49,13 @@ bench: deps build
 	$(GO) test -run '^$$' -bench . -benchtime 2s -timeout 60m ./bpf/ ./identity/ ./policy/...
 	$(GO) test -run '^$$' -bench Agent -benchtime 1x -timeout 30m ./e2e/
 	$(GO) test -run '^$$' -bench PodStartup -timeout 30m ./e2e/cluster/
+
+# Issue 11's scale benchmark: 10,000 pods, 1,000 policies against a real
+# kube-apiserver, the agent of OLD_REF (built in a temporary worktree) and
+# this tree's in one run; see docs/benchmarks.md.
+OLD_REF ?= 45c6ced
+bench-agent-scale: deps build kube
+	./scripts/bench-agent-scale.sh $(OLD_REF)
 
 fuzz: deps
 	$(GO) test -run '^$$' -fuzz FuzzDatapath -fuzztime $(FUZZTIME) -timeout 0 ./bpf/
