@@ -28,7 +28,7 @@ import (
 
 	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/e2e/internal/cnitest"
-	"github.com/idcni/idcni/e2e/kube"
+	"github.com/idcni/idcni/e2e/internal/kube"
 	"github.com/idcni/idcni/policy"
 )
 
