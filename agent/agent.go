@@ -181,6 +181,9 @@ func newAgent(cfg Config, client kubernetes.Interface, load func() (*bpf.Datapat
 	for kind, inf := range map[kind]cache.SharedIndexInformer{
 		kindPod: podInf.Informer(), kindNamespace: nsInf.Informer(), kindPolicy: npInf.Informer(), kindNode: nodeInf.Informer(),
 	} {
+		if err := inf.SetTransform(trim); err != nil {
+			return fail(fmt.Errorf("watch %s: %w", kind, err))
+		}
 		if _, err := inf.AddEventHandler(a.handler(kind)); err != nil {
 			return fail(fmt.Errorf("watch %s: %w", kind, err))
 		}

@@ -7,9 +7,11 @@ import (
 	"net/netip"
 	"os"
 	"path/filepath"
+	"strings"
 	"testing"
 
 	corev1 "k8s.io/api/core/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 
 	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/bpf"
@@ -95,3 +97,30 @@ func TestWriteCNIConf(t *testing.T) {
 }
 
 func discardLogger() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// The informers keep of a Pod what identities, addresses, named ports and
+// the endpoint test read, and nothing else.
+func TestTrimKeepsWhatTheAgentReads(t *testing.T) {
+	full := &corev1.Pod{
+		ObjectMeta: metav1.ObjectMeta{Name: "web", Namespace: "shop", UID: "u1", ResourceVersion: "7", Labels: map[string]string{"app": "web"},
+			Annotations: map[string]string{"big": strings.Repeat("x", 4096)}, ManagedFields: []metav1.ManagedFieldsEntry{{Manager: "kubelet"}}},
+		Spec: corev1.PodSpec{NodeName: "n1", HostNetwork: false,
+			InitContainers: []corev1.Container{{Name: "sidecar", Image: "envoy", Ports: []corev1.ContainerPort{{Name: "admin", ContainerPort: 9901}}}},
+			Containers:     []corev1.Container{{Name: "c", Image: "nginx", Command: []string{"nginx"}, Ports: []corev1.ContainerPort{{Name: "http", ContainerPort: 80}}}}},
+		Status: corev1.PodStatus{Phase: corev1.PodRunning, PodIP: "10.1.0.2", PodIPs: []corev1.PodIP{{IP: "10.1.0.2"}, {IP: "fd00::2"}},
+			Conditions: []corev1.PodCondition{{Type: corev1.PodReady}}},
+	}
+	obj, err := trim(full)
+	if err != nil {
+		t.Fatal(err)
+	}
+	p := obj.(*corev1.Pod)
+	if p.Name != "web" || p.Namespace != "shop" || p.UID != "u1" || p.ResourceVersion != "7" || p.Labels["app"] != "web" ||
+		p.Spec.NodeName != "n1" || p.Status.Phase != corev1.PodRunning || len(p.Status.PodIPs) != 2 || p.Status.PodIP != "10.1.0.2" ||
+		!sameContainerPorts(full, p) {
+		t.Fatalf("trim lost something the agent reads: %+v", p)
+	}
+	if p.Annotations != nil || p.ManagedFields != nil || p.Spec.Containers[0].Image != "" || p.Status.Conditions != nil {
+		t.Fatalf("trim kept what the agent never reads: %+v", p)
+	}
+}
