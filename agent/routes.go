@@ -256,6 +256,23 @@ func sortedRoutes(m map[netip.Prefix]nodeRoute) []nodeRoute {
 	return out
 }
 
+// RemoveRoutes removes every route the agent made (routes of
+// RouteProtocol in the main table): `idcni-agent --uninstall`.
+func RemoveRoutes() error {
+	t := netlinkRoutes{}
+	rs, err := t.Owned()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, r := range rs {
+		if err := t.Delete(r); err != nil {
+			errs = append(errs, fmt.Errorf("delete route %s: %w", r, err))
+		}
+	}
+	return errors.Join(errs...)
+}
+
 // netlinkRoutes is the main routing table of the agent's netns (the
 // host's: the agent runs on the host network).
 type netlinkRoutes struct{}

@@ -31,8 +31,9 @@ import (
 // conflist template, as the DaemonSet runs it.
 type nodeAgent struct {
 	*agentProc
-	ns   *nodeNetns
-	conf string // the conflist it writes
+	ns      *nodeNetns
+	conf    string // the conflist it writes
+	bpfRoot string
 }
 
 func startNodeAgent(t *testing.T, c *kube.Cluster, n *nodeNetns, node string, ready bool) *nodeAgent {
@@ -44,7 +45,7 @@ func startNodeAgent(t *testing.T, c *kube.Cluster, n *nodeNetns, node string, re
 			t.Errorf("cleanup: %v", err)
 		}
 	})
-	a := &nodeAgent{ns: n, conf: filepath.Join(dir, "net.d", "10-idcni.conflist")}
+	a := &nodeAgent{ns: n, conf: filepath.Join(dir, "net.d", "10-idcni.conflist"), bpfRoot: bpfRoot}
 	a.agentProc = &agentProc{t: t, bin: "nsenter", log: filepath.Join(dir, "agent.log"), socket: filepath.Join(dir, "agent.sock"), args: []string{
 		"--net=" + n.path, "--", buildAgent(t),
 		"--kubeconfig", c.Kubeconfig, "--node-name", node, "--bpf-root", bpfRoot, "--state", filepath.Join(dir, "state.db"),
@@ -370,6 +371,20 @@ func TestNodePodCIDRAndRoutes(t *testing.T) {
 		t.Errorf("the administrator's route to %s after the agent stopped: %q", foreign, got)
 	}
 	waitRoutes(t, n.name, "after the agent stopped", viaB)
+
+	// --uninstall takes the agent's routes too, and only those.
+	out, err := exec.Command("nsenter", "--net="+n.path, "--", buildAgent(t), "--uninstall",
+		"--cni-conf-dir", filepath.Dir(a.conf), "--bpf-root", a.bpfRoot).CombinedOutput()
+	if err != nil {
+		t.Fatalf("idcni-agent --uninstall: %v\n%s", err, out)
+	}
+	waitRoutes(t, n.name, "after --uninstall")
+	if got := routeShow(t, n.name, foreign); !strings.Contains(got, "proto static") {
+		t.Errorf("the administrator's route to %s after --uninstall: %q", foreign, got)
+	}
+	if _, ok := a.ranges(t); ok {
+		t.Error("--uninstall left the CNI config")
+	}
 }
 
 func runningAgent(socket string) bool {

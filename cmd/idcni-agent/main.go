@@ -5,6 +5,7 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
 	"net/netip"
@@ -65,7 +66,8 @@ same way.
 
 Once its caches are synced and the maps written, the agent writes the CNI
 config into --cni-conf-dir, so the node only takes pods it can enforce.
---uninstall removes that config and every pin (programs detach from all veths).`,
+--uninstall removes that config, every pin (programs detach from all veths) and,
+unless --node-routes=false, the routes to other nodes' pod CIDRs.`,
 		Example: `  # on a node, as the DaemonSet does
   idcni-agent --node-name "$NODE_NAME"
 
@@ -81,7 +83,11 @@ config into --cni-conf-dir, so the node only takes pods it can enforce.
 			if uninstall {
 				// No kernel check: removing what an earlier run left
 				// must work on any kernel.
-				return agent.Uninstall(cfg.CNIConfDir, cfg.CNIConfName, cfg.BPFRoot)
+				err := agent.Uninstall(cfg.CNIConfDir, cfg.CNIConfName, cfg.BPFRoot)
+				if cfg.NodeRoutes {
+					err = errors.Join(err, agent.RemoveRoutes())
+				}
+				return err
 			}
 			// Before anything is loaded: on an older kernel the first
 			// sign would otherwise be a verifier log or an EPERM.
@@ -138,7 +144,7 @@ config into --cni-conf-dir, so the node only takes pods it can enforce.
 	f.Uint32Var(&cfg.IPCacheEntries, "ipcache-size", 0, "entries of the ipcache (0: the datapath's default); it holds every pod and node address of the cluster and the ipBlock prefixes. Maps pinned with another size are refused: remove the pins (--uninstall) to resize")
 	f.StringSliceVar(&podCIDRs, "pod-cidr", nil, "this node's pod ranges, repeated or comma-separated, at most one per family, instead of its Node's spec.podCIDRs (for clusters whose kube-controller-manager does not run with --allocate-node-cidrs). Without either the agent writes no CNI config")
 	f.BoolVar(&cfg.NodeRoutes, "node-routes", true, "route every other node's pod CIDRs through its InternalIP when that is on a subnet this node is connected to (routes of protocol 157); off when something else routes pod CIDRs")
-	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config and every pin, then exit")
+	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config, every pin and the routes to other nodes' pod CIDRs (with --node-routes), then exit")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
 	addInstallCNI(cmd)
