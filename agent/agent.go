@@ -59,7 +59,13 @@ type Config struct {
 	// sizes are refused, never resized.
 	PolicyEntries  uint32
 	IPCacheEntries uint32
-	Logger         *slog.Logger
+	// PodCIDRs, when set, are this node's pod ranges instead of its
+	// Node's spec.podCIDRs (--pod-cidr): at most one per family.
+	PodCIDRs []netip.Prefix
+	// NodeRoutes programs a route to every other node's pod CIDRs
+	// (routes.go).
+	NodeRoutes bool
+	Logger     *slog.Logger
 }
 
 // Agent is one node's agent.
@@ -109,6 +115,18 @@ type Agent struct {
 	// dirtySince is when the first change not yet in the maps arrived.
 	dirtySince time.Time
 
+	// routes programs the routes to other nodes' pod CIDRs; nil when
+	// Config.NodeRoutes is off. Owned by the writer loop.
+	routes *nodeRouter
+	// The CNI config, owned by the writer loop: started once the first
+	// write of the maps is done (the config may go out from then on),
+	// confCIDRs what the config written holds, noPodCIDR while the
+	// missing pod CIDR has been reported.
+	started     bool
+	confWritten bool
+	confCIDRs   []netip.Prefix
+	noPodCIDR   bool
+
 	ready     chan struct{}
 	readyOnce sync.Once
 }
@@ -126,6 +144,9 @@ func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
 		return nil, err
 	}
 	a.links = netlinkLinks{}
+	if cfg.NodeRoutes {
+		a.routes = newNodeRouter(netlinkRoutes{}, a.log, a.metrics)
+	}
 	return a, nil
 }
 
@@ -258,11 +279,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := a.flush(); err != nil {
 		a.log.Error("first write of the maps is incomplete; retrying", "err", err)
 	}
-	if err := a.WriteCNIConf(); err != nil {
+	// Ready once the CNI config is out, which needs this node's pod
+	// CIDRs: without them the writer loop writes it when they come.
+	a.started = true
+	if err := a.updateCNIConf(); err != nil {
 		return err
 	}
-	a.readyOnce.Do(func() { close(a.ready) })
-	a.log.Info("ready", "node", a.cfg.NodeName, "socket", a.cfg.Socket)
+	if !a.confWritten {
+		a.removeStaleCNIConf()
+	}
 
 	go a.alloc.RunGC(ctx, time.Minute, func(freed []identity.ID, err error) {
 		if err != nil {

@@ -21,6 +21,10 @@ func (a *Agent) audit() error {
 	if err := a.syncLocal(); err != nil {
 		return err
 	}
+	// The routes too: one of the agent's that someone deleted comes back.
+	if err := a.syncRoutes(); err != nil {
+		a.log.Warn("node routes audit", "err", err)
+	}
 	s := a.st
 	drift := map[string]int{}
 	ipc, err := a.maps.IPCache()

@@ -44,6 +44,13 @@ const localNode = "node-a"
 
 func newTestAgent(t *testing.T, fm *fakeMaps, objs ...runtime.Object) *testAgent {
 	t.Helper()
+	return newTestAgentWith(t, fm, nil, objs...)
+}
+
+// newTestAgentWith is newTestAgent with setup run on the agent before its
+// informers start (to change its Config or give it fake routes).
+func newTestAgentWith(t *testing.T, fm *fakeMaps, setup func(*Agent), objs ...runtime.Object) *testAgent {
+	t.Helper()
 	client := fake.NewClientset(objs...)
 	cfg := Config{NodeName: localNode, StatePath: filepath.Join(t.TempDir(), "state.db"),
 		Logger: slog.New(slog.NewTextHandler(io.Discard, nil))}
@@ -54,6 +61,9 @@ func newTestAgent(t *testing.T, fm *fakeMaps, objs ...runtime.Object) *testAgent
 	t.Cleanup(a.Close)
 	rec := record.NewFakeRecorder(100)
 	a.recorder = rec
+	if setup != nil {
+		setup(a)
+	}
 	ctx, cancel := context.WithCancel(context.Background())
 	a.factory.Start(ctx.Done())
 	t.Cleanup(func() { cancel(); a.factory.Shutdown() })

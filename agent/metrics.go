@@ -33,6 +33,8 @@ type metrics struct {
 	policiesRefused  prometheus.Gauge
 	overflow         prometheus.Gauge
 	auditDrift       *prometheus.CounterVec
+	nodeRoutes       prometheus.Gauge
+	noRoute          prometheus.Gauge
 }
 
 func newMetrics(a *Agent) *metrics {
@@ -64,7 +66,9 @@ func newMetrics(a *Agent) *metrics {
 	m.overflow = prometheus.NewGauge(f("map_overflow", "Subjects and ipcache entries waiting for room in a full map."))
 	m.auditDrift = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "idcni", Name: "audit_drift_total",
 		Help: "Map entries the periodic audit found different from what the agent wrote, and repaired, by map."}, []string{"map"})
-	m.reg.MustRegister(m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
+	m.nodeRoutes = prometheus.NewGauge(f("node_routes", "Routes the agent programmed to other nodes' pod CIDRs."))
+	m.noRoute = prometheus.NewGauge(f("node_routes_missing", "Other nodes' pod CIDRs with no route: the node's InternalIP is not on a subnet this node is connected to (VXLAN is not implemented yet), or a route the agent did not make holds the destination."))
+	m.reg.MustRegister(m.nodeRoutes, m.noRoute, m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
 		m.flushSeconds, m.addSeconds, m.reconcileErrors, m.events, m.writes, m.revisionBumps, m.policiesRefused, m.overflow, m.auditDrift,
 		&datapathCollector{a: a}, &flowCollector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

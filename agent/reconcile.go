@@ -102,7 +102,8 @@ func relevantChange(k kind, old, obj any) bool {
 		return o.ResourceVersion != n.ResourceVersion && !equality.Semantic.DeepEqual(o.Spec, n.Spec)
 	case kindNode:
 		o, n := old.(*corev1.Node), obj.(*corev1.Node)
-		return o.ResourceVersion != n.ResourceVersion && !equality.Semantic.DeepEqual(o.Status.Addresses, n.Status.Addresses)
+		return o.ResourceVersion != n.ResourceVersion && (!equality.Semantic.DeepEqual(o.Status.Addresses, n.Status.Addresses) ||
+			o.Spec.PodCIDR != n.Spec.PodCIDR || !slices.Equal(o.Spec.PodCIDRs, n.Spec.PodCIDRs))
 	}
 	return true
 }
@@ -253,9 +254,44 @@ func (a *Agent) compilePod(pod *corev1.Pod) error {
 	return nil
 }
 
-// syncNodes hands every node address to the compiler and the ipcache:
-// this node's resolve to host, every other node's to remote-node.
+// syncNodes follows the Nodes: their addresses into the compiler and the
+// ipcache (this node's resolve to host, every other node's to
+// remote-node), the routes to other nodes' pod CIDRs, and this node's pod
+// CIDRs into the CNI config once the agent has started.
 func (a *Agent) syncNodes() error {
+	if err := a.syncNodeAddrs(); err != nil {
+		return err
+	}
+	var errs []error
+	if a.started {
+		errs = append(errs, a.updateCNIConf())
+	}
+	errs = append(errs, a.syncRoutes())
+	return errors.Join(errs...)
+}
+
+// syncRoutes makes the routes to other nodes' pod CIDRs follow the Nodes.
+func (a *Agent) syncRoutes() error {
+	if a.routes == nil {
+		return nil
+	}
+	nodes, err := a.nodes.List(labels.Everything())
+	if err != nil {
+		return fmt.Errorf("list nodes: %w", err)
+	}
+	local, _, err := a.localPodCIDRs()
+	if err != nil {
+		return err
+	}
+	localAddrs, _, err := a.nodeAddrs()
+	if err != nil {
+		return err
+	}
+	return a.routes.sync(peerNodes(nodes, a.cfg.NodeName), local, localAddrs)
+}
+
+// syncNodeAddrs hands every node address to the compiler and the ipcache.
+func (a *Agent) syncNodeAddrs() error {
 	local, remote, err := a.nodeAddrs()
 	if err != nil {
 		return err
@@ -627,8 +663,14 @@ func (a *Agent) resync() error {
 		}
 		a.applyDelta(d)
 	}
-	if err := a.syncNodes(); err != nil {
+	if err := a.syncNodeAddrs(); err != nil {
 		return err
+	}
+	// The routes at start: stale ones of an earlier run go, missing ones
+	// come. A failure is retried through a node key, not fatal.
+	if err := a.syncRoutes(); err != nil {
+		a.log.Error("routes to other nodes' pod CIDRs", "err", err)
+		a.queue.AddRateLimited(key{kind: kindNode})
 	}
 	pods, err := a.pods.List(labels.Everything())
 	if err != nil {

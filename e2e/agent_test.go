@@ -44,9 +44,18 @@ type agentProc struct {
 
 var agentBin string
 
-// buildAgent builds cmd/idcni-agent once per test process.
+// buildAgent builds cmd/idcni-agent once per test process; with
+// IDCNI_E2E_BIN set (the bin/ of `make build`, as for the plugin) it is
+// the idcni-agent there.
 func buildAgent(t testing.TB) string {
 	t.Helper()
+	if d := os.Getenv("IDCNI_E2E_BIN"); d != "" {
+		bin := filepath.Join(d, "idcni-agent")
+		if _, err := os.Stat(bin); err != nil {
+			t.Fatalf("IDCNI_E2E_BIN=%s: %v (run make build)", d, err)
+		}
+		return bin
+	}
 	if agentBin != "" {
 		return agentBin
 	}
@@ -88,10 +97,7 @@ func newAgentEnv(t testing.TB) *agentEnv {
 	env := cnitest.New(t, cnitest.Options{Plugin: map[string]any{"agentSocket": socket, "agentRequired": true}})
 	e := &agentEnv{Env: env, kube: c, node: "node-" + cnitest.RandHex(6), state: filepath.Join(dir, "state.db")}
 	ctx := context.Background()
-	_, err := c.Client.CoreV1().Nodes().Create(ctx, &corev1.Node{
-		ObjectMeta: metav1.ObjectMeta{Name: e.node},
-		Status:     corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "192.0.2.10"}}},
-	}, metav1.CreateOptions{})
+	_, err := c.Client.CoreV1().Nodes().Create(ctx, envNode(e.node, env), metav1.CreateOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -116,6 +122,20 @@ func newAgentEnv(t testing.TB) *agentEnv {
 	return e
 }
 
+// envNode is the Node of an env's agent: its pod CIDRs are the env's
+// subnets, the ranges its pods get addresses from.
+func envNode(name string, env *cnitest.Env) *corev1.Node {
+	n := &corev1.Node{
+		ObjectMeta: metav1.ObjectMeta{Name: name},
+		Spec:       corev1.NodeSpec{PodCIDR: env.Subnet.String(), PodCIDRs: []string{env.Subnet.String()}},
+		Status:     corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "192.0.2.10"}}},
+	}
+	if env.Subnet6.IsValid() {
+		n.Spec.PodCIDRs = append(n.Spec.PodCIDRs, env.Subnet6.String())
+	}
+	return n
+}
+
 func freeAddr(t testing.TB) string {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	if err != nil {
@@ -125,7 +145,20 @@ func freeAddr(t testing.TB) string {
 	return l.Addr().String()
 }
 
+// start starts the agent and waits until it is ready.
 func (p *agentProc) start() {
+	p.t.Helper()
+	p.startWait("agent is ready on its socket", api.NewClient(p.socket).Running)
+}
+
+// startAnswering starts the agent and waits until it answers on its
+// socket, ready or not.
+func (p *agentProc) startAnswering() {
+	p.t.Helper()
+	p.startWait("agent answers on its socket", api.NewClient(p.socket).Answering)
+}
+
+func (p *agentProc) startWait(what string, cond func(context.Context) bool) {
 	p.t.Helper()
 	logf, err := os.OpenFile(p.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
@@ -138,9 +171,7 @@ func (p *agentProc) start() {
 		p.t.Fatal(err)
 	}
 	logf.Close()
-	waitFor(p.t, 60*time.Second, "agent answers on its socket", func() bool {
-		return api.NewClient(p.socket).Running(context.Background())
-	})
+	waitFor(p.t, 60*time.Second, what, func() bool { return cond(context.Background()) })
 }
 
 // kill9 kills the agent the hard way, as an OOM kill or a node hiccup would.

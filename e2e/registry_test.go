@@ -135,10 +135,7 @@ func newRebootEnv(t *testing.T, agentRequired bool) *rebootEnv {
 	socket := filepath.Join(dir, "agent.sock")
 	env := cnitest.New(t, cnitest.Options{Plugin: map[string]any{"agentSocket": socket, "agentRequired": agentRequired}})
 	e := &rebootEnv{Env: env, kube: c, node: "node-" + cnitest.RandHex(6), state: filepath.Join(dir, "state.db")}
-	_, err := c.Client.CoreV1().Nodes().Create(context.Background(), &corev1.Node{
-		ObjectMeta: metav1.ObjectMeta{Name: e.node},
-		Status:     corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP, Address: "192.0.2.10"}}},
-	}, metav1.CreateOptions{})
+	_, err := c.Client.CoreV1().Nodes().Create(context.Background(), envNode(e.node, env), metav1.CreateOptions{})
 	if err != nil {
 		t.Fatal(err)
 	}

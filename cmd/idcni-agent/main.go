@@ -5,8 +5,10 @@ package main
 
 import (
 	"context"
+	"errors"
 	"fmt"
 	"log/slog"
+	"net/netip"
 	"os"
 	"os/signal"
 	"strings"
@@ -49,6 +51,7 @@ func command() *cobra.Command {
 		uninstall  bool
 		logLevel   string
 		logJSON    bool
+		podCIDRs   []string
 	)
 	cmd := &cobra.Command{
 		Use:   "idcni-agent",
@@ -63,7 +66,8 @@ same way.
 
 Once its caches are synced and the maps written, the agent writes the CNI
 config into --cni-conf-dir, so the node only takes pods it can enforce.
---uninstall removes that config and every pin (programs detach from all veths).`,
+--uninstall removes that config, every pin (programs detach from all veths) and,
+unless --node-routes=false, the routes to other nodes' pod CIDRs.`,
 		Example: `  # on a node, as the DaemonSet does
   idcni-agent --node-name "$NODE_NAME"
 
@@ -79,7 +83,11 @@ config into --cni-conf-dir, so the node only takes pods it can enforce.
 			if uninstall {
 				// No kernel check: removing what an earlier run left
 				// must work on any kernel.
-				return agent.Uninstall(cfg.CNIConfDir, cfg.CNIConfName, cfg.BPFRoot)
+				err := agent.Uninstall(cfg.CNIConfDir, cfg.CNIConfName, cfg.BPFRoot)
+				if cfg.NodeRoutes {
+					err = errors.Join(err, agent.RemoveRoutes())
+				}
+				return err
 			}
 			// Before anything is loaded: on an older kernel the first
 			// sign would otherwise be a verifier log or an EPERM.
@@ -88,6 +96,9 @@ config into --cni-conf-dir, so the node only takes pods it can enforce.
 			}
 			log, err := newLogger(logLevel, logJSON)
 			if err != nil {
+				return err
+			}
+			if cfg.PodCIDRs, err = parsePodCIDRs(podCIDRs); err != nil {
 				return err
 			}
 			cfg.Logger = log
@@ -131,11 +142,35 @@ config into --cni-conf-dir, so the node only takes pods it can enforce.
 	f.DurationVar(&cfg.AuditInterval, "audit-interval", 5*time.Minute, "how often to compare the maps with what the agent wrote, repairing and counting drift (idcni_audit_drift_total); 0 disables")
 	f.Uint32Var(&cfg.PolicyEntries, "policy-map-size", 0, "entries of the policy map (0: the datapath's default, 65536); only this node's pods' identities have entries. A NetworkPolicy that does not fit is refused alone, with a PolicyRefused Event. Maps pinned with another size are refused: remove the pins (--uninstall) to resize")
 	f.Uint32Var(&cfg.IPCacheEntries, "ipcache-size", 0, "entries of the ipcache (0: the datapath's default); it holds every pod and node address of the cluster and the ipBlock prefixes. Maps pinned with another size are refused: remove the pins (--uninstall) to resize")
-	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config and every pin, then exit")
+	f.StringSliceVar(&podCIDRs, "pod-cidr", nil, "this node's pod ranges, repeated or comma-separated, at most one per family, instead of its Node's spec.podCIDRs (for clusters whose kube-controller-manager does not run with --allocate-node-cidrs). Without either the agent writes no CNI config")
+	f.BoolVar(&cfg.NodeRoutes, "node-routes", true, "route every other node's pod CIDRs through its InternalIP when that is on a subnet this node is connected to (routes of protocol 157); off when something else routes pod CIDRs")
+	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config, every pin and the routes to other nodes' pod CIDRs (with --node-routes), then exit")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
 	addInstallCNI(cmd)
 	return cmd
+}
+
+// parsePodCIDRs reads --pod-cidr: network prefixes, at most one IPv4 and
+// one IPv6, as a Node's spec.podCIDRs has them.
+func parsePodCIDRs(in []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range in {
+		p, err := netip.ParsePrefix(strings.TrimSpace(s))
+		if err != nil {
+			return nil, fmt.Errorf("bad --pod-cidr %q: %w", s, err)
+		}
+		if p != p.Masked() {
+			return nil, fmt.Errorf("bad --pod-cidr %q: not a network address (did you mean %s?)", s, p.Masked())
+		}
+		for _, q := range out {
+			if q.Addr().Is4() == p.Addr().Is4() {
+				return nil, fmt.Errorf("bad --pod-cidr: %s and %s are of one family; a node has at most one IPv4 and one IPv6 pod CIDR", q, p)
+			}
+		}
+		out = append(out, p)
+	}
+	return out, nil
 }
 
 func kubeConfig(path string) (*rest.Config, error) {

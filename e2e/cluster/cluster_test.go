@@ -169,6 +169,11 @@ func seedWalkthrough(k *kctl) (fe, be netip.Addr) {
 	wide := k.run("-n", demoNS, "get", "pods", "-o", "wide")
 	fe, be = k.podIP("frontend"), k.podIP("backend")
 	subnet := netip.MustParsePrefix("10.13.0.0/24")
+	// The controller-manager gave the node that range, and the agent
+	// wrote it into the CNI config (issue 12).
+	if cidrs := strings.TrimSpace(k.run("get", "nodes", "-o", "jsonpath={.items[*].spec.podCIDRs[*]}")); cidrs != subnet.String() {
+		k.t.Fatalf("the node's spec.podCIDRs is %q, want %s (kube-controller-manager --allocate-node-cidrs)", cidrs, subnet)
+	}
 	for _, a := range []netip.Addr{fe, be} {
 		if !subnet.Contains(a) || !strings.Contains(wide, a.String()) {
 			k.t.Fatalf("kubectl get pods -o wide does not show pods on %s:\n%s", subnet, wide)

@@ -21,6 +21,12 @@ const apiPort = 6443
 // to a ClusterIP.
 const serviceCIDR = "10.96.0.0/16"
 
+// clusterCIDR is the pods' range: the controller-manager gives each Node a
+// /24 of it (spec.podCIDRs), which the agent writes into the CNI config.
+// The first, and on this single node the only one, is 10.13.0.0/24, the
+// range the seed's conflist fixed.
+const clusterCIDR = "10.13.0.0/16"
+
 // certs holds the paths of the cluster's certificates and kubeconfigs.
 type certs struct {
 	ca                                  *pki.Authority
@@ -197,6 +203,12 @@ func (c *Cluster) startControllerManager() error {
 		// Published in every namespace as kube-root-ca.crt, which every
 		// pod's projected token volume mounts.
 		"--root-ca-file="+p.ca.CertFile,
+		// Node IPAM: every Node gets its pod CIDR here; without it the
+		// agent writes no CNI config.
+		"--allocate-node-cidrs=true",
+		"--cluster-cidr="+clusterCIDR,
+		"--node-cidr-mask-size=24",
+		"--service-cluster-ip-range="+serviceCIDR,
 		"--secure-port=0",
 		"--profiling=false",
 	)
