@@ -547,3 +547,35 @@ func TestControllerSubjectThatDoesNotFitFailsClosed(t *testing.T) {
 		t.Fatalf("after room came, db has %d entries, want 5", n)
 	}
 }
+
+// At start the policies are sized together; when together they do not
+// fit, they are sized one by one and only the one that does not fit is
+// refused.
+func TestControllerRefusesAtStartOnlyThePolicyThatDoesNotFit(t *testing.T) {
+	db := pod("shop", "db", localNode, "10.1.0.3", map[string]string{"app": "db"})
+	big := allowFrom("shop", "db-from-all", "db", "", 443)
+	big.Spec.Ingress[0].From[0].PodSelector = &metav1.LabelSelector{}
+	objs := []runtime.Object{ns("shop", nil), db, allowFrom("shop", "db-from-web", "db", "web", 80), big}
+	for i := range 10 {
+		objs = append(objs, pod("shop", fmt.Sprintf("w%d", i), "node-b", fmt.Sprintf("10.2.0.%d", 10+i), map[string]string{"app": "web", "i": fmt.Sprint(i)}))
+	}
+	fm := newFakeMaps()
+	fm.polCap = 10
+	// The endpoint is registered already, as after an agent restart.
+	fm.eps[9] = bpf.Endpoint{Identity: identity.Unresolved, IPv4: netip.MustParseAddr("10.1.0.3"), ConntrackSlot: 9}
+	ta := newTestAgentWith(t, fm, func(a *Agent) {
+		if err := a.endpoints.put(api.EndpointRequest{ContainerID: "c-db", HostIfName: "idc9", HostIfIndex: 9,
+			Addresses: []netip.Addr{netip.MustParseAddr("10.1.0.3")}, PodNamespace: "shop", PodName: "db"}); err != nil {
+			t.Fatal(err)
+		}
+	}, objs...)
+	if ta.refused.len() != 1 {
+		t.Fatalf("%d policies refused, want 1", ta.refused.len())
+	}
+	if _, ok := ta.refused["shop/db-from-all"]; !ok {
+		t.Fatalf("refused %v, want shop/db-from-all", ta.refused)
+	}
+	if n := len(fm.pol); n != 10 {
+		t.Fatalf("policy map holds %d entries, want the 10 of the policy that fits", n)
+	}
+}

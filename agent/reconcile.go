@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"maps"
 	"net/netip"
 	"slices"
 	"strings"
@@ -448,7 +449,7 @@ func (a *Agent) policyGrowth(ids []identity.ID) (need, room int, undo func(), er
 	prev := map[identity.ID]int{}
 	for _, id := range ids {
 		n := 0
-		if s.isSubject(id) {
+		if s.wantsRules(id) {
 			rules, iso := a.subjectRules(id)
 			ms, err := desired.Subject(id, rules, iso)
 			if err != nil {
@@ -693,7 +694,43 @@ func (a *Agent) resync() error {
 	if err != nil {
 		return err
 	}
+	return a.startPolicies(nps)
+}
+
+// startPolicies takes the cluster's policies in at start. Sized one by one
+// (syncPolicy), each would compile the rules of every local subject it
+// touches, 1,000 policies a thousand times over; so they go in together
+// and are sized once, and one by one only when together they do not fit,
+// to refuse the ones that do not.
+func (a *Agent) startPolicies(nps []*networkingv1.NetworkPolicy) error {
+	var in []*networkingv1.NetworkPolicy
 	for _, np := range nps {
+		d, err := a.compiler.UpsertPolicy(np)
+		if err != nil {
+			a.recorder.Eventf(np, corev1.EventTypeWarning, "PolicyRejected", "idcni cannot enforce this policy: %v", err)
+			a.log.Warn("policy rejected", "policy", np.Namespace+"/"+np.Name, "err", err)
+			continue
+		}
+		a.applyDelta(d)
+		a.accepted[np.Namespace+"/"+np.Name] = np
+		in = append(in, np)
+	}
+	need, room, undo, err := a.policyGrowth(slices.Collect(maps.Keys(a.st.dirtySub)))
+	if err == nil && need <= room {
+		return nil
+	}
+	if undo != nil {
+		undo()
+	}
+	for _, np := range in {
+		d, err := a.compiler.DeletePolicy(np.Namespace, np.Name)
+		if err != nil {
+			return err
+		}
+		a.applyDelta(d)
+		delete(a.accepted, np.Namespace+"/"+np.Name)
+	}
+	for _, np := range in {
 		if err := a.syncPolicy(np.Namespace, np.Name); err != nil {
 			return err
 		}

@@ -336,6 +336,22 @@ func (s *nodeState) projectedEntries() int {
 	return n
 }
 
+// wantsRules reports whether id has, or is about to have, rules in this
+// node's maps: a subject now, or the identity a local endpoint is about to
+// be written under. Sizing a policy asks this, so that at start, before the
+// endpoints are rewritten under their identities, their rules count.
+func (s *nodeState) wantsRules(id identity.ID) bool {
+	if s.isSubject(id) {
+		return true
+	}
+	for _, ep := range s.local {
+		if s.endpointIdentity(ep) == id {
+			return true
+		}
+	}
+	return false
+}
+
 // isSubject reports whether id's rules belong in this node's maps.
 func (s *nodeState) isSubject(id identity.ID) bool {
 	return desired.IsSubject(id, func(id identity.ID) bool { return s.subjects[id] > 0 })
