@@ -270,14 +270,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	// Start from the cluster's truth: everything in the caches goes into
 	// the compiler, then one write makes the maps equal to it, removing
 	// whatever stale state the last run left. A policy that does not fit
-	// is refused alone; maps too small for the rest are an error the
-	// writer keeps retrying, not a crash.
+	// is refused alone, and rules that do not fit wait for room (not an
+	// error); a map the kernel will not write is, and the agent does not
+	// become ready on maps it could not write.
 	if err := a.resync(); err != nil {
 		return fmt.Errorf("first reconcile: %w", err)
 	}
 	a.dirtySince = time.Now()
 	if err := a.flush(); err != nil {
-		a.log.Error("first write of the maps is incomplete; retrying", "err", err)
+		return fmt.Errorf("first write of the maps: %w", err)
 	}
 	// Ready once the CNI config is out, which needs this node's pod
 	// CIDRs: without them the writer loop writes it when they come.
