@@ -354,11 +354,16 @@ func (s *scaleEnv) populate(b *testing.B) {
 		if i > 0 {
 			name = s.nodes[i-1]
 		}
-		_, err := c.CoreV1().Nodes().Create(ctx, &corev1.Node{
+		node := &corev1.Node{
 			ObjectMeta: metav1.ObjectMeta{Name: name},
 			Status: corev1.NodeStatus{Addresses: []corev1.NodeAddress{{Type: corev1.NodeInternalIP,
 				Address: netip.AddrFrom4([4]byte{198, 18, byte(i / 250), byte(1 + i%250)}).String()}}},
-		}, metav1.CreateOptions{})
+		}
+		if i == 0 {
+			// The agent hands out its Node's pod CIDR: the plugin env's.
+			node.Spec.PodCIDR, node.Spec.PodCIDRs = s.env.Subnet.String(), []string{s.env.Subnet.String()}
+		}
+		_, err := c.CoreV1().Nodes().Create(ctx, node, metav1.CreateOptions{})
 		return err
 	})
 	if err != nil {
