@@ -483,7 +483,7 @@ func (a *Agent) syncEndpoint(containerID string) error {
 		if err != nil || !had {
 			return err
 		}
-		if ifindex, ok := a.st.endpointOfContainer(containerID); ok {
+		if ifindex, ok := a.st.findLocal(func(ep localEndpoint) bool { return ep.containerID == containerID }); ok {
 			a.st.setLocal(ifindex, localEndpoint{}, false)
 		}
 		a.log.Info("endpoint removed", "pod", ep.PodNamespace+"/"+ep.PodName, "container", short(containerID))
@@ -496,7 +496,7 @@ func (a *Agent) syncEndpoint(containerID string) error {
 	if err := a.endpoints.put(r); err != nil {
 		return err
 	}
-	a.st.setLocal(r.HostIfIndex, localEndpoint{containerID: r.ContainerID, pod: r.PodNamespace + "/" + r.PodName, addrs: sortedAddrs(r.Addresses)}, true)
+	a.st.setLocal(r.HostIfIndex, localOf(r), true)
 	pod := req.pod
 	if cached, err := a.pods.Pods(r.PodNamespace).Get(r.PodName); err == nil {
 		pod = cached
@@ -525,7 +525,7 @@ func (a *Agent) syncLocal() error {
 		if l, ok := a.st.local[ifindex]; ok && l.containerID == ep.ContainerID {
 			continue
 		}
-		a.st.setLocal(ifindex, localEndpoint{containerID: ep.ContainerID, pod: ep.PodNamespace + "/" + ep.PodName, addrs: sortedAddrs(ep.Addresses)}, true)
+		a.st.setLocal(ifindex, localOf(ep), true)
 		if pod, err := a.pods.Pods(ep.PodNamespace).Get(ep.PodName); err == nil {
 			if err := a.compilePod(pod); err != nil {
 				return err
@@ -533,15 +533,6 @@ func (a *Agent) syncLocal() error {
 		}
 	}
 	return nil
-}
-
-func (s *nodeState) endpointOfContainer(id string) (int, bool) {
-	for ifindex, ep := range s.local {
-		if ep.containerID == id {
-			return ifindex, true
-		}
-	}
-	return 0, false
 }
 
 func sortedAddrs(in []netip.Addr) []netip.Addr {
@@ -683,8 +674,8 @@ func (a *Agent) resync() error {
 		}
 	}
 	a.releaseGonePods(pods)
-	for _, ep := range a.endpoints.all() {
-		a.st.setLocal(ep.HostIfIndex, localEndpoint{containerID: ep.ContainerID, pod: ep.PodNamespace + "/" + ep.PodName, addrs: sortedAddrs(ep.Addresses)}, true)
+	if err := a.syncLocal(); err != nil {
+		return err
 	}
 	a.setManual(a.manual)
 	if err := a.st.adopt(a.maps); err != nil {

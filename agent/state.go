@@ -7,6 +7,7 @@ import (
 	"net/netip"
 	"slices"
 
+	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/desired"
 	"github.com/idcni/idcni/identity"
@@ -123,20 +124,25 @@ func (s *nodeState) setPod(key string, id identity.ID, addrs []netip.Addr, ok bo
 			s.touchAddr(a)
 		}
 	}
-	if ifindex, ok := s.endpointOfPod(key); ok {
+	if ifindex, ok := s.findLocal(func(ep localEndpoint) bool { return ep.pod == key }); ok {
 		s.dirtyEP[ifindex] = struct{}{}
 	}
 }
 
-// endpointOfPod finds the local endpoint of a pod. Local endpoints are few
+// findLocal finds the local endpoint match picks. Local endpoints are few
 // (a node's pods), so a scan is fine.
-func (s *nodeState) endpointOfPod(key string) (int, bool) {
+func (s *nodeState) findLocal(match func(localEndpoint) bool) (int, bool) {
 	for ifindex, ep := range s.local {
-		if ep.pod == key {
+		if match(ep) {
 			return ifindex, true
 		}
 	}
 	return 0, false
+}
+
+// localOf is the local endpoint a registration describes.
+func localOf(r api.EndpointRequest) localEndpoint {
+	return localEndpoint{containerID: r.ContainerID, pod: r.PodNamespace + "/" + r.PodName, addrs: sortedAddrs(r.Addresses)}
 }
 
 func (s *nodeState) setLocal(ifindex int, ep localEndpoint, ok bool) {
@@ -160,37 +166,37 @@ func (s *nodeState) setLocal(ifindex int, ep localEndpoint, ok bool) {
 }
 
 func (s *nodeState) setNodes(want map[netip.Addr]identity.ID) {
-	for a, id := range s.nodes {
-		if want[a] != id {
-			s.touchAddr(a)
-		}
-	}
-	for a, id := range want {
-		if s.nodes[a] != id {
-			s.touchAddr(a)
-		}
+	for _, a := range changedAddrs(s.nodes, want) {
+		s.touchAddr(a)
 	}
 	s.nodes = want
 }
 
 func (s *nodeState) setBindings(want map[netip.Addr]identity.ID) {
-	for a, id := range s.bindings {
-		if want[a] != id {
-			s.touchAddr(a)
-			if ifindex, ok := s.localAddr[a]; ok {
-				s.dirtyEP[ifindex] = struct{}{}
-			}
-		}
-	}
-	for a, id := range want {
-		if s.bindings[a] != id {
-			s.touchAddr(a)
-			if ifindex, ok := s.localAddr[a]; ok {
-				s.dirtyEP[ifindex] = struct{}{}
-			}
+	for _, a := range changedAddrs(s.bindings, want) {
+		s.touchAddr(a)
+		if ifindex, ok := s.localAddr[a]; ok {
+			s.dirtyEP[ifindex] = struct{}{}
 		}
 	}
 	s.bindings = want
+}
+
+// changedAddrs lists the addresses whose identity differs between two
+// address maps, one missing from either counting as a difference.
+func changedAddrs(old, new map[netip.Addr]identity.ID) []netip.Addr {
+	var out []netip.Addr
+	for a, id := range old {
+		if new[a] != id {
+			out = append(out, a)
+		}
+	}
+	for a, id := range new {
+		if _, ok := old[a]; !ok && id != identity.Unknown {
+			out = append(out, a)
+		}
+	}
+	return out
 }
 
 func (s *nodeState) setCIDR(p netip.Prefix, id identity.ID, ok bool) {
@@ -218,15 +224,7 @@ func (s *nodeState) wantEndpoint(ifindex int) (bpf.Endpoint, bool) {
 	if !ok {
 		return bpf.Endpoint{}, false
 	}
-	e := bpf.Endpoint{Identity: s.endpointIdentity(ep)}
-	for _, a := range ep.addrs {
-		if a.Is4() {
-			e.IPv4 = a
-		} else {
-			e.IPv6 = a
-		}
-	}
-	return e, true
+	return bpf.NewEndpoint(s.endpointIdentity(ep), ep.addrs), true
 }
 
 // wantIPCache is the ipcache entry p must hold.

@@ -123,6 +123,20 @@ type Endpoint struct {
 	ConntrackSlot uint32 `json:"conntrackSlot,omitzero"`
 }
 
+// NewEndpoint is the endpoint of a pod with identity id and these
+// addresses (one of each family at most; a later one of a family wins).
+func NewEndpoint(id identity.ID, addrs []netip.Addr) Endpoint {
+	ep := Endpoint{Identity: id}
+	for _, a := range addrs {
+		if a.Is4() {
+			ep.IPv4 = a
+		} else {
+			ep.IPv6 = a
+		}
+	}
+	return ep
+}
+
 // Addrs lists the endpoint's valid addresses, IPv4 first.
 func (e Endpoint) Addrs() []netip.Addr {
 	var out []netip.Addr

@@ -12,19 +12,6 @@ import (
 	"github.com/idcni/idcni/identity"
 )
 
-// endpointOf builds the datapath's view of a pod.
-func endpointOf(id identity.ID, addrs []netip.Addr) bpf.Endpoint {
-	ep := bpf.Endpoint{Identity: id}
-	for _, a := range addrs {
-		if a.Is4() {
-			ep.IPv4 = a
-		} else {
-			ep.IPv6 = a
-		}
-	}
-	return ep
-}
-
 // enforce attaches the TC programs to the host veth and enters the pod in
 // the maps under id, pushing the inverse of each step on u. It runs before
 // the pod has an address or a route, so the pod never sends a packet the
@@ -51,7 +38,7 @@ func enforce(dp *bpf.Datapath, u *undo, hostName string, ifindex int, id identit
 		return fmt.Errorf("add conntrack table of %d flows for ifindex %d: %w", ctSize, ifindex, err)
 	}
 	u.push(fmt.Sprintf("conntrack table in slot %d", slot), func() error { return dp.DeleteConntrackTable(slot) })
-	ep := endpointOf(id, addrs)
+	ep := bpf.NewEndpoint(id, addrs)
 	ep.ConntrackSlot = slot
 	if err := dp.PutEndpoint(ifindex, ep); err != nil {
 		return fmt.Errorf("add endpoint (ifindex %d, %v) to the datapath: %w", ifindex, addrs, err)
