@@ -65,7 +65,10 @@ type Config struct {
 	// NodeRoutes programs a route to every other node's pod CIDRs
 	// (routes.go).
 	NodeRoutes bool
-	Logger     *slog.Logger
+	// PublishPodIPs writes a new local pod's addresses into its status
+	// as soon as its plugin registers it (podips.go).
+	PublishPodIPs bool
+	Logger        *slog.Logger
 }
 
 // Agent is one node's agent.
@@ -118,6 +121,9 @@ type Agent struct {
 	// routes programs the routes to other nodes' pod CIDRs; nil when
 	// Config.NodeRoutes is off. Owned by the writer loop.
 	routes *nodeRouter
+	// podIPs publishes new pods' addresses; nil when
+	// Config.PublishPodIPs is off.
+	podIPs *podIPPublisher
 	// The CNI config, owned by the writer loop: started once the first
 	// write of the maps is done (the config may go out from then on),
 	// confCIDRs what the config written holds, noPodCIDR while the
@@ -190,6 +196,9 @@ func newAgent(cfg Config, client kubernetes.Interface, load func() (*bpf.Datapat
 	a.compiler = netpol.NewCompiler(&netpol.PodIdentities{Alloc: a.alloc, Opts: opts})
 	a.metrics = newMetrics(a)
 	a.events = newEventHub(a)
+	if cfg.PublishPodIPs {
+		a.podIPs = newPodIPPublisher(a)
+	}
 
 	a.factory = informers.NewSharedInformerFactory(client, cfg.Resync)
 	podInf := a.factory.Core().V1().Pods()
@@ -256,6 +265,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		defer ms.Close()
 	}
 	go a.events.run(ctx)
+	if a.podIPs != nil {
+		go a.podIPs.run(ctx)
+	}
 
 	a.factory.Start(ctx.Done())
 	defer a.factory.Shutdown()

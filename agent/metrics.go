@@ -34,6 +34,7 @@ type metrics struct {
 	overflow         prometheus.Gauge
 	auditDrift       *prometheus.CounterVec
 	nodeRoutes       prometheus.Gauge
+	podIPsPublished  *prometheus.CounterVec
 	noRoute          prometheus.Gauge
 }
 
@@ -68,7 +69,9 @@ func newMetrics(a *Agent) *metrics {
 		Help: "Map entries the periodic audit found different from what the agent wrote, and repaired, by map."}, []string{"map"})
 	m.nodeRoutes = prometheus.NewGauge(f("node_routes", "Routes the agent programmed to other nodes' pod CIDRs."))
 	m.noRoute = prometheus.NewGauge(f("node_routes_missing", "Other nodes' pod CIDRs with no route: the node's InternalIP is not on a subnet this node is connected to (VXLAN is not implemented yet), or a route the agent did not make holds the destination."))
-	m.reg.MustRegister(m.nodeRoutes, m.noRoute, m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
+	m.podIPsPublished = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "idcni", Name: "pod_ips_published_total",
+		Help: "New local pods' addresses written into their status before the kubelet's (published), not needed because the status had them or the pod was gone or replaced (skipped), or given up after retries (failed)."}, []string{"result"})
+	m.reg.MustRegister(m.nodeRoutes, m.noRoute, m.podIPsPublished, m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
 		m.flushSeconds, m.addSeconds, m.reconcileErrors, m.events, m.writes, m.revisionBumps, m.policiesRefused, m.overflow, m.auditDrift,
 		&datapathCollector{a: a}, &flowCollector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

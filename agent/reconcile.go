@@ -506,6 +506,7 @@ func (a *Agent) syncEndpoint(containerID string) error {
 		a.st.setLocal(r.HostIfIndex, localEndpoint{}, false)
 		return fmt.Errorf("idcni-agent: pod %s/%s: %w", r.PodNamespace, r.PodName, err)
 	}
+	a.podIPs.publish(r.PodNamespace, r.PodName, r.PodUID, r.Addresses)
 	return nil
 }
 

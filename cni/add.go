@@ -186,6 +186,7 @@ func (a *adder) add(ctx context.Context) (*current.Result, error) {
 			Addresses:    addrs,
 			PodNamespace: a.pod.Namespace,
 			PodName:      a.pod.Name,
+			PodUID:       a.pod.UID,
 		})
 		if err != nil {
 			return nil, err

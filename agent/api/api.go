@@ -38,6 +38,9 @@ type EndpointRequest struct {
 	Addresses    []netip.Addr `json:"addresses"`
 	PodNamespace string       `json:"podNamespace,omitempty"`
 	PodName      string       `json:"podName,omitempty"`
+	// PodUID (K8S_POD_UID) lets the agent publish the addresses in the
+	// pod's status, for that pod only; older plugins leave it out.
+	PodUID string `json:"podUID,omitempty"`
 }
 
 // EndpointResponse is sent once the endpoint's identity, ipcache entry and

@@ -144,6 +144,7 @@ unless --node-routes=false, the routes to other nodes' pod CIDRs.`,
 	f.Uint32Var(&cfg.IPCacheEntries, "ipcache-size", 0, "entries of the ipcache (0: the datapath's default); it holds every pod and node address of the cluster and the ipBlock prefixes. Maps pinned with another size are refused: remove the pins (--uninstall) to resize")
 	f.StringSliceVar(&podCIDRs, "pod-cidr", nil, "this node's pod ranges, repeated or comma-separated, at most one per family, instead of its Node's spec.podCIDRs (for clusters whose kube-controller-manager does not run with --allocate-node-cidrs). Without either the agent writes no CNI config")
 	f.BoolVar(&cfg.NodeRoutes, "node-routes", true, "route every other node's pod CIDRs through its InternalIP when that is on a subnet this node is connected to (routes of protocol 157); off when something else routes pod CIDRs")
+	f.BoolVar(&cfg.PublishPodIPs, "publish-pod-ips", true, "write a new pod's addresses into its status.podIPs when its veth is set up, before the kubelet does (up to a PLEG relist later), so other nodes know its identity before its first packet; needs patch on pods/status")
 	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config, every pin and the routes to other nodes' pod CIDRs (with --node-routes), then exit")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
