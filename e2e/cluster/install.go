@@ -59,6 +59,7 @@ func (c *Cluster) importImages(ctx context.Context, paths []string) error {
 const (
 	agentNamespace = "idcni-system"
 	agentDaemonSet = "idcni-agent"
+	agentContainer = "agent"
 )
 
 // installIdcni does what an operator of a cluster without kube-proxy does,
