@@ -51,7 +51,7 @@ state file, from which 'policyctl restore' puts them back after a reboot.`,
 	g.AddGlobalFlags(root)
 	root.AddCommand(
 		newRuleCmd(g, ruleAllow), newRuleCmd(g, ruleDeny), newRuleCmd(g, ruleDelete),
-		newList(g), newMonitor(g), newDebug(g), newRestore(g), newStatus(g),
+		newList(g), newMonitor(g), newDebug(g), newRestore(g), newStatus(g), newIdentity(g),
 		// Offline: reads manifests, touches no map and no state file.
 		newSimulate(),
 	)
