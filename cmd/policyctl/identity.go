@@ -135,11 +135,9 @@ func newIdentityList(g *cli.Globals) *cobra.Command {
 func getIdentity(cmd *cobra.Command, g *cli.Globals, id identity.ID) (api.Identity, error) {
 	ctx := cmd.Context()
 	if c := g.Agent(ctx); c != nil {
-		x, err := c.Identity(ctx, id)
-		if err != nil {
-			return api.Identity{}, fmt.Errorf("identity %d: %w", id, err)
-		}
-		return x, nil
+		// The agent's answer names the agent, its node and the number,
+		// and the client's own errors name the socket: no more to add.
+		return c.Identity(ctx, id)
 	}
 	list, fileErr, err := stateIdentities(g)
 	if err != nil {
