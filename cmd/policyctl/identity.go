@@ -116,7 +116,7 @@ func newIdentityList(g *cli.Globals) *cobra.Command {
 			if err := cli.RequireRoot(tool); err != nil {
 				return err
 			}
-			list, _, err := listIdentities(cmd, g)
+			list, err := listIdentities(cmd, g)
 			if err != nil {
 				return err
 			}
@@ -154,25 +154,25 @@ func getIdentity(cmd *cobra.Command, g *cli.Globals, id identity.ID) (api.Identi
 
 // listIdentities lists from the agent, or from the state file without one;
 // it tells on stderr where an answer without an agent comes from.
-func listIdentities(cmd *cobra.Command, g *cli.Globals) ([]api.Identity, bool, error) {
+func listIdentities(cmd *cobra.Command, g *cli.Globals) ([]api.Identity, error) {
 	ctx := cmd.Context()
 	if c := g.Agent(ctx); c != nil {
 		l, err := c.Identities(ctx)
 		if err != nil {
-			return nil, false, fmt.Errorf("ask idcni-agent for identities: %w", err)
+			return nil, fmt.Errorf("ask idcni-agent for identities: %w", err)
 		}
-		return l.Identities, true, nil
+		return l.Identities, nil
 	}
 	list, fileErr, err := stateIdentities(g)
 	if err != nil {
-		return nil, false, err
+		return nil, err
 	}
 	if fileErr != nil {
 		fmt.Fprintf(cmd.ErrOrStderr(), "No idcni-agent answers on %s and %v: only the reserved identities are known.\n", g.AgentSocket, fileErr)
 	} else {
 		fmt.Fprintf(cmd.ErrOrStderr(), "No idcni-agent answers on %s: from the state file %s, with the pods its agent last recorded; CIDR identities are known to a running agent only.\n", g.AgentSocket, g.StatePath)
 	}
-	return list, false, nil
+	return list, nil
 }
 
 // stateIdentities reads the identities from the state file, read-only. A
