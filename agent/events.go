@@ -166,6 +166,10 @@ func (h *eventHub) serve(w http.ResponseWriter, r *http.Request) {
 		flusher.Flush()
 	}
 	enc := json.NewEncoder(w)
+	// Labels are added here, per reader and after its filter, not where
+	// the ring is read: only events someone reads pay for the lookups,
+	// and a slow lookup holds up this reader alone.
+	labels := newEventLabeler(h.a)
 	for {
 		select {
 		case <-r.Context().Done():
@@ -174,7 +178,7 @@ func (h *eventHub) serve(w http.ResponseWriter, r *http.Request) {
 			if e.Gap == nil && !f.match(e) {
 				continue
 			}
-			if err := enc.Encode(e); err != nil {
+			if err := enc.Encode(labels.label(e)); err != nil {
 				return
 			}
 			if flusher != nil {

@@ -61,6 +61,8 @@ func (a *Agent) serveAPI(ctx context.Context) (*http.Server, error) {
 	mux.HandleFunc("POST "+api.PathManualRulesDel, a.readyOnly(a.handleRuleDelete))
 	mux.HandleFunc("PUT "+api.PathDebug, a.readyOnly(a.handleDebug))
 	mux.HandleFunc("GET "+api.PathEvents, streaming(a.events.serve))
+	mux.HandleFunc("GET "+api.PathIdentities, a.handleIdentityList)
+	mux.HandleFunc("GET "+api.PathIdentities+"/{id}", a.handleIdentityGet)
 	srv := &http.Server{
 		Handler:     limitBody(mux),
 		BaseContext: func(net.Listener) context.Context { return ctx },

@@ -38,13 +38,17 @@ type Event struct {
 	Suppressed uint32 `json:"suppressed,omitzero"`
 }
 
-func (e Event) String() string {
+func (e Event) String() string { return e.Format(e.Src.String(), e.Dst.String()) }
+
+// Format is String with the identities spelled as the caller says:
+// policyctl monitor adds their label sets, since numbers are node-local.
+func (e Event) Format(src, dst string) string {
 	verdict := "ALLOW"
 	if !e.Allowed {
 		verdict = "DROP"
 	}
 	return fmt.Sprintf("%s %s id %s %s -> id %s %s %s (%s, %s)", e.Time.Format("15:04:05.000"), verdict,
-		e.Src, hostPort(e.SrcAddr, e.SrcPort, e.Proto), e.Dst, hostPort(e.DstAddr, e.DstPort, e.Proto), e.Proto, e.Reason, e.Scope)
+		src, hostPort(e.SrcAddr, e.SrcPort, e.Proto), dst, hostPort(e.DstAddr, e.DstPort, e.Proto), e.Proto, e.Reason, e.Scope)
 }
 
 func hostPort(a netip.Addr, port uint16, p policy.Proto) string {

@@ -62,9 +62,62 @@ func Open(path string, lockTimeout time.Duration) (*DB, error) {
 	return &DB{DB: db}, nil
 }
 
+// ErrNoFile means OpenReadOnly found no state file at the path.
+var ErrNoFile = errors.New("no state file")
+
+// OpenReadOnly opens an existing state file for reading only, for tools
+// that look without changing anything: it never creates the file or its
+// directory and never stamps a schema. bbolt gives readers a shared lock,
+// which a running idcni-agent's exclusive one keeps out; after lockTimeout
+// the error says so rather than the caller hanging behind the agent.
+func OpenReadOnly(path string, lockTimeout time.Duration) (*DB, error) {
+	if _, err := os.Stat(path); errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("%w at %s", ErrNoFile, path)
+	} else if err != nil {
+		return nil, fmt.Errorf("open state file %s: %w", path, err)
+	}
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: lockTimeout, ReadOnly: true})
+	switch {
+	case errors.Is(err, bolterrors.ErrTimeout):
+		return nil, fmt.Errorf("state file %s is locked by another process (a running idcni-agent holds it for as long as it runs: ask the agent instead)", path)
+	case errors.Is(err, bolterrors.ErrInvalid), errors.Is(err, bolterrors.ErrVersionMismatch), errors.Is(err, bolterrors.ErrChecksum):
+		return nil, fmt.Errorf("state file %s is corrupt or not a bbolt database (%v)", path, err)
+	case err != nil:
+		return nil, fmt.Errorf("open state file %s read-only: %w", path, err)
+	}
+	if err := readSchema(db); err != nil {
+		_ = db.Close()
+		return nil, fmt.Errorf("state file %s: %w", path, err)
+	}
+	return &DB{DB: db}, nil
+}
+
 // checkSchema accepts a file with our schema record, stamps an empty one,
 // and refuses anything else.
 func checkSchema(db *bolt.DB) error {
+	found, err := schemaOf(db)
+	if err != nil || found {
+		return err
+	}
+	return db.Update(func(tx *bolt.Tx) error {
+		meta, err := tx.CreateBucketIfNotExists(metaBucket)
+		if err != nil {
+			return err
+		}
+		return meta.Put(keySchema, []byte(strconv.Itoa(SchemaVersion)))
+	})
+}
+
+// readSchema is checkSchema for a file opened read-only: a file with no
+// schema record yet (created, never written) is empty, which is fine to read.
+func readSchema(db *bolt.DB) error {
+	_, err := schemaOf(db)
+	return err
+}
+
+// schemaOf reports whether the file has our schema record, and refuses a
+// file with someone else's data or a newer schema.
+func schemaOf(db *bolt.DB) (bool, error) {
 	var found bool
 	err := db.View(func(tx *bolt.Tx) error {
 		meta := tx.Bucket(metaBucket)
@@ -90,14 +143,5 @@ func checkSchema(db *bolt.DB) error {
 		}
 		return nil
 	})
-	if err != nil || found {
-		return err
-	}
-	return db.Update(func(tx *bolt.Tx) error {
-		meta, err := tx.CreateBucketIfNotExists(metaBucket)
-		if err != nil {
-			return err
-		}
-		return meta.Put(keySchema, []byte(strconv.Itoa(SchemaVersion)))
-	})
+	return found, err
 }

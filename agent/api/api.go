@@ -26,6 +26,7 @@ const (
 	PathManualRulesDel  = "/v1/manual/rules/delete" // POST removes matching rules
 	PathDebug           = "/v1/debug"               // PUT {"on":bool}
 	PathEvents          = "/v1/events"              // GET streams NDJSON verdict events
+	PathIdentities      = "/v1/identities"          // GET lists; GET PathIdentities/{id} gets one, 404 when unknown
 )
 
 // EndpointRequest is what the plugin knows about a pod at ADD time.
@@ -82,7 +83,15 @@ type Event struct {
 	bpf.Event
 	SrcPod string `json:"srcPod,omitempty"`
 	DstPod string `json:"dstPod,omitempty"`
-	Gap    *Gap   `json:"gap,omitempty"`
+	// SrcLabels and DstLabels are the label sets of label identities,
+	// SrcCIDR and DstCIDR the prefixes of CIDR identities, as the agent
+	// knew them when it sent the event: identity numbers are node-local,
+	// these are what compares across nodes.
+	SrcLabels map[string]string `json:"srcLabels,omitempty"`
+	DstLabels map[string]string `json:"dstLabels,omitempty"`
+	SrcCIDR   string            `json:"srcCIDR,omitempty"`
+	DstCIDR   string            `json:"dstCIDR,omitempty"`
+	Gap       *Gap              `json:"gap,omitempty"`
 }
 
 // Gap says events are missing from a stream: the datapath's ring was full

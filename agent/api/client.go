@@ -11,8 +11,11 @@ import (
 	"net/http"
 	"net/url"
 	"os"
+	"strconv"
 	"syscall"
 	"time"
+
+	"github.com/idcni/idcni/identity"
 )
 
 // ErrNoAgent means nothing listens on the socket: the caller should fall
@@ -130,6 +133,22 @@ func (c *Client) ManualRules(ctx context.Context) (RuleList, error) {
 // SetDebug switches the kernel trace lines on or off.
 func (c *Client) SetDebug(ctx context.Context, on bool) error {
 	return c.do(ctx, http.MethodPut, PathDebug, Debug{On: on}, nil)
+}
+
+// Identities lists what every identity number in use stands for on the
+// agent's node.
+func (c *Client) Identities(ctx context.Context) (IdentityList, error) {
+	var out IdentityList
+	err := c.do(ctx, http.MethodGet, PathIdentities, nil, &out)
+	return out, err
+}
+
+// Identity returns what id stands for on the agent's node; the agent's
+// error says why when it stands for nothing.
+func (c *Client) Identity(ctx context.Context, id identity.ID) (Identity, error) {
+	var out Identity
+	err := c.do(ctx, http.MethodGet, PathIdentities+"/"+strconv.FormatUint(uint64(id), 10), nil, &out)
+	return out, err
 }
 
 // Events opens the verdict event stream; the caller reads NDJSON lines from

@@ -31,6 +31,8 @@ type agentPeer struct {
 	debug  *bool
 	events []api.Event
 	query  url.Values
+	// identities answer GET /v1/identities (identity_test.go).
+	identities []api.Identity
 }
 
 func (p *agentPeer) serve(t *testing.T, socket string) {
@@ -112,6 +114,7 @@ func (p *agentPeer) serve(t *testing.T, socket string) {
 		w.(http.Flusher).Flush()
 		<-r.Context().Done() // a stream: open until the client goes
 	})
+	p.handleIdentities(mux)
 	srv := &http.Server{Handler: mux}
 	go func() { _ = srv.Serve(l) }()
 	t.Cleanup(func() { srv.Close() })

@@ -45,13 +45,16 @@ state file, from which 'policyctl restore' puts them back after a reboot.`,
   # Watch the verdicts as packets flow
   policyctl monitor --identity 1002
 
+  # Which label set is identity 65537 on this node? (numbers are node-local)
+  policyctl identity get 65537
+
   # What would these NetworkPolicies allow? (offline, no cluster needed)
   policyctl simulate -f manifests/`,
 	}
 	g.AddGlobalFlags(root)
 	root.AddCommand(
 		newRuleCmd(g, ruleAllow), newRuleCmd(g, ruleDeny), newRuleCmd(g, ruleDelete),
-		newList(g), newMonitor(g), newDebug(g), newRestore(g), newStatus(g), newIPCache(g),
+		newList(g), newMonitor(g), newDebug(g), newRestore(g), newStatus(g), newIPCache(g), newIdentity(g),
 		// Offline: reads manifests, touches no map and no state file.
 		newSimulate(),
 	)

@@ -306,6 +306,7 @@ func TestNotLoadedNotRootLocked(t *testing.T) {
 		{"allow", "--src", "1001", "--dst", "1002"},
 		{"delete", "--src", "1001", "--dst", "1002"},
 		{"list"}, {"debug", "on"}, {"restore"}, {"status"}, {"monitor"},
+		{"identity", "list"}, {"identity", "get", "65536"},
 	} {
 		r := e.RunAs(65534, 65534, "policyctl", args...)
 		if r.Code != 1 || !strings.HasPrefix(r.Stderr, "Error: must run as root: policyctl") || strings.Count(r.Stderr, "\n") != 1 {

@@ -42,6 +42,13 @@ type eventView struct {
 	// Pods are known to idcni-agent only ("namespace/name").
 	SrcPod string `json:"srcPod,omitempty"`
 	DstPod string `json:"dstPod,omitempty"`
+	// The label sets of label identities and the prefixes of CIDR
+	// identities: identity numbers are node-local, these compare across
+	// nodes. Absent when not known (see monitor --help).
+	SrcLabels map[string]string `json:"srcLabels,omitempty"`
+	DstLabels map[string]string `json:"dstLabels,omitempty"`
+	SrcCIDR   string            `json:"srcCIDR,omitempty"`
+	DstCIDR   string            `json:"dstCIDR,omitempty"`
 	// Suppressed counts this endpoint's events its rate limit held back
 	// just before this one.
 	Suppressed uint32 `json:"suppressed,omitempty"`
@@ -65,6 +72,7 @@ func viewOf(ae api.Event) eventView {
 		Time: e.Time, Verdict: verdictOf(e), Reason: e.Reason.String(), Hook: e.Scope.String(), Ifindex: e.Ifindex,
 		SrcIdentity: e.Src, DstIdentity: e.Dst, SrcAddr: e.SrcAddr, DstAddr: e.DstAddr, Proto: e.Proto.String(), Len: e.Len,
 		SrcPod: ae.SrcPod, DstPod: ae.DstPod, Suppressed: e.Suppressed,
+		SrcLabels: ae.SrcLabels, DstLabels: ae.DstLabels, SrcCIDR: ae.SrcCIDR, DstCIDR: ae.DstCIDR,
 	}
 	if e.Proto.HasPorts() {
 		v.SrcPort, v.DstPort = e.SrcPort, e.DstPort
@@ -85,6 +93,77 @@ type monitorFlags struct {
 	pod, namespace string
 	count          int
 	out            cli.Output
+	// labels fills in and vouches for events' label sets.
+	labels *labelSource
+}
+
+// labelSource gives events the label sets of their label identities:
+// idcni-agent sends them with each event (lookup nil); reading the ring
+// itself, monitor takes them from the state file (lookup). When a label
+// identity has none, why says so once, so that a number shown alone is
+// not taken for a number that has no labels.
+type labelSource struct {
+	lookup func(identity.ID) (map[string]string, bool)
+	why    func(identity.ID) string
+	told   bool
+}
+
+func (l *labelSource) fill(cmd *cobra.Command, e *api.Event) {
+	if l == nil || e.Gap != nil {
+		return
+	}
+	for _, side := range []struct {
+		id     identity.ID
+		labels *map[string]string
+	}{{e.Src, &e.SrcLabels}, {e.Dst, &e.DstLabels}} {
+		if !side.id.IsLabel() || *side.labels != nil {
+			continue
+		}
+		if l.lookup != nil {
+			if m, ok := l.lookup(side.id); ok {
+				*side.labels = m
+				continue
+			}
+		}
+		if !l.told {
+			l.told = true
+			cli.Warn(cmd, "no label set for identity %d: %s; label identities without one are shown as numbers only", side.id, l.why(side.id))
+		}
+	}
+}
+
+// agentLabels vouches for the label sets idcni-agent sends.
+func agentLabels(socket string) *labelSource {
+	return &labelSource{why: func(identity.ID) string {
+		return "idcni-agent on " + socket + " sent none (the identity was freed, or the agent is older than this policyctl)"
+	}}
+}
+
+// stateLabels reads the label identities from the state file, read-only,
+// for monitor without an agent. No agent runs, so nothing allocates new
+// ones while monitor runs and one read at the start is enough. A file that
+// cannot be read leaves the numbers alone, said at the first label
+// identity: a node that never ran an agent has no label identities at all.
+func stateLabels(g *cli.Globals) *labelSource {
+	db, err := g.OpenStateReadOnly()
+	var entries []identity.Entry
+	if err == nil {
+		entries, err = identity.ReadEntries(db)
+		db.Close()
+	}
+	if err != nil {
+		return &labelSource{why: func(identity.ID) string { return "cannot read the state file (" + err.Error() + ")" }}
+	}
+	m := make(map[identity.ID]map[string]string, len(entries))
+	for _, e := range entries {
+		m[e.ID] = api.LabelMap(e.Set)
+	}
+	return &labelSource{
+		lookup: func(id identity.ID) (map[string]string, bool) { l, ok := m[id]; return l, ok },
+		why: func(identity.ID) string {
+			return "the state file " + g.StatePath + " does not have it (allocated by an idcni-agent since monitor started, or freed)"
+		},
+	}
 }
 
 func (f *monitorFlags) match(e bpf.Event) bool {
@@ -107,7 +186,17 @@ entering the destination pod).
 With idcni-agent running the events come through the agent, which owns the
 event stream and adds the pods' names (and filters by --pod and
 --namespace); otherwise policyctl reads the datapath's ring buffer itself
-(one reader at a time: two monitors share the events between them).`,
+(one reader at a time: two monitors share the events between them).
+
+Identity numbers are node-local (each node's agent numbers label sets by
+itself), so every label identity is shown with its label set: as
+'65537 (ns=shop,app=web)' in text (the namespace, then the pod's labels),
+as srcLabels and dstLabels with every label in -o json; a CIDR identity
+with its prefix (srcCIDR, dstCIDR), reserved identities by name (host,
+world, remote-node, unresolved). Through idcni-agent the labels come with
+the events; without one they are read from the state file when it can be
+read, and otherwise the numbers stand alone, which a warning says once.
+'policyctl identity get N' answers for one number.`,
 		Example: `  # Everything
   policyctl monitor
 
@@ -179,6 +268,7 @@ func (f *monitorFlags) emitter(cmd *cobra.Command) func(api.Event) (done bool, e
 		if !f.match(e.Event) {
 			return false, nil
 		}
+		f.labels.fill(cmd, &e)
 		var err error
 		if f.out == cli.OutputJSON {
 			err = enc.Encode(viewOf(e))
@@ -204,6 +294,7 @@ func monitorRing(ctx context.Context, cmd *cobra.Command, g *cli.Globals, f *mon
 		return err
 	}
 	defer rd.Close()
+	f.labels = stateLabels(g)
 	// Closing the reader is the only way to wake a blocked Read.
 	stop := context.AfterFunc(ctx, func() { rd.Close() })
 	defer stop()
@@ -259,7 +350,7 @@ func (l *lossWatch) gap() *api.Gap {
 
 // textOf is the datapath's one-line form, with the pods when known.
 func textOf(e api.Event) string {
-	s := e.Event.String()
+	s := e.Event.Format(describeID(e.Src, e.SrcLabels, e.SrcCIDR), describeID(e.Dst, e.DstLabels, e.DstCIDR))
 	if e.Suppressed > 0 {
 		s += fmt.Sprintf(" (+%d earlier events of this endpoint held back by its rate limit)", e.Suppressed)
 	}
@@ -297,6 +388,7 @@ func monitorAgent(ctx context.Context, cmd *cobra.Command, c *api.Client, f *mon
 	}
 	defer body.Close()
 	fmt.Fprintf(cmd.ErrOrStderr(), "Listening for verdicts through idcni-agent on %s (Ctrl-C to stop)\n", socket)
+	f.labels = agentLabels(socket)
 	emit := f.emitter(cmd)
 	sc := bufio.NewScanner(body)
 	for sc.Scan() {

@@ -52,3 +52,45 @@ func BenchmarkPodStartup(b *testing.B) {
 		}
 	}
 }
+
+var propagationPods = flag.Int("propagation-pods", 60, "BenchmarkPropagation: client pods per setting")
+
+// BenchmarkPropagation measures issue 12's propagation race on two nodes:
+// a client pod on one node pings a server on another, isolated by a policy
+// that admits the client, from the moment its container starts; reported
+// are pod Ready to the first packet the server's node admitted, and
+// container start to it. The agents publish new pods' addresses
+// (--publish-pod-ips, the default) and, as the baseline in the same run,
+// do not (only the kubelet's status write tells other nodes).
+//
+//	go test -run '^$' -bench Propagation ./e2e/cluster/ [-args -propagation-pods 60]
+func BenchmarkPropagation(b *testing.B) {
+	c := up(b)
+	if len(c.Nodes) < 2 {
+		b.Skip("needs two nodes")
+	}
+	ctx := context.Background()
+	for _, mode := range []struct{ name, value string }{{"publish", ""}, {"kubelet-only", "false"}} {
+		b.Run(mode.name, func(b *testing.B) {
+			if err := c.SetAgentArg(ctx, "--publish-pod-ips", mode.value); err != nil {
+				b.Fatal(err)
+			}
+			for b.Loop() {
+				r, err := c.MeasurePropagation(ctx, c.Nodes[0].Name, c.Nodes[1].Name, *propagationPods, 5)
+				if err != nil {
+					b.Fatal(err)
+				}
+				b.Log(r)
+				b.ReportMetric(r.FromReady.P50.Seconds()*1000, "ready-p50-ms")
+				b.ReportMetric(r.FromReady.P99.Seconds()*1000, "ready-p99-ms")
+				b.ReportMetric(r.FromStart.P50.Seconds()*1000, "start-p50-ms")
+				b.ReportMetric(r.FromStart.P99.Seconds()*1000, "start-p99-ms")
+				b.ReportMetric(float64(r.Dropped), "first-lost")
+				b.ReportMetric(0, "ns/op")
+			}
+		})
+	}
+	if err := c.SetAgentArg(ctx, "--publish-pod-ips", ""); err != nil {
+		b.Fatal(err)
+	}
+}

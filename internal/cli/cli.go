@@ -121,6 +121,13 @@ func (g *Globals) UpdateManual(fn func(*manual.State) error, report func(*bpf.Da
 	return nil
 }
 
+// OpenStateReadOnly opens an existing state file for reading only, for
+// commands that look: a missing file is store.ErrNoFile, and a running
+// agent's lock an error after StateLockTimeout, not a hang.
+func (g *Globals) OpenStateReadOnly() (*store.DB, error) {
+	return store.OpenReadOnly(g.StatePath, StateLockTimeout)
+}
+
 // OpenStateIfExists opens the state file, or returns nil when there is
 // none, so a listing does not create one.
 func (g *Globals) OpenStateIfExists() (*store.DB, error) {
