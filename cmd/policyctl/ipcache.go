@@ -8,6 +8,7 @@ import (
 
 	"github.com/spf13/cobra"
 
+	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/internal/cli"
 )
@@ -18,6 +19,11 @@ type ipcacheRow struct {
 	Identity identity.ID  `json:"identity"`
 	// Name is a reserved identity's name (host, world, remote-node).
 	Name string `json:"name,omitempty"`
+	// Labels is a label identity's label set, and CIDR a CIDR
+	// identity's prefix, as this node's agent (or its state file) knows
+	// them: the numbers are node-local, these are not.
+	Labels map[string]string `json:"labels,omitempty"`
+	CIDR   string            `json:"cidr,omitempty"`
 }
 
 func newIPCache(g *cli.Globals) *cobra.Command {
@@ -30,7 +36,10 @@ func newIPCache(g *cli.Globals) *cobra.Command {
 from or to it gets. It holds every pod and node address of the cluster (this
 node's pods, other nodes' pods, node addresses as host or remote-node), the
 ipBlock prefixes of NetworkPolicies and the manual bindings. An address it
-does not hold is world.
+does not hold is world. Each identity is shown with what it stands for on
+this node: a label identity's labels (the namespace's own labels left out;
+'policyctl identity get N' has them all), a CIDR identity's prefix, a
+reserved identity's name.
 
 With --ip, the one lookup the datapath makes for that address (longest
 prefix). Identity numbers are this node's: the same pod may have another
@@ -84,6 +93,20 @@ number on another node.`,
 					return a.Prefix.Bits() - b.Prefix.Bits()
 				})
 			}
+			// What the numbers stand for; without an agent or state file
+			// the numbers alone (listIdentities says why on stderr).
+			if ids, err := listIdentities(cmd, g); err == nil {
+				known := map[identity.ID]api.Identity{}
+				for _, x := range ids {
+					known[x.ID] = x
+				}
+				for i := range rows {
+					x := known[rows[i].Identity]
+					rows[i].Labels, rows[i].CIDR = x.Labels, x.CIDR
+				}
+			} else {
+				cli.Warn(cmd, "no label sets: %v", err)
+			}
 			w := cmd.OutOrStdout()
 			if out == cli.OutputJSON {
 				if one.IsValid() {
@@ -95,13 +118,20 @@ number on another node.`,
 			}
 			table := make([][]string, len(rows))
 			for i, r := range rows {
-				table[i] = []string{r.Prefix.String(), strconv.FormatUint(uint64(r.Identity), 10), r.Name}
+				what := r.Name
+				switch {
+				case r.Labels != nil:
+					what = shortLabels(r.Labels)
+				case r.CIDR != "":
+					what = "cidr=" + r.CIDR
+				}
+				table[i] = []string{r.Prefix.String(), strconv.FormatUint(uint64(r.Identity), 10), what}
 			}
 			if len(table) == 0 {
 				_, err := fmt.Fprintln(w, "the ipcache is empty: every address is world")
 				return err
 			}
-			return cli.Table(w, "PREFIX\tIDENTITY\tNAME", table)
+			return cli.Table(w, "PREFIX\tIDENTITY\tSTANDS FOR", table)
 		},
 	}
 	cli.AddOutputFlag(cmd, &out)
