@@ -40,12 +40,12 @@ func (c *Cluster) buildImages(ctx context.Context) ([]string, error) {
 	return paths, nil
 }
 
-// importImages loads the tarballs into containerd's k8s.io namespace, where
+// importImages loads the tarballs into the node's containerd's k8s.io namespace, where
 // the CRI plugin finds them: no registry exists, so every pod uses an
 // imported image.
-func (c *Cluster) importImages(ctx context.Context, paths []string) error {
+func (c *Cluster) importImages(ctx context.Context, n *Node, paths []string) error {
 	for _, p := range paths {
-		out, err := exec.CommandContext(ctx, c.bins.Ctr, "--address", c.containerdSocket(), "--namespace", "k8s.io",
+		out, err := exec.CommandContext(ctx, c.bins.Ctr, "--address", n.ContainerdSocket(), "--namespace", "k8s.io",
 			"images", "import", p).CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("ctr images import %s: %w\n%s", p, err, tail(out, 10))
@@ -70,7 +70,9 @@ func (c *Cluster) installIdcni(ctx context.Context, manifest string) error {
 	if _, err := c.Kubectl(ctx, "apply", "-f", manifest); err != nil {
 		return err
 	}
-	patch := fmt.Sprintf(`{"data":{"kubernetes-service-host":"127.0.0.1","kubernetes-service-port":"%d"}}`, apiPort)
+	// The first node's address on the segment: every node reaches it
+	// there, the far one through the router.
+	patch := fmt.Sprintf(`{"data":{"kubernetes-service-host":%q,"kubernetes-service-port":"%d"}}`, c.NodeIP, apiPort)
 	if _, err := c.Kubectl(ctx, "-n", agentNamespace, "patch", "configmap", agentDaemonSet, "--type", "merge", "-p", patch); err != nil {
 		return err
 	}
@@ -81,7 +83,7 @@ func (c *Cluster) installIdcni(ctx context.Context, manifest string) error {
 }
 
 // WaitAgentRollout waits until the agent's DaemonSet is rolled out and
-// ready on the node.
+// ready on every node.
 func (c *Cluster) WaitAgentRollout(ctx context.Context) error {
 	return c.poll(ctx, "the idcni agent's rollout", func(ctx context.Context) error {
 		_, err := c.Kubectl(ctx, "-n", agentNamespace, "rollout", "status", "daemonset/"+agentDaemonSet, "--timeout=5s")
