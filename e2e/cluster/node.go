@@ -16,23 +16,25 @@ import (
 	"time"
 )
 
-// The node is a mount and a network namespace of its own, held open by one
-// process (the holder) that every daemon enters with nsenter:
+// Each node is a mount and a network namespace of its own, held open by one
+// process (the holder) that every daemon of the node enters with nsenter:
 //
 //   - network: pods' veths and routes, the kubelet's KUBE-* iptables chains,
-//     per-namespace sysctls and conntrack never touch the host's, and two
-//     clusters (or a cluster and the netns-based e2e tests on 10.13.0.0/24)
-//     never meet. The host reaches the node over one veth pair.
+//     per-namespace sysctls and conntrack never touch the host's nor another
+//     node's, and two clusters (or a cluster and the netns-based e2e tests
+//     on 10.13.0.0/24) never meet. The nodes and the host meet on a bridge
+//     in the switch's namespace (nodes.go).
 //   - mount: /etc, /opt, /var/lib and /var/log are overlays whose writes go
-//     to the run directory, /run is a fresh tmpfs and /sys/fs/bpf a fresh
+//     to the node's run directory, /run is a fresh tmpfs and /sys/fs/bpf a fresh
 //     bpffs, so the DaemonSet's hostPath volumes (/opt/cni/bin,
 //     /etc/cni/net.d, /var/lib/idcni, /run/idcni, /var/lib/cni, the bpffs),
 //     containerd's /run/netns and the kubelet's /var/log/pods are the
 //     node's own while the manifests keep their real paths.
 //
 // When the last process in them exits the kernel frees both namespaces, and
-// with them every mount, pin, link, route and chain: teardown only has to
-// kill the cluster's cgroup.
+// with them every mount, pin, link, route and chain: removing a node only
+// has to kill its cgroup, and teardown the cluster's, which holds every
+// node's, the control plane, the switch and the router.
 
 // nodeDirs are the node's directories that are bind mounts of run directory
 // subdirectories, so the host can read (and the harness write) them: the
