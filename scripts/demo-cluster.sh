@@ -21,7 +21,7 @@ expect() { # expect WHAT WANT GOT
 }
 trap 'bold "Removing the cluster"; scripts/cluster.sh down >/dev/null 2>&1 || scripts/cluster.sh down' EXIT
 
-bold "Starting a single-node Kubernetes with idcni installed from manifests/idcni.yaml"
+bold "Starting a Kubernetes of $NODES node(s) with idcni installed from manifests/idcni.yaml"
 eval "$(scripts/cluster.sh up)"
 show kubectl get nodes -o wide
 show kubectl -n idcni-system get daemonset,pods -o wide

@@ -44,6 +44,16 @@ func crossNode(k *kctl) {
 		addrs[name] = a
 		k.t.Logf("pod %s on node %s (%s): %s", name, n.Name, n.IP, a)
 	}
+	// kubectl exec on every node: the apiserver dials each kubelet at its
+	// InternalIP, the far node's through the router.
+	for name, n := range pods {
+		args := []string{"-n", pingNS, "exec", name, "--", "sh", "-c", "echo " + name}
+		out, err := k.c.Kubectl(k.ctx, args...)
+		k.t.Logf("$ kubectl %s\n%s", shellJoin(args), indent(out))
+		if err != nil || strings.TrimSpace(string(out)) != name {
+			k.t.Fatalf("kubectl exec in pod %s on node %s: %v, output %q", name, n.Name, err, out)
+		}
+	}
 	skipFar := ""
 	if k.c.Topology == cluster.TopologyRouted {
 		if missing := k.routesMissing(k.c.Nodes[0]); missing > 0 {
