@@ -277,6 +277,13 @@ func (c *Cluster) start(ctx context.Context, opts Options) error {
 	if err := c.save(); err != nil {
 		return err
 	}
+	// Every node's containerd starts now: the nodes wait for nothing of
+	// the control plane until their kubelets start.
+	for _, n := range c.Nodes {
+		if err := c.startContainerd(n); err != nil {
+			return err
+		}
+	}
 	if err := c.startEtcd(); err != nil {
 		return err
 	}
@@ -307,11 +314,20 @@ func (c *Cluster) start(ctx context.Context, opts Options) error {
 		return err
 	}
 	c.mark("controllers, images built")
-	// The first node alone, until its pod CIDR is allocated: the
+	if err := forNodes(c.Nodes, func(n *Node) error {
+		if err := c.waitContainerd(ctx, n); err != nil {
+			return err
+		}
+		return c.importImages(ctx, n, c.images)
+	}); err != nil {
+		return err
+	}
+	c.mark("containerd, images imported")
+	// The first kubelet alone, until its node's pod CIDR is allocated: the
 	// allocator hands out the ranges in the order the nodes register, and
 	// the first node's is then 10.13.0.0/24, the seed's subnet that the
 	// walkthrough and the manifests' examples show.
-	if err := c.startNode(ctx, n0, c.images); err != nil {
+	if err := c.startKubelet(n0); err != nil {
 		return err
 	}
 	if err := c.poll(ctx, "the first node's pod CIDR", func(ctx context.Context) error {
@@ -324,8 +340,10 @@ func (c *Cluster) start(ctx context.Context, opts Options) error {
 		return err
 	}
 	c.mark("first node registered")
-	if err := forNodes(c.Nodes[1:], func(n *Node) error { return c.startNode(ctx, n, c.images) }); err != nil {
-		return err
+	for _, n := range c.Nodes[1:] {
+		if err := c.startKubelet(n); err != nil {
+			return err
+		}
 	}
 	for _, n := range c.Nodes[1:] {
 		if err := c.poll(ctx, "node "+n.Name+" to register", func(ctx context.Context) error {
