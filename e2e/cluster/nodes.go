@@ -460,8 +460,9 @@ func (c *Cluster) AddNode(ctx context.Context) (*Node, error) {
 // RemoveNode takes a node away as a machine that died and was deleted
 // would go: its cgroup is killed (kubelet, containerd, pods, holder), which
 // frees its namespaces and its port on the switch, its directories are
-// removed, and its Node object deleted. The first node runs the control
-// plane and cannot be removed.
+// removed, and its Node object deleted. Its pods' objects are left to the
+// pod garbage collector, as with any deleted node. The first node runs the
+// control plane and cannot be removed.
 func (c *Cluster) RemoveNode(ctx context.Context, name string) error {
 	n := c.node(name)
 	if n == nil {
