@@ -69,9 +69,11 @@ demo: deps build kube
 demo-netns: deps build
 	./scripts/demo.sh
 
-# A real single-node Kubernetes (etcd, kube-apiserver, controller-manager,
-# scheduler, kubelet, containerd) with idcni installed from
+# A real Kubernetes (etcd, kube-apiserver, controller-manager, scheduler,
+# and NODES kubelet nodes with containerd, default 3; TOPOLOGY=routed puts
+# the last node behind a router) with idcni installed from
 # manifests/idcni.yaml; eval "$$(make -s cluster)" to use kubectl on it.
+# NODES and TOPOLOGY reach TestCluster (make test) too.
 cluster: deps
 	@./scripts/cluster.sh up
 

@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# A real single-node Kubernetes with idcni installed from manifests/idcni.yaml,
+# A real multi-node Kubernetes with idcni installed from manifests/idcni.yaml,
 # on this machine, for trying idcni with kubectl (make cluster / make
 # cluster-down). The work is done by ./e2e/cluster/cmd/idcni-cluster; this
 # wrapper only finds Go and the checkout.
@@ -14,8 +14,11 @@
 #                              plugin, on the running cluster (-pods N, -parallel N)
 #
 # IDCNI_CLUSTER names the cluster (default dev), so several can run side by
-# side. Everything of a cluster lives in its node's own mount and network
-# namespaces, its cgroup and $TMPDIR/idcni-cluster/<name>; on the host there
+# side. NODES is how many kubelet nodes `up` starts (default 3; the first
+# runs the control plane too), TOPOLOGY=routed puts the last one behind a
+# router on a subnet of its own (default flat: one segment). Everything of a
+# cluster lives in its nodes' own mount and network namespaces, a switch
+# namespace, its cgroup and $TMPDIR/idcni-cluster/<name>; on the host there
 # are only one veth (idcc-*) to reach the apiserver and the kernel tunables
 # the kubelet rewrites, which `down` puts back. Needs root.
 set -euo pipefail
@@ -37,14 +40,14 @@ run() { go run ./e2e/cluster/cmd/idcni-cluster "$@"; }
 
 case $cmd in
 up)
-	run up -name "$name" "$@"
+	run up -name "$name" -nodes "${NODES:-3}" -topology "${TOPOLOGY:-flat}" "$@"
 	echo "cluster.sh: cluster $name is up; for kubectl: eval \"\$(scripts/cluster.sh up)\" (a no-op now that it runs)" >&2
 	;;
 down) run down -name "$name" "$@" ;;
 list) run list "$@" ;;
 bench) run bench -name "$name" "$@" ;;
 *)
-	echo "usage: scripts/cluster.sh up|down|list|bench [flags]   (IDCNI_CLUSTER=name, default dev)" >&2
+	echo "usage: scripts/cluster.sh up|down|list|bench [flags]   (IDCNI_CLUSTER=name, default dev; NODES=3; TOPOLOGY=flat|routed)" >&2
 	exit 2
 	;;
 esac

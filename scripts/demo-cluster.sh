@@ -8,6 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export IDCNI_CLUSTER=demo-$(head -c3 /dev/urandom | od -An -tx1 | tr -d ' \n')
+# One node unless told otherwise: the walkthrough's manual identities and
+# policies are written into one agent's maps (kubectl exec ds/idcni-agent),
+# which only govern pods on that agent's node.
+export NODES=${NODES:-1} TOPOLOGY=${TOPOLOGY:-flat}
 failed=0
 bold() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 say() { printf '    %s\n' "$*"; }
@@ -17,7 +21,7 @@ expect() { # expect WHAT WANT GOT
 }
 trap 'bold "Removing the cluster"; scripts/cluster.sh down >/dev/null 2>&1 || scripts/cluster.sh down' EXIT
 
-bold "Starting a single-node Kubernetes with idcni installed from manifests/idcni.yaml"
+bold "Starting a Kubernetes of $NODES node(s) with idcni installed from manifests/idcni.yaml"
 eval "$(scripts/cluster.sh up)"
 show kubectl get nodes -o wide
 show kubectl -n idcni-system get daemonset,pods -o wide

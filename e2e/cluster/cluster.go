@@ -1,15 +1,20 @@
-// Package cluster brings up a real single-node Kubernetes on this machine
-// (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, containerd
-// with runc, and a kubelet) and installs idcni on it the way an operator
-// does: the images imported into containerd, `kubectl apply -f
-// manifests/idcni.yaml`, and the kubelet calling the plugin for every pod.
+// Package cluster brings up a real multi-node Kubernetes on this machine
+// (etcd, kube-apiserver, kube-controller-manager, kube-scheduler, and on
+// every node containerd with runc and a kubelet) and installs idcni on it
+// the way an operator does: the images imported into each containerd,
+// `kubectl apply -f manifests/idcni.yaml`, and the kubelets calling the
+// plugin for every pod.
 //
-// The node is a pair of namespaces (see node.go), every process of the
-// cluster is in one cgroup, and the only things outside them are one veth
-// on the host (to reach the apiserver), the cgroup directories and the
-// kernel tunables the kubelet rewrites: Down kills the cgroup, which frees
-// the namespaces with everything in them, removes the directories and the
-// link, restores the tunables, and Leftovers checks that nothing is left.
+// Each node is a pair of namespaces (see node.go) with a cgroup of its own;
+// the control plane runs in the first node's namespaces. The nodes are
+// plugged into a switch, a network namespace of bridges (see nodes.go),
+// and, in the routed topology, the last one sits behind a router. Every
+// process of the cluster is in one cgroup, and the only things outside it
+// are one veth on the host (to reach the apiserver), the cgroup directories
+// and the kernel tunables the kubelet rewrites: Down kills the cgroup, which
+// frees every namespace with everything in them, removes the directories and
+// the link, restores the tunables, and Leftovers checks that nothing is
+// left.
 //
 // Up is shared by the end-to-end test (cluster_test.go, which owns and
 // removes its cluster) and `make cluster` (scripts/cluster.sh and
@@ -26,7 +31,9 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"sort"
 	"strings"
+	"sync"
 	"time"
 
 	corev1 "k8s.io/api/core/v1"
@@ -56,6 +63,12 @@ type Options struct {
 	Log io.Writer
 	// Timeout bounds the start once the binaries exist. Default 10 minutes.
 	Timeout time.Duration
+	// Nodes is how many kubelet nodes to start, the first of which runs
+	// the control plane too. Zero: 3.
+	Nodes int
+	// Topology is TopologyFlat (empty: every node on one segment) or
+	// TopologyRouted (the last node behind a router; needs two nodes).
+	Topology string
 }
 
 // Cluster is a running cluster.
@@ -71,11 +84,15 @@ type Cluster struct {
 	Timings []Timing
 
 	persistent bool
-	bins       *binaries
-	pki        *certs
-	procs      []*daemon
-	log        io.Writer
-	phase      time.Time
+	// mu guards procs, State.Nodes and saving the state: nodes join and
+	// leave while daemons are polled.
+	mu     sync.Mutex
+	images []string // the image tarballs, imported into joining nodes
+	bins   *binaries
+	pki    *certs
+	procs  []*daemon
+	log    io.Writer
+	phase  time.Time
 }
 
 // Timing is how long one phase of Up took.
@@ -84,7 +101,7 @@ type Timing struct {
 	Duration time.Duration
 }
 
-// Up brings a cluster up and returns once idcni's agent is ready and the
+// Up brings a cluster up and returns once idcni's agent is ready and every
 // node is Ready. On failure everything it made is removed again and the
 // error carries the tails of the logs.
 func Up(ctx context.Context, opts Options) (*Cluster, error) {
@@ -102,6 +119,20 @@ func Up(ctx context.Context, opts Options) (*Cluster, error) {
 	}
 	if err := checkName(opts.Name); err != nil {
 		return nil, err
+	}
+	if opts.Nodes == 0 {
+		opts.Nodes = 3
+	}
+	if opts.Topology == "" {
+		opts.Topology = TopologyFlat
+	}
+	switch {
+	case opts.Nodes < 1 || opts.Nodes > 16:
+		return nil, fmt.Errorf("%d nodes: want 1 to 16", opts.Nodes)
+	case opts.Topology != TopologyFlat && opts.Topology != TopologyRouted:
+		return nil, fmt.Errorf("topology %q: want %s or %s", opts.Topology, TopologyFlat, TopologyRouted)
+	case opts.Topology == TopologyRouted && opts.Nodes < 2:
+		return nil, fmt.Errorf("the %s topology needs two nodes at least", TopologyRouted)
 	}
 	root, err := repoRoot()
 	if err != nil {
@@ -160,7 +191,7 @@ func (c *Cluster) register(opts Options) error {
 			return fmt.Errorf("cluster %s exists (%s): take it down first", opts.Name, dir)
 		}
 	}
-	for _, sub := range []string{"logs", "containerd", "kubelet", "node", "etcd", "images", "bin"} {
+	for _, sub := range []string{"logs", "nodes", "etcd", "images", "bin"} {
 		if err := os.MkdirAll(filepath.Join(dir, sub), 0o755); err != nil {
 			return err
 		}
@@ -176,13 +207,27 @@ func (c *Cluster) register(opts Options) error {
 		Name: opts.Name, Dir: dir, Owner: owner,
 		Cgroup:     "idcni-cluster-" + opts.Name,
 		HostVeth:   vethName(opts.Name),
-		NodeName:   "idcni-" + opts.Name,
 		KubectlBin: c.bins.Kubectl,
+		Topology:   opts.Topology,
 		Created:    time.Now(),
 	}
-	if c.HostIP, c.NodeIP, err = pickAddresses(others); err != nil {
+	if c.Segment, c.FarSubnet, err = pickAddresses(others, opts.Topology == TopologyRouted); err != nil {
 		return err
 	}
+	// The host first, the router last on the segment; the nodes between.
+	c.HostIP = nthAddr(c.Segment, 1)
+	if c.FarSubnet.IsValid() {
+		c.RouterIP = lastAddr(c.Segment).Prev()
+		c.RouterFarIP = nthAddr(c.FarSubnet, 1)
+	}
+	for i := range opts.Nodes {
+		n, err := c.newNode(opts.Topology == TopologyRouted && i == opts.Nodes-1)
+		if err != nil {
+			return err
+		}
+		c.Nodes = append(c.Nodes, n)
+	}
+	c.NodeName, c.NodeIP = c.Nodes[0].Name, c.Nodes[0].IP
 	if err := c.save(); err != nil {
 		return err
 	}
@@ -190,6 +235,7 @@ func (c *Cluster) register(opts Options) error {
 	return saveSysctls()
 }
 
+// save writes the state; c.mu is held, or nothing else runs yet.
 func (c *Cluster) save() error { return c.State.save() }
 
 func (c *Cluster) start(ctx context.Context, opts Options) error {
@@ -206,21 +252,37 @@ func (c *Cluster) start(ctx context.Context, opts Options) error {
 	if err := createCgroups(c.Cgroup); err != nil {
 		return err
 	}
-	if err := c.startHolder(); err != nil {
+	if err := c.setupSwitch(); err != nil {
 		return err
 	}
-	if err := c.setupNetwork(); err != nil {
+	if c.FarSubnet.IsValid() {
+		if err := c.setupRouter(); err != nil {
+			return err
+		}
+	}
+	for _, n := range c.Nodes {
+		if err := c.startNodeNamespaces(n); err != nil {
+			return err
+		}
+	}
+	n0 := c.Nodes[0]
+	c.Holder, c.NetNS, c.MntNS = n0.Holder, n0.NetNS, n0.MntNS
+	if err := c.save(); err != nil {
 		return err
 	}
-	if err := c.setupMounts(); err != nil {
-		return err
-	}
-	c.mark("node namespaces")
+	c.mark("namespaces, network")
 	if err := c.makePKI(); err != nil {
 		return err
 	}
 	if err := c.save(); err != nil {
 		return err
+	}
+	// Every node's containerd starts now: the nodes wait for nothing of
+	// the control plane until their kubelets start.
+	for _, n := range c.Nodes {
+		if err := c.startContainerd(n); err != nil {
+			return err
+		}
 	}
 	if err := c.startEtcd(); err != nil {
 		return err
@@ -241,38 +303,61 @@ func (c *Cluster) start(ctx context.Context, opts Options) error {
 		return err
 	}
 	c.mark("etcd and apiserver")
-	for _, start := range []func() error{c.startControllerManager, c.startScheduler, c.startContainerd} {
-		if err := start(); err != nil {
-			return err
-		}
-	}
-	if err := c.waitContainerd(ctx); err != nil {
+	if err := c.startControllerManager(); err != nil {
 		return err
 	}
-	c.mark("controllers, containerd")
-
-	paths := <-images
+	if err := c.startScheduler(); err != nil {
+		return err
+	}
+	c.images = <-images
 	if err := <-imagesErr; err != nil {
 		return err
 	}
-	if err := c.importImages(ctx, paths); err != nil {
+	c.mark("controllers, images built")
+	if err := forNodes(c.Nodes, func(n *Node) error {
+		if err := c.waitContainerd(ctx, n); err != nil {
+			return err
+		}
+		return c.importImages(ctx, n, c.images)
+	}); err != nil {
 		return err
 	}
-	c.mark("images")
-	if err := c.startKubelet(); err != nil {
+	c.mark("containerd, images imported")
+	// The first kubelet alone, until its node's pod CIDR is allocated: the
+	// allocator hands out the ranges in the order the nodes register, and
+	// the first node's is then 10.13.0.0/24, the seed's subnet that the
+	// walkthrough and the manifests' examples show.
+	if err := c.startKubelet(n0); err != nil {
 		return err
 	}
-	if err := c.poll(ctx, "the node to register", func(ctx context.Context) error {
-		_, err := c.Client.CoreV1().Nodes().Get(ctx, c.NodeName, metav1.GetOptions{})
+	if err := c.poll(ctx, "the first node's pod CIDR", func(ctx context.Context) error {
+		n, err := c.Client.CoreV1().Nodes().Get(ctx, n0.Name, metav1.GetOptions{})
+		if err == nil && n.Spec.PodCIDR == "" {
+			err = errors.New("no spec.podCIDR yet")
+		}
 		return err
 	}); err != nil {
 		return err
 	}
-	c.mark("kubelet")
+	c.mark("first node registered")
+	for _, n := range c.Nodes[1:] {
+		if err := c.startKubelet(n); err != nil {
+			return err
+		}
+	}
+	for _, n := range c.Nodes[1:] {
+		if err := c.poll(ctx, "node "+n.Name+" to register", func(ctx context.Context) error {
+			_, err := c.Client.CoreV1().Nodes().Get(ctx, n.Name, metav1.GetOptions{})
+			return err
+		}); err != nil {
+			return err
+		}
+	}
+	c.mark("other nodes registered")
 	if err := c.installIdcni(ctx, opts.Manifest); err != nil {
 		return err
 	}
-	if err := c.WaitNodeReady(ctx); err != nil {
+	if err := c.WaitNodesReady(ctx, c.Nodes...); err != nil {
 		return err
 	}
 	// The controller-manager creates it; pods are refused until it exists.
@@ -282,7 +367,7 @@ func (c *Cluster) start(ctx context.Context, opts Options) error {
 	}); err != nil {
 		return err
 	}
-	c.mark("idcni installed, node Ready")
+	c.mark("idcni installed, nodes Ready")
 	// The launcher of a lasting cluster is only its creator: from now on
 	// the namespace holder alone says whether it lives.
 	if c.persistent {
@@ -322,6 +407,9 @@ func Load(name string) (*Cluster, error) {
 		return nil, err
 	}
 	c := &Cluster{State: *s, log: io.Discard, persistent: true}
+	for _, n := range c.Nodes {
+		n.c = c
+	}
 	if c.Root, err = repoRoot(); err != nil {
 		c.Root = ""
 	}
@@ -371,13 +459,19 @@ func teardown(s *State, log io.Writer) error {
 		}
 	}
 	if s.HostVeth != "" {
-		// The kernel deletes the pair with the node's namespace, in a
+		// The kernel deletes the pair with the switch's namespace, in a
 		// deferred work item; wait for that, then delete it by hand.
 		if err := waitLinkGone(s.HostVeth, 10*time.Second); err != nil {
 			errs = append(errs, err)
 		}
 	}
-	if s.HostIP.IsValid() {
+	for _, p := range []netip.Prefix{s.Segment, s.FarSubnet} {
+		if err := flushConntrack(p); err != nil {
+			errs = append(errs, err)
+		}
+	}
+	if s.HostIP.IsValid() && !s.Segment.IsValid() {
+		// A cluster of the older layout: a /30 to its one node.
 		if err := flushConntrack(netip.PrefixFrom(s.HostIP, 30)); err != nil {
 			errs = append(errs, err)
 		}
@@ -448,23 +542,33 @@ func (c *Cluster) Kubectl(ctx context.Context, args ...string) ([]byte, error) {
 	return out, nil
 }
 
-// WaitNodeReady waits until the node reports Ready.
+// WaitNodeReady waits until the first node reports Ready.
 func (c *Cluster) WaitNodeReady(ctx context.Context) error {
-	return c.poll(ctx, "the node to be Ready", func(ctx context.Context) error {
-		n, err := c.Client.CoreV1().Nodes().Get(ctx, c.NodeName, metav1.GetOptions{})
-		if err != nil {
+	return c.WaitNodesReady(ctx, c.Nodes[0])
+}
+
+// WaitNodesReady waits until every node given reports Ready.
+func (c *Cluster) WaitNodesReady(ctx context.Context, nodes ...*Node) error {
+	for _, node := range nodes {
+		if err := c.poll(ctx, "node "+node.Name+" to be Ready", func(ctx context.Context) error {
+			n, err := c.Client.CoreV1().Nodes().Get(ctx, node.Name, metav1.GetOptions{})
+			if err != nil {
+				return err
+			}
+			for _, cond := range n.Status.Conditions {
+				if cond.Type == corev1.NodeReady {
+					if cond.Status == corev1.ConditionTrue {
+						return nil
+					}
+					return fmt.Errorf("node %s: %s", cond.Reason, cond.Message)
+				}
+			}
+			return errors.New("no Ready condition yet")
+		}); err != nil {
 			return err
 		}
-		for _, cond := range n.Status.Conditions {
-			if cond.Type == corev1.NodeReady {
-				if cond.Status == corev1.ConditionTrue {
-					return nil
-				}
-				return fmt.Errorf("node %s: %s", cond.Reason, cond.Message)
-			}
-		}
-		return errors.New("no Ready condition yet")
-	})
+	}
+	return nil
 }
 
 // logTails is the end of every daemon's log, for an error message.
@@ -473,11 +577,12 @@ func (c *Cluster) logTails() string {
 		return ""
 	}
 	var b strings.Builder
-	for _, n := range []string{"holder", "etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler", "containerd", "kubelet", "images"} {
-		p := filepath.Join(c.Dir, "logs", n+".log")
-		if _, err := os.Stat(p); err != nil {
-			continue
-		}
+	// The control plane's first, then the nodes' (named -n0, -n1, ...).
+	paths, _ := filepath.Glob(filepath.Join(c.Dir, "logs", "*.log"))
+	sort.SliceStable(paths, func(i, j int) bool {
+		return !strings.Contains(filepath.Base(paths[i]), "-n") && strings.Contains(filepath.Base(paths[j]), "-n")
+	})
+	for _, p := range paths {
 		fmt.Fprintf(&b, "\n--- last lines of %s:\n%s", p, tailFile(p, 15))
 	}
 	return b.String()

@@ -22,16 +22,20 @@ import (
 	"github.com/idcni/idcni/e2e/cluster"
 )
 
-// TestCluster is the issue's story on a real single-node Kubernetes, with
-// idcni installed from manifests/idcni.yaml: the seed walkthrough word for
-// word through kubectl, then the same rules as NetworkPolicy objects, a
-// label change, a pod re-created, and the agent's pod deleted under an open
-// TCP connection. Finally the cluster is removed and the host checked for
+// TestCluster is the issue's story on a real multi-node Kubernetes, with
+// idcni installed from manifests/idcni.yaml: a pod on every node reaching
+// every other, the seed walkthrough word for word through kubectl (its pods
+// on the first node, whose agent kubectl exec reaches), then the same rules
+// as NetworkPolicy objects, a label change, a pod re-created, the agent's
+// pod deleted under an open TCP connection, and a node that joins late and
+// is deleted. Finally the cluster is removed and the host checked for
 // anything it left.
 //
 // Long (about two minutes on a warm machine, plus the Kubernetes build on a
 // cold one); alone: go test -run TestCluster -v ./e2e/cluster/
-// IDCNI_CLUSTER_LOGS=DIR keeps the daemons' logs in DIR/<cluster name>.
+// NODES=N sets the number of nodes (default 3), TOPOLOGY=routed puts the
+// last one behind a router. IDCNI_CLUSTER_LOGS=DIR keeps the daemons' logs
+// in DIR/<cluster name>.
 func TestCluster(t *testing.T) {
 	c := up(t)
 	ctx, cancel := context.WithTimeout(context.Background(), 15*time.Minute)
@@ -42,6 +46,13 @@ func TestCluster(t *testing.T) {
 		t.Logf("iptables chains the kubelet made on the node: %s", strings.Join(regexp.MustCompile(`(?m)^:(KUBE-\S+)`).FindAllString(string(out), -1), " "))
 	}
 
+	step(t, "pods on every node reach each other", func(t *testing.T) {
+		k.t = t
+		crossNode(k)
+	})
+	if t.Failed() {
+		return
+	}
 	var fe netip.Addr
 	step(t, "seed walkthrough", func(t *testing.T) {
 		k.t = t
@@ -61,6 +72,25 @@ func TestCluster(t *testing.T) {
 		k.t = t
 		agentRestart(k)
 	})
+	step(t, "a node joins late and is deleted", func(t *testing.T) {
+		k.t = t
+		joinAndLeave(k)
+	})
+}
+
+// options are the cluster's from the environment: NODES (default 3) and
+// TOPOLOGY (flat or routed).
+func options(t testing.TB) cluster.Options {
+	t.Helper()
+	opts := cluster.Options{Log: logWriter{t}, Topology: os.Getenv("TOPOLOGY")}
+	if v := os.Getenv("NODES"); v != "" {
+		n, err := strconv.Atoi(v)
+		if err != nil || n < 1 {
+			t.Fatalf("NODES=%q: want a number of nodes", v)
+		}
+		opts.Nodes = n
+	}
+	return opts
 }
 
 // up brings up a cluster of this test's own and registers its removal,
@@ -86,14 +116,14 @@ func up(t testing.TB) *cluster.Cluster {
 	// tables must not change.
 	chainsBefore := kubeChains(t)
 	start := time.Now()
-	c, err := cluster.Up(context.Background(), cluster.Options{Log: logWriter{t}})
+	c, err := cluster.Up(context.Background(), options(t))
 	if err != nil {
 		if errors.Is(err, cluster.ErrNotRoot) {
 			t.Skip(err)
 		}
 		t.Fatal(err)
 	}
-	t.Logf("cluster %s up in %s (kubeconfig %s)", c.Name, time.Since(start).Round(100*time.Millisecond), c.State.Kubeconfig)
+	t.Logf("cluster %s up in %s: %d nodes, %s (kubeconfig %s)", c.Name, time.Since(start).Round(100*time.Millisecond), len(c.Nodes), c.Topology, c.State.Kubeconfig)
 	t.Cleanup(func() {
 		if t.Failed() {
 			t.Logf("logs of the failed cluster:%s", c.LogTails())
@@ -164,15 +194,31 @@ const demoNS = "idcni-demo"
 // policyctl in the agent's pod, and ping between the pods.
 func seedWalkthrough(k *kctl) (fe, be netip.Addr) {
 	ex := filepath.Join(k.c.Root, "manifests", "examples")
-	k.run("apply", "-f", filepath.Join(ex, "00-namespace.yaml"), "-f", filepath.Join(ex, "10-pods.yaml"))
+	k.run("apply", "-f", filepath.Join(ex, "00-namespace.yaml"))
+	k.applyPods()
 	k.waitReady("frontend", "backend")
 	wide := k.run("-n", demoNS, "get", "pods", "-o", "wide")
 	fe, be = k.podIP("frontend"), k.podIP("backend")
 	subnet := netip.MustParsePrefix("10.13.0.0/24")
-	// The controller-manager gave the node that range, and the agent
-	// wrote it into the CNI config (issue 12).
-	if cidrs := strings.TrimSpace(k.run("get", "nodes", "-o", "jsonpath={.items[*].spec.podCIDRs[*]}")); cidrs != subnet.String() {
-		k.t.Fatalf("the node's spec.podCIDRs is %q, want %s (kube-controller-manager --allocate-node-cidrs)", cidrs, subnet)
+	// The controller-manager gave the first node that range, each other
+	// node another /24 of the cluster's, and the agent wrote it into the
+	// CNI config (issue 12).
+	cidrs := map[string]string{}
+	for _, l := range strings.Split(strings.TrimSpace(k.run("get", "nodes", "-o", `jsonpath={range .items[*]}{.metadata.name} {.spec.podCIDRs[*]}{"\n"}{end}`)), "\n") {
+		if f := strings.Fields(l); len(f) == 2 {
+			cidrs[f[0]] = f[1]
+		}
+	}
+	if cidrs[k.c.NodeName] != subnet.String() {
+		k.t.Fatalf("the first node's spec.podCIDRs is %q, want %s (kube-controller-manager --allocate-node-cidrs)", cidrs[k.c.NodeName], subnet)
+	}
+	seen := map[string]bool{}
+	for _, n := range k.c.Nodes {
+		p, err := netip.ParsePrefix(cidrs[n.Name])
+		if err != nil || p.Bits() != 24 || !netip.MustParsePrefix("10.13.0.0/16").Contains(p.Addr()) || seen[p.String()] {
+			k.t.Fatalf("node %s's spec.podCIDRs %q: want a /24 of 10.13.0.0/16 of its own; all: %v", n.Name, cidrs[n.Name], cidrs)
+		}
+		seen[p.String()] = true
 	}
 	for _, a := range []netip.Addr{fe, be} {
 		if !subnet.Contains(a) || !strings.Contains(wide, a.String()) {
@@ -241,7 +287,7 @@ func networkPolicies(k *kctl, fe netip.Addr) {
 	// A re-created backend (a new sandbox, maybe a new address) is under
 	// the same policies from its first packet: no settling time here.
 	k.run("-n", demoNS, "delete", "pod", "backend", "--wait=true")
-	k.run("apply", "-f", filepath.Join(k.c.Root, "manifests", "examples", "10-pods.yaml"))
+	k.applyPods()
 	k.waitReady("backend")
 	be = k.podIP("backend")
 	k.serveEcho("backend")
@@ -345,16 +391,40 @@ func (k *kctl) apply(doc string) {
 	}
 }
 
-// agent runs endpointctl or policyctl in the agent's container, as an
-// operator does on the node.
-func (k *kctl) agent(argv ...string) string {
+// applyPods applies manifests/examples/10-pods.yaml with every pod bound to
+// the first node: the walkthrough's manual identities and policies go into
+// one agent's maps, which govern only the pods of that agent's node.
+func (k *kctl) applyPods() {
 	k.t.Helper()
-	return k.run(append([]string{"-n", "idcni-system", "exec", "ds/idcni-agent", "-c", "agent", "--"}, argv...)...)
+	b, err := os.ReadFile(filepath.Join(k.c.Root, "manifests", "examples", "10-pods.yaml"))
+	if err != nil {
+		k.t.Fatal(err)
+	}
+	doc := regexp.MustCompile(`(?m)^spec:\n`).ReplaceAllString(string(b), "spec:\n  nodeName: "+k.c.NodeName+"\n")
+	if !strings.Contains(doc, "nodeName: ") {
+		k.t.Fatal("10-pods.yaml has no spec to bind to a node")
+	}
+	k.apply(doc)
 }
 
+// agent runs endpointctl or policyctl in the container of the first node's
+// agent (the walkthrough's pods are there), as an operator does on the node.
+func (k *kctl) agent(argv ...string) string {
+	k.t.Helper()
+	return k.run(append([]string{"-n", "idcni-system", "exec", k.agentPod(), "-c", "agent", "--"}, argv...)...)
+}
+
+// agentPod is the name of the first node's agent pod.
 func (k *kctl) agentPod() string {
 	k.t.Helper()
-	l, err := k.c.Client.CoreV1().Pods("idcni-system").List(k.ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=idcni-agent"})
+	return k.agentPodOn(k.c.NodeName)
+}
+
+// agentPodOn is the name of node's agent pod.
+func (k *kctl) agentPodOn(node string) string {
+	k.t.Helper()
+	l, err := k.c.Client.CoreV1().Pods("idcni-system").List(k.ctx, metav1.ListOptions{
+		LabelSelector: "app.kubernetes.io/name=idcni-agent", FieldSelector: "spec.nodeName=" + node})
 	if err != nil {
 		k.t.Fatal(err)
 	}
@@ -363,7 +433,7 @@ func (k *kctl) agentPod() string {
 			return p.Name
 		}
 	}
-	k.t.Fatal("no agent pod")
+	k.t.Fatalf("no agent pod on node %s", node)
 	return ""
 }
 

@@ -32,16 +32,14 @@ type certs struct {
 	ca                                  *pki.Authority
 	apiCert, apiKey                     string
 	kubeletClientCert, kubeletClientKey string // the apiserver's, towards kubelets
-	kubeletCert, kubeletKey             string // the kubelet's serving pair
 	saKey, saPub                        string
 	admin, adminNode                    string // admin kubeconfigs: from the host, on the node
 	controllerManager, scheduler        string
-	kubelet                             string
 }
 
-// makePKI issues every certificate and kubeconfig the cluster needs. The
-// node's components reach the apiserver at 127.0.0.1 in the node's
-// namespace; the host at NodeIP.
+// makePKI issues the cluster's certificates and kubeconfigs, and every
+// node's. The control plane reaches the apiserver at 127.0.0.1 in the first
+// node's namespace; the host and the kubelets at the first node's address.
 func (c *Cluster) makePKI() error {
 	ca, err := pki.New(filepath.Join(c.Dir, "pki"))
 	if err != nil {
@@ -58,11 +56,6 @@ func (c *Cluster) makePKI() error {
 	}
 	if p.kubeletClientCert, p.kubeletClientKey, err = ca.Issue(pki.Leaf{
 		Name: "apiserver-kubelet-client", CN: "kube-apiserver-kubelet-client", Orgs: []string{"system:masters"}, Client: true,
-	}); err != nil {
-		return err
-	}
-	if p.kubeletCert, p.kubeletKey, err = ca.Issue(pki.Leaf{
-		Name: "kubelet-serving", CN: c.NodeName, Server: true, DNS: []string{c.NodeName}, IPs: []net.IP{node},
 	}); err != nil {
 		return err
 	}
@@ -83,8 +76,6 @@ func (c *Cluster) makePKI() error {
 		// component's rights to.
 		{&p.controllerManager, "controller-manager.kubeconfig", local, "system:kube-controller-manager", nil},
 		{&p.scheduler, "scheduler.kubeconfig", local, "system:kube-scheduler", nil},
-		// The Node authorizer and NodeRestriction know a kubelet by this.
-		{&p.kubelet, "kubelet.kubeconfig", local, "system:node:" + c.NodeName, []string{"system:nodes"}},
 	} {
 		name := strings.TrimSuffix(k.file, ".kubeconfig")
 		if *k.dst, err = ca.Kubeconfig(filepath.Join(c.Dir, k.file), k.server, name, k.cn, k.orgs...); err != nil {
@@ -93,13 +84,35 @@ func (c *Cluster) makePKI() error {
 	}
 	c.Kubeconfig = p.admin
 	c.pki = p
+	for _, n := range c.Nodes {
+		if err := c.nodePKI(n); err != nil {
+			return err
+		}
+	}
 	return nil
 }
 
-// startDaemon starts argv on the node, in the cluster's cgroup, logging to
-// logs/<name>.log.
-func (c *Cluster) startDaemon(name string, argv ...string) error {
-	cmd, err := c.command(true, argv...)
+// nodePKI issues the node's kubelet serving pair, for its name and address
+// (the apiserver dials the InternalIP for exec and logs), and its
+// kubeconfig.
+func (c *Cluster) nodePKI(n *Node) error {
+	ca := c.pki.ca
+	var err error
+	if n.kubeletCert, n.kubeletKey, err = ca.Issue(pki.Leaf{
+		Name: "kubelet-serving-" + n.ID, CN: n.Name, Server: true, DNS: []string{n.Name}, IPs: []net.IP{net.IP(n.IP.AsSlice())},
+	}); err != nil {
+		return err
+	}
+	// The Node authorizer and NodeRestriction know a kubelet by this.
+	n.kubeconfig, err = ca.Kubeconfig(filepath.Join(c.Dir, "kubelet-"+n.ID+".kubeconfig"), c.APIServer,
+		"kubelet-"+n.ID, "system:node:"+n.Name, "system:nodes")
+	return err
+}
+
+// startDaemon starts argv in cgroup cg (its daemons group) and in the
+// namespaces of ns (nsArgs), logging to logs/<name>.log.
+func (c *Cluster) startDaemon(name, cg string, ns []string, argv ...string) error {
+	cmd, err := c.command(cg, ns, argv...)
 	if err != nil {
 		return err
 	}
@@ -114,15 +127,28 @@ func (c *Cluster) startDaemon(name string, argv ...string) error {
 	if err := cmd.Start(); err != nil {
 		return fmt.Errorf("start %s: %w", name, err)
 	}
-	c.track(name, cmd)
+	c.track(name, cg, cmd)
 	return nil
+}
+
+// controlDaemon starts a daemon of the control plane: in the first node's
+// namespaces but the cluster's own daemons cgroup, not the node's.
+func (c *Cluster) controlDaemon(name string, argv ...string) error {
+	return c.startDaemon(name, c.Cgroup+"/daemons", nsArgs(c.Nodes[0].Holder.PID, true), argv...)
+}
+
+// nodeDaemon starts a daemon of node n, in its namespaces and cgroup.
+func (c *Cluster) nodeDaemon(n *Node, name string, argv ...string) error {
+	return c.startDaemon(name+"-"+n.ID, n.Cgroup()+"/daemons", nsArgs(n.Holder.PID, true), argv...)
 }
 
 // track reaps a started process and notes when it exits. A persistent
 // cluster's daemons are adopted by init when this process exits.
-func (c *Cluster) track(name string, cmd *exec.Cmd) {
+func (c *Cluster) track(name, cg string, cmd *exec.Cmd) {
 	done := make(chan struct{})
-	c.procs = append(c.procs, &daemon{name: name, cmd: cmd, done: done})
+	c.mu.Lock()
+	c.procs = append(c.procs, &daemon{name: name, cgroup: cg, cmd: cmd, done: done})
+	c.mu.Unlock()
 	go func() {
 		_ = cmd.Wait()
 		close(done)
@@ -131,14 +157,17 @@ func (c *Cluster) track(name string, cmd *exec.Cmd) {
 
 // daemon is a process this one started.
 type daemon struct {
-	name string
-	cmd  *exec.Cmd
-	done chan struct{}
+	name   string
+	cgroup string // the cgroup it started in: a removed node's are forgotten
+	cmd    *exec.Cmd
+	done   chan struct{}
 }
 
 // exited returns the name of a tracked daemon that has exited, if any: a
 // wait that a dead daemon can never satisfy stops at once with its log.
 func (c *Cluster) exited() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
 	for _, d := range c.procs {
 		select {
 		case <-d.done:
@@ -150,7 +179,7 @@ func (c *Cluster) exited() string {
 }
 
 func (c *Cluster) startEtcd() error {
-	return c.startDaemon("etcd", c.bins.Etcd,
+	return c.controlDaemon("etcd", c.bins.Etcd,
 		"--name=node",
 		"--data-dir="+filepath.Join(c.Dir, "etcd"),
 		"--listen-client-urls=http://127.0.0.1:2379",
@@ -165,7 +194,7 @@ func (c *Cluster) startEtcd() error {
 
 func (c *Cluster) startAPIServer() error {
 	p := c.pki
-	return c.startDaemon("kube-apiserver", c.bins.APIServer,
+	return c.controlDaemon("kube-apiserver", c.bins.APIServer,
 		"--etcd-servers=http://127.0.0.1:2379",
 		"--bind-address=0.0.0.0",
 		"--advertise-address="+c.NodeIP.String(),
@@ -193,7 +222,7 @@ func (c *Cluster) startAPIServer() error {
 
 func (c *Cluster) startControllerManager() error {
 	p := c.pki
-	return c.startDaemon("kube-controller-manager", c.bins.ControllerManager,
+	return c.controlDaemon("kube-controller-manager", c.bins.ControllerManager,
 		"--kubeconfig="+p.controllerManager,
 		"--leader-elect=false",
 		// Each controller under its own ServiceAccount, as kubeadm runs it:
@@ -215,7 +244,7 @@ func (c *Cluster) startControllerManager() error {
 }
 
 func (c *Cluster) startScheduler() error {
-	return c.startDaemon("kube-scheduler", c.bins.Scheduler,
+	return c.controlDaemon("kube-scheduler", c.bins.Scheduler,
 		"--kubeconfig="+c.pki.scheduler,
 		"--leader-elect=false",
 		"--secure-port=0",
@@ -227,8 +256,8 @@ func (c *Cluster) startScheduler() error {
 // restricted (root here lacks CAP_SYS_RESOURCE, so a negative one fails
 // every sandbox), cgroupfs, the imported sandbox image, and the CNI
 // directories at their standard paths, which the node's mounts make its own.
-func (c *Cluster) containerdConfig() string {
-	d := filepath.Join(c.Dir, "containerd")
+func (c *Cluster) containerdConfig(n *Node) string {
+	d := filepath.Join(n.dir(), "containerd")
 	q := func(s string) string { return fmt.Sprintf("%q", s) }
 	return fmt.Sprintf(`version = 2
 root = %s
@@ -261,25 +290,21 @@ disabled_plugins = ["io.containerd.snapshotter.v1.btrfs", "io.containerd.snapsho
     bin_dir = "/opt/cni/bin"
     conf_dir = "/etc/cni/net.d"
     max_conf_num = 1
-`, q(filepath.Join(d, "root")), q(filepath.Join(d, "state")), q(c.containerdSocket()), q(c.containerdSocket()+".ttrpc"), q(filepath.Join(d, "opt")))
+`, q(filepath.Join(d, "root")), q(filepath.Join(d, "state")), q(n.ContainerdSocket()), q(n.ContainerdSocket()+".ttrpc"), q(filepath.Join(d, "opt")))
 }
 
-func (c *Cluster) containerdSocket() string {
-	return filepath.Join(c.Dir, "containerd", "containerd.sock")
-}
-
-func (c *Cluster) startContainerd() error {
-	cfg := filepath.Join(c.Dir, "containerd", "config.toml")
-	if err := os.WriteFile(cfg, []byte(c.containerdConfig()), 0o644); err != nil {
+func (c *Cluster) startContainerd(n *Node) error {
+	cfg := filepath.Join(n.dir(), "containerd", "config.toml")
+	if err := os.WriteFile(cfg, []byte(c.containerdConfig(n)), 0o644); err != nil {
 		return err
 	}
-	return c.startDaemon("containerd", c.bins.Containerd, "--config", cfg)
+	return c.nodeDaemon(n, "containerd", c.bins.Containerd, "--config", cfg)
 }
 
-// waitContainerd waits until containerd answers on its socket.
-func (c *Cluster) waitContainerd(ctx context.Context) error {
-	return c.poll(ctx, "containerd", func(ctx context.Context) error {
-		out, err := exec.CommandContext(ctx, c.bins.Ctr, "--address", c.containerdSocket(), "version").CombinedOutput()
+// waitContainerd waits until the node's containerd answers on its socket.
+func (c *Cluster) waitContainerd(ctx context.Context, n *Node) error {
+	return c.poll(ctx, "containerd on "+n.Name, func(ctx context.Context) error {
+		out, err := exec.CommandContext(ctx, c.bins.Ctr, "--address", n.ContainerdSocket(), "version").CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("%w: %s", err, strings.TrimSpace(string(out)))
 		}
@@ -290,7 +315,7 @@ func (c *Cluster) waitContainerd(ctx context.Context) error {
 // kubeletConfig follows the measured notes (cgroupfs, no swap check, cgroup
 // v1 allowed, loopback health endpoint, no read-only port) and keeps
 // everything the kubelet writes in the run directory or the node's mounts.
-func (c *Cluster) kubeletConfig() string {
+func (c *Cluster) kubeletConfig(n *Node) string {
 	p := c.pki
 	q := func(s string) string { return fmt.Sprintf("%q", s) }
 	return fmt.Sprintf(`apiVersion: kubelet.config.k8s.io/v1beta1
@@ -313,7 +338,9 @@ authorization:
   mode: Webhook
 containerRuntimeEndpoint: %s
 cgroupDriver: cgroupfs
-# The cluster's own cgroup: teardown kills and removes everything under it.
+# The node's own cgroup, under the cluster's: the kubelets of the nodes do
+# not share (and fight over) one tree, removing the node kills its cgroup
+# and teardown the cluster's.
 cgroupRoot: %s
 failSwapOn: false
 failCgroupV1: false
@@ -335,21 +362,23 @@ evictionHard:
 nodeStatusUpdateFrequency: 4s
 clusterDomain: cluster.local
 serializeImagePulls: false
-`, q(c.NodeIP.String()), q(p.kubeletCert), q(p.kubeletKey), q(p.ca.CertFile), q("unix://"+c.containerdSocket()),
-		q("/"+c.Cgroup), q(filepath.Join(c.Dir, "kubelet", "volume-plugins")))
+`, q(n.IP.String()), q(n.kubeletCert), q(n.kubeletKey), q(p.ca.CertFile), q("unix://"+n.ContainerdSocket()),
+		q("/"+n.Cgroup()), q(filepath.Join(n.dir(), "kubelet", "volume-plugins")))
 }
 
-func (c *Cluster) startKubelet() error {
-	cfg := filepath.Join(c.Dir, "kubelet", "config.yaml")
-	if err := os.WriteFile(cfg, []byte(c.kubeletConfig()), 0o644); err != nil {
+func (c *Cluster) startKubelet(n *Node) error {
+	cfg := filepath.Join(n.dir(), "kubelet", "config.yaml")
+	if err := os.WriteFile(cfg, []byte(c.kubeletConfig(n)), 0o644); err != nil {
 		return err
 	}
-	return c.startDaemon("kubelet", c.bins.Kubelet,
+	return c.nodeDaemon(n, "kubelet", c.bins.Kubelet,
 		"--config="+cfg,
-		"--kubeconfig="+c.pki.kubelet,
-		"--root-dir="+filepath.Join(c.Dir, "kubelet"),
-		"--hostname-override="+c.NodeName,
-		"--node-ip="+c.NodeIP.String(),
+		"--kubeconfig="+n.kubeconfig,
+		"--root-dir="+filepath.Join(n.dir(), "kubelet"),
+		"--hostname-override="+n.Name,
+		// The InternalIP: the apiserver dials the kubelet there, and the
+		// agents route the node's pod CIDR through it.
+		"--node-ip="+n.IP.String(),
 	)
 }
 

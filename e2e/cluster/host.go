@@ -124,9 +124,11 @@ func hierarchies() ([]hierarchy, error) {
 	return out, nil
 }
 
-// createCgroups makes <cg> and <cg>/daemons in every hierarchy. The kubelet
-// puts its pods under <cg> (its cgroupRoot), and every daemon joins
-// <cg>/daemons before it execs, so the shims it forks land there too.
+// createCgroups makes <cg> and <cg>/daemons in every hierarchy: for the
+// cluster (the control plane, the switch and the router join its daemons
+// group) and for each node, whose kubelet puts its pods under <cg> (its
+// cgroupRoot). Every daemon joins a daemons group before it execs, so the
+// shims it forks land there too.
 func createCgroups(cg string) error {
 	hs, err := hierarchies()
 	if err != nil {
@@ -170,8 +172,8 @@ func createCgroups(cg string) error {
 	return nil
 }
 
-// cgroupProcFiles are the cgroup.procs files a daemon writes its pid to
-// before it execs.
+// cgroupProcFiles are the cgroup.procs files of cg (a daemons group of the
+// cluster or of a node) a daemon writes its pid to before it execs.
 func cgroupProcFiles(cg string) ([]string, error) {
 	hs, err := hierarchies()
 	if err != nil {
@@ -179,7 +181,7 @@ func cgroupProcFiles(cg string) ([]string, error) {
 	}
 	var out []string
 	for _, h := range hs {
-		out = append(out, filepath.Join(h.root, cg, "daemons", "cgroup.procs"))
+		out = append(out, filepath.Join(h.root, cg, "cgroup.procs"))
 	}
 	return out, nil
 }

@@ -8,6 +8,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strings"
+
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 )
 
 // buildImages builds the agent, test and pause images with the project's
@@ -40,12 +42,12 @@ func (c *Cluster) buildImages(ctx context.Context) ([]string, error) {
 	return paths, nil
 }
 
-// importImages loads the tarballs into containerd's k8s.io namespace, where
+// importImages loads the tarballs into the node's containerd's k8s.io namespace, where
 // the CRI plugin finds them: no registry exists, so every pod uses an
 // imported image.
-func (c *Cluster) importImages(ctx context.Context, paths []string) error {
+func (c *Cluster) importImages(ctx context.Context, n *Node, paths []string) error {
 	for _, p := range paths {
-		out, err := exec.CommandContext(ctx, c.bins.Ctr, "--address", c.containerdSocket(), "--namespace", "k8s.io",
+		out, err := exec.CommandContext(ctx, c.bins.Ctr, "--address", n.ContainerdSocket(), "--namespace", "k8s.io",
 			"images", "import", p).CombinedOutput()
 		if err != nil {
 			return fmt.Errorf("ctr images import %s: %w\n%s", p, err, tail(out, 10))
@@ -63,26 +65,42 @@ const (
 )
 
 // installIdcni does what an operator of a cluster without kube-proxy does,
-// as the manifest's ConfigMap describes: apply the manifest, tell the agent
-// where the apiserver is (no kube-proxy serves the in-cluster address),
-// restart the DaemonSet to take the setting, and wait for its rollout. The
-// agent then writes the CNI configuration and the node turns Ready.
+// as the manifest's ConfigMap describes: tell the agent where the apiserver
+// is (no kube-proxy serves the in-cluster address), apply the manifest, and
+// wait for the DaemonSet's rollout. The agents then write the CNI
+// configuration and the nodes turn Ready.
+//
+// The setting goes in first, in a ConfigMap of the manifest's name that
+// `kubectl apply` then completes: apply keeps the keys it did not set, so
+// the first agents start with it. Patching it in after the apply would
+// need a restart of the DaemonSet, a second rollout that goes one node at
+// a time once the first agents are ready.
 func (c *Cluster) installIdcni(ctx context.Context, manifest string) error {
+	if _, err := c.Kubectl(ctx, "create", "namespace", agentNamespace); err != nil {
+		return err
+	}
+	// The first node's address on the segment: every node reaches it
+	// there, the far one through the router.
+	if _, err := c.Kubectl(ctx, "-n", agentNamespace, "create", "configmap", agentDaemonSet,
+		"--from-literal=kubernetes-service-host="+c.NodeIP.String(),
+		fmt.Sprintf("--from-literal=kubernetes-service-port=%d", apiPort)); err != nil {
+		return err
+	}
 	if _, err := c.Kubectl(ctx, "apply", "-f", manifest); err != nil {
 		return err
 	}
-	patch := fmt.Sprintf(`{"data":{"kubernetes-service-host":"127.0.0.1","kubernetes-service-port":"%d"}}`, apiPort)
-	if _, err := c.Kubectl(ctx, "-n", agentNamespace, "patch", "configmap", agentDaemonSet, "--type", "merge", "-p", patch); err != nil {
+	cm, err := c.Client.CoreV1().ConfigMaps(agentNamespace).Get(ctx, agentDaemonSet, metav1.GetOptions{})
+	if err != nil {
 		return err
 	}
-	if _, err := c.Kubectl(ctx, "-n", agentNamespace, "rollout", "restart", "daemonset/"+agentDaemonSet); err != nil {
-		return err
+	if cm.Data["kubernetes-service-host"] != c.NodeIP.String() {
+		return fmt.Errorf("configmap %s/%s after kubectl apply: kubernetes-service-host %q, want %s", agentNamespace, agentDaemonSet, cm.Data["kubernetes-service-host"], c.NodeIP)
 	}
 	return c.WaitAgentRollout(ctx)
 }
 
 // WaitAgentRollout waits until the agent's DaemonSet is rolled out and
-// ready on the node.
+// ready on every node.
 func (c *Cluster) WaitAgentRollout(ctx context.Context) error {
 	return c.poll(ctx, "the idcni agent's rollout", func(ctx context.Context) error {
 		_, err := c.Kubectl(ctx, "-n", agentNamespace, "rollout", "status", "daemonset/"+agentDaemonSet, "--timeout=5s")

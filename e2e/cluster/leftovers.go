@@ -91,8 +91,9 @@ func waitLinkGone(name string, timeout time.Duration) error {
 }
 
 // Leftovers lists what of the cluster s is still on the host: processes in
-// its cgroup or namespaces, its cgroup directories, its link, connection
-// tracking entries of the link, its run directory, mounts under it, and,
+// its cgroup or in any of its namespaces (every node's, the switch's, the
+// router's), its cgroup directories, its link, connection tracking entries
+// of its addresses, its run directory, mounts under it, and,
 // when no other cluster runs, kernel tunables that differ from want (the
 // values before the first Up).
 func Leftovers(s *State, want map[string]string) []string {
@@ -106,20 +107,38 @@ func Leftovers(s *State, want map[string]string) []string {
 	for _, d := range CgroupDirs(s.Cgroup) {
 		add("cgroup %s", d)
 	}
-	for kind, ino := range map[string]uint64{"net": s.NetNS, "mnt": s.MntNS} {
-		if ino == 0 {
+	type namespace struct {
+		what, kind string
+		ino        uint64
+	}
+	nss := []namespace{{"the first node's", "net", s.NetNS}, {"the first node's", "mnt", s.MntNS},
+		{"the switch's", "net", s.Switch.NetNS}, {"the router's", "net", s.Router.NetNS}}
+	addrs := []netip.Addr{s.NodeIP, s.HostIP, s.RouterIP, s.RouterFarIP}
+	for _, n := range s.Nodes {
+		nss = append(nss, namespace{"node " + n.Name + "'s", "net", n.NetNS}, namespace{"node " + n.Name + "'s", "mnt", n.MntNS})
+		addrs = append(addrs, n.IP)
+	}
+	seenNS := map[uint64]bool{}
+	for _, ns := range nss {
+		if ns.ino == 0 || seenNS[ns.ino] {
 			continue
 		}
-		if pids := ProcessesInNamespace(kind, ino); len(pids) > 0 {
-			add("processes in the node's %s namespace (inode %d): %v", kind, ino, pids)
+		seenNS[ns.ino] = true
+		if pids := ProcessesInNamespace(ns.kind, ns.ino); len(pids) > 0 {
+			add("processes in %s %s namespace (inode %d): %v", ns.what, ns.kind, ns.ino, pids)
 		}
 	}
 	if _, err := net.InterfaceByName(s.HostVeth); err == nil {
 		add("link %s", s.HostVeth)
 	}
-	if s.NodeIP.IsValid() {
-		if n := conntrackEntries(s.NodeIP); n > 0 {
-			add("%d conntrack entries of %s", n, s.NodeIP)
+	seenAddr := map[netip.Addr]bool{}
+	for _, a := range addrs {
+		if !a.IsValid() || seenAddr[a] {
+			continue
+		}
+		seenAddr[a] = true
+		if n := conntrackEntries(a); n > 0 {
+			add("%d conntrack entries of %s", n, a)
 		}
 	}
 	if _, err := os.Stat(s.Dir); err == nil {

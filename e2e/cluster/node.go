@@ -1,14 +1,11 @@
 package cluster
 
 import (
-	"bytes"
-	"crypto/sha256"
 	"encoding/binary"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"math/rand/v2"
-	"net"
-	"net/netip"
 	"os"
 	"os/exec"
 	"path/filepath"
@@ -19,23 +16,25 @@ import (
 	"time"
 )
 
-// The node is a mount and a network namespace of its own, held open by one
-// process (the holder) that every daemon enters with nsenter:
+// Each node is a mount and a network namespace of its own, held open by one
+// process (the holder) that every daemon of the node enters with nsenter:
 //
 //   - network: pods' veths and routes, the kubelet's KUBE-* iptables chains,
-//     per-namespace sysctls and conntrack never touch the host's, and two
-//     clusters (or a cluster and the netns-based e2e tests on 10.13.0.0/24)
-//     never meet. The host reaches the node over one veth pair.
+//     per-namespace sysctls and conntrack never touch the host's nor another
+//     node's, and two clusters (or a cluster and the netns-based e2e tests
+//     on 10.13.0.0/24) never meet. The nodes and the host meet on a bridge
+//     in the switch's namespace (nodes.go).
 //   - mount: /etc, /opt, /var/lib and /var/log are overlays whose writes go
-//     to the run directory, /run is a fresh tmpfs and /sys/fs/bpf a fresh
+//     to the node's run directory, /run is a fresh tmpfs and /sys/fs/bpf a fresh
 //     bpffs, so the DaemonSet's hostPath volumes (/opt/cni/bin,
 //     /etc/cni/net.d, /var/lib/idcni, /run/idcni, /var/lib/cni, the bpffs),
 //     containerd's /run/netns and the kubelet's /var/log/pods are the
 //     node's own while the manifests keep their real paths.
 //
 // When the last process in them exits the kernel frees both namespaces, and
-// with them every mount, pin, link, route and chain: teardown only has to
-// kill the cluster's cgroup.
+// with them every mount, pin, link, route and chain: removing a node only
+// has to kill its cgroup, and teardown the cluster's, which holds every
+// node's, the control plane, the switch and the router.
 
 // nodeDirs are the node's directories that are bind mounts of run directory
 // subdirectories, so the host can read (and the harness write) them: the
@@ -59,17 +58,18 @@ const launcher = `n=$1; shift
 while [ "$n" -gt 0 ]; do echo $$ >"$1" || exit 111; shift; n=$((n-1)); done
 exec "$@"`
 
-// command returns a command that runs argv inside the cluster's cgroup; with
-// node set, inside the node's namespaces too.
-func (c *Cluster) command(node bool, argv ...string) (*exec.Cmd, error) {
-	procs, err := cgroupProcFiles(c.Cgroup)
+// command returns a command that runs argv inside cgroup cg (relative to
+// every hierarchy's root); with ns (nsenter's target and namespace flags,
+// see nsArgs) inside those namespaces too.
+func (c *Cluster) command(cg string, ns []string, argv ...string) (*exec.Cmd, error) {
+	procs, err := cgroupProcFiles(cg)
 	if err != nil {
 		return nil, err
 	}
 	args := []string{"-c", launcher, "sh", strconv.Itoa(len(procs))}
 	args = append(args, procs...)
-	if node {
-		args = append(args, c.bins.nsenter, "--target", strconv.Itoa(c.Holder.PID), "--mount", "--net", "--")
+	if ns != nil {
+		args = append(append(append(args, c.bins.nsenter), ns...), "--")
 	}
 	args = append(args, argv...)
 	cmd := exec.Command("/bin/sh", args...)
@@ -85,47 +85,66 @@ func (c *Cluster) command(node bool, argv ...string) (*exec.Cmd, error) {
 	return cmd, nil
 }
 
-// nodeRun runs argv in the node's namespaces (not in its cgroup: it is a
-// short-lived tool, not part of the cluster) and returns its output.
-func (c *Cluster) nodeRun(argv ...string) ([]byte, error) {
-	args := append([]string{"--target", strconv.Itoa(c.Holder.PID), "--mount", "--net", "--"}, argv...)
+// nsArgs are nsenter's arguments for the namespaces held by pid: the
+// network one, and with mount the mount one too.
+func nsArgs(pid int, mount bool) []string {
+	args := []string{"--target", strconv.Itoa(pid), "--net"}
+	if mount {
+		args = append(args, "--mount")
+	}
+	return args
+}
+
+// runIn runs argv in the namespaces held by pid (see nsArgs), not in the
+// cluster's cgroup: it is a short-lived tool, not part of the cluster.
+func (c *Cluster) runIn(pid int, mount bool, argv ...string) ([]byte, error) {
+	args := append(append(nsArgs(pid, mount), "--"), argv...)
 	cmd := exec.Command(c.bins.nsenter, args...)
 	cmd.Env = []string{"PATH=" + nodePath(), "HOME=/root", "LANG=C.UTF-8"}
 	out, err := cmd.CombinedOutput()
 	if err != nil {
-		return out, fmt.Errorf("on the node: %s: %w\n%s", strings.Join(argv, " "), err, tail(out, 20))
+		return out, fmt.Errorf("in the namespaces of %d: %s: %w\n%s", pid, strings.Join(argv, " "), err, tail(out, 20))
 	}
 	return out, nil
 }
 
-// NodeExec runs argv in the node's mount and network namespaces, as a
-// program on the node's host would run (endpointctl on the host, ip, bpftool).
-func (c *Cluster) NodeExec(argv ...string) ([]byte, error) { return c.nodeRun(argv...) }
+// NodeExec runs argv on the first node (the control plane's, see Node.Exec).
+func (c *Cluster) NodeExec(argv ...string) ([]byte, error) {
+	if len(c.Nodes) == 0 {
+		return nil, errors.New("the cluster has no node")
+	}
+	return c.Nodes[0].Exec(argv...)
+}
 
-// startHolder starts the process that creates and holds the node's
-// namespaces, and waits until it has.
-func (c *Cluster) startHolder() error {
+// startHolder starts, in cgroup cg, a process that creates and holds a new
+// network namespace (and with mount a mount namespace), and waits until it
+// has; it returns the holder and the namespaces' inode numbers.
+func (c *Cluster) startHolder(cg, name string, mount bool) (holder Proc, netIno, mntIno uint64, err error) {
 	unshare, err := lookPath("unshare")
 	if err != nil {
-		return err
+		return holder, 0, 0, err
 	}
-	// unshare sets / (and so every copy of the host's mounts) private
-	// recursively before it execs: nothing mounted on the node propagates
-	// to the host.
-	cmd, err := c.command(false, unshare, "--mount", "--net", "--propagation", "private", "--", "sleep", "infinity")
-	if err != nil {
-		return err
+	argv := []string{unshare, "--net"}
+	if mount {
+		// unshare sets / (and so every copy of the host's mounts) private
+		// recursively before it execs: nothing mounted on the node
+		// propagates to the host.
+		argv = append(argv, "--mount", "--propagation", "private")
 	}
-	logf, err := os.Create(filepath.Join(c.Dir, "logs", "holder.log"))
+	cmd, err := c.command(cg, nil, append(argv, "--", "sleep", "infinity")...)
 	if err != nil {
-		return err
+		return holder, 0, 0, err
+	}
+	logf, err := os.Create(filepath.Join(c.Dir, "logs", name+".log"))
+	if err != nil {
+		return holder, 0, 0, err
 	}
 	defer logf.Close()
 	cmd.Stdout, cmd.Stderr = logf, logf
 	if err := cmd.Start(); err != nil {
-		return fmt.Errorf("start the namespace holder: %w", err)
+		return holder, 0, 0, fmt.Errorf("start the namespace holder %s: %w", name, err)
 	}
-	c.track("holder", cmd)
+	c.track(name, cg, cmd)
 	myNet, _ := nsInode(0, "net")
 	myMnt, _ := nsInode(0, "mnt")
 	deadline := time.Now().Add(10 * time.Second)
@@ -136,110 +155,27 @@ func (c *Cluster) startHolder() error {
 		netIno, err1 := nsInode(cmd.Process.Pid, "net")
 		mntIno, err2 := nsInode(cmd.Process.Pid, "mnt")
 		comm, _ := os.ReadFile(fmt.Sprintf("/proc/%d/comm", cmd.Process.Pid))
-		if err1 == nil && err2 == nil && netIno != myNet && mntIno != myMnt && strings.TrimSpace(string(comm)) == "sleep" {
-			c.NetNS, c.MntNS = netIno, mntIno
-			break
+		if err1 == nil && err2 == nil && netIno != myNet && (!mount || mntIno != myMnt) && strings.TrimSpace(string(comm)) == "sleep" {
+			if !mount {
+				mntIno = 0
+			}
+			holder, err = procOf(cmd.Process.Pid)
+			return holder, netIno, mntIno, err
 		}
 		if time.Now().After(deadline) {
-			return fmt.Errorf("the namespace holder did not unshare within 10s: %s", tailFile(logf.Name(), 10))
+			return holder, 0, 0, fmt.Errorf("the namespace holder %s did not unshare within 10s: %s", name, tailFile(logf.Name(), 10))
 		}
 		time.Sleep(5 * time.Millisecond)
 	}
-	if c.Holder, err = procOf(cmd.Process.Pid); err != nil {
-		return err
-	}
-	return c.save()
-}
-
-// pickAddresses chooses the /30 of the host-node link: 198.19.200.0 to
-// 198.19.254.255, in the benchmarking range (RFC 2544) that no real network
-// uses, avoiding addresses the host has and those of other clusters. Called
-// under the global lock.
-func pickAddresses(others []*State) (host, node netip.Addr, err error) {
-	used := map[netip.Prefix]bool{}
-	for _, o := range others {
-		if o.HostIP.IsValid() {
-			used[netip.PrefixFrom(o.HostIP, 30).Masked()] = true
-		}
-	}
-	addrs, err := net.InterfaceAddrs()
-	if err != nil {
-		return host, node, err
-	}
-	for _, a := range addrs {
-		if ipn, ok := a.(*net.IPNet); ok {
-			if ip, ok := netip.AddrFromSlice(ipn.IP.To4()); ok {
-				used[netip.PrefixFrom(ip, 30).Masked()] = true
-			}
-		}
-	}
-	for range 1000 {
-		b := [4]byte{198, 19, byte(200 + rand.IntN(55)), byte(rand.IntN(64) * 4)}
-		p := netip.PrefixFrom(netip.AddrFrom4(b), 30)
-		if used[p] {
-			continue
-		}
-		h := p.Addr().Next()
-		return h, h.Next(), nil
-	}
-	return host, node, fmt.Errorf("no free /30 in 198.19.200.0-198.19.254.255")
-}
-
-// vethName is the host end's name: short (15 bytes at most) and the same
-// for a given cluster name, so a teardown can find it from the name alone.
-func vethName(cluster string) string {
-	h := sha256.Sum256([]byte(cluster))
-	return "idcc-" + hex.EncodeToString(h[:5])
-}
-
-// setupNetwork links the host and the node: a veth pair with a /30, the
-// node's end named eth0. The node gets no default route: its pods talk to
-// each other and the node, never to the host's networks.
-func (c *Cluster) setupNetwork() error {
-	ip, err := lookPath("ip")
-	if err != nil {
-		return err
-	}
-	run := func(args ...string) error {
-		if out, err := exec.Command(ip, args...).CombinedOutput(); err != nil {
-			return fmt.Errorf("ip %s: %w: %s", strings.Join(args, " "), err, bytes.TrimSpace(out))
-		}
-		return nil
-	}
-	hv := c.HostVeth
-	if err := run("link", "add", hv, "type", "veth", "peer", "name", "eth0", "netns", strconv.Itoa(c.Holder.PID)); err != nil {
-		return err
-	}
-	// IPv6 would only add router solicitations and DAD to the host's link.
-	_ = os.WriteFile("/proc/sys/net/ipv6/conf/"+hv+"/disable_ipv6", []byte("1"), 0o644)
-	for _, args := range [][]string{
-		{"link", "set", hv, "alias", "idcni-cluster/" + c.Name},
-		{"addr", "add", c.HostIP.String() + "/30", "dev", hv},
-		{"link", "set", hv, "up"},
-	} {
-		if err := run(args...); err != nil {
-			return err
-		}
-	}
-	for _, args := range [][]string{
-		{ip, "link", "set", "lo", "up"},
-		{ip, "addr", "add", c.NodeIP.String() + "/30", "dev", "eth0"},
-		{ip, "link", "set", "eth0", "up"},
-	} {
-		if _, err := c.nodeRun(args...); err != nil {
-			return err
-		}
-	}
-	return nil
 }
 
 // setupMounts builds the node's file system view (see the top of this
 // file) in one shell run inside its mount namespace.
-func (c *Cluster) setupMounts() error {
+func (c *Cluster) setupMounts(n *Node, etcd bool) error {
 	if strings.ContainsAny(c.Dir, ",:= \t\n'\"\\") {
 		return fmt.Errorf("run directory %q: overlay options cannot hold it", c.Dir)
 	}
-	mounts, err := readMountinfo(fmt.Sprintf("/proc/%d/mountinfo", c.Holder.PID))
+	mounts, err := readMountinfo(fmt.Sprintf("/proc/%d/mountinfo", n.Holder.PID))
 	if err != nil {
 		return err
 	}
@@ -267,21 +203,23 @@ func (c *Cluster) setupMounts() error {
 	s.WriteString("mount -t tmpfs -o mode=0755,size=256m tmpfs /run\n")
 	// etcd in memory: its fsyncs on a disk shared with every other test
 	// would dominate pod start-up, and the node's state dies with it anyway.
-	fmt.Fprintf(&s, "mount -t tmpfs -o mode=0700,size=1g tmpfs %s\n", q(filepath.Join(c.Dir, "etcd")))
+	if etcd {
+		fmt.Fprintf(&s, "mount -t tmpfs -o mode=0700,size=1g tmpfs %s\n", q(filepath.Join(c.Dir, "etcd")))
+	}
 	for _, d := range overlaid {
-		n := strings.ReplaceAll(strings.TrimPrefix(d, "/"), "/", "-")
-		up, work := filepath.Join(c.Dir, "overlay", n, "upper"), filepath.Join(c.Dir, "overlay", n, "work")
+		o := strings.ReplaceAll(strings.TrimPrefix(d, "/"), "/", "-")
+		up, work := filepath.Join(n.dir(), "overlay", o, "upper"), filepath.Join(n.dir(), "overlay", o, "work")
 		fmt.Fprintf(&s, "mkdir -p %s %s\n", q(up), q(work))
 		fmt.Fprintf(&s, "mount -t overlay overlay -o %s %s\n", q("lowerdir="+d+",upperdir="+up+",workdir="+work), q(d))
 	}
 	for _, nd := range nodeDirs {
-		src := filepath.Join(c.Dir, "node", nd.sub)
+		src := filepath.Join(n.dir(), "node", nd.sub)
 		// An existing host directory shows through the overlay with the
 		// host's content (stale IPAM leases, say): the bind mount hides it.
 		fmt.Fprintf(&s, "mkdir -p %s %s\nmount --bind %s %s\n", q(src), q(nd.path), q(src), q(nd.path))
 	}
-	if _, err := c.nodeRun("/bin/sh", "-c", s.String()); err != nil {
-		return fmt.Errorf("set up the node's mounts: %w", err)
+	if _, err := n.Exec("/bin/sh", "-c", s.String()); err != nil {
+		return fmt.Errorf("set up the mounts of node %s: %w", n.Name, err)
 	}
 	return nil
 }

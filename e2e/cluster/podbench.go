@@ -67,8 +67,8 @@ func (c *Cluster) SetLog(w io.Writer) { c.log = w }
 
 // MeasurePodStartup creates n pods on network, at most parallel of them
 // not yet Ready at any time (n: all at once, a burst; 1: one after the
-// other), and measures each one's creation to Ready, then deletes them. For
-// NetworkBridge it switches the node to the bridge plugin for the duration
+// other), on the first node, and measures each one's creation to Ready,
+// then deletes them. For NetworkBridge it switches the node to the bridge plugin for the duration
 // and back to idcni after, checking each switch with a probe pod's address.
 func (c *Cluster) MeasurePodStartup(ctx context.Context, network string, n, parallel int) (StartupResult, error) {
 	res := StartupResult{Network: network, Pods: n, Parallel: parallel}
@@ -124,7 +124,7 @@ func (c *Cluster) MeasurePodStartup(ctx context.Context, network string, n, para
 				mu.Lock()
 				created[i] = time.Now()
 				mu.Unlock()
-				if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, SleepPod(podName(i), nil), metav1.CreateOptions{}); err != nil {
+				if _, err := c.Client.CoreV1().Pods(ns).Create(ctx, c.firstNodePod(podName(i)), metav1.CreateOptions{}); err != nil {
 					errs <- fmt.Errorf("create pod %s: %w", podName(i), err)
 				}
 			}()
@@ -250,6 +250,15 @@ func podReady(p *corev1.Pod) bool {
 	return false
 }
 
+// firstNodePod is a SleepPod bound to the first node: the bench switches
+// that node's network only, and measures one kubelet, not the scheduler's
+// spreading.
+func (c *Cluster) firstNodePod(name string) *corev1.Pod {
+	p := SleepPod(name, nil)
+	p.Spec.NodeName = c.NodeName
+	return p
+}
+
 // SleepPod is a test pod that sleeps, on the imported busybox image.
 func SleepPod(name string, labels map[string]string) *corev1.Pod {
 	zero := int64(0)
@@ -316,7 +325,7 @@ func (c *Cluster) useBridge(ctx context.Context) error {
 	}
 	// Through a temporary name and a rename: containerd may exec the
 	// directory's plugins at any moment.
-	dst := filepath.Join(c.Dir, "node", "cni-bin", "bridge")
+	dst := filepath.Join(c.Nodes[0].dir(), "node", "cni-bin", "bridge")
 	if err := os.WriteFile(dst+".tmp", data, 0o755); err != nil {
 		return err
 	}
@@ -336,7 +345,7 @@ func (c *Cluster) useBridge(ctx context.Context) error {
 `, bridgeSubnet)
 	// Written in place, not renamed into the directory: containerd 1.6
 	// ignores a configuration that arrives by rename (see the notes).
-	if err := os.WriteFile(filepath.Join(c.Dir, "node", "cni-conf", bridgeConf), []byte(conf), 0o644); err != nil {
+	if err := os.WriteFile(filepath.Join(c.Nodes[0].dir(), "node", "cni-conf", bridgeConf), []byte(conf), 0o644); err != nil {
 		return err
 	}
 	return c.waitNetwork(ctx, bridgeSubnet)
@@ -345,7 +354,7 @@ func (c *Cluster) useBridge(ctx context.Context) error {
 // useIdcni removes the bridge configuration and waits until a new pod gets
 // an idcni address again.
 func (c *Cluster) useIdcni(ctx context.Context) error {
-	if err := os.Remove(filepath.Join(c.Dir, "node", "cni-conf", bridgeConf)); err != nil && !errors.Is(err, os.ErrNotExist) {
+	if err := os.Remove(filepath.Join(c.Nodes[0].dir(), "node", "cni-conf", bridgeConf)); err != nil && !errors.Is(err, os.ErrNotExist) {
 		return err
 	}
 	return c.waitNetwork(ctx, idcniSubnet)
@@ -363,7 +372,7 @@ func (c *Cluster) waitNetwork(ctx context.Context, subnet netip.Prefix) error {
 	deadline := time.Now().Add(time.Minute)
 	for i := 0; ; i++ {
 		name := fmt.Sprintf("probe-%d", i)
-		if _, err := pods.Create(ctx, SleepPod(name, nil), metav1.CreateOptions{}); err != nil {
+		if _, err := pods.Create(ctx, c.firstNodePod(name), metav1.CreateOptions{}); err != nil {
 			return err
 		}
 		var ip string

@@ -25,26 +25,41 @@ type State struct {
 	// Owner is the process whose death makes the cluster stale (a test
 	// binary); zero for a cluster meant to outlive its creator.
 	Owner Proc
-	// Holder is the process that holds the node's mount and network
-	// namespaces; every daemon enters them through it.
+	// Holder is the process that holds the first node's mount and network
+	// namespaces (where the control plane runs too): Nodes[0].Holder.
 	Holder Proc
 	// Cgroup is the cluster's cgroup, relative to every hierarchy's root:
 	// every process of the cluster (daemons, shims, containers) lives
 	// under it, which is how teardown finds them all.
 	Cgroup string
-	// HostVeth is the host's end of the link to the node's network
-	// namespace; HostIP and NodeIP are the two ends' addresses.
+	// HostVeth is the host's end of its link to the switch; HostIP is its
+	// address on the segment. NodeIP and NodeName are the first node's.
 	HostVeth       string
 	HostIP, NodeIP netip.Addr
 	NodeName       string
+	// Topology is TopologyFlat or TopologyRouted.
+	Topology string
+	// Segment is the nodes' shared subnet; FarSubnet, with the routed
+	// topology, the far node's, and RouterIP and RouterFarIP the router's
+	// addresses on each.
+	Segment, FarSubnet    netip.Prefix
+	RouterIP, RouterFarIP netip.Addr
+	// Switch holds the bridges of the segment and the far subnet; Router
+	// routes between them (routed topology only).
+	Switch, Router Netns
+	// Nodes are the kubelet nodes, the control plane's first.
+	Nodes []*Node
+	// NextNode numbers the next node's ID: IDs are never reused within a
+	// cluster, so a joining node never meets a removed one's files.
+	NextNode int
 	// APIServer is the URL the host reaches the apiserver at.
 	APIServer string
 	// Kubeconfig is an admin kubeconfig for the host (kubectl, tests).
 	Kubeconfig string
 	// KubectlBin is the kubectl binary matching the cluster's release.
 	KubectlBin string
-	// NetNS and MntNS are the inode numbers of the node's namespaces, to
-	// check after teardown that no process still holds them.
+	// NetNS and MntNS are the inode numbers of the first node's
+	// namespaces (see Node for every node's).
 	NetNS, MntNS uint64
 	Created      time.Time
 }
@@ -141,6 +156,8 @@ func (s *State) stale() bool {
 	case s.Owner.PID != 0 && !s.Owner.Alive():
 		return true
 	case s.Holder.PID != 0 && !s.Holder.Alive():
+		return true
+	case s.Switch.Holder.PID != 0 && !s.Switch.Holder.Alive():
 		return true
 	case s.Owner.PID == 0 && s.Holder.PID == 0:
 		return time.Since(s.Created) > 10*time.Minute

@@ -1,7 +1,7 @@
-// Command idcni-cluster runs a real single-node Kubernetes with idcni
+// Command idcni-cluster runs a real multi-node Kubernetes with idcni
 // installed on this machine (package e2e/cluster), for `make cluster`:
 //
-//	idcni-cluster up [-name dev] [-manifest FILE]   start it (a no-op when it runs) and print the exports
+//	idcni-cluster up [-name dev] [-manifest FILE] [-nodes 3] [-topology flat|routed]   start it (a no-op when it runs) and print the exports
 //	idcni-cluster down [-name dev] [-all]          remove it (-all: every cluster) and check nothing is left
 //	idcni-cluster list                             the clusters on this host
 //	idcni-cluster bench [-name dev] [-pods 50] [-parallel N]  pod creation to Ready, idcni against the bridge plugin
@@ -35,7 +35,9 @@ func main() {
 
 func usage(w io.Writer) {
 	fmt.Fprintln(w, `usage: idcni-cluster up|down|list|bench [flags]
-  up     [-name dev] [-manifest FILE]  start the cluster (no-op if it runs); prints exports on stdout
+  up     [-name dev] [-manifest FILE] [-nodes 3] [-topology flat|routed]
+                                       start the cluster (no-op if it runs); prints exports on stdout
+                                       (routed: the last node behind a router, on a subnet of its own)
   down   [-name dev] [-all]            remove the cluster (-all: every cluster on the host)
   list                                 clusters on this host
   bench  [-name dev] [-pods 50] [-parallel N]  pod creation to Ready with idcni and with the bridge plugin
@@ -52,6 +54,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 	name := fl.String("name", "dev", "cluster name")
 	manifest := fl.String("manifest", "", "what to install idcni from (default: manifests/idcni.yaml of the checkout)")
 	all := fl.Bool("all", false, "down: every cluster on this host, including other runs' stale ones")
+	nodes := fl.Int("nodes", 3, "up: kubelet nodes (the first runs the control plane too)")
+	topology := fl.String("topology", cluster.TopologyFlat, "up: flat (one segment) or routed (the last node behind a router)")
 	pods := fl.Int("pods", 50, "bench: pods per network")
 	parallel := fl.Int("parallel", 0, "bench: pods at most on their way to Ready at once (default: all, a burst; 1: one after the other)")
 	if err := fl.Parse(args[1:]); err != nil {
@@ -62,7 +66,7 @@ func run(args []string, stdout, stderr io.Writer) error {
 
 	switch args[0] {
 	case "up":
-		return up(ctx, *name, *manifest, stdout, stderr)
+		return up(ctx, cluster.Options{Name: *name, Persistent: true, Manifest: *manifest, Log: stderr, Nodes: *nodes, Topology: *topology}, stdout, stderr)
 	case "down":
 		return down(*name, *all, stderr)
 	case "list":
@@ -78,7 +82,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 	}
 }
 
-func up(ctx context.Context, name, manifest string, stdout, stderr io.Writer) error {
+func up(ctx context.Context, opts cluster.Options, stdout, stderr io.Writer) error {
+	name := opts.Name
 	if err := cluster.RemoveStale(stderr); err != nil {
 		return err
 	}
@@ -91,12 +96,15 @@ func up(ctx context.Context, name, manifest string, stdout, stderr io.Writer) er
 		return nil
 	}
 	start := time.Now()
-	c, err := cluster.Up(ctx, cluster.Options{Name: name, Persistent: true, Manifest: manifest, Log: stderr})
+	c, err := cluster.Up(ctx, opts)
 	if err != nil {
 		return err
 	}
-	fmt.Fprintf(stderr, "cluster %s is up in %s: node %s, apiserver %s, logs in %s\n",
-		name, time.Since(start).Round(100*time.Millisecond), c.NodeName, c.APIServer, filepath.Join(c.Dir, "logs"))
+	fmt.Fprintf(stderr, "cluster %s (%s) is up in %s: apiserver %s, logs in %s\n",
+		name, c.Topology, time.Since(start).Round(100*time.Millisecond), c.APIServer, filepath.Join(c.Dir, "logs"))
+	for _, n := range c.Nodes {
+		fmt.Fprintf(stderr, "  node %s at %s\n", n.Name, n.IP)
+	}
 	printExports(stdout, c)
 	return nil
 }
@@ -154,7 +162,7 @@ func list(stdout io.Writer) error {
 		if !s.Holder.Alive() {
 			status = "stale"
 		}
-		fmt.Fprintf(stdout, "%s\t%s\t%s\t%s\n", s.Name, status, s.APIServer, s.Dir)
+		fmt.Fprintf(stdout, "%s\t%s\t%d nodes\t%s\t%s\n", s.Name, status, len(s.Nodes), s.APIServer, s.Dir)
 	}
 	return nil
 }
