@@ -8,10 +8,10 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 export IDCNI_CLUSTER=demo-$(head -c3 /dev/urandom | od -An -tx1 | tr -d ' \n')
-# One node unless told otherwise: the walkthrough's manual identities and
-# policies are written into one agent's maps (kubectl exec ds/idcni-agent),
-# which only govern pods on that agent's node.
-export NODES=${NODES:-1} TOPOLOGY=${TOPOLOGY:-flat}
+# Two nodes unless told otherwise: the walkthrough's manual identities and
+# rules are one agent's (the agent of the node frontend and backend share),
+# and then a NetworkPolicy decides between pods on two nodes.
+export NODES=${NODES:-2} TOPOLOGY=${TOPOLOGY:-flat}
 failed=0
 bold() { printf '\n\033[1m==> %s\033[0m\n' "$*"; }
 say() { printf '    %s\n' "$*"; }
@@ -26,7 +26,9 @@ eval "$(scripts/cluster.sh up)"
 show kubectl get nodes -o wide
 show kubectl -n idcni-system get daemonset,pods -o wide
 
-agent() { kubectl -n idcni-system exec ds/idcni-agent -c agent -- "$@"; }
+# The walkthrough's commands run in the agent of the node its pods are on:
+# manual identities and rules are node-local.
+agent() { kubectl -n idcni-system exec "$agent_pod" -c agent -- "$@"; }
 ping3() { # ping3 POD DST -> received count
 	kubectl -n idcni-demo exec "$1" -- ping -c 3 -W 1 "$2" 2>/dev/null | sed -n 's/.* \([0-9]*\) packets received.*/\1/p'
 }
@@ -38,9 +40,13 @@ bold "Step 1: the test pods (kubectl apply), addresses from the seed's subnet"
 show kubectl apply -f manifests/examples/00-namespace.yaml -f manifests/examples/10-pods.yaml
 kubectl -n idcni-demo wait --for=condition=Ready pod/frontend pod/backend --timeout=120s >/dev/null
 show kubectl -n idcni-demo get pods -o wide
+node=$(kubectl -n idcni-demo get pod frontend -o jsonpath='{.spec.nodeName}')
+agent_pod=$(kubectl -n idcni-system get pods -l app.kubernetes.io/name=idcni-agent --field-selector spec.nodeName="$node" -o jsonpath='{.items[0].metadata.name}')
+say "frontend and backend run on $node (backend's podAffinity); its agent is $agent_pod"
 fe=$(kubectl -n idcni-demo get pod frontend -o jsonpath='{.status.podIP}')
 be=$(kubectl -n idcni-demo get pod backend -o jsonpath='{.status.podIP}')
-case $fe$be in 10.13.0.*10.13.0.*) say "OK: both pods are in 10.13.0.0/24" ;; *) say "UNEXPECTED: $fe $be"; failed=1 ;; esac
+cidr=$(kubectl get node "$node" -o jsonpath='{.spec.podCIDR}')
+case $fe$be in "${cidr%.0/24}".*"${cidr%.0/24}".*) say "OK: both pods are in $node's pod CIDR $cidr" ;; *) say "UNEXPECTED: $fe $be not in $cidr"; failed=1 ;; esac
 say "with the agent running, pods start open: their label identities are not isolated by any policy"
 expect "frontend -> backend ping replies" 3 "$(ping3 frontend "$be")"
 
@@ -75,6 +81,48 @@ expect "backend -> frontend ping (default-deny-ingress)" 0 "$(ping3 backend "$fe
 show kubectl -n idcni-demo label pod frontend app=other --overwrite
 sleep 3
 expect "frontend relabelled app=other -> backend:80" blocked "$(tcp frontend "$be" 80)"
+show kubectl -n idcni-demo label pod frontend app=frontend --overwrite
+
+other=$(kubectl get nodes -o jsonpath='{range .items[*]}{.metadata.name}{"\n"}{end}' | grep -vx "$node" | head -1)
+if [ -z "$other" ]; then
+	say "one node only (NODES=1): no step across nodes"
+else
+	bold "Step 6: a NetworkPolicy between pods on two nodes ($node and $other)"
+	say "db runs on $other, with its own pod CIDR; frontend and backend stay on $node"
+	kubectl -n idcni-demo run db --image=idcni/test:dev --image-pull-policy=Never --labels=app=db \
+		--overrides="{\"apiVersion\":\"v1\",\"spec\":{\"nodeName\":\"$other\",\"terminationGracePeriodSeconds\":1}}" \
+		--command -- sh -c 'nc -ll -p 5432 -e cat' >/dev/null
+	kubectl -n idcni-demo wait --for=condition=Ready pod/db --timeout=120s >/dev/null
+	show kubectl -n idcni-demo get pods -o wide
+	db=$(kubectl -n idcni-demo get pod db -o jsonpath='{.status.podIP}')
+	say "default-deny-ingress covers db too: nothing reaches it yet"
+	expect "frontend ($node) -> db ($other):5432" blocked "$(tcp frontend "$db" 5432)"
+	show kubectl apply -f - <<-'EOF'
+	apiVersion: networking.k8s.io/v1
+	kind: NetworkPolicy
+	metadata:
+	  name: allow-frontend-to-db
+	  namespace: idcni-demo
+	spec:
+	  podSelector:
+	    matchLabels: {app: db}
+	  ingress:
+	    - from:
+	        - podSelector:
+	            matchLabels: {app: frontend}
+	      ports:
+	        - {protocol: TCP, port: 5432}
+	EOF
+	sleep 3
+	expect "frontend ($node) -> db ($other):5432, decided on $other" ok "$(tcp frontend "$db" 5432)"
+	expect "backend ($node) -> db ($other):5432" blocked "$(tcp backend "$db" 5432)"
+	say "$other's agent knows frontend by its labels, under its own number:"
+	db_agent=$(kubectl -n idcni-system get pods -l app.kubernetes.io/name=idcni-agent --field-selector spec.nodeName="$other" -o jsonpath='{.items[0].metadata.name}')
+	show kubectl -n idcni-system exec "$db_agent" -c agent -- policyctl ipcache --ip "$fe"
+	show kubectl -n idcni-demo label pod frontend app=other --overwrite
+	sleep 3
+	expect "frontend relabelled app=other on $node -> db on $other" blocked "$(tcp frontend "$db" 5432)"
+fi
 
 if [ $failed -ne 0 ]; then
 	echo "demo: some steps did not behave as the walkthrough says" >&2

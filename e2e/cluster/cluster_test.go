@@ -72,9 +72,14 @@ func TestCluster(t *testing.T) {
 		k.t = t
 		agentRestart(k)
 	})
+	var shop *shopPods
+	step(t, "network policies across nodes", func(t *testing.T) {
+		k.t = t
+		shop = crossNodePolicies(k)
+	})
 	step(t, "a node joins late and is deleted", func(t *testing.T) {
 		k.t = t
-		joinAndLeave(k)
+		joinAndLeave(k, shop)
 	})
 }
 
@@ -555,7 +560,13 @@ type session struct {
 
 func (k *kctl) session(pod string, argv ...string) *session {
 	k.t.Helper()
-	args := append([]string{"--kubeconfig", k.c.State.Kubeconfig, "-n", demoNS, "exec", "-i", pod, "--"}, argv...)
+	return k.sessionIn(demoNS, pod, argv...)
+}
+
+// sessionIn is session for a pod of namespace ns.
+func (k *kctl) sessionIn(ns, pod string, argv ...string) *session {
+	k.t.Helper()
+	args := append([]string{"--kubeconfig", k.c.State.Kubeconfig, "-n", ns, "exec", "-i", pod, "--"}, argv...)
 	cmd := exec.Command(k.c.KubectlBin, args...)
 	in, err := cmd.StdinPipe()
 	if err != nil {

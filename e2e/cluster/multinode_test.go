@@ -79,9 +79,10 @@ func crossNode(k *kctl) {
 }
 
 // joinAndLeave adds a node to the running cluster, checks that a pod on it
-// reaches one on the first node and back, then deletes the node and checks
-// that nothing of it runs any more.
-func joinAndLeave(k *kctl) {
+// reaches one on the first node and back (and, after crossNodePolicies,
+// that the policies hold for a pod on it), then deletes the node and checks
+// that nothing of it runs any more, and that the other nodes forgot it.
+func joinAndLeave(k *kctl, shop *shopPods) {
 	start := time.Now()
 	n, err := k.c.AddNode(k.ctx)
 	if err != nil {
@@ -101,6 +102,11 @@ func joinAndLeave(k *kctl) {
 	hereIP, thereIP := k.podAddr(pingNS, here), k.podAddr(pingNS, there)
 	k.wantPingIn(pingNS, there, hereIP, 2)
 	k.wantPingIn(pingNS, here, thereIP, 2)
+	var lw mpod
+	lateCIDR := k.podCIDR(n.Name)
+	if shop != nil {
+		lw = lateNodePolicies(k, shop, n)
+	}
 
 	start = time.Now()
 	if err := k.c.RemoveNode(k.ctx, n.Name); err != nil {
@@ -140,6 +146,10 @@ func joinAndLeave(k *kctl) {
 	// the test does not wait for it.
 	zero := int64(0)
 	_ = k.c.Client.CoreV1().Pods(pingNS).Delete(k.ctx, there, metav1.DeleteOptions{GracePeriodSeconds: &zero})
+	if shop != nil {
+		_ = k.c.Client.CoreV1().Pods(shopNS).Delete(k.ctx, lw.name, metav1.DeleteOptions{GracePeriodSeconds: &zero})
+		lateNodeForgotten(k, n, lateCIDR, lw.ip)
+	}
 }
 
 // nodePod creates a sleeping pod bound to node n, deleted when the test
