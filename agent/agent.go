@@ -65,6 +65,18 @@ type Config struct {
 	// NodeRoutes programs a route to every other node's pod CIDRs
 	// (routes.go).
 	NodeRoutes bool
+	// Masquerade gives pod traffic leaving the cluster (to anything not a
+	// pod CIDR or a node address of any Node, nor in NoMasqueradeCIDRs)
+	// the node's address, in the agent's nftables table (nftables.go);
+	// off for clusters whose network routes pod CIDRs.
+	Masquerade bool
+	// NoMasqueradeCIDRs are destinations outside the cluster that see
+	// pods' own addresses (a peered network that routes pod CIDRs).
+	NoMasqueradeCIDRs []netip.Prefix
+	// TunnelPort is the UDP port of the VXLAN tunnel between nodes; the
+	// agent's table drops what arrives on it from any address that is
+	// not a Node's. 0: no filter.
+	TunnelPort uint16
 	Logger     *slog.Logger
 }
 
@@ -118,6 +130,12 @@ type Agent struct {
 	// routes programs the routes to other nodes' pod CIDRs; nil when
 	// Config.NodeRoutes is off. Owned by the writer loop.
 	routes *nodeRouter
+	// nft keeps the agent's nftables table (masquerade, tunnel filter);
+	// nil when neither is on, and then removeNFT has the start remove
+	// the table an earlier run left (never in unit tests, which run in
+	// the host's netns). Owned by the writer loop.
+	nft       *nftTable
+	removeNFT bool
 	// The CNI config, owned by the writer loop: started once the first
 	// write of the maps is done (the config may go out from then on),
 	// confCIDRs what the config written holds, noPodCIDR while the
@@ -146,6 +164,12 @@ func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
 	a.links = netlinkLinks{}
 	if cfg.NodeRoutes {
 		a.routes = newNodeRouter(netlinkRoutes{}, a.log, a.metrics)
+	}
+	if cfg.Masquerade || cfg.TunnelPort != 0 {
+		a.nft = newNFTable()
+		a.metrics.registerNFT(a.nft)
+	} else {
+		a.removeNFT = true
 	}
 	return a, nil
 }
