@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"net/netip"
 	"slices"
+	"strings"
 	"sync"
 
 	"github.com/google/nftables"
@@ -294,6 +295,15 @@ func (t *nftTable) rebuild(p nftPlan) error {
 		}
 	}
 	if p.TunnelPort != 0 {
+		// In every routing mode, not only when a tunnel is up: in
+		// direct mode nothing of idcni listens there, so it costs
+		// nothing, and node-to-node tunnels of anyone else on that
+		// port still pass (their peers are nodes); and the filter is
+		// in place before a Node event brings the first tunnel up,
+		// not raced with it. A pod's packets to the port are dropped
+		// like any other non-node's: the tunnel must not carry what a
+		// pod forged as another node's pod's.
+		//
 		// Input, before the filter chains at priority 0: a drop here
 		// is final whatever other tables accept, and a packet
 		// dropped before conntrack confirms it leaves no entry, so a
@@ -413,6 +423,64 @@ func RemoveNFTable() error {
 	return nil
 }
 
+// rangesOf turns an interval set's elements, as the kernel lists them (in
+// any order), back into ranges: each opening element runs to the address
+// before the next end element, or to the family's last address when none
+// follows. An end element that closes nothing is left out.
+func rangesOf(els []nftables.SetElement) []addrRange {
+	type el struct {
+		addr netip.Addr
+		end  bool
+	}
+	var sorted []el
+	for _, e := range els {
+		if a, ok := netip.AddrFromSlice(e.Key); ok {
+			sorted = append(sorted, el{a, e.IntervalEnd})
+		}
+	}
+	slices.SortFunc(sorted, func(a, b el) int { return a.addr.Compare(b.addr) })
+	var out []addrRange
+	open := false
+	for _, e := range sorted {
+		switch {
+		case !e.end:
+			if open {
+				// Two openings in a row: the first ran up to this one.
+				out[len(out)-1].Last = e.addr.Prev()
+			}
+			out = append(out, addrRange{First: e.addr})
+			open = true
+		case open:
+			out[len(out)-1].Last = e.addr.Prev()
+			open = false
+		}
+	}
+	if open {
+		out[len(out)-1].Last = lastAddr(netip.PrefixFrom(out[len(out)-1].First, 0))
+	}
+	return out
+}
+
+// driftedSets returns the sets whose elements in the kernel are not the
+// ones last written.
+func (t *nftTable) driftedSets() ([]string, error) {
+	c, err := t.conn()
+	if err != nil {
+		return nil, fmt.Errorf("nftables: %w", err)
+	}
+	var out []string
+	for _, name := range sortedKeys(t.applied.Sets) {
+		els, err := c.GetSetElements(nftSet(idcniTable(), name))
+		if err != nil {
+			return nil, fmt.Errorf("read set %s of table inet %s: %w", name, NFTableName, err)
+		}
+		if !slices.Equal(rangesOf(els), t.applied.Sets[name]) {
+			out = append(out, name)
+		}
+	}
+	return out, nil
+}
+
 // present reports whether the agent's table is in the kernel.
 func (t *nftTable) present() (bool, error) {
 	c, err := t.conn()
@@ -469,7 +537,8 @@ func (a *Agent) syncNFT() error {
 }
 
 // auditNFT builds the table again if someone deleted it (`nft flush
-// ruleset`, a firewall reload), and counts that as drift.
+// ruleset`, a firewall reload) or changed a set's elements, and counts
+// that as drift.
 func (a *Agent) auditNFT() error {
 	if a.nft == nil || a.nft.applied == nil {
 		return a.syncNFT()
@@ -478,8 +547,20 @@ func (a *Agent) auditNFT() error {
 	if err != nil {
 		return err
 	}
+	var why string
 	if !ok {
-		a.log.Warn("nftables table inet " + NFTableName + " is gone: building it again")
+		why = "is gone"
+	} else {
+		drifted, err := a.nft.driftedSets()
+		if err != nil {
+			return err
+		}
+		if len(drifted) > 0 {
+			why = fmt.Sprintf("has sets changed by someone else (%s)", strings.Join(drifted, ", "))
+		}
+	}
+	if why != "" {
+		a.log.Warn("nftables table inet " + NFTableName + " " + why + ": building it again")
 		a.metrics.auditDrift.WithLabelValues("nftables").Inc()
 		a.nft.applied = nil
 	}

@@ -79,6 +79,32 @@ func TestSetElements(t *testing.T) {
 
 var errNoKernel = errors.New("no kernel in unit tests")
 
+// What the kernel lists comes back as the ranges written, in whatever
+// order it lists them, with or without a leading end element.
+func TestRangesOf(t *testing.T) {
+	el := func(a string, end bool) nftables.SetElement {
+		return nftables.SetElement{Key: netip.MustParseAddr(a).AsSlice(), IntervalEnd: end}
+	}
+	for _, in := range [][]string{
+		nil,
+		{"192.0.2.1/32"},
+		{"10.1.0.0/24", "10.1.2.0/24", "192.0.2.7/32"},
+		{"10.0.0.0/8", "128.0.0.0/1"},
+		{"fd00:1::/64", "2001:db8::1/128", "8000::/1"},
+	} {
+		want := mergeRanges(prefixes(in...))
+		els := setElements(want)
+		slices.Reverse(els)
+		if got := rangesOf(els); !slices.Equal(got, want) {
+			t.Errorf("rangesOf(setElements(%v)) = %v, want %v", in, rangeStrings(got), rangeStrings(want))
+		}
+	}
+	got := rangesOf([]nftables.SetElement{el("0.0.0.0", true), el("10.1.0.0", false), el("10.1.1.0", true)})
+	if want := []string{"10.1.0.0-10.1.0.255"}; !slices.Equal(rangeStrings(got), want) {
+		t.Errorf("rangesOf with a leading end element = %v, want %v", rangeStrings(got), want)
+	}
+}
+
 func testNode(name string, cidrs []string, addrs ...corev1.NodeAddress) *corev1.Node {
 	return &corev1.Node{ObjectMeta: metav1.ObjectMeta{Name: name}, Spec: corev1.NodeSpec{PodCIDRs: cidrs},
 		Status: corev1.NodeStatus{Addresses: addrs}}

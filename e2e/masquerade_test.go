@@ -430,10 +430,10 @@ func sendUDP(t *testing.T, nsPath string, src netip.Addr, dst netip.AddrPort, n 
 // packet from the outside host, from a kernel vxlan device there and from
 // a pod is dropped and counted, the same from node B passes, and a Node
 // that comes and goes opens and closes it for its address. The table is
-// rebuilt whole at a restart (what was added to it by hand is gone), comes
-// back after someone deletes it, and --uninstall removes it; the other
-// tables in node A (one of the test's own, one of another family with the
-// same name) are never touched.
+// rebuilt whole at a restart (what was added to it by hand is gone) and by
+// the audit after someone deletes it or adds to a set; --uninstall removes
+// it. The other tables in node A (one of the test's own, one of another
+// family with the same name) are never touched.
 func TestTunnelPortOnlyFromNodes(t *testing.T) {
 	c := newMQCluster(t)
 	const vxlanPort = 8472
@@ -544,6 +544,12 @@ table inet idcni {
 	waitFor(t, 15*time.Second, "the audit builds the deleted table again", func() bool {
 		_, err := c.nft(t, "", "list", "chain", "inet", "idcni", "input")
 		return err == nil
+	})
+
+	// Someone lets the outside host in by hand: the audit takes it out.
+	c.mustNFT(t, "", "add", "element", "inet", "idcni", "nodes4", "{ "+c.ext4.String()+" }")
+	waitFor(t, 15*time.Second, "the audit removes the element added by hand", func() bool {
+		return !strings.Contains(c.mustNFT(t, "", "list", "set", "inet", "idcni", "nodes4"), c.ext4.String())
 	})
 
 	// A restart rebuilds it: what was added by hand goes.
