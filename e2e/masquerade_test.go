@@ -237,6 +237,38 @@ func serveSeen(t *testing.T, nsPath string, addr netip.AddrPort) {
 	}()
 }
 
+// serveEcho runs a line echo server on addr in a netns.
+func serveEcho(t *testing.T, nsPath string, addr netip.AddrPort) {
+	t.Helper()
+	var l net.Listener
+	err := ns.WithNetNSPath(nsPath, func(ns.NetNS) error {
+		var err error
+		l, err = net.Listen("tcp", addr.String())
+		return err
+	})
+	if err != nil {
+		t.Fatalf("listen on %s in %s: %v", addr, nsPath, err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			conn, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() {
+				defer conn.Close()
+				sc := bufio.NewScanner(conn)
+				for sc.Scan() {
+					if _, err := fmt.Fprintln(conn, sc.Text()); err != nil {
+						return
+					}
+				}
+			}()
+		}
+	}()
+}
+
 // seenFrom connects from the pod to dst and returns the source address
 // dst saw.
 func seenFrom(p *mqPod, dst netip.AddrPort) (netip.Addr, error) {
@@ -331,8 +363,9 @@ func (c *mqCluster) mustNFT(t *testing.T, stdin string, args ...string) string {
 // The masquerade: a pod's connection to the outside host leaves with node
 // A's address, in both families; to another node's pod and to a node
 // address it keeps the pod's own (node B's policy needs it to know the
-// pod); the sets follow Nodes that come and go; --no-masquerade-cidr keeps
-// a destination's pod address; --masquerade=false turns it off.
+// pod); the sets follow Nodes that come and go; a masqueraded connection
+// outlives the agent's restart; --no-masquerade-cidr keeps a destination's
+// pod address; --masquerade=false turns it off.
 func TestMasqueradeOnlyLeavingTheCluster(t *testing.T) {
 	c := newMQCluster(t)
 	c.startAgent(t)
@@ -370,6 +403,28 @@ func TestMasqueradeOnlyLeavingTheCluster(t *testing.T) {
 	waitSeen(t, "pod -> outside host, with Node C there", p, at(c.ext4), c.gw4)
 	c.deleteNode(t, nameC)
 	waitSeen(t, "pod -> the outside host's second address once Node C is gone", p, at(c.extSecond), c.gw4)
+
+	// A restart rebuilds the table, and a masqueraded connection that
+	// was open goes on: its translation is conntrack's, not the rule's.
+	serveEcho(t, extPath, netip.AddrPortFrom(c.ext4, port+1))
+	var conn net.Conn
+	err := ns.WithNetNSPath(p.NSPath, func(ns.NetNS) error {
+		var err error
+		conn, err = net.DialTimeout("tcp", netip.AddrPortFrom(c.ext4, port+1).String(), time.Second)
+		return err
+	})
+	if err != nil {
+		t.Fatalf("pod -> outside host's echo server: %v", err)
+	}
+	defer conn.Close()
+	if !echoOK(conn) {
+		t.Fatal("pod -> outside host's echo server: no echo")
+	}
+	c.startAgent(t)
+	if !echoOK(conn) {
+		t.Error("a masqueraded connection open across the agent's restart stopped carrying data")
+	}
+	waitSeen(t, "pod -> outside host after the restart", p, at(c.ext4), c.gw4)
 
 	// An extra destination that keeps pods' addresses; IPv6 still
 	// masqueraded.
