@@ -410,7 +410,10 @@ func RemoveNFTable() error {
 		return fmt.Errorf("nftables: %w", err)
 	}
 	_, err = c.ListTableOfFamily(NFTableName, nftables.TableFamilyINet)
-	if errors.Is(err, unix.ENOENT) {
+	// No table; or a kernel without nftables (no nfnetlink, or no
+	// nf_tables to load), which cannot hold one: --uninstall cleans up
+	// on any kernel.
+	if errors.Is(err, unix.ENOENT) || errors.Is(err, unix.EOPNOTSUPP) || errors.Is(err, unix.EPROTONOSUPPORT) {
 		return nil
 	}
 	if err != nil {
