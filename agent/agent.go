@@ -68,7 +68,19 @@ type Config struct {
 	// PublishPodIPs writes a new local pod's addresses into its status
 	// as soon as its plugin registers it (podips.go).
 	PublishPodIPs bool
-	Logger        *slog.Logger
+	// Masquerade gives pod traffic leaving the cluster (to anything not a
+	// pod CIDR or a node address of any Node, nor in NoMasqueradeCIDRs)
+	// the node's address, in the agent's nftables table (nftables.go);
+	// off for clusters whose network routes pod CIDRs.
+	Masquerade bool
+	// NoMasqueradeCIDRs are destinations outside the cluster that see
+	// pods' own addresses (a peered network that routes pod CIDRs).
+	NoMasqueradeCIDRs []netip.Prefix
+	// TunnelPort is the UDP port of the VXLAN tunnel between nodes; the
+	// agent's table drops what arrives on it from any address that is
+	// not a Node's. 0: no filter.
+	TunnelPort uint16
+	Logger     *slog.Logger
 }
 
 // Agent is one node's agent.
@@ -124,6 +136,12 @@ type Agent struct {
 	// podIPs publishes new pods' addresses; nil when
 	// Config.PublishPodIPs is off.
 	podIPs *podIPPublisher
+	// nft keeps the agent's nftables table (masquerade, tunnel filter);
+	// nil when neither is on, and then removeNFT has the start remove
+	// the table an earlier run left (never in unit tests, which run in
+	// the host's netns). Owned by the writer loop.
+	nft       *nftTable
+	removeNFT bool
 	// The CNI config, owned by the writer loop: started once the first
 	// write of the maps is done (the config may go out from then on),
 	// confCIDRs what the config written holds, noPodCIDR while the
@@ -152,6 +170,12 @@ func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
 	a.links = netlinkLinks{}
 	if cfg.NodeRoutes {
 		a.routes = newNodeRouter(netlinkRoutes{}, a.log, a.metrics)
+	}
+	if cfg.Masquerade || cfg.TunnelPort != 0 {
+		a.nft = newNFTable()
+		a.metrics.registerNFT(a.nft)
+	} else {
+		a.removeNFT = true
 	}
 	return a, nil
 }

@@ -25,6 +25,10 @@ func (a *Agent) audit() error {
 	if err := a.syncRoutes(); err != nil {
 		a.log.Warn("node routes audit", "err", err)
 	}
+	// And the nftables table, which a firewall reload may have deleted.
+	if err := a.auditNFT(); err != nil {
+		a.log.Warn("nftables table audit", "err", err)
+	}
 	s := a.st
 	drift := map[string]int{}
 	ipc, err := a.maps.IPCache()

@@ -36,6 +36,7 @@ type metrics struct {
 	nodeRoutes       prometheus.Gauge
 	podIPsPublished  *prometheus.CounterVec
 	noRoute          prometheus.Gauge
+	masquerade       prometheus.Gauge
 }
 
 func newMetrics(a *Agent) *metrics {
@@ -71,10 +72,23 @@ func newMetrics(a *Agent) *metrics {
 	m.noRoute = prometheus.NewGauge(f("node_routes_missing", "Other nodes' pod CIDRs with no route: the node's InternalIP is not on a subnet this node is connected to (VXLAN is not implemented yet), or a route the agent did not make holds the destination."))
 	m.podIPsPublished = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "idcni", Name: "pod_ips_published_total",
 		Help: "New local pods' addresses written into their status before the kubelet's (published), not needed because the status had them or the pod was gone or replaced (skipped), or given up after retries (failed)."}, []string{"result"})
-	m.reg.MustRegister(m.nodeRoutes, m.noRoute, m.podIPsPublished, m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
+	m.masquerade = prometheus.NewGauge(f("masquerade", "1 while the agent's nftables table masquerades pod traffic leaving the cluster (--masquerade), 0 when off."))
+	m.reg.MustRegister(m.masquerade, m.nodeRoutes, m.noRoute, m.podIPsPublished, m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
 		m.flushSeconds, m.addSeconds, m.reconcileErrors, m.events, m.writes, m.revisionBumps, m.policiesRefused, m.overflow, m.auditDrift,
 		&datapathCollector{a: a}, &flowCollector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
+}
+
+// registerNFT adds the counters of the agent's nftables table, read at
+// scrape time.
+func (m *metrics) registerNFT(t *nftTable) {
+	m.reg.MustRegister(
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "idcni", Name: "masqueraded_connections_total",
+			Help: "Connections from this node's pods masqueraded to the node's address as they left the cluster (nftables table inet idcni)."},
+			func() float64 { return t.counter(counterMasqueraded) }),
+		prometheus.NewCounterFunc(prometheus.CounterOpts{Namespace: "idcni", Name: "tunnel_rejected_packets_total",
+			Help: "UDP packets to the tunnel port (--tunnel-port) from an address that is no Node's, dropped (nftables table inet idcni)."},
+			func() float64 { return t.counter(counterTunnelRejects) }))
 }
 
 // observeFlush records one flush: what it wrote, how long it took, how

@@ -257,8 +257,9 @@ func (a *Agent) compilePod(pod *corev1.Pod) error {
 
 // syncNodes follows the Nodes: their addresses into the compiler and the
 // ipcache (this node's resolve to host, every other node's to
-// remote-node), the routes to other nodes' pod CIDRs, and this node's pod
-// CIDRs into the CNI config once the agent has started.
+// remote-node), the routes to other nodes' pod CIDRs, the sets of the
+// nftables table, and this node's pod CIDRs into the CNI config once the
+// agent has started.
 func (a *Agent) syncNodes() error {
 	if err := a.syncNodeAddrs(); err != nil {
 		return err
@@ -267,7 +268,7 @@ func (a *Agent) syncNodes() error {
 	if a.started {
 		errs = append(errs, a.updateCNIConf())
 	}
-	errs = append(errs, a.syncRoutes())
+	errs = append(errs, a.syncRoutes(), a.syncNFT())
 	return errors.Join(errs...)
 }
 
@@ -664,6 +665,19 @@ func (a *Agent) resync() error {
 	if err := a.syncRoutes(); err != nil {
 		a.log.Error("routes to other nodes' pod CIDRs", "err", err)
 		a.queue.AddRateLimited(key{kind: kindNode})
+	}
+	// The nftables table is built whole before the agent is ready: a
+	// pod that started before it would reach outside with its own
+	// address, and the tunnel would take packets from anyone.
+	if err := a.syncNFT(); err != nil {
+		return err
+	}
+	if a.removeNFT {
+		// Masquerade and the tunnel filter are off: what an earlier
+		// run with them on left must not go on masquerading.
+		if err := RemoveNFTable(); err != nil {
+			a.log.Warn("remove the nftables table an earlier run left", "err", err)
+		}
 	}
 	pods, err := a.pods.List(labels.Everything())
 	if err != nil {

@@ -243,6 +243,11 @@ func runScale(b *testing.B, cfg scaleConfig, name, plugins, agentBin string) {
 		"--socket", socket, "--cni-conf-dir", confDir, "--cni-conf-template", tmpl, "--identity-grace", "1m",
 	}}
 	s.agent.args = append(s.agent.args, "--metrics-addr", s.agent.metrics)
+	if name != "old" {
+		// The host's netns: no nftables table (an old build has
+		// neither the table nor the flags).
+		s.agent.args = append(s.agent.args, "--masquerade=false", "--tunnel-port=0")
+	}
 	b.Cleanup(s.agent.stop)
 	s.logf("agent %s, plugins %s, node %s, bpf root %s", agentBin, plugins, s.node, s.env.BPFRoot)
 

@@ -111,6 +111,9 @@ func newAgentEnv(t testing.TB) *agentEnv {
 		"--kubeconfig", c.Kubeconfig, "--node-name", e.node, "--bpf-root", env.BPFRoot, "--state", e.state,
 		"--socket", socket, "--metrics-addr", metrics, "--cni-conf-dir", confDir, "--cni-conf-template", tmpl,
 		"--identity-grace", "1m",
+		// The agent runs in the host's netns here: no nftables table
+		// there (masquerade_test.go tests it in node netns).
+		"--masquerade=false", "--tunnel-port=0",
 	}}
 	e.agent.start()
 	t.Cleanup(e.agent.stop)

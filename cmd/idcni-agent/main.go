@@ -52,6 +52,7 @@ func command() *cobra.Command {
 		logLevel   string
 		logJSON    bool
 		podCIDRs   []string
+		noMasq     []string
 	)
 	cmd := &cobra.Command{
 		Use:   "idcni-agent",
@@ -66,8 +67,13 @@ same way.
 
 Once its caches are synced and the maps written, the agent writes the CNI
 config into --cni-conf-dir, so the node only takes pods it can enforce.
---uninstall removes that config, every pin (programs detach from all veths) and,
-unless --node-routes=false, the routes to other nodes' pod CIDRs.`,
+The agent owns one nftables table, inet idcni: it masquerades pod traffic
+leaving the cluster (--masquerade) and drops packets to the tunnel port from
+addresses that are no Node's (--tunnel-port). It never touches other tables.
+
+--uninstall removes that config, every pin (programs detach from all veths),
+the nftables table and, unless --node-routes=false, the routes to other
+nodes' pod CIDRs.`,
 		Example: `  # on a node, as the DaemonSet does
   idcni-agent --node-name "$NODE_NAME"
 
@@ -87,7 +93,9 @@ unless --node-routes=false, the routes to other nodes' pod CIDRs.`,
 				if cfg.NodeRoutes {
 					err = errors.Join(err, agent.RemoveRoutes())
 				}
-				return err
+				// Whatever the flags: a table left masquerading
+				// after idcni is gone would be worse than none.
+				return errors.Join(err, agent.RemoveNFTable())
 			}
 			// Before anything is loaded: on an older kernel the first
 			// sign would otherwise be a verifier log or an EPERM.
@@ -99,6 +107,9 @@ unless --node-routes=false, the routes to other nodes' pod CIDRs.`,
 				return err
 			}
 			if cfg.PodCIDRs, err = parsePodCIDRs(podCIDRs); err != nil {
+				return err
+			}
+			if cfg.NoMasqueradeCIDRs, err = parseCIDRs("--no-masquerade-cidr", noMasq); err != nil {
 				return err
 			}
 			cfg.Logger = log
@@ -145,7 +156,10 @@ unless --node-routes=false, the routes to other nodes' pod CIDRs.`,
 	f.StringSliceVar(&podCIDRs, "pod-cidr", nil, "this node's pod ranges, repeated or comma-separated, at most one per family, instead of its Node's spec.podCIDRs (for clusters whose kube-controller-manager does not run with --allocate-node-cidrs). Without either the agent writes no CNI config")
 	f.BoolVar(&cfg.NodeRoutes, "node-routes", true, "route every other node's pod CIDRs through its InternalIP when that is on a subnet this node is connected to (routes of protocol 157); off when something else routes pod CIDRs")
 	f.BoolVar(&cfg.PublishPodIPs, "publish-pod-ips", true, "write a new pod's addresses into its status.podIPs when its veth is set up, before the kubelet does (up to a PLEG relist later), so other nodes know its identity before its first packet; needs patch on pods/status")
-	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config, every pin and the routes to other nodes' pod CIDRs (with --node-routes), then exit")
+	f.BoolVar(&cfg.Masquerade, "masquerade", true, "masquerade pod traffic to destinations outside the cluster (not a pod CIDR or an address of any Node) to the node's address (nftables table inet idcni); off when the network routes pod CIDRs")
+	f.StringSliceVar(&noMasq, "no-masquerade-cidr", nil, "destinations outside the cluster that see pods' own addresses, not the node's (a peered network that routes pod CIDRs back); repeated or comma-separated")
+	f.Uint16Var(&cfg.TunnelPort, "tunnel-port", 8472, "UDP port of the VXLAN tunnel between nodes; the agent drops packets to it from any address that is not a Node's InternalIP or ExternalIP (idcni_tunnel_rejected_packets_total); 0 turns that filter off")
+	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config, every pin, the nftables table inet idcni and the routes to other nodes' pod CIDRs (with --node-routes), then exit")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
 	addInstallCNI(cmd)
@@ -168,6 +182,22 @@ func parsePodCIDRs(in []string) ([]netip.Prefix, error) {
 			if q.Addr().Is4() == p.Addr().Is4() {
 				return nil, fmt.Errorf("bad --pod-cidr: %s and %s are of one family; a node has at most one IPv4 and one IPv6 pod CIDR", q, p)
 			}
+		}
+		out = append(out, p)
+	}
+	return out, nil
+}
+
+// parseCIDRs reads a list of network prefixes given to flag.
+func parseCIDRs(flag string, in []string) ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	for _, s := range in {
+		p, err := netip.ParsePrefix(strings.TrimSpace(s))
+		if err != nil {
+			return nil, fmt.Errorf("bad %s %q: %w", flag, s, err)
+		}
+		if p != p.Masked() {
+			return nil, fmt.Errorf("bad %s %q: not a network address (did you mean %s?)", flag, s, p.Masked())
 		}
 		out = append(out, p)
 	}
