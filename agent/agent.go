@@ -65,6 +65,13 @@ type Config struct {
 	// NodeRoutes programs a route to every other node's pod CIDRs
 	// (routes.go).
 	NodeRoutes bool
+	// RoutingMode is how those routes go (tunnel.go): auto (direct to
+	// nodes on a connected subnet, VXLAN to the others; "" means auto),
+	// direct, or vxlan (every other node through the tunnel).
+	RoutingMode RoutingMode
+	// TunnelPort is the VXLAN tunnel's UDP port on every node; 0 means
+	// DefaultTunnelPort (8472).
+	TunnelPort uint16
 	Logger     *slog.Logger
 }
 
@@ -125,7 +132,9 @@ type Agent struct {
 	started     bool
 	confWritten bool
 	confCIDRs   []netip.Prefix
+	confMTU     int
 	noPodCIDR   bool
+	noUplink    bool // logged that the uplink is unknown
 
 	ready     chan struct{}
 	readyOnce sync.Once
@@ -145,7 +154,7 @@ func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
 	}
 	a.links = netlinkLinks{}
 	if cfg.NodeRoutes {
-		a.routes = newNodeRouter(netlinkRoutes{}, a.log, a.metrics)
+		a.routes = newNodeRouter(netlinkRoutes{}, a.log, a.metrics, cfg.RoutingMode, cfg.TunnelPort)
 	}
 	return a, nil
 }

@@ -52,6 +52,7 @@ func command() *cobra.Command {
 		logLevel   string
 		logJSON    bool
 		podCIDRs   []string
+		mode       string
 	)
 	cmd := &cobra.Command{
 		Use:   "idcni-agent",
@@ -67,7 +68,8 @@ same way.
 Once its caches are synced and the maps written, the agent writes the CNI
 config into --cni-conf-dir, so the node only takes pods it can enforce.
 --uninstall removes that config, every pin (programs detach from all veths) and,
-unless --node-routes=false, the routes to other nodes' pod CIDRs.`,
+unless --node-routes=false, the routes to other nodes' pod CIDRs and the VXLAN
+device.`,
 		Example: `  # on a node, as the DaemonSet does
   idcni-agent --node-name "$NODE_NAME"
 
@@ -100,6 +102,12 @@ unless --node-routes=false, the routes to other nodes' pod CIDRs.`,
 			}
 			if cfg.PodCIDRs, err = parsePodCIDRs(podCIDRs); err != nil {
 				return err
+			}
+			if cfg.RoutingMode, err = agent.ParseRoutingMode(mode); err != nil {
+				return fmt.Errorf("--routing-mode: %w", err)
+			}
+			if cfg.TunnelPort == 0 {
+				return errors.New("--tunnel-port 0: the VXLAN tunnel needs a UDP port, the same on every node (default 8472)")
 			}
 			cfg.Logger = log
 			cfg.CNIConf = manifests.CNIConflist
@@ -143,8 +151,10 @@ unless --node-routes=false, the routes to other nodes' pod CIDRs.`,
 	f.Uint32Var(&cfg.PolicyEntries, "policy-map-size", 0, "entries of the policy map (0: the datapath's default, 65536); only this node's pods' identities have entries. A NetworkPolicy that does not fit is refused alone, with a PolicyRefused Event. Maps pinned with another size are refused: remove the pins (--uninstall) to resize")
 	f.Uint32Var(&cfg.IPCacheEntries, "ipcache-size", 0, "entries of the ipcache (0: the datapath's default); it holds every pod and node address of the cluster and the ipBlock prefixes. Maps pinned with another size are refused: remove the pins (--uninstall) to resize")
 	f.StringSliceVar(&podCIDRs, "pod-cidr", nil, "this node's pod ranges, repeated or comma-separated, at most one per family, instead of its Node's spec.podCIDRs (for clusters whose kube-controller-manager does not run with --allocate-node-cidrs). Without either the agent writes no CNI config")
-	f.BoolVar(&cfg.NodeRoutes, "node-routes", true, "route every other node's pod CIDRs through its InternalIP when that is on a subnet this node is connected to (routes of protocol 157); off when something else routes pod CIDRs")
-	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config, every pin and the routes to other nodes' pod CIDRs (with --node-routes), then exit")
+	f.BoolVar(&cfg.NodeRoutes, "node-routes", true, "route every other node's pod CIDRs (routes of protocol 157), directly or through the VXLAN tunnel as --routing-mode says; off when something else routes pod CIDRs (the CNI config then keeps the template's MTU)")
+	f.StringVar(&mode, "routing-mode", string(agent.RoutingAuto), "how other nodes' pod CIDRs are reached: auto (directly through the node's InternalIP when it is on a connected subnet, through the VXLAN tunnel otherwise), direct (directly only: nodes elsewhere stay unreachable, counted in idcni_node_routes_missing) or vxlan (every other node through the tunnel). The pods' MTU in the CNI config is the uplink's less the tunnel overhead (50 bytes over IPv4, 70 over IPv6) in auto and vxlan, the uplink's in direct")
+	f.Uint16Var(&cfg.TunnelPort, "tunnel-port", agent.DefaultTunnelPort, "UDP port of the VXLAN tunnel (device "+agent.TunnelDevice+", VNI 157), the same on every node")
+	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config, every pin, the routes to other nodes' pod CIDRs and the VXLAN device (with --node-routes), then exit")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
 	addInstallCNI(cmd)
