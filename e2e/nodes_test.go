@@ -658,7 +658,8 @@ func TestNodesVXLAN(t *testing.T) {
 	nameA, nameC := "node-a-"+cnitest.RandHex(6), "node-c-"+cnitest.RandHex(6)
 	createNode(t, c, nameA, na.addr.String(), podA.String(), podA6.String())
 	createNode(t, c, nameC, nc.addr.String(), podC.String(), podC6.String())
-	a := startNodeAgent(t, c, na.nodeNetns, nameA, true)
+	// Metrics on the node netns' own loopback.
+	a := startNodeAgent(t, c, na.nodeNetns, nameA, true, "--metrics-addr=127.0.0.1:9965")
 	ac := startNodeAgent(t, c, nc.nodeNetns, nameC, true)
 
 	viaC := func(addr netip.Addr) []string {
@@ -673,6 +674,31 @@ func TestNodesVXLAN(t *testing.T) {
 	}
 	if got := ipOut(t, "-n", na.name, "route", "show", podC.String()); !strings.Contains(got, "onlink") || !strings.Contains(got, "proto 157") {
 		t.Errorf("A's route to %s: %s", podC, got)
+	}
+
+	waitFor(t, 10*time.Second, "A's metrics count the tunnelled routes", func() bool {
+		m := nodeMetrics(t, na.name)
+		return strings.Contains(m, `idcni_node_routes{via="vxlan"} 2`) && strings.Contains(m, `idcni_node_routes{via="direct"} 0`) &&
+			strings.Contains(m, "idcni_tunnel_peers 1") && strings.Contains(m, "idcni_node_routes_missing 0")
+	})
+	// A Node change that moves nothing changes nothing: the routes read
+	// back equal to what the agent wants (onlink included), no churn.
+	logLines := func(sub string) int {
+		lb, _ := os.ReadFile(a.log)
+		return strings.Count(string(lb), sub)
+	}
+	routesAdded, entriesAdded := logLines("route to another node's pod CIDR"), logLines("VXLAN entry added")
+	nodeC, err := c.Client.CoreV1().Nodes().Get(context.Background(), nameC, metav1.GetOptions{})
+	if err != nil {
+		t.Fatal(err)
+	}
+	nodeC.Labels = map[string]string{"touched": "yes"}
+	if _, err := c.Client.CoreV1().Nodes().Update(context.Background(), nodeC, metav1.UpdateOptions{}); err != nil {
+		t.Fatal(err)
+	}
+	time.Sleep(2 * time.Second)
+	if r, e := logLines("route to another node's pod CIDR"), logLines("VXLAN entry added"); r != routesAdded || e != entriesAdded {
+		t.Errorf("a Node label change rewrote %d routes and %d tunnel entries", r-routesAdded, e-entriesAdded)
 	}
 
 	// The pods' MTU: 1500 on the uplink, less 50.
@@ -722,7 +748,7 @@ func TestNodesVXLAN(t *testing.T) {
 	}
 
 	// Ingress policy on C applies to tunnelled packets: only role=client.
-	_, err := c.Client.NetworkingV1().NetworkPolicies("vx").Create(context.Background(), &networkingv1.NetworkPolicy{
+	_, err = c.Client.NetworkingV1().NetworkPolicies("vx").Create(context.Background(), &networkingv1.NetworkPolicy{
 		ObjectMeta: metav1.ObjectMeta{Name: "server-from-client", Namespace: "vx"},
 		Spec: networkingv1.NetworkPolicySpec{
 			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "server"}},
@@ -777,6 +803,10 @@ func TestNodesVXLAN(t *testing.T) {
 	if a1.reach(c1.kpod, 8080) {
 		t.Error("a1 -> c1 in direct mode: the router routes no pod CIDR, this must fail")
 	}
+	waitFor(t, 10*time.Second, "A's metrics count C's pod CIDRs missing in direct mode", func() bool {
+		m := nodeMetrics(t, na.name)
+		return strings.Contains(m, "idcni_node_routes_missing 2") && strings.Contains(m, `idcni_node_routes{via="vxlan"} 0`)
+	})
 
 	// Auto again, then --uninstall takes the device.
 	a.stop()
@@ -793,6 +823,17 @@ func TestNodesVXLAN(t *testing.T) {
 		t.Error("--uninstall left idcni_vxlan")
 	}
 	waitRoutes(t, na.name, "after --uninstall")
+}
+
+// nodeMetrics is the metrics page of the agent in netns (listening on
+// 127.0.0.1:9965 there).
+func nodeMetrics(t *testing.T, netns string) string {
+	t.Helper()
+	out, err := exec.Command("ip", "netns", "exec", netns, "curl", "-sf", "--max-time", "2", "http://127.0.0.1:9965/metrics").Output()
+	if err != nil {
+		return ""
+	}
+	return string(out)
 }
 
 func setInternalIP(t *testing.T, c *kube.Cluster, name string, addr netip.Addr) {
