@@ -2,6 +2,7 @@ package e2e
 
 import (
 	"context"
+	"crypto/sha256"
 	"encoding/json"
 	"fmt"
 	"net/netip"
@@ -917,5 +918,68 @@ func TestNodesVXLANModeOnLAN(t *testing.T) {
 		t.Errorf("the nodes' idcni_vxlan sent %d packets", n)
 	} else {
 		t.Logf("the nodes' idcni_vxlan sent %d packets", n)
+	}
+}
+
+// An IPv6 underlay: nodes A and B with only IPv6 InternalIPs, on one LAN,
+// in vxlan mode. The device's local address is the IPv6 InternalIP, its
+// MAC the hashed one, the pods' MTU 1500 less 70; IPv6 pods reach each
+// other through it (DF pings of exactly the MTU pass, one byte more is
+// refused), and the IPv4 pod CIDRs, with no IPv4 next hop over IPv6, are
+// counted missing.
+func TestNodesVXLANOverIPv6(t *testing.T) {
+	cnitest.RequireRoot(t)
+	c := kube.Start(t, kube.Options{})
+	api := strings.TrimPrefix(c.URL, "https://")
+	sw := newRouter(t)
+	br := "idbr" + cnitest.RandHex(6)
+	run(t, "ip", "-n", sw.name, "link", "add", br, "type", "bridge")
+	run(t, "ip", "-n", sw.name, "link", "set", br, "up")
+	lan := cnitest.PickSubnet6(t)
+	addrA, addrB := lan.Addr().Next(), lan.Addr().Next().Next()
+	var nodes []*nodeNetns
+	for _, addr := range []netip.Addr{addrA, addrB} {
+		n := newNodeNetns(t, api)
+		rif := "idrt" + cnitest.RandHex(6)
+		run(t, "ip", "-n", n.name, "link", "add", "up0", "type", "veth", "peer", "name", rif, "netns", sw.name)
+		run(t, "ip", "-n", sw.name, "link", "set", rif, "master", br, "up")
+		run(t, "ip", "-n", n.name, "addr", "add", netip.PrefixFrom(addr, 64).String(), "dev", "up0", "nodad")
+		run(t, "ip", "-n", n.name, "link", "set", "up0", "up")
+		nodes = append(nodes, n)
+	}
+	podA4, podB4, podA6, podB6 := cnitest.PickSubnet(t, 24), cnitest.PickSubnet(t, 24), cnitest.PickSubnet6(t), cnitest.PickSubnet6(t)
+	nameA, nameB := "node-a-"+cnitest.RandHex(6), "node-b-"+cnitest.RandHex(6)
+	createNode(t, c, nameA, addrA.String(), podA4.String(), podA6.String())
+	createNode(t, c, nameB, addrB.String(), podB4.String(), podB6.String())
+	a := startNodeAgent(t, c, nodes[0], nameA, true, "--routing-mode=vxlan")
+	b := startNodeAgent(t, c, nodes[1], nameB, true, "--routing-mode=vxlan")
+	// The next hop: the link-local address of B's MAC, 16: and five
+	// bytes of the SHA-256 of B's InternalIP.
+	h := sha256.Sum256(addrB.AsSlice())
+	ll := netip.AddrFrom16([16]byte{0xfe, 0x80, 8: 0x16 ^ 0x02, 9: h[0], 10: h[1], 11: 0xff, 12: 0xfe, 13: h[2], 14: h[3], 15: h[4]})
+	waitRoutes(t, nodes[0].name, "A's IPv6 route to B through the tunnel", fmt.Sprintf("%s via %s dev idcni_vxlan", podB6, ll))
+	if got := ipOut(t, "-n", nodes[0].name, "-d", "link", "show", "idcni_vxlan"); !strings.Contains(got, "local "+addrA.String()) || !strings.Contains(got, "mtu 1430") ||
+		!strings.Contains(got, "link/ether 16:") {
+		t.Errorf("A's idcni_vxlan over IPv6:\n%s", got)
+	}
+	if raw, _ := os.ReadFile(a.conf); !strings.Contains(string(raw), `"mtu": 1430`) {
+		t.Errorf("A's conflist has no mtu 1430:\n%s", raw)
+	}
+	waitFor(t, 10*time.Second, "A logs B's IPv4 pod CIDR as missing", func() bool {
+		lb, _ := os.ReadFile(a.log)
+		return strings.Contains(string(lb), "no IPv4 next hop over this node's IPv6 InternalIP")
+	})
+	env := cnitest.New(t, cnitest.Options{})
+	c.CreateNamespace(t, "vx", nil)
+	pa := newNodePod(t, c, env, a, nameA, "vx", "pa", nil)
+	pb := newNodePod(t, c, env, b, nameB, "vx", "pb", nil)
+	if ok, out := pa.Ping(pb.ip6, 3); !ok {
+		t.Fatalf("pa -> pb %s over the IPv6 tunnel: %s", pb.ip6, out)
+	}
+	if ok, out := pa.pingDF(pb.ip6, 1430-48); !ok {
+		t.Errorf("IPv6 ping of 1430 bytes: %s", out)
+	}
+	if ok, out := pa.pingDF(pb.ip6, 1430-48+1); ok || !strings.Contains(out, "message too long") {
+		t.Errorf("IPv6 ping of 1431 bytes answered or not refused as too long: %s", out)
 	}
 }
