@@ -728,6 +728,12 @@ func TestNodesVXLAN(t *testing.T) {
 	}
 	t.Logf("router forwarded %d VXLAN datagrams (UDP 8472)", after-before)
 
+	// The plugin gave the pods the conflist's MTU.
+	for _, p := range []*nodePod{a1, c1} {
+		if got := ipOut(t, "-n", p.Name, "link", "show", "eth0"); !strings.Contains(got, "mtu 1450 ") {
+			t.Errorf("pod %s's eth0: %s", p.name, got)
+		}
+	}
 	// MTU-sized pings with DF pass; one byte more is refused.
 	if ok, out := a1.pingDF(c1.ip, 1450-28); !ok {
 		t.Errorf("DF ping of 1450 bytes: %s", out)
