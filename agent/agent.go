@@ -76,9 +76,15 @@ type Config struct {
 	// NoMasqueradeCIDRs are destinations outside the cluster that see
 	// pods' own addresses (a peered network that routes pod CIDRs).
 	NoMasqueradeCIDRs []netip.Prefix
-	// TunnelPort is the UDP port of the VXLAN tunnel between nodes; the
-	// agent's table drops what arrives on it from any address that is
-	// not a Node's. 0: no filter.
+	// RoutingMode is how those routes go (tunnel.go): auto (direct to
+	// nodes on a connected subnet, VXLAN to the others; "" means auto),
+	// direct, or vxlan (every other node through the tunnel).
+	RoutingMode RoutingMode
+	// TunnelPort is the VXLAN tunnel's UDP port, the same on every node;
+	// the agent's nftables table drops what arrives on it from any
+	// address that is not a Node's. 0 means no tunnel port: no filter,
+	// for direct routing only (the flags refuse it otherwise; a tunnel
+	// asked for anyway uses DefaultTunnelPort).
 	TunnelPort uint16
 	Logger     *slog.Logger
 }
@@ -149,7 +155,9 @@ type Agent struct {
 	started     bool
 	confWritten bool
 	confCIDRs   []netip.Prefix
+	confMTU     int
 	noPodCIDR   bool
+	noUplink    bool // logged that the uplink is unknown
 
 	ready     chan struct{}
 	readyOnce sync.Once
@@ -169,7 +177,7 @@ func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
 	}
 	a.links = netlinkLinks{}
 	if cfg.NodeRoutes {
-		a.routes = newNodeRouter(netlinkRoutes{}, a.log, a.metrics)
+		a.routes = newNodeRouter(netlinkRoutes{}, a.log, a.metrics, cfg.RoutingMode, cfg.TunnelPort)
 	}
 	if cfg.Masquerade || cfg.TunnelPort != 0 {
 		a.nft = newNFTable()

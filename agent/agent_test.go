@@ -70,7 +70,7 @@ func TestWriteCNIConf(t *testing.T) {
 	dir := t.TempDir()
 	a := &Agent{cfg: Config{CNIConfDir: dir, CNIConfName: "10-idcni.conflist", CNIConf: manifests.CNIConflist,
 		Socket: "/run/test/agent.sock", BPFRoot: "/sys/fs/bpf/t"}, log: discardLogger()}
-	if err := a.WriteCNIConf(nil); err != nil {
+	if err := a.WriteCNIConf(nil, 0); err != nil {
 		t.Fatal(err)
 	}
 	raw, err := os.ReadFile(filepath.Join(dir, "10-idcni.conflist"))

@@ -22,8 +22,10 @@ import (
 // (dataDir, routes) stay. Until this file exists the runtime reports the
 // network not ready, so no pod starts before its policy can be enforced.
 // The file is written in place, not renamed in: containerd 1.6 ignores
-// files that appear by rename.
-func (a *Agent) WriteCNIConf(podCIDRs []netip.Prefix) error {
+// files that appear by rename. mtu, when not 0, is the pods' "mtu" unless
+// the template sets one (the operator's choice wins: a node may sit in
+// another overlay the agent cannot see).
+func (a *Agent) WriteCNIConf(podCIDRs []netip.Prefix, mtu int) error {
 	if a.cfg.CNIConfDir == "" {
 		return nil
 	}
@@ -42,6 +44,9 @@ func (a *Agent) WriteCNIConf(podCIDRs []netip.Prefix) error {
 			if len(podCIDRs) > 0 {
 				pm["ipam"] = hostLocalIPAM(pm["ipam"], podCIDRs)
 			}
+			if _, set := pm["mtu"]; !set && mtu > 0 {
+				pm["mtu"] = mtu
+			}
 		}
 	}
 	out, err := json.MarshalIndent(conf, "", "  ")
@@ -55,7 +60,7 @@ func (a *Agent) WriteCNIConf(podCIDRs []netip.Prefix) error {
 	if err := os.WriteFile(path, append(out, '\n'), 0o644); err != nil {
 		return fmt.Errorf("write CNI config %s: %w", path, err)
 	}
-	a.log.Info("CNI config written", "path", path, "podCIDRs", podCIDRs)
+	a.log.Info("CNI config written", "path", path, "podCIDRs", podCIDRs, "mtu", mtu)
 	return nil
 }
 
@@ -142,19 +147,60 @@ func (a *Agent) updateCNIConf() error {
 		return nil
 	}
 	a.noPodCIDR = false
-	if a.confWritten && slices.Equal(cidrs, a.confCIDRs) {
+	mtu := a.podMTU(node)
+	if a.confWritten && slices.Equal(cidrs, a.confCIDRs) && mtu == a.confMTU {
 		return nil
 	}
-	if a.confWritten {
+	if a.confWritten && !slices.Equal(cidrs, a.confCIDRs) {
 		a.log.Warn("this node's pod CIDRs changed: rewriting the CNI config; running pods keep the addresses they have, new pods get addresses from the new ranges",
 			"node", a.cfg.NodeName, "old", a.confCIDRs, "new", cidrs)
 	}
-	if err := a.WriteCNIConf(cidrs); err != nil {
+	if a.confWritten && mtu != a.confMTU {
+		a.log.Warn("the pods' MTU changed: rewriting the CNI config; running pods keep the MTU they have (a veth's MTU is set once, at creation), new pods get the new one",
+			"node", a.cfg.NodeName, "old", a.confMTU, "new", mtu)
+	}
+	if err := a.WriteCNIConf(cidrs, mtu); err != nil {
 		return err
 	}
-	a.confWritten, a.confCIDRs = true, slices.Clone(cidrs)
+	a.confWritten, a.confCIDRs, a.confMTU = true, slices.Clone(cidrs), mtu
 	a.becomeReady()
 	return nil
+}
+
+// podMTU is the pods' MTU for the CNI config: the MTU of the uplink, the
+// link holding this node's InternalIP (the tunnel's endpoint), less the
+// VXLAN overhead (50 bytes over IPv4, 70 over IPv6) unless the routing
+// mode is direct. In auto mode the overhead is taken even while every
+// node is on a connected subnet: a node elsewhere may join later, and a
+// pod's MTU cannot change after it is created, so every pod must fit the
+// tunnel from the start. 0 (the template's, or the plugin's default) when
+// the agent does not route, or cannot tell the uplink.
+func (a *Agent) podMTU(node *corev1.Node) int {
+	if a.routes == nil || node == nil {
+		return 0
+	}
+	underlay := tunnelUnderlay(internalIPs(node))
+	if !underlay.IsValid() {
+		return 0
+	}
+	connected, err := a.routes.table.Connected()
+	if err != nil {
+		a.log.Warn("pods' MTU: the uplink's MTU is unknown", "err", err)
+		return 0
+	}
+	up, ok := uplinkOf(connected, underlay)
+	if !ok || up.MTU == 0 {
+		if !a.noUplink {
+			a.log.Warn("pods' MTU: this node's InternalIP is on none of its links; the CNI config keeps the template's MTU", "internalIP", underlay)
+			a.noUplink = true
+		}
+		return 0
+	}
+	a.noUplink = false
+	if a.routes.mode == RoutingDirect {
+		return up.MTU
+	}
+	return up.MTU - tunnelOverhead(underlay)
 }
 
 func (a *Agent) becomeReady() {

@@ -33,7 +33,8 @@ type metrics struct {
 	policiesRefused  prometheus.Gauge
 	overflow         prometheus.Gauge
 	auditDrift       *prometheus.CounterVec
-	nodeRoutes       prometheus.Gauge
+	nodeRoutes       *prometheus.GaugeVec
+	tunnelPeers      prometheus.Gauge
 	podIPsPublished  *prometheus.CounterVec
 	noRoute          prometheus.Gauge
 	masquerade       prometheus.Gauge
@@ -68,12 +69,13 @@ func newMetrics(a *Agent) *metrics {
 	m.overflow = prometheus.NewGauge(f("map_overflow", "Subjects and ipcache entries waiting for room in a full map."))
 	m.auditDrift = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "idcni", Name: "audit_drift_total",
 		Help: "Map entries the periodic audit found different from what the agent wrote, and repaired, by map."}, []string{"map"})
-	m.nodeRoutes = prometheus.NewGauge(f("node_routes", "Routes the agent programmed to other nodes' pod CIDRs."))
-	m.noRoute = prometheus.NewGauge(f("node_routes_missing", "Other nodes' pod CIDRs with no route: the node's InternalIP is not on a subnet this node is connected to (VXLAN is not implemented yet), or a route the agent did not make holds the destination."))
+	m.nodeRoutes = prometheus.NewGaugeVec(f("node_routes", "Routes the agent programmed to other nodes' pod CIDRs, by way: direct (through the node's InternalIP on a connected subnet) or vxlan (through the tunnel)."), []string{"via"})
+	m.tunnelPeers = prometheus.NewGauge(f("tunnel_peers", "Nodes the VXLAN tunnel has an FDB entry for."))
+	m.noRoute = prometheus.NewGauge(f("node_routes_missing", "Other nodes' pod CIDRs with no route: --routing-mode=direct and the node's InternalIP is not on a connected subnet, no tunnel endpoint (no InternalIP of the tunnel's family on either end), a pod CIDR that overlaps this node's, or a route the agent did not make holds the destination."))
 	m.podIPsPublished = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "idcni", Name: "pod_ips_published_total",
 		Help: "New local pods' addresses written into their status before the kubelet's (published), not needed because the status had them or the pod was gone or replaced (skipped), or given up after retries (failed)."}, []string{"result"})
 	m.masquerade = prometheus.NewGauge(f("masquerade", "1 while the agent's nftables table masquerades pod traffic leaving the cluster (--masquerade), 0 when off."))
-	m.reg.MustRegister(m.masquerade, m.nodeRoutes, m.noRoute, m.podIPsPublished, m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
+	m.reg.MustRegister(m.masquerade, m.podIPsPublished, m.nodeRoutes, m.tunnelPeers, m.noRoute, m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
 		m.flushSeconds, m.addSeconds, m.reconcileErrors, m.events, m.writes, m.revisionBumps, m.policiesRefused, m.overflow, m.auditDrift,
 		&datapathCollector{a: a}, &flowCollector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -78,7 +78,7 @@ func TestCNIConfRangesFromPodCIDRs(t *testing.T) {
 		t.Run(c.name, func(t *testing.T) {
 			dir := t.TempDir()
 			a := &Agent{cfg: Config{CNIConfDir: dir, CNIConfName: "10-idcni.conflist", CNIConf: tmpl, Socket: "/run/x.sock"}, log: discardLogger()}
-			if err := a.WriteCNIConf(c.cidrs); err != nil {
+			if err := a.WriteCNIConf(c.cidrs, 0); err != nil {
 				t.Fatal(err)
 			}
 			ipam := conflistIPAM(t, filepath.Join(dir, "10-idcni.conflist"))
@@ -96,7 +96,7 @@ func TestCNIConfRangesFromPodCIDRs(t *testing.T) {
 	// The shipped template too: its static range is replaced.
 	dir := t.TempDir()
 	a := &Agent{cfg: Config{CNIConfDir: dir, CNIConfName: "c.conflist", CNIConf: manifests.CNIConflist}, log: discardLogger()}
-	if err := a.WriteCNIConf(prefixes("10.13.9.0/24")); err != nil {
+	if err := a.WriteCNIConf(prefixes("10.13.9.0/24"), 0); err != nil {
 		t.Fatal(err)
 	}
 	if got := rangeSubnets(t, conflistIPAM(t, filepath.Join(dir, "c.conflist"))); !slices.Equal(got, []string{"10.13.9.0/24"}) {

@@ -289,7 +289,13 @@ func (a *Agent) syncRoutes() error {
 	if err != nil {
 		return err
 	}
-	return a.routes.sync(peerNodes(nodes, a.cfg.NodeName), local, localAddrs)
+	self := selfNode{cidrs: local, addrs: localAddrs}
+	for _, n := range nodes {
+		if n.Name == a.cfg.NodeName {
+			self.internal = internalIPs(n)
+		}
+	}
+	return a.routes.sync(peerNodes(nodes, a.cfg.NodeName), self)
 }
 
 // syncNodeAddrs hands every node address to the compiler and the ipcache.

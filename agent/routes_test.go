@@ -19,10 +19,67 @@ type fakeRoutes struct {
 	owned     map[netip.Prefix]nodeRoute
 	foreign   map[netip.Prefix]nodeRoute
 	ops       int
+	// The vxlan device: tunnel is nil without one; index changes when
+	// it is made again, and the routes through it and entries go.
+	tunnel    *tunnelSpec
+	index     int
+	entries   map[tunnelEntry]bool
+	recreated int
 }
 
 func newFakeRoutes(connected ...connectedNet) *fakeRoutes {
-	return &fakeRoutes{connected: connected, owned: map[netip.Prefix]nodeRoute{}, foreign: map[netip.Prefix]nodeRoute{}}
+	return &fakeRoutes{connected: connected, owned: map[netip.Prefix]nodeRoute{}, foreign: map[netip.Prefix]nodeRoute{}, index: 99}
+}
+
+func (f *fakeRoutes) dropTunnel() {
+	for dst, r := range f.owned {
+		if r.LinkIndex == f.index {
+			delete(f.owned, dst)
+		}
+	}
+	f.tunnel, f.entries = nil, nil
+}
+
+func (f *fakeRoutes) EnsureTunnel(spec tunnelSpec) (int, error) {
+	if f.tunnel != nil && (f.tunnel.Local != spec.Local || f.tunnel.Port != spec.Port) {
+		f.dropTunnel()
+		f.recreated++
+	}
+	if f.tunnel == nil {
+		f.ops++
+		f.index++
+		f.entries = map[tunnelEntry]bool{}
+	}
+	f.tunnel = &spec
+	return f.index, nil
+}
+
+func (f *fakeRoutes) RemoveTunnel() (bool, error) {
+	if f.tunnel == nil {
+		return false, nil
+	}
+	f.ops++
+	f.dropTunnel()
+	return true, nil
+}
+
+func (f *fakeRoutes) TunnelEntries(index int) ([]tunnelEntry, error) {
+	if f.tunnel == nil || index != f.index {
+		panic("entries of a device that is not there")
+	}
+	return sortedEntries(f.entries), nil
+}
+
+func (f *fakeRoutes) AddTunnelEntry(index int, e tunnelEntry) error {
+	f.ops++
+	f.entries[e] = true
+	return nil
+}
+
+func (f *fakeRoutes) DeleteTunnelEntry(index int, e tunnelEntry) error {
+	f.ops++
+	delete(f.entries, e)
+	return nil
 }
 
 func (f *fakeRoutes) Connected() ([]connectedNet, error) { return slices.Clone(f.connected), nil }
@@ -37,6 +94,9 @@ func (f *fakeRoutes) Owned() ([]nodeRoute, error) {
 
 func (f *fakeRoutes) Add(r nodeRoute) error {
 	f.ops++
+	if r.LinkIndex == tunnelLink || (r.LinkIndex == f.index && f.tunnel == nil) {
+		panic("route through a device that is not there: " + r.String())
+	}
 	if _, ok := f.foreign[r.Dst]; ok {
 		return errRouteExists
 	}
@@ -66,21 +126,24 @@ func (f *fakeRoutes) Delete(r nodeRoute) error {
 
 func (f *fakeRoutes) routes() []nodeRoute { return sortedRoutes(f.owned) }
 
-func withRoutes(f *fakeRoutes) func(*Agent) {
-	return func(a *Agent) { a.routes = newNodeRouter(f, a.log, a.metrics) }
+// withRoutes routes directly only, as the agent did before VXLAN.
+func withRoutes(f *fakeRoutes) func(*Agent) { return withRouting(f, RoutingDirect) }
+
+func withRouting(f *fakeRoutes, mode RoutingMode) func(*Agent) {
+	return func(a *Agent) { a.routes = newNodeRouter(f, a.log, a.metrics, mode, 0) }
 }
 
 func route(dst, via string, link int) nodeRoute {
 	return nodeRoute{Dst: netip.MustParsePrefix(dst), Via: netip.MustParseAddr(via), LinkIndex: link}
 }
 
-// The LAN is 192.0.2.0/24 on link 2, a second subnet 198.51.100.0/24 on
-// link 3, and an IPv6 one on link 2.
+// The LAN is 192.0.2.0/24 on link 2 (MTU 1500, this node 192.0.2.10), a
+// second subnet 198.51.100.0/24 on link 3, and an IPv6 one on link 2.
 func lan() *fakeRoutes {
 	return newFakeRoutes(
-		connectedNet{Prefix: netip.MustParsePrefix("192.0.2.0/24"), LinkIndex: 2},
-		connectedNet{Prefix: netip.MustParsePrefix("198.51.100.0/24"), LinkIndex: 3},
-		connectedNet{Prefix: netip.MustParsePrefix("2001:db8::/64"), LinkIndex: 2},
+		connectedNet{Prefix: netip.MustParsePrefix("192.0.2.0/24"), Addr: netip.MustParseAddr("192.0.2.10"), LinkIndex: 2, MTU: 1500},
+		connectedNet{Prefix: netip.MustParsePrefix("198.51.100.0/24"), Addr: netip.MustParseAddr("198.51.100.10"), LinkIndex: 3, MTU: 9000},
+		connectedNet{Prefix: netip.MustParsePrefix("2001:db8::/64"), Addr: netip.MustParseAddr("2001:db8::10"), LinkIndex: 2, MTU: 1500},
 	)
 }
 
@@ -125,7 +188,7 @@ func TestRoutesFollowNodes(t *testing.T) {
 	wantRoutes(t, f, "at start",
 		route("10.13.1.0/24", "192.0.2.11", 2), route("10.13.2.0/24", "198.51.100.12", 3),
 		route("10.13.5.0/24", "192.0.2.15", 2), route("fd00:13:5::/64", "2001:db8::15", 2))
-	if why := ta.routes.missing[netip.MustParsePrefix("10.13.3.0/24")]; why != "no route: node node-far's InternalIP is not on a connected subnet; VXLAN is not implemented yet (pod CIDR 10.13.3.0/24 unreachable from this node's pods)" {
+	if why := ta.routes.missing[netip.MustParsePrefix("10.13.3.0/24")]; why != "no route: node node-far's InternalIP is not on a connected subnet and --routing-mode is direct (pod CIDR 10.13.3.0/24 unreachable from this node's pods)" {
 		t.Errorf("node-far: %q", why)
 	}
 
@@ -207,7 +270,8 @@ func TestPlanRoutesEdges(t *testing.T) {
 		{name: "c", cidrs: prefixes("10.13.0.0/16")},                                                         // overlaps the local pod CIDR
 		{name: "d", cidrs: prefixes("10.13.4.0/24"), addrs: []netip.Addr{netip.MustParseAddr("192.0.2.10")}}, // this node's address
 	}
-	want, missing, conflicts := planRoutes(peers, connected, prefixes("10.13.0.0/24"), []netip.Addr{netip.MustParseAddr("192.0.2.10")})
+	p := planRoutes(peers, connected, selfNode{cidrs: prefixes("10.13.0.0/24"), addrs: []netip.Addr{netip.MustParseAddr("192.0.2.10")}}, RoutingDirect)
+	want, missing, conflicts := p.want, p.missing, p.conflicts
 	if got := sortedRoutes(want); !slices.Equal(got, []nodeRoute{route("10.13.1.0/24", "192.0.2.3", 5)}) {
 		t.Errorf("routes %v: want node a's through the longest connected subnet", got)
 	}

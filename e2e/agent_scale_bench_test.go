@@ -246,7 +246,7 @@ func runScale(b *testing.B, cfg scaleConfig, name, plugins, agentBin string) {
 	if name != "old" {
 		// The host's netns: no nftables table (an old build has
 		// neither the table nor the flags).
-		s.agent.args = append(s.agent.args, "--masquerade=false", "--tunnel-port=0")
+		s.agent.args = append(s.agent.args, "--masquerade=false", "--tunnel-port=0", "--routing-mode=direct")
 	}
 	b.Cleanup(s.agent.stop)
 	s.logf("agent %s, plugins %s, node %s, bpf root %s", agentBin, plugins, s.node, s.env.BPFRoot)

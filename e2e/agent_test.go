@@ -113,7 +113,7 @@ func newAgentEnv(t testing.TB) *agentEnv {
 		"--identity-grace", "1m",
 		// The agent runs in the host's netns here: no nftables table
 		// there (masquerade_test.go tests it in node netns).
-		"--masquerade=false", "--tunnel-port=0",
+		"--masquerade=false", "--tunnel-port=0", "--routing-mode=direct",
 	}}
 	e.agent.start()
 	t.Cleanup(e.agent.stop)

@@ -53,6 +53,7 @@ func command() *cobra.Command {
 		logJSON    bool
 		podCIDRs   []string
 		noMasq     []string
+		mode       string
 	)
 	cmd := &cobra.Command{
 		Use:   "idcni-agent",
@@ -73,7 +74,7 @@ addresses that are no Node's (--tunnel-port). It never touches other tables.
 
 --uninstall removes that config, every pin (programs detach from all veths),
 the nftables table and, unless --node-routes=false, the routes to other
-nodes' pod CIDRs.`,
+nodes' pod CIDRs and the VXLAN device.`,
 		Example: `  # on a node, as the DaemonSet does
   idcni-agent --node-name "$NODE_NAME"
 
@@ -111,6 +112,12 @@ nodes' pod CIDRs.`,
 			}
 			if cfg.NoMasqueradeCIDRs, err = parseCIDRs("--no-masquerade-cidr", noMasq); err != nil {
 				return err
+			}
+			if cfg.RoutingMode, err = agent.ParseRoutingMode(mode); err != nil {
+				return fmt.Errorf("--routing-mode: %w", err)
+			}
+			if cfg.TunnelPort == 0 && cfg.RoutingMode != agent.RoutingDirect {
+				return errors.New("--tunnel-port 0 (no tunnel, no tunnel filter) needs --routing-mode=direct: the VXLAN tunnel needs a UDP port, the same on every node (default 8472)")
 			}
 			cfg.Logger = log
 			cfg.CNIConf = manifests.CNIConflist
@@ -154,12 +161,13 @@ nodes' pod CIDRs.`,
 	f.Uint32Var(&cfg.PolicyEntries, "policy-map-size", 0, "entries of the policy map (0: the datapath's default, 65536); only this node's pods' identities have entries. A NetworkPolicy that does not fit is refused alone, with a PolicyRefused Event. Maps pinned with another size are refused: remove the pins (--uninstall) to resize")
 	f.Uint32Var(&cfg.IPCacheEntries, "ipcache-size", 0, "entries of the ipcache (0: the datapath's default); it holds every pod and node address of the cluster and the ipBlock prefixes. Maps pinned with another size are refused: remove the pins (--uninstall) to resize")
 	f.StringSliceVar(&podCIDRs, "pod-cidr", nil, "this node's pod ranges, repeated or comma-separated, at most one per family, instead of its Node's spec.podCIDRs (for clusters whose kube-controller-manager does not run with --allocate-node-cidrs). Without either the agent writes no CNI config")
-	f.BoolVar(&cfg.NodeRoutes, "node-routes", true, "route every other node's pod CIDRs through its InternalIP when that is on a subnet this node is connected to (routes of protocol 157); off when something else routes pod CIDRs")
+	f.BoolVar(&cfg.NodeRoutes, "node-routes", true, "route every other node's pod CIDRs (routes of protocol 157), directly or through the VXLAN tunnel as --routing-mode says; off when something else routes pod CIDRs (the CNI config then keeps the template's MTU)")
+	f.StringVar(&mode, "routing-mode", string(agent.RoutingAuto), "how other nodes' pod CIDRs are reached: auto (directly through the node's InternalIP when it is on a connected subnet, through the VXLAN tunnel otherwise), direct (directly only: nodes elsewhere stay unreachable, counted in idcni_node_routes_missing) or vxlan (every other node through the tunnel). The pods' MTU in the CNI config is the uplink's less the tunnel overhead (50 bytes over IPv4, 70 over IPv6) in auto and vxlan, the uplink's in direct")
+	f.Uint16Var(&cfg.TunnelPort, "tunnel-port", agent.DefaultTunnelPort, "UDP port of the VXLAN tunnel (device "+agent.TunnelDevice+", VNI 157), the same on every node; the agent drops packets to it from any address that is not a Node's InternalIP or ExternalIP (idcni_tunnel_rejected_packets_total). 0: no tunnel and no filter, with --routing-mode=direct only")
 	f.BoolVar(&cfg.PublishPodIPs, "publish-pod-ips", true, "write a new pod's addresses into its status.podIPs when its veth is set up, before the kubelet does (up to a PLEG relist later), so other nodes know its identity before its first packet; needs patch on pods/status")
 	f.BoolVar(&cfg.Masquerade, "masquerade", true, "masquerade pod traffic to destinations outside the cluster (not a pod CIDR or an address of any Node) to the node's address (nftables table inet idcni); off when the network routes pod CIDRs")
 	f.StringSliceVar(&noMasq, "no-masquerade-cidr", nil, "destinations outside the cluster that see pods' own addresses, not the node's (a peered network that routes pod CIDRs back); repeated or comma-separated")
-	f.Uint16Var(&cfg.TunnelPort, "tunnel-port", 8472, "UDP port of the VXLAN tunnel between nodes; the agent drops packets to it from any address that is not a Node's InternalIP or ExternalIP (idcni_tunnel_rejected_packets_total); 0 turns that filter off")
-	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config, every pin, the nftables table inet idcni and the routes to other nodes' pod CIDRs (with --node-routes), then exit")
+	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config, every pin, the nftables table inet idcni, the routes to other nodes' pod CIDRs and the VXLAN device (with --node-routes), then exit")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
 	addInstallCNI(cmd)

@@ -46,6 +46,7 @@ type options struct {
 	pin        string
 	profile    bool
 	configs    map[string]bool
+	nodes      bool
 }
 
 func main() {
@@ -91,6 +92,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&o.sched, "sched", "fifo", "scheduling of the client and server threads (only those): fifo (SCHED_FIFO priority 1: other load on their CPU cannot delay a wake-up), nice (nice -20) or none")
 	fs.StringVar(&o.pin, "pin", "same", "where the client and server threads run: same (both on CPU 0), split (client on CPU 0, server on CPU 1) or none")
 	fs.BoolVar(&o.profile, "profile", true, "after the rounds, run each workload once more per idcni configuration with BPF run-time statistics on (reported apart, not in the medians)")
+	fs.BoolVar(&o.nodes, "nodes", false, "instead: two pods on two nodes (network namespaces joined by a veth), bare and idcni, routed directly and through VXLAN (bare-direct, idcni-direct, bare-vxlan, idcni-vxlan); no CNI latency part")
 	configs := fs.String("configs", "bare,idcni,idcni-routed,iptables", "comma-separated configurations to measure (ratios need bare)")
 	fs.StringVar(&o.metricsArg, "metrics", "rr,crr,stream", "comma-separated workloads: rr, crr, stream")
 	fs.Usage = func() {

@@ -56,6 +56,9 @@ func run(ctx context.Context, o *options) (err error) {
 	rep.noteSource(ctx, filepath.Join(binDir, "idcni"))
 
 	suffix := randHex(8)
+	if o.nodes {
+		return crossNode(ctx, o, binDir, tmp, suffix, cl)
+	}
 	subnet, err := pickSubnet()
 	if err != nil {
 		return err

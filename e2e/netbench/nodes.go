@@ -1,0 +1,389 @@
+package main
+
+import (
+	"context"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"runtime"
+	"slices"
+	"strings"
+	"time"
+
+	"github.com/containernetworking/cni/libcni"
+	"github.com/containernetworking/plugins/pkg/ns"
+	"github.com/vishvananda/netlink"
+
+	"github.com/idcni/idcni/bpf"
+	"github.com/idcni/idcni/identity"
+)
+
+// Across two nodes (-nodes): two network namespaces stand in for two
+// nodes, joined by a veth pair (the underlay, MTU 1500), each with its
+// own idcni datapath (own BPF root) and one pod, the client on node A and
+// the server on node B. Four configurations run the same pods:
+//
+//   - bare-direct: no programs; each node routes the other's pod range
+//     through the other's underlay address.
+//   - idcni-direct: the programs on both host veths, the pods named by
+//     identity on both nodes (each node's ipcache knows the remote pod),
+//     and a 10-rule allow-list; routes as bare-direct.
+//   - bare-vxlan: no programs; the pod ranges routed through the kernel's
+//     vxlan device exactly as the agent makes it (agent/tunnel.go: VNI
+//     157, UDP 8472, nolearning, MAC derived from the underlay address, a
+//     permanent neighbour and FDB entry, an onlink route).
+//   - idcni-vxlan: the programs and identities of idcni-direct over the
+//     tunnel of bare-vxlan.
+//
+// The pods' MTU is 1450 in all four, as the agent's CNI config gives
+// them in auto and vxlan mode (uplink 1500 less 50), so direct and VXLAN
+// move the same segments. The tunnel is made here with ip(8), not by the
+// agent (which needs an apiserver): its parameters are the agent's, and
+// e2e's TestNodesVXLAN checks the agent makes it so.
+
+// benchNode is one node netns of the cross-node run.
+type benchNode struct {
+	name     string
+	path     string
+	underlay netip.Addr
+	pods     netip.Prefix // its pod range
+	net      *network
+	dp       *bpf.Datapath
+	pod      *pod
+	created  bool
+}
+
+func inNode(path string, fn func() error) error {
+	return ns.WithNetNSPath(path, func(ns.NetNS) error { return fn() })
+}
+
+func (n *benchNode) ip(ctx context.Context, args ...string) error {
+	_, err := runCmd(ctx, "", "ip", append([]string{"-n", n.name}, args...)...)
+	return err
+}
+
+// tunnelMAC is the agent's MAC of the vxlan device of the node with IPv4
+// underlay address a (agent/tunnel.go).
+func tunnelMAC(a netip.Addr) string {
+	b := a.As4()
+	return fmt.Sprintf("0e:69:%02x:%02x:%02x:%02x", b[0], b[1], b[2], b[3])
+}
+
+const crossMTU = 1450
+
+func crossNode(ctx context.Context, o *options, binDir, tmp, suffix string, cl *cleanups) error {
+	subnet, err := pickSubnet()
+	if err != nil {
+		return err
+	}
+	// The run's /24: pods of A in .0/26, of B in .64/26, the underlay
+	// in .252/30; all of it inside the two namespaces.
+	base := subnet.Addr().As4()
+	at := func(i byte) netip.Addr { b := base; b[3] = i; return netip.AddrFrom4(b) }
+	nodes := []*benchNode{
+		{name: "idnb-node-a-" + suffix, underlay: at(253), pods: netip.PrefixFrom(at(0), 26)},
+		{name: "idnb-node-b-" + suffix, underlay: at(254), pods: netip.PrefixFrom(at(64), 26)},
+	}
+	a, b := nodes[0], nodes[1]
+	for i, n := range nodes {
+		n.path = "/run/netns/" + n.name
+		if _, err := runCmd(ctx, "", "ip", "netns", "add", n.name); err != nil {
+			return err
+		}
+		n.created = true
+		cl.push("node netns "+n.name, func() error {
+			_, err := runCmd(context.Background(), "", "ip", "netns", "del", n.name)
+			return err
+		})
+		if err := n.ip(ctx, "link", "set", "lo", "up"); err != nil {
+			return err
+		}
+		dir := filepath.Join(tmp, n.name)
+		if n.net, err = newNetwork(binDir, dir, fmt.Sprintf("%s-%d", suffix, i), n.pods); err != nil {
+			return err
+		}
+		if err := n.net.withMTU(crossMTU); err != nil {
+			return err
+		}
+		cl.push("pins under "+n.net.bpfRoot, func() error { return bpf.Unpin(n.net.bpfRoot) })
+	}
+	if err := a.ip(ctx, "link", "add", "up0", "type", "veth", "peer", "name", "up0", "netns", b.name); err != nil {
+		return err
+	}
+	for _, n := range nodes {
+		if err := n.ip(ctx, "addr", "add", netip.PrefixFrom(n.underlay, 30).String(), "dev", "up0"); err != nil {
+			return err
+		}
+		if err := n.ip(ctx, "link", "set", "up0", "up"); err != nil {
+			return err
+		}
+		// The tunnel, as the agent makes it; unused until a route names it.
+		if err := n.ip(ctx, "link", "add", "idcni_vxlan", "address", tunnelMAC(n.underlay), "mtu", fmt.Sprint(crossMTU), "type", "vxlan",
+			"id", "157", "dstport", "8472", "local", n.underlay.String(), "nolearning"); err != nil {
+			return err
+		}
+		if err := n.ip(ctx, "link", "set", "idcni_vxlan", "up"); err != nil {
+			return err
+		}
+	}
+	for _, pair := range [][2]*benchNode{{a, b}, {b, a}} {
+		n, peer := pair[0], pair[1]
+		if err := n.ip(ctx, "neigh", "add", peer.underlay.String(), "lladdr", tunnelMAC(peer.underlay), "dev", "idcni_vxlan", "nud", "permanent"); err != nil {
+			return err
+		}
+		if _, err := runCmd(ctx, "", "bridge", "-n", n.name, "fdb", "add", tunnelMAC(peer.underlay), "dev", "idcni_vxlan", "dst", peer.underlay.String(), "self", "permanent"); err != nil {
+			return err
+		}
+	}
+	// Datapaths and pods, the plugin run inside each node.
+	for _, n := range nodes {
+		if err := inNode(n.path, func() error { return n.net.status(ctx) }); err != nil {
+			return fmt.Errorf("CNI STATUS in %s: %w", n.name, err)
+		}
+		if n.dp, err = bpf.Open(n.net.bpfRoot); err != nil {
+			return err
+		}
+		cl.push("datapath handle of "+n.name, n.dp.Close)
+		p := newPod()
+		n.pod = p
+		cl.push("pod "+p.name, func() error { return inNode(n.path, func() error { return n.net.release(p) }) })
+		if err := p.createNetns(ctx); err != nil {
+			return err
+		}
+		if err := inNode(n.path, func() error {
+			if err := n.net.addLoopback(ctx, p); err != nil {
+				return err
+			}
+			_, err := n.net.add(ctx, p)
+			return err
+		}); err != nil {
+			return err
+		}
+	}
+	if err := nameCrossPods(a, b); err != nil {
+		return err
+	}
+	for _, n := range nodes {
+		want, err := idcniPolicy(10, o.port).Compile()
+		if err != nil {
+			return err
+		}
+		if err := n.dp.ApplyPolicy(want); err != nil {
+			return err
+		}
+	}
+	logf("nodes: client %s on %s (underlay %s) -> server %s:%d on %s (underlay %s)", a.pod.addr, a.name, a.underlay, b.pod.addr, o.port, b.name, b.underlay)
+
+	configs := []string{"bare-direct", "idcni-direct", "bare-vxlan", "idcni-vxlan"}
+	w := workload{
+		clientNS: a.pod.nsPath, serverNS: b.pod.nsPath,
+		server: netip.AddrPortFrom(b.pod.addr, uint16(o.port)),
+		warmup: o.warmup, duration: o.duration, clientCPU: -1, serverCPU: -1, sched: o.sched,
+	}
+	switch o.pin {
+	case "same":
+		w.clientCPU, w.serverCPU = 0, 0
+	case "split":
+		w.clientCPU, w.serverCPU = 0, min(1, runtime.NumCPU()-1)
+	}
+	samples := map[string][]float64{}
+	total, done := o.count*len(configs)*len(o.metrics), 0
+	for round := range o.count {
+		for i := range configs {
+			c := configs[(i+round)%len(configs)]
+			if err := enterCross(ctx, o, c, a, b); err != nil {
+				return fmt.Errorf("enter %s: %w", c, err)
+			}
+			for _, m := range o.metrics {
+				v, err := measureCross(ctx, c, m, w, a, b)
+				if err != nil {
+					return fmt.Errorf("%s %s (round %d): %w", c, m.name, round+1, err)
+				}
+				samples[c+" "+m.name] = append(samples[c+" "+m.name], v)
+				done++
+				logf("[%d/%d] round %d %-13s %-6s %12.4g %s  (load %.1f)", done, total, round+1, c, m.name, v, m.unit, loadavg())
+			}
+		}
+	}
+	printCross(os.Stdout, o, configs, samples)
+	if o.jsonPath != "" {
+		raw, err := json.MarshalIndent(map[string]any{"configs": configs, "samples": samples, "mtu": crossMTU}, "", "  ")
+		if err != nil {
+			return err
+		}
+		if err := os.WriteFile(o.jsonPath, raw, 0o644); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// withMTU gives the network's pods mtu.
+func (n *network) withMTU(mtu int) error {
+	var plugin map[string]any
+	if err := json.Unmarshal(n.confList.Plugins[0].Bytes, &plugin); err != nil {
+		return fmt.Errorf("plugin config: %w", err)
+	}
+	delete(plugin, "cniVersion")
+	delete(plugin, "name")
+	plugin["mtu"] = mtu
+	b, err := json.Marshal(map[string]any{"cniVersion": "1.1.0", "name": n.name, "plugins": []any{plugin}})
+	if err != nil {
+		return err
+	}
+	n.confList, err = libcni.ConfListFromBytes(b)
+	return err
+}
+
+// nameCrossPods names both pods on both nodes: the endpoint entry of the
+// local pod's host veth, and the ipcache entries of both (the remote pod
+// as the agent's ipcache has every pod of the cluster).
+func nameCrossPods(a, b *benchNode) error {
+	ids := map[*benchNode]identity.ID{a: clientID, b: serverID}
+	for _, n := range []*benchNode{a, b} {
+		for peer, id := range ids {
+			if err := n.dp.PutIPCache(netip.PrefixFrom(peer.pod.addr, 32), id); err != nil {
+				return err
+			}
+		}
+		var idx int
+		if err := inNode(n.path, func() error {
+			var err error
+			idx, err = ifindex(n.pod.hostIf)
+			return err
+		}); err != nil {
+			return err
+		}
+		ep, ok, err := n.dp.Endpoint(idx)
+		if err != nil {
+			return err
+		}
+		if !ok || ep.IPv4 != n.pod.addr {
+			return fmt.Errorf("the plugin left no endpoint entry for %s on %s", n.pod.name, n.name)
+		}
+		ep.Identity = ids[n]
+		if err := n.dp.PutEndpoint(idx, ep); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// enterCross switches the pods to configuration c: programs attached or
+// not, routes directly or through the tunnel, then checks that a port no
+// rule allows is refused (bare) or dropped (idcni).
+func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) error {
+	idcni := strings.HasPrefix(c, "idcni")
+	for _, pair := range [][2]*benchNode{{a, b}, {b, a}} {
+		n, peer := pair[0], pair[1]
+		route := []string{"route", "replace", peer.pods.String(), "via", peer.underlay.String(), "dev", "up0"}
+		if strings.HasSuffix(c, "vxlan") {
+			route = []string{"route", "replace", peer.pods.String(), "via", peer.underlay.String(), "dev", "idcni_vxlan", "onlink"}
+		}
+		if err := n.ip(ctx, route...); err != nil {
+			return err
+		}
+		err := inNode(n.path, func() error {
+			if idcni {
+				return n.dp.Attach(n.pod.hostIf)
+			}
+			return n.dp.Detach(n.pod.hostIf)
+		})
+		if err != nil {
+			return err
+		}
+		if _, err := n.dp.FlushConntrack(a.pod.addr, b.pod.addr); err != nil {
+			return err
+		}
+	}
+	blocked := netip.AddrPortFrom(b.pod.addr, uint16(o.port+1))
+	got, err := probe(a.pod.nsPath, blocked, 300*time.Millisecond)
+	if err != nil {
+		return err
+	}
+	want := "refused"
+	if idcni {
+		want = "timeout"
+	}
+	if got != want {
+		return fmt.Errorf("%s: a connection to the unlisted port %s ended in %q, want %q", c, blocked, got, want)
+	}
+	return nil
+}
+
+// measureCross runs one workload and checks the path: the programs of
+// both nodes counted packets (idcni) or none (bare), and node A's tunnel
+// sent packets (vxlan) or none (direct).
+func measureCross(ctx context.Context, c string, m metric, w workload, a, b *benchNode) (float64, error) {
+	count := func() (passed uint64, tunnel uint64, err error) {
+		for _, n := range []*benchNode{a, b} {
+			cs, err := n.dp.Counters()
+			if err != nil {
+				return 0, 0, err
+			}
+			for k, v := range cs {
+				if !k.Reason.Drop() {
+					passed += v.Packets
+				}
+			}
+		}
+		err = inNode(a.path, func() error {
+			l, err := netlink.LinkByName("idcni_vxlan")
+			if err != nil {
+				return err
+			}
+			tunnel = l.Attrs().Statistics.TxPackets
+			return nil
+		})
+		return passed, tunnel, err
+	}
+	p0, t0, err := count()
+	if err != nil {
+		return 0, err
+	}
+	s, err := m.run(ctx, w)
+	if err != nil {
+		return 0, err
+	}
+	if s.Ops == 0 {
+		return 0, errors.New("no traffic got through in the measured window")
+	}
+	p1, t1, err := count()
+	if err != nil {
+		return 0, err
+	}
+	if idcni := strings.HasPrefix(c, "idcni"); idcni != (p1 > p0) {
+		return 0, fmt.Errorf("%s: the datapaths passed %d packets: the programs are not where the configuration says", c, p1-p0)
+	}
+	if vx := strings.HasSuffix(c, "vxlan"); vx != (t1-t0 > 100) {
+		return 0, fmt.Errorf("%s: node A's idcni_vxlan sent %d packets: the path is not what the configuration says", c, t1-t0)
+	}
+	return s.Value, nil
+}
+
+func printCross(out io.Writer, o *options, configs []string, samples map[string][]float64) {
+	fmt.Fprintf(out, "\nacross two nodes (pod MTU %d): median of %d runs of %s (after %s warm-up); x = ratio to the bare configuration of the same path; [min-max]\n\n", crossMTU, o.count, o.duration, o.warmup)
+	fmt.Fprintf(out, "%-13s", "config")
+	for _, m := range o.metrics {
+		fmt.Fprintf(out, " %34s", m.name+" ("+m.unit+")")
+	}
+	fmt.Fprintln(out)
+	for _, c := range configs {
+		fmt.Fprintf(out, "%-13s", c)
+		bare := strings.Replace(c, "idcni", "bare", 1)
+		for _, m := range o.metrics {
+			v := samples[c+" "+m.name]
+			med := median(v)
+			cell := fmt.Sprintf("%.4g [%.4g-%.4g]", med, slices.Min(v), slices.Max(v))
+			if c != bare {
+				cell += fmt.Sprintf(" %.3fx", med/median(samples[bare+" "+m.name]))
+			}
+			fmt.Fprintf(out, " %34s", cell)
+		}
+		fmt.Fprintln(out)
+	}
+}
