@@ -17,6 +17,7 @@ import (
 
 	corev1 "k8s.io/api/core/v1"
 	networkingv1 "k8s.io/api/networking/v1"
+	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/wait"
 	"k8s.io/client-go/informers"
 	"k8s.io/client-go/kubernetes"
@@ -65,9 +66,11 @@ type Config struct {
 	// NodeRoutes programs a route to every other node's pod CIDRs
 	// (routes.go).
 	NodeRoutes bool
-	// PublishPodIPs writes a new local pod's addresses into its status
-	// as soon as its plugin registers it (podips.go).
-	PublishPodIPs bool
+	// AnnouncePods announces a new local pod's addresses to the other
+	// nodes as soon as its plugin registers it, in a ConfigMap of
+	// AnnounceNamespace, the agents' own (announce.go).
+	AnnouncePods      bool
+	AnnounceNamespace string
 	// Masquerade gives pod traffic leaving the cluster (to anything not a
 	// pod CIDR or a node address of any Node, nor in NoMasqueradeCIDRs)
 	// the node's address, in the agent's nftables table (nftables.go);
@@ -139,9 +142,15 @@ type Agent struct {
 	// routes programs the routes to other nodes' pod CIDRs; nil when
 	// Config.NodeRoutes is off. Owned by the writer loop.
 	routes *nodeRouter
-	// podIPs publishes new pods' addresses; nil when
-	// Config.PublishPodIPs is off.
-	podIPs *podIPPublisher
+	// announcer announces new local pods' addresses; nil when
+	// Config.AnnouncePods is off. announcements is the other nodes'
+	// announcements, which the writer loop indexes by ConfigMap and by
+	// pod (announce.go).
+	announcer     *announcer
+	announcements corelisters.ConfigMapLister
+	announcedBy   map[string]map[string]announced
+	announcedPod  map[string]announced
+	annFactory    informers.SharedInformerFactory
 	// nft keeps the agent's nftables table (masquerade, tunnel filter);
 	// nil when neither is on, and then removeNFT has the start remove
 	// the table an earlier run left (never in unit tests, which run in
@@ -228,8 +237,8 @@ func newAgent(cfg Config, client kubernetes.Interface, load func() (*bpf.Datapat
 	a.compiler = netpol.NewCompiler(&netpol.PodIdentities{Alloc: a.alloc, Opts: opts})
 	a.metrics = newMetrics(a)
 	a.events = newEventHub(a)
-	if cfg.PublishPodIPs {
-		a.podIPs = newPodIPPublisher(a)
+	if cfg.AnnouncePods && cfg.AnnounceNamespace != "" {
+		a.announcer = newAnnouncer(a)
 	}
 
 	a.factory = informers.NewSharedInformerFactory(client, cfg.Resync)
@@ -250,6 +259,20 @@ func newAgent(cfg Config, client kubernetes.Interface, load func() (*bpf.Datapat
 			return fail(fmt.Errorf("watch %s: %w", kind, err))
 		}
 		a.synced = append(a.synced, inf.HasSynced)
+	}
+	a.announcedBy, a.announcedPod = map[string]map[string]announced{}, map[string]announced{}
+	if cfg.AnnounceNamespace != "" {
+		// The other nodes' announcements: a factory of its own, for the
+		// agents' namespace and the announcements' label only.
+		a.annFactory = informers.NewSharedInformerFactoryWithOptions(client, cfg.Resync,
+			informers.WithNamespace(cfg.AnnounceNamespace),
+			informers.WithTweakListOptions(func(o *metav1.ListOptions) { o.LabelSelector = announceLabel + "=" + announceValue }))
+		cmInf := a.annFactory.Core().V1().ConfigMaps()
+		a.announcements = cmInf.Lister()
+		if _, err := cmInf.Informer().AddEventHandler(a.handler(kindAnnounce)); err != nil {
+			return fail(fmt.Errorf("watch announcements: %w", err))
+		}
+		a.synced = append(a.synced, cmInf.Informer().HasSynced)
 	}
 	a.broadcast = record.NewBroadcaster()
 	a.recorder = a.broadcast.NewRecorder(eventScheme(), corev1.EventSource{Component: "idcni-agent", Host: cfg.NodeName})
@@ -297,12 +320,16 @@ func (a *Agent) Run(ctx context.Context) error {
 		defer ms.Close()
 	}
 	go a.events.run(ctx)
-	if a.podIPs != nil {
-		go a.podIPs.run(ctx)
+	if a.announcer != nil {
+		go a.announcer.run(ctx)
 	}
 
 	a.factory.Start(ctx.Done())
 	defer a.factory.Shutdown()
+	if a.annFactory != nil {
+		a.annFactory.Start(ctx.Done())
+		defer a.annFactory.Shutdown()
+	}
 	start := time.Now()
 	a.log.Info("waiting for informer caches")
 	if !cache.WaitForCacheSync(ctx.Done(), a.synced...) {

@@ -35,7 +35,8 @@ type metrics struct {
 	auditDrift       *prometheus.CounterVec
 	nodeRoutes       *prometheus.GaugeVec
 	tunnelPeers      prometheus.Gauge
-	podIPsPublished  *prometheus.CounterVec
+	announced        prometheus.Gauge
+	announceErrors   prometheus.Counter
 	noRoute          prometheus.Gauge
 	masquerade       prometheus.Gauge
 }
@@ -72,10 +73,11 @@ func newMetrics(a *Agent) *metrics {
 	m.nodeRoutes = prometheus.NewGaugeVec(f("node_routes", "Routes the agent programmed to other nodes' pod CIDRs, by way: direct (through the node's InternalIP on a connected subnet) or vxlan (through the tunnel)."), []string{"via"})
 	m.tunnelPeers = prometheus.NewGauge(f("tunnel_peers", "Nodes the VXLAN tunnel has an FDB entry for."))
 	m.noRoute = prometheus.NewGauge(f("node_routes_missing", "Other nodes' pod CIDRs with no route: --routing-mode=direct and the node's InternalIP is not on a connected subnet, no tunnel endpoint (no InternalIP of the tunnel's family on either end), a pod CIDR that overlaps this node's, or a route the agent did not make holds the destination."))
-	m.podIPsPublished = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "idcni", Name: "pod_ips_published_total",
-		Help: "New local pods' addresses written into their status before the kubelet's (published), not needed because the status had them or the pod was gone or replaced (skipped), or given up after retries (failed)."}, []string{"result"})
+	m.announced = prometheus.NewGauge(f("announced_pods", "New local pods whose addresses this node announces to the others until the kubelet writes them into the pods' status."))
+	m.announceErrors = prometheus.NewCounter(prometheus.CounterOpts{Namespace: "idcni", Name: "announce_errors_total",
+		Help: "Failed writes of this node's announcement ConfigMap (other nodes then learn new pods from the kubelet's status only)."})
 	m.masquerade = prometheus.NewGauge(f("masquerade", "1 while the agent's nftables table masquerades pod traffic leaving the cluster (--masquerade), 0 when off."))
-	m.reg.MustRegister(m.masquerade, m.podIPsPublished, m.nodeRoutes, m.tunnelPeers, m.noRoute, m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
+	m.reg.MustRegister(m.masquerade, m.announced, m.announceErrors, m.nodeRoutes, m.tunnelPeers, m.noRoute, m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
 		m.flushSeconds, m.addSeconds, m.reconcileErrors, m.events, m.writes, m.revisionBumps, m.policiesRefused, m.overflow, m.auditDrift,
 		&datapathCollector{a: a}, &flowCollector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

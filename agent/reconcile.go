@@ -36,10 +36,11 @@ const (
 	kindManual                    // the manual state's pending changes
 	kindAudit                     // compare the maps with what was written
 	kindRetry                     // flush what an earlier flush could not write
+	kindAnnounce                  // name: another node's announcement ConfigMap
 )
 
 func (k kind) String() string {
-	return [...]string{"", "pod", "namespace", "networkpolicy", "node", "endpoint", "manual", "audit", "retry"}[k]
+	return [...]string{"", "pod", "namespace", "networkpolicy", "node", "endpoint", "manual", "audit", "retry", "announcement"}[k]
 }
 
 // key is one item of the work queue. Informer and API handlers only add
@@ -183,6 +184,8 @@ func (a *Agent) sync(k key) error {
 		return a.audit()
 	case kindRetry:
 		return nil
+	case kindAnnounce:
+		return a.syncAnnouncement(k.name)
 	}
 	return fmt.Errorf("unknown key %v", k)
 }
@@ -218,6 +221,7 @@ func (a *Agent) forgetPod(ns, name string) error {
 	}
 	a.applyDelta(d)
 	key := ns + "/" + name
+	a.announcer.remove(key)
 	if c, ok := a.st.pods[key]; ok {
 		for _, addr := range c.addrs {
 			a.events.delPod(addr, key)
@@ -231,7 +235,12 @@ func (a *Agent) forgetPod(ns, name string) error {
 // registered, which the API server learns only after the CNI ADD) and
 // records its identity and addresses.
 func (a *Agent) compilePod(pod *corev1.Pod) error {
-	pod = a.withLocalAddrs(pod)
+	if len(podAddrs(pod)) > 0 {
+		// The kubelet has written the addresses: no need to announce
+		// them any longer.
+		a.announcer.remove(pod.Namespace + "/" + pod.Name)
+	}
+	pod = a.withAnnouncedAddrs(a.withLocalAddrs(pod))
 	d, err := a.compiler.UpsertPod(pod)
 	if err != nil {
 		return err
@@ -513,7 +522,7 @@ func (a *Agent) syncEndpoint(containerID string) error {
 		a.st.setLocal(r.HostIfIndex, localEndpoint{}, false)
 		return fmt.Errorf("idcni-agent: pod %s/%s: %w", r.PodNamespace, r.PodName, err)
 	}
-	a.podIPs.publish(r.PodNamespace, r.PodName, r.PodUID, r.Addresses)
+	a.announcer.add(r.PodNamespace, r.PodName, r.PodUID, r.Addresses)
 	return nil
 }
 

@@ -76,6 +76,9 @@ type installed struct {
 	sa      *corev1.ServiceAccount
 	role    *rbacv1.ClusterRole
 	binding *rbacv1.ClusterRoleBinding
+	// nsRole and nsBinding are the agents' rights in their own namespace.
+	nsRole    *rbacv1.Role
+	nsBinding *rbacv1.RoleBinding
 	config  *corev1.ConfigMap
 	ds      *appsv1.DaemonSet
 }
@@ -93,6 +96,10 @@ func loadInstall(t *testing.T) installed {
 			in.role = o
 		case *rbacv1.ClusterRoleBinding:
 			in.binding = o
+		case *rbacv1.Role:
+			in.nsRole = o
+		case *rbacv1.RoleBinding:
+			in.nsBinding = o
 		case *corev1.ConfigMap:
 			in.config = o
 		case *appsv1.DaemonSet:
@@ -101,7 +108,7 @@ func loadInstall(t *testing.T) installed {
 			t.Errorf("idcni.yaml holds an unexpected %T", obj)
 		}
 	}
-	if in.ns == nil || in.sa == nil || in.role == nil || in.binding == nil || in.config == nil || in.ds == nil {
+	if in.ns == nil || in.sa == nil || in.role == nil || in.binding == nil || in.nsRole == nil || in.nsBinding == nil || in.config == nil || in.ds == nil {
 		t.Fatalf("idcni.yaml lacks an object: %+v", in)
 	}
 	return in
@@ -135,6 +142,10 @@ func TestInstallWiring(t *testing.T) {
 	if !slices.Equal(in.binding.Subjects, want) {
 		t.Errorf("binding subjects %+v, want %+v", in.binding.Subjects, want)
 	}
+	if in.nsRole.Namespace != ns || in.nsBinding.Namespace != ns || in.nsBinding.RoleRef.Kind != "Role" || in.nsBinding.RoleRef.Name != in.nsRole.Name ||
+		!slices.Equal(in.nsBinding.Subjects, want) {
+		t.Errorf("the namespace's Role %+v and RoleBinding %+v do not give the agent's service account its rights in %s", in.nsRole, in.nsBinding, ns)
+	}
 	if got := in.ds.Spec.Template.Spec.ServiceAccountName; got != in.sa.Name {
 		t.Errorf("DaemonSet runs as service account %q, want %q", got, in.sa.Name)
 	}
@@ -146,14 +157,19 @@ func TestRBAC(t *testing.T) {
 	in := loadInstall(t)
 	want := []rbacv1.PolicyRule{
 		{APIGroups: []string{""}, Resources: []string{"pods"}, Verbs: []string{"get", "list", "watch"}},
-		// A new local pod's addresses, before the kubelet's (agent/podips.go).
-		{APIGroups: []string{""}, Resources: []string{"pods/status"}, Verbs: []string{"patch"}},
 		{APIGroups: []string{""}, Resources: []string{"namespaces", "nodes"}, Verbs: []string{"list", "watch"}},
 		{APIGroups: []string{"networking.k8s.io"}, Resources: []string{"networkpolicies"}, Verbs: []string{"list", "watch"}},
 		{APIGroups: []string{""}, Resources: []string{"events"}, Verbs: []string{"create", "patch"}},
 	}
 	if len(in.role.Rules) != len(want) {
 		t.Fatalf("ClusterRole has %d rules, want %d: %+v", len(in.role.Rules), len(want), in.role.Rules)
+	}
+	// In the agents' namespace: the announcements of new pods
+	// (agent/announce.go), never a delete.
+	nsWant := []rbacv1.PolicyRule{{APIGroups: []string{""}, Resources: []string{"configmaps"}, Verbs: []string{"list", "watch", "create", "update"}}}
+	if len(in.nsRole.Rules) != 1 || !slices.Equal(in.nsRole.Rules[0].Verbs, nsWant[0].Verbs) || !slices.Equal(in.nsRole.Rules[0].Resources, nsWant[0].Resources) ||
+		!slices.Equal(in.nsRole.Rules[0].APIGroups, nsWant[0].APIGroups) || len(in.nsRole.Rules[0].ResourceNames) > 0 {
+		t.Errorf("Role rules %+v, want %+v", in.nsRole.Rules, nsWant)
 	}
 	for i, r := range in.role.Rules {
 		w := want[i]

@@ -60,7 +60,7 @@ var propagationPods = flag.Int("propagation-pods", 60, "BenchmarkPropagation: cl
 // that admits the client, from the moment its container starts; reported
 // are pod Ready to the first packet the server's node admitted, and
 // container start to it. The agents publish new pods' addresses
-// (--publish-pod-ips, the default) and, as the baseline in the same run,
+// (--announce-pods, the default) and, as the baseline in the same run,
 // do not (only the kubelet's status write tells other nodes).
 //
 //	go test -run '^$' -bench Propagation ./e2e/cluster/ [-args -propagation-pods 60]
@@ -72,7 +72,7 @@ func BenchmarkPropagation(b *testing.B) {
 	ctx := context.Background()
 	for _, mode := range []struct{ name, value string }{{"publish", ""}, {"kubelet-only", "false"}} {
 		b.Run(mode.name, func(b *testing.B) {
-			if err := c.SetAgentArg(ctx, "--publish-pod-ips", mode.value); err != nil {
+			if err := c.SetAgentArg(ctx, "--announce-pods", mode.value); err != nil {
 				b.Fatal(err)
 			}
 			for b.Loop() {
@@ -90,7 +90,7 @@ func BenchmarkPropagation(b *testing.B) {
 			}
 		})
 	}
-	if err := c.SetAgentArg(ctx, "--publish-pod-ips", ""); err != nil {
+	if err := c.SetAgentArg(ctx, "--announce-pods", ""); err != nil {
 		b.Fatal(err)
 	}
 }

@@ -171,8 +171,17 @@ func (c *Cluster) start(etcdBin string, opts Options) error {
 	if err := c.EnsureDefaultServiceAccount(ctx, metav1.NamespaceDefault); err != nil {
 		return err
 	}
+	// The agents' namespace, as manifests/idcni.yaml makes it: each agent
+	// announces its node's new pods there (agent/announce.go).
+	if _, err := c.Client.CoreV1().Namespaces().Create(ctx, &corev1.Namespace{ObjectMeta: metav1.ObjectMeta{Name: AgentNamespace}}, metav1.CreateOptions{}); err != nil {
+		return fmt.Errorf("create namespace %s: %w", AgentNamespace, err)
+	}
 	return nil
 }
+
+// AgentNamespace is the agents' namespace on every cluster the tests start.
+const AgentNamespace = "idcni-system"
+
 
 // dirPrefix starts the name of every cluster directory, followed by the
 // test process's pid.
