@@ -182,7 +182,6 @@ func (c *Cluster) start(etcdBin string, opts Options) error {
 // AgentNamespace is the agents' namespace on every cluster the tests start.
 const AgentNamespace = "idcni-system"
 
-
 // dirPrefix starts the name of every cluster directory, followed by the
 // test process's pid.
 const dirPrefix = "idcni-kube-"
