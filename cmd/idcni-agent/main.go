@@ -25,6 +25,7 @@ import (
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/internal/kernel"
+	"github.com/idcni/idcni/internal/version"
 	"github.com/idcni/idcni/manifests"
 	"github.com/idcni/idcni/store"
 )
@@ -149,6 +150,9 @@ unless --node-routes=false, the routes to other nodes' pod CIDRs.`,
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
 	addInstallCNI(cmd)
+	// --version: the build and the pin layout it reads and writes.
+	cmd.Version = version.Build
+	cmd.SetVersionTemplate(version.String("idcni-agent") + "\n")
 	return cmd
 }
 
