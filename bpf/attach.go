@@ -301,3 +301,62 @@ func listLinks() ([]netlink.Link, error) {
 	}
 	return nil, fmt.Errorf("list links: %w", err)
 }
+
+// ReopenPrograms makes this handle's programs the ones pinned now. A
+// handle opened before an upgrade (Load with Replace, in the agent) holds
+// the programs it replaced, and attaching those would leave a veth on the
+// old program for good: the upgrade moved only the attachments it saw.
+// Call it holding the root lock (Lock), which such an upgrade holds from
+// its load to its last re-pin, and attach before letting go.
+func (d *Datapath) ReopenPrograms() error {
+	fresh := map[string]*ebpf.Program{}
+	for _, name := range []string{progFromPod, progToPod} {
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(d.root, "progs", name), nil)
+		if err != nil {
+			for _, q := range fresh {
+				q.Close()
+			}
+			return fmt.Errorf("open pinned program %s: %w", name, err)
+		}
+		fresh[name] = p
+	}
+	d.objs.FromPod.Close()
+	d.objs.ToPod.Close()
+	d.objs.FromPod, d.objs.ToPod = fresh[progFromPod], fresh[progToPod]
+	return nil
+}
+
+// AttachedIndex reports whether both programs of this handle are attached
+// to the link at ifindex, asking the kernel rather than the pins: a tcx
+// link detached or unpinned by someone else, or a legacy filter removed,
+// shows here as missing, whatever the pins say.
+func (d *Datapath) AttachedIndex(ifindex int) (bool, error) {
+	for _, h := range hooks {
+		info, err := h.prog(d).Info()
+		if err != nil {
+			return false, fmt.Errorf("program info: %w", err)
+		}
+		want, _ := info.ID()
+		ok, err := attachedByKernel(ifindex, h, want)
+		if err != nil || !ok {
+			return false, err
+		}
+	}
+	return true, nil
+}
+
+func attachedByKernel(ifindex int, h hook, want ebpf.ProgramID) (bool, error) {
+	res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: h.tcx})
+	if err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
+		return false, fmt.Errorf("query tcx %s programs of ifindex %d: %w", h.suffix, ifindex, err)
+	}
+	if err == nil {
+		for _, p := range res.Programs {
+			if p.ID == want {
+				return true, nil
+			}
+		}
+	}
+	f := findLegacy(ifindex, h)
+	return f != nil && f.(*netlink.BpfFilter).Id == int(want), nil
+}

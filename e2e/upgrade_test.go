@@ -2,11 +2,14 @@ package e2e
 
 import (
 	"errors"
+	"fmt"
 	"os"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
+	"github.com/containernetworking/cni/libcni"
 	"github.com/vishvananda/netlink"
 
 	"github.com/idcni/idcni/bpf"
@@ -101,5 +104,89 @@ func TestDelWithPinsItCannotReadFreesThePod(t *testing.T) {
 				t.Fatalf("DEL of the next pod: %v", err)
 			}
 		})
+	}
+}
+
+// TestAddRacingAProgramReplacementAttachesTheNewProgram is issue 14's
+// unlocked attach: the plugin opened the pinned programs without the root
+// lock and attached them later, so an upgrade (the agent's Load with
+// Replace, which moves every attachment it finds under the lock) that ran
+// in between left the new pod on the old program for good. The window is
+// made wide and deterministic with an IPAM plugin that waits for the test:
+// the plugin has opened the datapath when it calls IPAM, and attaches
+// after. The pod must end up on the programs pinned now.
+func TestAddRacingAProgramReplacementAttachesTheNewProgram(t *testing.T) {
+	t.Parallel()
+	e := cnitest.New(t, cnitest.Options{})
+	// The datapath is pinned before the ADD, as on a node with pods.
+	first, err := bpf.Load(bpf.Options{Root: e.BPFRoot})
+	if err != nil {
+		t.Fatal(err)
+	}
+	first.Close()
+
+	// A bin directory with the real plugins and "gatedipam": host-local
+	// once the test opens the gate.
+	bin, gate := t.TempDir(), t.TempDir()
+	for _, name := range []string{"idcni", "host-local", "loopback"} {
+		if err := os.Symlink(filepath.Join(e.BinDir, name), filepath.Join(bin, name)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	script := fmt.Sprintf("#!/bin/sh\ntouch %[1]s/called\ni=0\nwhile [ ! -e %[1]s/open ] && [ $i -lt 1200 ]; do sleep 0.05; i=$((i+1)); done\nexec %[2]s/host-local\n", gate, bin)
+	if err := os.WriteFile(filepath.Join(bin, "gatedipam"), []byte(script), 0o755); err != nil {
+		t.Fatal(err)
+	}
+	e.CNI = cnitest.NewCNIConfig(bin, e.CacheDir)
+	plugin := e.PluginConf()
+	plugin["ipam"].(map[string]any)["type"] = "gatedipam"
+	list, err := libcni.ConfListFromBytes(e.ConfListBytes(e.Version, plugin))
+	if err != nil {
+		t.Fatal(err)
+	}
+	openGate := func() { _ = os.WriteFile(filepath.Join(gate, "open"), nil, 0o644) }
+	t.Cleanup(openGate) // a failing test must not leave the ADD waiting
+
+	pod := e.NewPod(t)
+	added := make(chan error, 1)
+	go func() { _, err := e.AddWith(list, pod); added <- err }()
+	deadline := time.Now().Add(time.Minute)
+	for {
+		if _, err := os.Stat(filepath.Join(gate, "called")); err == nil {
+			break
+		}
+		select {
+		case err := <-added:
+			t.Fatalf("ADD ended before calling IPAM: %v", err)
+		default:
+		}
+		if time.Now().After(deadline) {
+			t.Fatal("the plugin never called IPAM")
+		}
+		time.Sleep(20 * time.Millisecond)
+	}
+	// The upgrade, while the plugin holds the programs it opened.
+	up, err := bpf.Load(bpf.Options{Root: e.BPFRoot, Replace: true})
+	if err != nil {
+		t.Fatalf("replace the programs: %v", err)
+	}
+	up.Close()
+	openGate()
+	if err := <-added; err != nil {
+		t.Fatalf("ADD: %v", err)
+	}
+	t.Cleanup(func() { _ = e.DelWith(list, pod) })
+
+	dp := e.Datapath(t) // the programs pinned now
+	host, err := netlink.LinkByName(cni.HostVethName(pod.ContainerID, pod.IfName))
+	if err != nil {
+		t.Fatal(err)
+	}
+	ok, err := dp.Attached(host.Attrs().Name)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !ok {
+		t.Fatalf("pod's host veth %s is not on the programs pinned after the replacement: the ADD attached the ones it opened before it", host.Attrs().Name)
 	}
 }
