@@ -18,4 +18,3 @@ func TestStringNamesBuildAndLayout(t *testing.T) {
 		t.Fatalf("String = %q lacks the build %q", got, Build)
 	}
 }
-
