@@ -360,3 +360,51 @@ func attachedByKernel(ifindex int, h hook, want ebpf.ProgramID) (bool, error) {
 	f := findLegacy(ifindex, h)
 	return f != nil && f.(*netlink.BpfFilter).Id == int(want), nil
 }
+
+// AttachedLinks lists the links that idcni programs under root are
+// attached to now: tcx links pinned under root whose link still exists,
+// and links with idcni's legacy filters. It needs no map of the datapath,
+// so it answers for pins of any layout: what `--uninstall` detaches.
+func AttachedLinks(root string) ([]string, error) {
+	if root == "" {
+		root = DefaultRoot
+	}
+	seen := map[string]bool{}
+	var out []string
+	add := func(name string) {
+		if !seen[name] {
+			seen[name] = true
+			out = append(out, name)
+		}
+	}
+	entries, err := os.ReadDir(filepath.Join(root, "links"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("list link pins under %s: %w", root, err)
+	}
+	for _, e := range entries {
+		l, err := link.LoadPinnedLink(filepath.Join(root, "links", e.Name()), nil)
+		if err != nil {
+			continue
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil || info.TCX() == nil || info.TCX().Ifindex == 0 {
+			continue // the veth is gone; only its pin is left
+		}
+		if nl, err := netlink.LinkByIndex(int(info.TCX().Ifindex)); err == nil {
+			add(nl.Attrs().Name)
+		}
+	}
+	links, err := listLinks()
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range links {
+		for _, h := range hooks {
+			if findLegacy(l.Attrs().Index, h) != nil {
+				add(l.Attrs().Name)
+			}
+		}
+	}
+	return out, nil
+}

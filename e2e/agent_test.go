@@ -647,7 +647,7 @@ func TestAgentRefusesPolicyThatDoesNotFit(t *testing.T) {
 			confDir = e.agent.args[i+1]
 		}
 	}
-	out, err := exec.Command(e.agent.bin, "--uninstall", "--cni-conf-dir", confDir, "--bpf-root", e.BPFRoot).CombinedOutput()
+	out, err := exec.Command(e.agent.bin, "--uninstall", "--force", "--cni-conf-dir", confDir, "--bpf-root", e.BPFRoot).CombinedOutput()
 	if err != nil {
 		t.Fatalf("uninstall: %v\n%s", err, out)
 	}

@@ -4,7 +4,9 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"strings"
 	"testing"
 	"time"
 
@@ -188,5 +190,59 @@ func TestAddRacingAProgramReplacementAttachesTheNewProgram(t *testing.T) {
 	}
 	if !ok {
 		t.Fatalf("pod's host veth %s is not on the programs pinned after the replacement: the ADD attached the ones it opened before it", host.Attrs().Name)
+	}
+}
+
+// TestUninstallRefusesWhilePodsAreAttached is issue 14's silent detach:
+// `idcni-agent --uninstall` removed the pins while pods ran, which detached
+// their programs, and nothing attached them again. It must refuse, naming
+// the pods' veths and what they would lose, and do it only with --force,
+// saying so.
+func TestUninstallRefusesWhilePodsAreAttached(t *testing.T) {
+	t.Parallel()
+	e := cnitest.New(t, cnitest.Options{})
+	pod := e.NewPod(t)
+	e.MustAdd(t, pod)
+	t.Cleanup(func() { _ = e.Del(pod) })
+	host := cni.HostVethName(pod.ContainerID, pod.IfName)
+	confDir := t.TempDir()
+	uninstall := func(extra ...string) (string, error) {
+		args := append([]string{"--uninstall", "--node-routes=false", "--cni-conf-dir", confDir, "--bpf-root", e.BPFRoot}, extra...)
+		out, err := exec.Command(buildAgent(t), args...).CombinedOutput()
+		return string(out), err
+	}
+
+	out, err := uninstall()
+	if err == nil {
+		t.Fatalf("--uninstall succeeded while pod %s was attached:\n%s", host, out)
+	}
+	for _, want := range []string{"refusing", host, "lose enforcement", "--force"} {
+		if !strings.Contains(out, want) {
+			t.Errorf("refusal does not say %q:\n%s", want, out)
+		}
+	}
+	if _, err := os.Stat(e.BPFRoot); err != nil {
+		t.Fatalf("the refused --uninstall removed the pins: %v", err)
+	}
+	dp := e.Datapath(t)
+	if ok, err := dp.Attached(host); err != nil || !ok {
+		t.Fatalf("pod no longer attached after a refused --uninstall: %v, %v", ok, err)
+	}
+	dp.Close()
+
+	out, err = uninstall("--force")
+	if err != nil {
+		t.Fatalf("--uninstall --force: %v\n%s", err, out)
+	}
+	if !strings.Contains(out, "warning") || !strings.Contains(out, host) || !strings.Contains(out, "lose enforcement") {
+		t.Errorf("--uninstall --force did not warn about %s:\n%s", host, out)
+	}
+	if _, err := os.Stat(e.BPFRoot); !errors.Is(err, os.ErrNotExist) {
+		t.Fatalf("pins still there after --uninstall --force: %v", err)
+	}
+
+	// With nothing attached it needs no --force.
+	if out, err := uninstall(); err != nil {
+		t.Fatalf("--uninstall with no pod attached: %v\n%s", err, out)
 	}
 }

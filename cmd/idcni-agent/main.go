@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -50,6 +51,7 @@ func command() *cobra.Command {
 		kubeconfig string
 		confFile   string
 		uninstall  bool
+		force      bool
 		logLevel   string
 		logJSON    bool
 		podCIDRs   []string
@@ -68,7 +70,9 @@ same way.
 Once its caches are synced and the maps written, the agent writes the CNI
 config into --cni-conf-dir, so the node only takes pods it can enforce.
 --uninstall removes that config, every pin (programs detach from all veths) and,
-unless --node-routes=false, the routes to other nodes' pod CIDRs.`,
+unless --node-routes=false, the routes to other nodes' pod CIDRs. While pods
+are attached it refuses: their programs would detach and they would run with
+no policy until re-created. --force does it anyway.`,
 		Example: `  # on a node, as the DaemonSet does
   idcni-agent --node-name "$NODE_NAME"
 
@@ -84,6 +88,9 @@ unless --node-routes=false, the routes to other nodes' pod CIDRs.`,
 			if uninstall {
 				// No kernel check: removing what an earlier run left
 				// must work on any kernel.
+				if err := checkUninstall(cfg.BPFRoot, force, cmd.ErrOrStderr()); err != nil {
+					return err
+				}
 				err := agent.Uninstall(cfg.CNIConfDir, cfg.CNIConfName, cfg.BPFRoot)
 				if cfg.NodeRoutes {
 					err = errors.Join(err, agent.RemoveRoutes())
@@ -146,7 +153,8 @@ unless --node-routes=false, the routes to other nodes' pod CIDRs.`,
 	f.StringSliceVar(&podCIDRs, "pod-cidr", nil, "this node's pod ranges, repeated or comma-separated, at most one per family, instead of its Node's spec.podCIDRs (for clusters whose kube-controller-manager does not run with --allocate-node-cidrs). Without either the agent writes no CNI config")
 	f.BoolVar(&cfg.NodeRoutes, "node-routes", true, "route every other node's pod CIDRs through its InternalIP when that is on a subnet this node is connected to (routes of protocol 157); off when something else routes pod CIDRs")
 	f.BoolVar(&cfg.PublishPodIPs, "publish-pod-ips", true, "write a new pod's addresses into its status.podIPs when its veth is set up, before the kubelet does (up to a PLEG relist later), so other nodes know its identity before its first packet; needs patch on pods/status")
-	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config, every pin and the routes to other nodes' pod CIDRs (with --node-routes), then exit")
+	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config, every pin and the routes to other nodes' pod CIDRs (with --node-routes), then exit; refused while pods are attached unless --force")
+	f.BoolVar(&force, "force", false, "with --uninstall: remove the pins even while pods are attached (they run unenforced until they are re-created)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
 	addInstallCNI(cmd)
@@ -154,6 +162,37 @@ unless --node-routes=false, the routes to other nodes' pod CIDRs.`,
 	cmd.Version = version.Build
 	cmd.SetVersionTemplate(version.String("idcni-agent") + "\n")
 	return cmd
+}
+
+// checkUninstall refuses --uninstall while pods are attached, unless
+// force: removing the pins detaches every pod's programs, and nothing
+// attaches them again, so those pods run with no policy and no
+// anti-spoofing until they are re-created. With force it says so and lets
+// it happen.
+func checkUninstall(root string, force bool, w io.Writer) error {
+	attached, err := bpf.AttachedLinks(root)
+	if err != nil {
+		if !force {
+			return fmt.Errorf("cannot tell whether pods are attached (%w); pass --force to uninstall anyway", err)
+		}
+		fmt.Fprintf(w, "idcni-agent: warning: cannot tell whether pods are attached: %v\n", err)
+		return nil
+	}
+	if len(attached) == 0 {
+		return nil
+	}
+	shown := attached
+	if len(shown) > 10 {
+		shown = shown[:10]
+	}
+	msg := fmt.Sprintf("%d pods have idcni's programs attached (host veths %s%s): removing the pins under %s detaches them, "+
+		"and those pods lose enforcement (no NetworkPolicy, no anti-spoofing) until they are re-created",
+		len(attached), strings.Join(shown, ", "), map[bool]string{true: ", ...", false: ""}[len(attached) > len(shown)], root)
+	if !force {
+		return fmt.Errorf("refusing to uninstall: %s; drain the node first, or pass --force", msg)
+	}
+	fmt.Fprintf(w, "idcni-agent: warning: %s\n", msg)
+	return nil
 }
 
 // parsePodCIDRs reads --pod-cidr: network prefixes, at most one IPv4 and
