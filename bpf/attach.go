@@ -391,9 +391,10 @@ func AttachedLinks(root string) ([]string, error) {
 		if err != nil || info.TCX() == nil || info.TCX().Ifindex == 0 {
 			continue // the veth is gone; only its pin is left
 		}
-		if nl, err := netlink.LinkByIndex(int(info.TCX().Ifindex)); err == nil {
-			add(nl.Attrs().Name)
-		}
+		// The pin's name, not a lookup of the ifindex: the caller may
+		// be in another network namespace than the veth.
+		name, _, _ := strings.Cut(e.Name(), "_")
+		add(name)
 	}
 	links, err := listLinks()
 	if err != nil {

@@ -207,8 +207,12 @@ func TestUninstallRefusesWhilePodsAreAttached(t *testing.T) {
 	host := cni.HostVethName(pod.ContainerID, pod.IfName)
 	confDir := t.TempDir()
 	uninstall := func(extra ...string) (string, error) {
-		args := append([]string{"--uninstall", "--node-routes=false", "--cni-conf-dir", confDir, "--bpf-root", e.BPFRoot}, extra...)
-		out, err := exec.Command(buildAgent(t), args...).CombinedOutput()
+		// In a network namespace of its own: --uninstall also removes
+		// the agent's routes (protocol 157), and the host's belong to
+		// other tests. The tcx pins tell which pods are attached
+		// whatever the namespace.
+		args := append([]string{"-n", buildAgent(t), "--uninstall", "--cni-conf-dir", confDir, "--bpf-root", e.BPFRoot}, extra...)
+		out, err := exec.Command("unshare", args...).CombinedOutput()
 		return string(out), err
 	}
 
