@@ -36,6 +36,8 @@ type metrics struct {
 	nodeRoutes       prometheus.Gauge
 	podIPsPublished  *prometheus.CounterVec
 	noRoute          prometheus.Gauge
+	attachRepairs    prometheus.Counter
+	unattached       prometheus.Gauge
 }
 
 func newMetrics(a *Agent) *metrics {
@@ -71,7 +73,10 @@ func newMetrics(a *Agent) *metrics {
 	m.noRoute = prometheus.NewGauge(f("node_routes_missing", "Other nodes' pod CIDRs with no route: the node's InternalIP is not on a subnet this node is connected to (VXLAN is not implemented yet), or a route the agent did not make holds the destination."))
 	m.podIPsPublished = prometheus.NewCounterVec(prometheus.CounterOpts{Namespace: "idcni", Name: "pod_ips_published_total",
 		Help: "New local pods' addresses written into their status before the kubelet's (published), not needed because the status had them or the pod was gone or replaced (skipped), or given up after retries (failed)."}, []string{"result"})
-	m.reg.MustRegister(m.nodeRoutes, m.noRoute, m.podIPsPublished, m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
+	m.attachRepairs = prometheus.NewCounter(prometheus.CounterOpts{Namespace: "idcni", Name: "attach_repairs_total",
+		Help: "Local pods whose host veth the audit found without the current programs attached, and attached them to again."})
+	m.unattached = prometheus.NewGauge(f("endpoints_unattached", "Local pods whose host veth has no programs attached and the last audit could not attach them: their traffic is not policed."))
+	m.reg.MustRegister(m.attachRepairs, m.unattached, m.nodeRoutes, m.noRoute, m.podIPsPublished, m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
 		m.flushSeconds, m.addSeconds, m.reconcileErrors, m.events, m.writes, m.revisionBumps, m.policiesRefused, m.overflow, m.auditDrift,
 		&datapathCollector{a: a}, &flowCollector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m
