@@ -90,6 +90,13 @@ type agentEnv struct {
 
 func newAgentEnv(t testing.TB) *agentEnv {
 	t.Helper()
+	return newAgentEnvArgs(t)
+}
+
+// newAgentEnvArgs is newAgentEnv with extra agent flags from the first
+// start (a restart to add them would load the programs again).
+func newAgentEnvArgs(t testing.TB, extra ...string) *agentEnv {
+	t.Helper()
 	cnitest.RequireRoot(t)
 	c := kube.Start(t, kube.Options{})
 	dir := t.TempDir()
@@ -112,6 +119,7 @@ func newAgentEnv(t testing.TB) *agentEnv {
 		"--socket", socket, "--metrics-addr", metrics, "--cni-conf-dir", confDir, "--cni-conf-template", tmpl,
 		"--identity-grace", "1m",
 	}}
+	e.agent.args = append(e.agent.args, extra...)
 	e.agent.start()
 	t.Cleanup(e.agent.stop)
 	// Ready means the CNI config is written.

@@ -21,23 +21,25 @@ import (
 // agent's audit must find it, attach the programs again, count the repair
 // and log it, and the pod's policy must hold again.
 func TestAgentAuditReattachesDetachedPrograms(t *testing.T) {
-	e := newAgentEnv(t)
-	e.agent.stop()
-	e.agent.args = append(e.agent.args, "--audit-interval", "1s")
-	e.agent.start()
+	e := newAgentEnvArgs(t, "--audit-interval", "1s")
 
 	e.kube.CreateNamespace(t, "aud", nil)
 	client := e.newPod(t, "aud", "client", map[string]string{"app": "client"})
 	server := e.newPod(t, "aud", "server", map[string]string{"app": "server"})
-	server.serve(t, 80)
-	if !client.reach(server, 80) {
-		t.Fatal("client -> server:80 denied before any policy")
+	client.serve(t, 80)
+	if !server.reach(client, 80) {
+		t.Fatal("server -> client:80 denied before any policy")
 	}
 	e.apply(t, &networkingv1.NetworkPolicy{
-		ObjectMeta: metav1.ObjectMeta{Name: "deny-all", Namespace: "aud"},
-		Spec:       networkingv1.NetworkPolicySpec{PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeIngress}},
+		// The server may send nothing: its egress is judged only by
+		// the program on its own host veth.
+		ObjectMeta: metav1.ObjectMeta{Name: "server-deny-egress", Namespace: "aud"},
+		Spec: networkingv1.NetworkPolicySpec{
+			PodSelector: metav1.LabelSelector{MatchLabels: map[string]string{"app": "server"}},
+			PolicyTypes: []networkingv1.PolicyType{networkingv1.PolicyTypeEgress},
+		},
 	})
-	eventually(t, "client -> server:80 under deny-all", false, func() bool { return client.reach(server, 80) })
+	eventually(t, "server -> client:80 under the server's deny-egress", false, func() bool { return server.reach(client, 80) })
 
 	host := cni.HostVethName(server.ContainerID, server.IfName)
 	l, err := netlink.LinkByName(host)
@@ -62,8 +64,8 @@ func TestAgentAuditReattachesDetachedPrograms(t *testing.T) {
 	if ok, err := dp.AttachedIndex(l.Attrs().Index); err != nil || !ok {
 		t.Fatalf("programs not attached to %s after the repair (%v, %v)", host, ok, err)
 	}
-	if client.reach(server, 80) {
-		t.Fatal("client -> server:80 allowed after the audit re-attached the programs: deny-all not enforced")
+	if server.reach(client, 80) {
+		t.Fatal("server -> client:80 allowed after the audit re-attached the programs: its deny-egress is not enforced")
 	}
 	if n := metricSum(t, e.agent.metrics, "idcni_endpoints_unattached"); n != 0 {
 		t.Errorf("idcni_endpoints_unattached = %v, want 0", n)
