@@ -346,19 +346,24 @@ func (d *Datapath) AttachedIndex(ifindex int) (bool, error) {
 }
 
 func attachedByKernel(ifindex int, h hook, want ebpf.ProgramID) (bool, error) {
-	res, err := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: h.tcx})
-	if err != nil && !errors.Is(err, ebpf.ErrNotSupported) {
-		return false, fmt.Errorf("query tcx %s programs of ifindex %d: %w", h.suffix, ifindex, err)
-	}
-	if err == nil {
+	res, qerr := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: h.tcx})
+	if qerr == nil {
 		for _, p := range res.Programs {
 			if p.ID == want {
 				return true, nil
 			}
 		}
 	}
-	f := findLegacy(ifindex, h)
-	return f != nil && f.(*netlink.BpfFilter).Id == int(want), nil
+	// A kernel without tcx (legacy mode) fails the query: the legacy
+	// filter answers then, and the query's error only matters when it
+	// does not.
+	if f := findLegacy(ifindex, h); f != nil && f.(*netlink.BpfFilter).Id == int(want) {
+		return true, nil
+	}
+	if qerr != nil && !errors.Is(qerr, ebpf.ErrNotSupported) {
+		return false, fmt.Errorf("query tcx %s programs of ifindex %d: %w", h.suffix, ifindex, qerr)
+	}
+	return false, nil
 }
 
 // AttachedLinks lists the links that idcni programs under root are

@@ -5,6 +5,7 @@ import (
 	"path/filepath"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 )
@@ -60,6 +61,81 @@ func TestOpenRefusesEveryLayoutMismatch(t *testing.T) {
 				t.Fatalf("Load (the plugin's path) accepted %s with a value 8 bytes wider than this build's", path)
 			} else if !strings.Contains(err.Error(), path) {
 				t.Fatalf("Load's error does not name %s: %v", path, err)
+			}
+		})
+	}
+}
+
+// TestAttachedIndexAsksTheKernel: AttachedIndex must see what the kernel
+// runs, not what the pins say: a tcx link whose pin went is detached, and
+// a handle whose programs were replaced is not what runs. ReopenPrograms
+// brings a handle to the programs pinned now (what the plugin does under
+// the root lock before it attaches).
+func TestAttachedIndexAsksTheKernel(t *testing.T) {
+	for _, mode := range []AttachMode{AttachTCX, AttachLegacy} {
+		t.Run(map[AttachMode]string{AttachTCX: "tcx", AttachLegacy: "legacy"}[mode], func(t *testing.T) {
+			root := testRoot(t)
+			d := loadTest(t, Options{Root: root, Attach: mode})
+			n := newTestNet(t, 1)
+			ifindex := n.ifindex[0]
+			attached := func(d *Datapath) bool {
+				t.Helper()
+				var ok bool
+				var err error
+				n.do(func() { ok, err = d.AttachedIndex(ifindex) })
+				if err != nil {
+					t.Fatal(err)
+				}
+				return ok
+			}
+			if attached(d) {
+				t.Fatal("attached before Attach")
+			}
+			var err error
+			n.do(func() { err = d.Attach("ep0") })
+			if err != nil {
+				t.Fatal(err)
+			}
+			if !attached(d) {
+				t.Fatal("not attached after Attach")
+			}
+			// An upgrade elsewhere: d's programs are not what runs.
+			var up *Datapath
+			n.do(func() { up, err = Load(Options{Root: root, Replace: true, Attach: mode}) })
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer up.Close()
+			if attached(d) {
+				t.Fatal("a handle of the replaced programs reports them attached")
+			}
+			if err := d.ReopenPrograms(); err != nil {
+				t.Fatal(err)
+			}
+			if !attached(d) {
+				t.Fatal("after ReopenPrograms the handle does not see the current programs attached")
+			}
+			if mode != AttachTCX {
+				return
+			}
+			// Removing the link pins detaches (the kernel lets go of the
+			// link shortly after).
+			for _, s := range []string{"ingress", "egress"} {
+				if err := os.Remove(filepath.Join(root, "links", "ep0_"+s)); err != nil {
+					t.Fatal(err)
+				}
+			}
+			deadline := time.Now().Add(5 * time.Second)
+			for attached(d) {
+				if time.Now().After(deadline) {
+					t.Fatal("still attached 5s after its link pins went")
+				}
+				time.Sleep(20 * time.Millisecond)
+			}
+			var names []string
+			names, err = AttachedLinks(root)
+			if err != nil || len(names) != 0 {
+				t.Fatalf("AttachedLinks after the detach = %v, %v", names, err)
 			}
 		})
 	}
