@@ -95,7 +95,7 @@ func checkLayout(root, name string, want *ebpf.MapSpec, m *ebpf.Map, checkSize b
 	if err == nil {
 		return nil
 	}
-	return fmt.Errorf("%w: pinned map %s has %s; this idcni build (pin layout %d) expects %s (%v). "+
+	return fmt.Errorf("%w: pinned map %s has %s; this idcni build (pin layout %d) expects %s (%w). "+
 		"The pins come from another idcni version: run the version that pinned them, "+
 		"or remove the pins with `idcni-agent --uninstall --force` (running pods lose enforcement until they are re-created)",
 		ErrLayoutMismatch, filepath.Join(root, name),
