@@ -5,6 +5,9 @@ GO ?= go
 CLANG ?= clang-19
 STRIP ?= llvm-strip-19
 BIN := $(CURDIR)/bin
+# --version of every binary: the tree it was built from.
+VERSION ?= $(shell git describe --always --dirty 2>/dev/null || echo dev)
+LDFLAGS := -X github.com/idcni/idcni/internal/version.Build=$(VERSION)
 STATICCHECK := honnef.co/go/tools/cmd/staticcheck@v0.7.0
 CNI_PLUGINS := github.com/containernetworking/plugins/plugins
 # Fuzzing the datapath for real (the seed corpus runs in `make test`).
@@ -19,7 +22,7 @@ deps:
 
 build:
 	@mkdir -p $(BIN)
-	$(GO) build -o $(BIN)/ ./cmd/...
+	$(GO) build -ldflags "$(LDFLAGS)" -o $(BIN)/ ./cmd/...
 	$(GO) build -o $(BIN)/host-local $(CNI_PLUGINS)/ipam/host-local
 	$(GO) build -o $(BIN)/loopback $(CNI_PLUGINS)/main/loopback
 	$(GO) build -o $(BIN)/cnitool github.com/containernetworking/cni/cnitool

@@ -351,6 +351,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := a.flush(); err != nil {
 		return fmt.Errorf("first write of the maps: %w", err)
 	}
+	// Every known pod on the programs, before the node takes new ones:
+	// a pod left without them (pins removed while the agent was away)
+	// would otherwise run unpoliced until the first periodic audit.
+	a.auditAttachments()
 	// Ready once the CNI config is out, which needs this node's pod
 	// CIDRs: without them the writer loop writes it when they come.
 	a.started = true

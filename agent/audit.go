@@ -18,6 +18,9 @@ func (a *Agent) audit() error {
 	if err := a.auditEndpoints(); err != nil {
 		a.log.Warn("endpoint registry audit", "err", err)
 	}
+	// Then what the kernel runs for them: an entry in the maps polices
+	// nothing without its programs.
+	a.auditAttachments()
 	if err := a.syncLocal(); err != nil {
 		return err
 	}

@@ -39,6 +39,8 @@ type metrics struct {
 	announceErrors   prometheus.Counter
 	noRoute          prometheus.Gauge
 	masquerade       prometheus.Gauge
+	attachRepairs    prometheus.Counter
+	unattached       prometheus.Gauge
 }
 
 func newMetrics(a *Agent) *metrics {
@@ -77,7 +79,10 @@ func newMetrics(a *Agent) *metrics {
 	m.announceErrors = prometheus.NewCounter(prometheus.CounterOpts{Namespace: "idcni", Name: "announce_errors_total",
 		Help: "Failed writes of this node's announcement ConfigMap (other nodes then learn new pods from the kubelet's status only)."})
 	m.masquerade = prometheus.NewGauge(f("masquerade", "1 while the agent's nftables table masquerades pod traffic leaving the cluster (--masquerade), 0 when off."))
-	m.reg.MustRegister(m.masquerade, m.announced, m.announceErrors, m.nodeRoutes, m.tunnelPeers, m.noRoute, m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
+	m.attachRepairs = prometheus.NewCounter(prometheus.CounterOpts{Namespace: "idcni", Name: "attach_repairs_total",
+		Help: "Local pods whose host veth the audit found without the current programs attached, and attached them to again."})
+	m.unattached = prometheus.NewGauge(f("endpoints_unattached", "Local pods whose host veth has no programs attached and the last audit could not attach them: their traffic is not policed."))
+	m.reg.MustRegister(m.attachRepairs, m.unattached, m.masquerade, m.announced, m.announceErrors, m.nodeRoutes, m.tunnelPeers, m.noRoute, m.synced, m.identities, m.endpoints, m.ipcache, m.policyEntries, m.reconcileSeconds,
 		m.flushSeconds, m.addSeconds, m.reconcileErrors, m.events, m.writes, m.revisionBumps, m.policiesRefused, m.overflow, m.auditDrift,
 		&datapathCollector{a: a}, &flowCollector{a: a}, collectors.NewGoCollector(), collectors.NewProcessCollector(collectors.ProcessCollectorOpts{}))
 	return m

@@ -301,3 +301,116 @@ func listLinks() ([]netlink.Link, error) {
 	}
 	return nil, fmt.Errorf("list links: %w", err)
 }
+
+// ReopenPrograms makes this handle's programs the ones pinned now. A
+// handle opened before an upgrade (Load with Replace, in the agent) holds
+// the programs it replaced, and attaching those would leave a veth on the
+// old program for good: the upgrade moved only the attachments it saw.
+// Call it holding the root lock (Lock), which such an upgrade holds from
+// its load to its last re-pin, and attach before letting go.
+func (d *Datapath) ReopenPrograms() error {
+	fresh := map[string]*ebpf.Program{}
+	for _, name := range []string{progFromPod, progToPod} {
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(d.root, "progs", name), nil)
+		if err != nil {
+			for _, q := range fresh {
+				q.Close()
+			}
+			return fmt.Errorf("open pinned program %s: %w", name, err)
+		}
+		fresh[name] = p
+	}
+	d.objs.FromPod.Close()
+	d.objs.ToPod.Close()
+	d.objs.FromPod, d.objs.ToPod = fresh[progFromPod], fresh[progToPod]
+	return nil
+}
+
+// AttachedIndex reports whether both programs of this handle are attached
+// to the link at ifindex, asking the kernel rather than the pins: a tcx
+// link detached or unpinned by someone else, or a legacy filter removed,
+// shows here as missing, whatever the pins say.
+func (d *Datapath) AttachedIndex(ifindex int) (bool, error) {
+	for _, h := range hooks {
+		info, err := h.prog(d).Info()
+		if err != nil {
+			return false, fmt.Errorf("program info: %w", err)
+		}
+		want, _ := info.ID()
+		ok, err := attachedByKernel(ifindex, h, want)
+		if err != nil || !ok {
+			return false, err
+		}
+	}
+	return true, nil
+}
+
+func attachedByKernel(ifindex int, h hook, want ebpf.ProgramID) (bool, error) {
+	res, qerr := link.QueryPrograms(link.QueryOptions{Target: ifindex, Attach: h.tcx})
+	if qerr == nil {
+		for _, p := range res.Programs {
+			if p.ID == want {
+				return true, nil
+			}
+		}
+	}
+	// A kernel without tcx (legacy mode) fails the query: the legacy
+	// filter answers then, and the query's error only matters when it
+	// does not.
+	if f := findLegacy(ifindex, h); f != nil && f.(*netlink.BpfFilter).Id == int(want) {
+		return true, nil
+	}
+	if qerr != nil && !errors.Is(qerr, ebpf.ErrNotSupported) {
+		return false, fmt.Errorf("query tcx %s programs of ifindex %d: %w", h.suffix, ifindex, qerr)
+	}
+	return false, nil
+}
+
+// AttachedLinks lists the links that idcni programs under root are
+// attached to now: tcx links pinned under root whose link still exists,
+// and links with idcni's legacy filters. It needs no map of the datapath,
+// so it answers for pins of any layout: what `--uninstall` detaches.
+func AttachedLinks(root string) ([]string, error) {
+	if root == "" {
+		root = DefaultRoot
+	}
+	seen := map[string]bool{}
+	var out []string
+	add := func(name string) {
+		if !seen[name] {
+			seen[name] = true
+			out = append(out, name)
+		}
+	}
+	entries, err := os.ReadDir(filepath.Join(root, "links"))
+	if err != nil && !errors.Is(err, os.ErrNotExist) {
+		return nil, fmt.Errorf("list link pins under %s: %w", root, err)
+	}
+	for _, e := range entries {
+		l, err := link.LoadPinnedLink(filepath.Join(root, "links", e.Name()), nil)
+		if err != nil {
+			continue
+		}
+		info, err := l.Info()
+		l.Close()
+		if err != nil || info.TCX() == nil || info.TCX().Ifindex == 0 {
+			continue // the veth is gone; only its pin is left
+		}
+		// The pin's name, not a lookup of the ifindex: the caller may
+		// be in another network namespace than the veth.
+		name, _, _ := strings.Cut(e.Name(), "_")
+		add(name)
+	}
+	links, err := listLinks()
+	if err != nil {
+		return nil, err
+	}
+	for _, l := range links {
+		for _, h := range hooks {
+			if findLegacy(l.Attrs().Index, h) != nil {
+				add(l.Attrs().Name)
+			}
+		}
+	}
+	return out, nil
+}

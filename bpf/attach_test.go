@@ -156,7 +156,7 @@ func TestIncompatiblePinIsRefused(t *testing.T) {
 		t.Fatal(err)
 	}
 	_, err = Load(Options{Root: root})
-	if !errors.Is(err, ebpf.ErrMapIncompatible) || !strings.Contains(err.Error(), "do not match this idcni build") {
+	if !errors.Is(err, ebpf.ErrMapIncompatible) || !errors.Is(err, ErrLayoutMismatch) || !strings.Contains(err.Error(), filepath.Join(root, "policy")) {
 		t.Fatalf("Load over a foreign pin: %v", err)
 	}
 	// Refused means untouched: the foreign map is still what is pinned.

@@ -166,9 +166,9 @@ func (d *Datapath) openPinned(opts Options) error {
 			return fmt.Errorf("open pinned map %s: %w", name, err)
 		}
 		*dst = m
-		if err := spec.Maps[name].Compatible(m); err != nil && opts.sized(name) {
+		if err := checkLayout(d.root, name, spec.Maps[name], m, opts.sized(name)); err != nil {
 			d.discard()
-			return fmt.Errorf("pinned map %s/%s does not match this idcni build: %w; remove the pins (idcni-agent --uninstall) or run the matching version", d.root, name, err)
+			return err
 		}
 	}
 	return nil
@@ -176,7 +176,8 @@ func (d *Datapath) openPinned(opts Options) error {
 
 // sized reports whether the caller asked for a size of the named map: when
 // it did not, a pinned map's size is accepted whatever it is, so tools work
-// with a datapath loaded with non-default sizes.
+// with a datapath loaded with non-default sizes. Only the size: its type,
+// key, value and flags are checked on every path (checkLayout).
 func (o Options) sized(name string) bool {
 	switch name {
 	case "policy":
@@ -208,7 +209,19 @@ func (d *Datapath) load(opts Options) error {
 	}
 	err = spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: d.root}})
 	if errors.Is(err, ebpf.ErrMapIncompatible) {
-		return fmt.Errorf("pinned maps under %s do not match this idcni build (%w); remove the pins (idcni-agent --uninstall) or run the matching version", d.root, err)
+		// Name the map and both layouts, as the open path does.
+		for name, want := range spec.Maps {
+			m, perr := ebpf.LoadPinnedMap(filepath.Join(d.root, name), nil)
+			if perr != nil {
+				continue
+			}
+			cerr := checkLayout(d.root, name, want, m, true)
+			m.Close()
+			if cerr != nil {
+				return cerr
+			}
+		}
+		return fmt.Errorf("%w: pinned maps under %s do not match this idcni build (pin layout %d): %w; run the version that pinned them, or remove the pins with `idcni-agent --uninstall --force` (running pods lose enforcement until they are re-created)", ErrLayoutMismatch, d.root, LayoutVersion, err)
 	}
 	if err != nil {
 		return fmt.Errorf("load datapath: %w", err)

@@ -17,17 +17,25 @@ import (
 // the pod has an address or a route, so the pod never sends a packet the
 // programs do not judge.
 func enforce(dp *bpf.Datapath, u *undo, hostName string, ifindex int, id identity.ID, addrs []netip.Addr, local *bpf.LocalPod, ctSize uint32) error {
-	if err := dp.Attach(hostName); err != nil {
-		return fmt.Errorf("attach TC programs to host veth %s: %w", hostName, err)
-	}
-	u.push("attach of TC programs to "+hostName, func() error { return dp.Detach(hostName) })
-
-	// endpointctl and policyctl change these maps too; take turns.
+	// The root lock first: the agent replaces the programs under it
+	// (moving every attachment it finds), and dp's programs are those
+	// pinned when the plugin opened the datapath, without the lock. An
+	// attach in between would put this pod on the old program for good;
+	// under the lock, the pinned programs are the current ones until the
+	// attachment is in place for the next replacement to move.
+	// endpointctl and policyctl change the maps too; take turns.
 	unlock, err := dp.Lock()
 	if err != nil {
 		return err
 	}
 	defer unlock()
+	if err := dp.ReopenPrograms(); err != nil {
+		return fmt.Errorf("open the current TC programs: %w", err)
+	}
+	if err := dp.Attach(hostName); err != nil {
+		return fmt.Errorf("attach TC programs to host veth %s: %w", hostName, err)
+	}
+	u.push("attach of TC programs to "+hostName, func() error { return dp.Detach(hostName) })
 	// An address bound with `endpointctl add` keeps its identity for
 	// whichever pod gets it: the seed binds addresses, not pods.
 	id = desired.EndpointIdentity(id, addrs, manualBinding(dp))

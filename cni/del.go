@@ -81,7 +81,16 @@ func teardown(conf *NetConf, rec *Record, releaseIPAM func() error) error {
 	case errors.Is(err, bpf.ErrNotLoaded):
 		// Nothing was ever pinned here, so no map holds the pod.
 	case err != nil:
-		errs = append(errs, fmt.Errorf("open the datapath under %s: %w", conf.BPFRoot, err))
+		// Pins this build cannot open (another version's layout, a
+		// map someone replaced) hold nothing DEL could clean, and
+		// failing would keep the address and have the kubelet retry
+		// forever: the pod would stick in Terminating. The link is
+		// gone (its programs and its endpoint key went with it), and
+		// no ADD of this build can put a pod under these pins (it
+		// refuses them the same way), so the address is safe to hand
+		// back. What stays in the maps goes with the pins when they
+		// are replaced or removed.
+		warn("leaving the datapath entries of %s/%s (ifindex %d, addresses %v) in place: %v", rec.ContainerID, rec.IfName, ifindex, addrsOrUnknown(addrs), err)
 	default:
 		if link == nil && len(addrs) == 0 {
 			// Neither the link nor a record vouches for the

@@ -90,6 +90,13 @@ type agentEnv struct {
 
 func newAgentEnv(t testing.TB) *agentEnv {
 	t.Helper()
+	return newAgentEnvArgs(t)
+}
+
+// newAgentEnvArgs is newAgentEnv with extra agent flags from the first
+// start (a restart to add them would load the programs again).
+func newAgentEnvArgs(t testing.TB, extra ...string) *agentEnv {
+	t.Helper()
 	cnitest.RequireRoot(t)
 	c := kube.Start(t, kube.Options{})
 	dir := t.TempDir()
@@ -115,6 +122,7 @@ func newAgentEnv(t testing.TB) *agentEnv {
 		// there (masquerade_test.go tests it in node netns).
 		"--masquerade=false", "--tunnel-port=0", "--routing-mode=direct",
 	}}
+	e.agent.args = append(e.agent.args, extra...)
 	e.agent.start()
 	t.Cleanup(e.agent.stop)
 	// Ready means the CNI config is written.
@@ -650,7 +658,7 @@ func TestAgentRefusesPolicyThatDoesNotFit(t *testing.T) {
 			confDir = e.agent.args[i+1]
 		}
 	}
-	out, err := exec.Command(e.agent.bin, "--uninstall", "--cni-conf-dir", confDir, "--bpf-root", e.BPFRoot).CombinedOutput()
+	out, err := exec.Command(e.agent.bin, "--uninstall", "--force", "--cni-conf-dir", confDir, "--bpf-root", e.BPFRoot).CombinedOutput()
 	if err != nil {
 		t.Fatalf("uninstall: %v\n%s", err, out)
 	}

@@ -628,7 +628,7 @@ table inet idcni {
 
 	// --uninstall removes the table and nothing else.
 	c.agent.stop()
-	out, err := exec.Command("nsenter", "--net="+c.a.path, "--", buildAgent(t), "--uninstall",
+	out, err := exec.Command("nsenter", "--net="+c.a.path, "--", buildAgent(t), "--uninstall", "--force",
 		"--cni-conf-dir", filepath.Join(c.dir, "net.d"), "--bpf-root", c.env.BPFRoot).CombinedOutput()
 	if err != nil {
 		t.Fatalf("idcni-agent --uninstall: %v\n%s", err, out)

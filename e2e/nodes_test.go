@@ -380,7 +380,7 @@ func TestNodePodCIDRAndRoutes(t *testing.T) {
 	waitRoutes(t, n.name, "after the agent stopped", viaB)
 
 	// --uninstall takes the agent's routes too, and only those.
-	out, err := exec.Command("nsenter", "--net="+n.path, "--", buildAgent(t), "--uninstall",
+	out, err := exec.Command("nsenter", "--net="+n.path, "--", buildAgent(t), "--uninstall", "--force",
 		"--cni-conf-dir", filepath.Dir(a.conf), "--bpf-root", a.bpfRoot).CombinedOutput()
 	if err != nil {
 		t.Fatalf("idcni-agent --uninstall: %v\n%s", err, out)
@@ -821,7 +821,7 @@ func TestNodesVXLAN(t *testing.T) {
 	a.start()
 	waitTunnel(t, na.name, "A's entries in auto mode again", peerEntries(newC))
 	a.stop()
-	out, err := exec.Command("nsenter", "--net="+na.path, "--", buildAgent(t), "--uninstall",
+	out, err := exec.Command("nsenter", "--net="+na.path, "--", buildAgent(t), "--uninstall", "--force",
 		"--cni-conf-dir", filepath.Dir(a.conf), "--bpf-root", a.bpfRoot).CombinedOutput()
 	if err != nil {
 		t.Fatalf("idcni-agent --uninstall: %v\n%s", err, out)

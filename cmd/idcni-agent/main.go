@@ -7,6 +7,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net/netip"
 	"os"
@@ -25,6 +26,7 @@ import (
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/internal/kernel"
+	"github.com/idcni/idcni/internal/version"
 	"github.com/idcni/idcni/manifests"
 	"github.com/idcni/idcni/store"
 )
@@ -49,6 +51,7 @@ func command() *cobra.Command {
 		kubeconfig string
 		confFile   string
 		uninstall  bool
+		force      bool
 		logLevel   string
 		logJSON    bool
 		podCIDRs   []string
@@ -74,7 +77,9 @@ addresses that are no Node's (--tunnel-port). It never touches other tables.
 
 --uninstall removes that config, every pin (programs detach from all veths),
 the nftables table and, unless --node-routes=false, the routes to other
-nodes' pod CIDRs and the VXLAN device.`,
+nodes' pod CIDRs and the VXLAN device. While pods are attached it refuses:
+their programs would detach and they would run with no policy until
+re-created. --force does it anyway.`,
 		Example: `  # on a node, as the DaemonSet does
   idcni-agent --node-name "$NODE_NAME"
 
@@ -90,6 +95,9 @@ nodes' pod CIDRs and the VXLAN device.`,
 			if uninstall {
 				// No kernel check: removing what an earlier run left
 				// must work on any kernel.
+				if err := checkUninstall(cfg.BPFRoot, force, cmd.ErrOrStderr()); err != nil {
+					return err
+				}
 				err := agent.Uninstall(cfg.CNIConfDir, cfg.CNIConfName, cfg.BPFRoot)
 				if cfg.NodeRoutes {
 					err = errors.Join(err, agent.RemoveRoutes())
@@ -168,11 +176,46 @@ nodes' pod CIDRs and the VXLAN device.`,
 	f.StringVar(&cfg.AnnounceNamespace, "announce-namespace", envOr("POD_NAMESPACE", "idcni-system"), "the agents' namespace, where each node's announcement of new pods is (env POD_NAMESPACE); empty: neither announce nor read announcements")
 	f.BoolVar(&cfg.Masquerade, "masquerade", true, "masquerade pod traffic to destinations outside the cluster (not a pod CIDR or an address of any Node) to the node's address (nftables table inet idcni); off when the network routes pod CIDRs")
 	f.StringSliceVar(&noMasq, "no-masquerade-cidr", nil, "destinations outside the cluster that see pods' own addresses, not the node's (a peered network that routes pod CIDRs back); repeated or comma-separated")
-	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config, every pin, the nftables table inet idcni, the routes to other nodes' pod CIDRs and the VXLAN device (with --node-routes), then exit")
+	f.BoolVar(&uninstall, "uninstall", false, "remove the CNI config, every pin, the nftables table inet idcni, the routes to other nodes' pod CIDRs and the VXLAN device (with --node-routes), then exit; refused while pods are attached unless --force")
+	f.BoolVar(&force, "force", false, "with --uninstall: remove the pins even while pods are attached (they run unenforced until they are re-created)")
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
 	addInstallCNI(cmd)
+	// --version: the build and the pin layout it reads and writes.
+	cmd.Version = version.Build
+	cmd.SetVersionTemplate(version.String("idcni-agent") + "\n")
 	return cmd
+}
+
+// checkUninstall refuses --uninstall while pods are attached, unless
+// force: removing the pins detaches every pod's programs, and nothing
+// attaches them again, so those pods run with no policy and no
+// anti-spoofing until they are re-created. With force it says so and lets
+// it happen.
+func checkUninstall(root string, force bool, w io.Writer) error {
+	attached, err := bpf.AttachedLinks(root)
+	if err != nil {
+		if !force {
+			return fmt.Errorf("cannot tell whether pods are attached (%w); pass --force to uninstall anyway", err)
+		}
+		fmt.Fprintf(w, "idcni-agent: warning: cannot tell whether pods are attached: %v\n", err)
+		return nil
+	}
+	if len(attached) == 0 {
+		return nil
+	}
+	shown := attached
+	if len(shown) > 10 {
+		shown = shown[:10]
+	}
+	msg := fmt.Sprintf("%d pods have idcni's programs attached (host veths %s%s): removing the pins under %s detaches them, "+
+		"and those pods lose enforcement (no NetworkPolicy, no anti-spoofing) until they are re-created",
+		len(attached), strings.Join(shown, ", "), map[bool]string{true: ", ...", false: ""}[len(attached) > len(shown)], root)
+	if !force {
+		return fmt.Errorf("refusing to uninstall: %s; drain the node first, or pass --force", msg)
+	}
+	fmt.Fprintf(w, "idcni-agent: warning: %s\n", msg)
+	return nil
 }
 
 // parsePodCIDRs reads --pod-cidr: network prefixes, at most one IPv4 and

@@ -3,14 +3,26 @@
 package main
 
 import (
+	"fmt"
+	"os"
+
 	"github.com/containernetworking/cni/pkg/skel"
 	"github.com/containernetworking/cni/pkg/types"
 
 	"github.com/idcni/idcni/cni"
 	"github.com/idcni/idcni/internal/kernel"
+	"github.com/idcni/idcni/internal/version"
 )
 
 func main() {
+	// A runtime never passes arguments (CNI_COMMAND and stdin say it
+	// all), so --version is for people: which build and which pin layout
+	// this node's plugin is. CNI_COMMAND=VERSION still answers the spec
+	// versions, as the runtime expects.
+	if len(os.Args) == 2 && os.Args[1] == "--version" {
+		fmt.Println(version.String("idcni"))
+		return
+	}
 	skel.PluginMainFuncs(skel.CNIFuncs{
 		Add:    needKernel(cni.CmdAdd, types.ErrInternal),
 		Check:  needKernel(cni.CmdCheck, types.ErrInternal),
@@ -21,7 +33,7 @@ func main() {
 		// describes the binary, not the node.
 		Del: cni.CmdDel,
 		GC:  cni.CmdGC,
-	}, cni.Versions, "idcni CNI plugin: pods networked by veth, policed by security identity (eBPF)")
+	}, cni.Versions, "idcni CNI plugin: pods networked by veth, policed by security identity (eBPF); "+version.String("idcni"))
 }
 
 // needKernel refuses a command on a kernel the datapath cannot run on, with

@@ -8,6 +8,7 @@ import (
 	"sort"
 
 	"github.com/spf13/cobra"
+	"github.com/vishvananda/netlink"
 
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/internal/cli"
@@ -46,6 +47,15 @@ type datapathView struct {
 	PolicyEntries int    `json:"policyEntries"`
 	Identities    int    `json:"identityEntries"`
 	Flows         int    `json:"conntrackFlows"`
+	// Unattached are the endpoints whose host veth exists but does not
+	// run the pinned programs: their traffic is not policed.
+	Unattached []unattachedView `json:"unattached,omitempty"`
+}
+
+type unattachedView struct {
+	Ifindex   int    `json:"ifindex"`
+	Interface string `json:"interface"`
+	Addrs     string `json:"addresses"`
 }
 
 type agentView struct {
@@ -138,6 +148,9 @@ func gatherStatus(cmd *cobra.Command, g *cli.Globals) (*statusView, error) {
 		return nil, err
 	}
 	dp.Endpoints, dp.IPCache, dp.PolicyEntries, dp.Identities = len(eps), len(ipc), len(pol.Entries), len(pol.Identities)
+	if dp.Unattached, err = unattached(d, eps); err != nil {
+		return nil, err
+	}
 
 	if !v.Agent.Running {
 		st, err := g.LoadState()
@@ -214,6 +227,9 @@ func printStatus(cmd *cobra.Command, v *statusView, all bool) error {
 	fmt.Fprintf(w, "Datapath:     %s (policy revision %d, debug %s)\n", dp.Root, dp.Revision, onOff(dp.Debug))
 	fmt.Fprintf(w, "Maps:         %d endpoints, %d ipcache entries, %d policy entries, %d identity entries, %d conntrack flows\n",
 		dp.Endpoints, dp.IPCache, dp.PolicyEntries, dp.Identities, dp.Flows)
+	for _, u := range dp.Unattached {
+		fmt.Fprintf(w, "WARNING:      endpoint %s (ifindex %d, %s) has its programs not attached: its traffic is not policed; the agent's audit attaches them again, or re-create the pod\n", u.Interface, u.Ifindex, u.Addrs)
+	}
 	if v.Agent.Running {
 		fmt.Fprintf(w, "Agent:        running on %s\n", v.Agent.Socket)
 	} else {
@@ -305,4 +321,25 @@ func printConntrack(w io.Writer, v *statusView, all bool) error {
 		return nil
 	}
 	return cli.Table(w, "SLOT\tOWNER\tCAPACITY\tOPENED (KEPT/EVICTED)\tADMITTED (KEPT/EVICTED)", rows)
+}
+
+// unattached lists the endpoints whose host veth is there but does not run
+// the pinned programs, asking the kernel: the maps alone look healthy for a
+// pod whose programs went away. Endpoints whose veth is gone are GC's.
+func unattached(d *bpf.Datapath, eps map[int]bpf.Endpoint) ([]unattachedView, error) {
+	var out []unattachedView
+	for _, ifindex := range slices.Sorted(maps.Keys(eps)) {
+		l, err := netlink.LinkByIndex(ifindex)
+		if err != nil {
+			continue
+		}
+		ok, err := d.AttachedIndex(ifindex)
+		if err != nil {
+			return nil, fmt.Errorf("check the programs of %s: %w", l.Attrs().Name, err)
+		}
+		if !ok {
+			out = append(out, unattachedView{Ifindex: ifindex, Interface: l.Attrs().Name, Addrs: fmt.Sprint(eps[ifindex].Addrs())})
+		}
+	}
+	return out, nil
 }

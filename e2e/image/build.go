@@ -213,7 +213,13 @@ func (b *builder) goBuild(dir string, pkgs ...string) error {
 	if err != nil {
 		return fmt.Errorf("the go command is needed to build the binaries: %w", err)
 	}
-	args := append([]string{"build", "-trimpath", "-ldflags=-s -w", "-o", dir + string(filepath.Separator)}, pkgs...)
+	// --version of the image's binaries names the tree they came from,
+	// as `make build` does.
+	ldflags := "-s -w"
+	if out, err := exec.Command("git", "-C", b.moduleDir, "describe", "--always", "--dirty").Output(); err == nil {
+		ldflags += " -X github.com/idcni/idcni/internal/version.Build=" + strings.TrimSpace(string(out))
+	}
+	args := append([]string{"build", "-trimpath", "-ldflags=" + ldflags, "-o", dir + string(filepath.Separator)}, pkgs...)
 	cmd := exec.Command(goBin, args...)
 	cmd.Dir = b.moduleDir
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOOS=linux", "GOARCH=amd64")

@@ -24,6 +24,7 @@ import (
 	"github.com/idcni/idcni/agent/api"
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/internal/version"
 	"github.com/idcni/idcni/manual"
 	"github.com/idcni/idcni/store"
 )
@@ -178,6 +179,9 @@ func NoArgs(cmd *cobra.Command, args []string) error {
 func Execute(root *cobra.Command) int {
 	root.SilenceErrors = true
 	root.SilenceUsage = true
+	// --version: the build and the pin layout it reads and writes.
+	root.Version = version.Build
+	root.SetVersionTemplate(version.String(root.Name()) + "\n")
 	root.SetFlagErrorFunc(func(_ *cobra.Command, err error) error { return usageError{err} })
 	// Ctrl-C ends monitor and restore --wait through the context; other
 	// commands finish their (short) work rather than stop half way.
