@@ -939,7 +939,8 @@ struct flow {
 	struct local_pod *lp; /* for a new flow leaving a pod: the local pod it goes to */
 };
 
-/* ct_find looks k up in h's table of kscope and keeps it in f when live. */
+/* ct_find looks f->key up in h's table of kscope and keeps the entry in f
+ * when it is live. */
 static __always_inline int ct_find(struct pctx *c, struct hook_ep *h, struct flow *f, const __u8 kscope)
 {
 	void *t = ct_table(h, kscope);
