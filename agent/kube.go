@@ -4,6 +4,7 @@ import (
 	"context"
 
 	corev1 "k8s.io/api/core/v1"
+	discoveryv1 "k8s.io/api/discovery/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/runtime"
@@ -68,6 +69,22 @@ func trim(obj any) (any, error) {
 		return &corev1.Namespace{ObjectMeta: trimMeta(o.ObjectMeta)}, nil
 	case *networkingv1.NetworkPolicy:
 		return &networkingv1.NetworkPolicy{ObjectMeta: trimMeta(o.ObjectMeta), Spec: o.Spec}, nil
+	case *corev1.Service:
+		// What serviceEntries reads; a Service's status (load balancer
+		// ingress) and its NodePorts and external IPs are kube-proxy's.
+		s := o.Spec
+		return &corev1.Service{ObjectMeta: trimMeta(o.ObjectMeta), Spec: corev1.ServiceSpec{Type: s.Type,
+			ClusterIP: s.ClusterIP, ClusterIPs: s.ClusterIPs, Ports: s.Ports, SessionAffinity: s.SessionAffinity,
+			SessionAffinityConfig: s.SessionAffinityConfig, InternalTrafficPolicy: s.InternalTrafficPolicy}}, nil
+	case *discoveryv1.EndpointSlice:
+		es := &discoveryv1.EndpointSlice{ObjectMeta: trimMeta(o.ObjectMeta), AddressType: o.AddressType, Ports: o.Ports}
+		// An endpoint's hints, zone, hostname and target pod say nothing
+		// about where its flows go.
+		for _, ep := range o.Endpoints {
+			es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{Addresses: ep.Addresses,
+				Conditions: ep.Conditions, NodeName: ep.NodeName})
+		}
+		return es, nil
 	}
 	return obj, nil
 }

@@ -680,13 +680,25 @@ static __always_inline void trace(struct pkt *p, __u32 src, __u32 dst, int reaso
 	}
 }
 
-/* An endpoint as one hook sees it: its host veth, its entry, and the slot
- * of its conntrack tables and state. Tables and state are looked up where
- * they are used: an established packet needs one table, not both. */
+/* An endpoint as one hook sees it: its host veth, its entry, the slot
+ * of its conntrack tables and state, and which of its hooks this is.
+ * Tables and state are looked up where they are used: an established
+ * packet needs one table, not both. */
 struct hook_ep {
 	__u32 ifindex;
 	__u32 slot;
 	struct endpoint *ep; /* NULL: no endpoint behind this veth */
+	__u8 scope;
+	__u8 from_host; /* the node's own stack sent the packet */
+};
+
+/* One packet as every step of its decision reads it. */
+struct pctx {
+	struct __sk_buff *skb;
+	struct pkt *p;
+	struct config *cfg; /* NULL when the loader wrote none */
+	__u32 rev;          /* the policy revision the packet is decided under */
+	__u64 now;          /* conntrack's clock */
 };
 
 /* hook_open names h's slot: its endpoint's, or the shared slot 0 when it
@@ -712,9 +724,14 @@ static __always_inline void *ct_table(struct hook_ep *h, const __u8 kscope)
 	return t;
 }
 
+/* The hook_eps never have their address taken, a helper's key included:
+ * the compiler then keeps them in registers and folds their scope, and
+ * the verifier meets one path per hook, not one per possible scope. */
 static __always_inline struct ep_state *ep_state(struct hook_ep *h)
 {
-	return bpf_map_lookup_elem(&ep_states, &h->slot);
+	__u32 slot = h->slot;
+
+	return bpf_map_lookup_elem(&ep_states, &slot);
 }
 
 static __always_inline void event_loss_inc(int reason, int held_back)
@@ -754,9 +771,9 @@ static __always_inline long events_admit(struct ep_state *st)
 	return held;
 }
 
-static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, struct hook_ep *h, __u32 src, __u32 dst,
-				 int reason, __u8 scope)
+static __always_inline void emit(struct pctx *c, struct hook_ep *h, __u32 src, __u32 dst, int reason)
 {
+	struct pkt *p = c->p;
 	struct ep_state *st = ep_state(h);
 	long held = events_admit(st);
 	struct event *e;
@@ -778,7 +795,7 @@ static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, struct ho
 	e->ifindex = h->ifindex;
 	e->src_identity = src;
 	e->dst_identity = dst;
-	e->len = skb->len;
+	e->len = c->skb->len;
 	__builtin_memcpy(e->saddr, p->saddr, 16);
 	__builtin_memcpy(e->daddr, p->daddr, 16);
 	e->sport = p->sport;
@@ -787,7 +804,7 @@ static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, struct ho
 	e->family = p->family;
 	e->verdict = is_drop(reason) ? VERDICT_DROP : VERDICT_ALLOW;
 	e->reason = reason;
-	e->scope = scope;
+	e->scope = h->scope;
 	__builtin_memset(e->pad, 0, sizeof(e->pad));
 	e->suppressed = held;
 	/* Waking the reader for every event costs more than deciding the
@@ -802,17 +819,17 @@ static __always_inline void emit(struct __sk_buff *skb, struct pkt *p, struct ho
 /* report counts, traces and reports the verdict of one hook of h and
  * returns its reason. Events go out for every drop and for the first
  * packet of every flow, within the endpoint's event budget. */
-static __always_inline int report(struct __sk_buff *skb, struct pkt *p, struct config *cfg, struct hook_ep *h,
-				  __u32 subject, __u32 peer, int reason, __u8 scope, int event)
+static __always_inline int report(struct pctx *c, struct hook_ep *h, __u32 subject, __u32 peer, int reason,
+				  int event)
 {
-	__u32 src = scope == SCOPE_EGRESS ? subject : peer;
-	__u32 dst = scope == SCOPE_EGRESS ? peer : subject;
+	__u32 src = h->scope == SCOPE_EGRESS ? subject : peer;
+	__u32 dst = h->scope == SCOPE_EGRESS ? peer : subject;
 
-	count(reason, scope, skb->len);
-	if (cfg && cfg->debug)
-		trace(p, src, dst, reason);
+	count(reason, h->scope, c->skb->len);
+	if (c->cfg && c->cfg->debug)
+		trace(c->p, src, dst, reason);
 	if (event || is_drop(reason))
-		emit(skb, p, h, src, dst, reason, scope);
+		emit(c, h, src, dst, reason);
 	return reason;
 }
 
@@ -862,13 +879,13 @@ static __always_inline void ct_key_set(struct ct_key *k, const __u32 *saddr, con
  * table for keys of scope kscope. A flow added to a full table pushed
  * out the least recently used one: an eviction, of the endpoint's own
  * flows of that table only. */
-static __always_inline void ct_added(struct ep_state *st, const __u8 kscope)
+static __always_inline void ct_added(struct ep_state *st, __u8 kscope)
 {
 	struct ct_usage *u;
 
 	if (!st)
 		return;
-	u = &st->ct[kscope];
+	u = &st->ct[kscope & 1]; /* the mask is for the verifier: a scope is 0 or 1 */
 	__sync_fetch_and_add(&u->created, 1);
 	if (u->count >= st->ct_capacity)
 		__sync_fetch_and_add(&u->evicted, 1);
@@ -876,8 +893,9 @@ static __always_inline void ct_added(struct ep_state *st, const __u8 kscope)
 		__sync_fetch_and_add(&u->count, 1);
 }
 
-static __always_inline void ct_removed(struct ep_state *st, const __u8 kscope)
+static __always_inline void ct_removed(struct ep_state *st, __u8 kscope)
 {
+	kscope &= 1;
 	if (st && st->ct[kscope].count)
 		__sync_fetch_and_add(&st->ct[kscope].count, -1);
 }
@@ -898,170 +916,261 @@ static __always_inline int mid_flow(struct pkt *p)
  * hook that from_pod runs on a local pod's behalf: see handle(). */
 #define CHECK_STACK -1
 
-/* check decides a parsed packet at one hook of the endpoint h and reports
- * the verdict as that hook. from_host says the node's own stack sent the
- * packet. With no_new, a packet that would start a flow is neither
- * decided nor reported: check returns CHECK_STACK. It leaves the flow's
- * conntrack flags in ct_flags, and for a new flow leaving a pod, the local
- * pod it goes to (or NULL) in lpp.
- *
- * Flows the local node opened to its pod (CT_F_HOST) need no rule, but
- * deny rules hold for them like for any flow: on every policy change and
- * for their replies. */
-static __always_inline int check(struct __sk_buff *skb, struct pkt *p, struct config *cfg, __u32 rev,
-				 struct hook_ep *h, const __u8 scope, int from_host, __u64 now, int no_new,
-				 __u32 *ct_flags, struct local_pod **lpp)
+/* What conntrack knows of a packet at one hook. */
+enum ct_status {
+	CT_NEW,         /* no live flow: policy decides it as a new one */
+	CT_ESTABLISHED, /* a packet of a flow this hook admitted */
+	CT_REPLY,       /* the reverse of a flow the endpoint's other hook admitted */
+	CT_RELATED,     /* an ICMP error quoting a flow of either hook */
+	CT_NO_TABLE,    /* the loader's shared table is missing: nothing can be tracked */
+};
+
+/* A packet's flow at one hook, as check()'s steps pass it on. */
+struct flow {
+	struct ct_key key;   /* the entry's key: found, or to insert for a new flow */
+	struct ct_value *ct; /* the live entry; NULL for a new flow */
+	void *table;         /* the table key is (or goes) in */
+	__u8 kscope;         /* the scope of that table's keys */
+	__u8 known;          /* the forward key had an entry, even a dead one */
+	__u8 deny_only;      /* 4 when the flow is the node's (CT_F_HOST): only deny rules hold */
+	__u8 pad;
+	__u32 peer;          /* the other end's identity; ID_ANY until peer() asks */
+	__u32 flags;         /* the flow's conntrack flags after this packet */
+	struct local_pod *lp; /* for a new flow leaving a pod: the local pod it goes to */
+};
+
+/* ct_find looks f->key up in h's table of kscope and keeps the entry in f
+ * when it is live. */
+static __always_inline int ct_find(struct pctx *c, struct hook_ep *h, struct flow *f, const __u8 kscope)
 {
-	__u32 subject = h->ep->identity;
-	const __u8 dir = scope == SCOPE_EGRESS ? DIR_EGRESS : DIR_INGRESS;
-	const __u8 rdir = scope == SCOPE_EGRESS ? DIR_INGRESS : DIR_EGRESS;
-	struct ct_key k = {};
-	struct ct_value *ct = NULL, nct = {};
-	__u32 peer = ID_ANY, host;
-	int reason, known;
-	void *fwd_ct, *rev_ct;
+	void *t = ct_table(h, kscope);
+	struct ct_value *ct = t ? bpf_map_lookup_elem(t, &f->key) : NULL;
 
-#define PEER() (peer == ID_ANY ? (peer = peer_identity(p, scope, from_host)) : peer)
+	if (!ct || ct->expires <= c->now)
+		return 0;
+	f->ct = ct;
+	f->table = t;
+	f->kscope = kscope;
+	f->deny_only = ct->flags & CT_F_HOST ? 4 : 0;
+	if (f->deny_only)
+		f->peer = ID_HOST;
+	return 1;
+}
 
-	/* An ICMP error about a flow this endpoint's hooks admitted passes
-	 * like a reply of that flow (path MTU discovery, a closed port),
-	 * unless a deny rule holds between the two, or the flow was admitted
-	 * under an older policy. The quoted packet went the other hook's way
-	 * as a packet of the flow, or this hook's way as its reply. Anything
-	 * else is an ICMP packet like any other. */
+static __always_inline int bare_syn(struct pkt *p)
+{
+	return p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN;
+}
+
+/* ct_lookup classifies a packet at h's hook. An ICMP error about a flow
+ * this endpoint's hooks admitted is related to it (path MTU discovery, a
+ * closed port) while the flow is current: the quoted packet went the
+ * other hook's way as a packet of the flow, or this hook's way as its
+ * reply. Anything else is an ICMP packet like any other. A bare SYN
+ * opens a connection and is never a reply, which spares new TCP flows
+ * the reverse lookup; it reopens a closing flow's tuple. */
+static __always_inline enum ct_status ct_lookup(struct pctx *c, struct hook_ep *h, struct flow *f)
+{
+	struct pkt *p = c->p;
+	const __u8 scope = h->scope;
+	struct ct_value *ct;
+
 	if (p->related) {
-		ct_key_set(&k, p->inner_saddr, p->inner_daddr, p->inner_sport, p->inner_dport, p->inner_proto,
+		ct_key_set(&f->key, p->inner_saddr, p->inner_daddr, p->inner_sport, p->inner_dport, p->inner_proto,
 			   scope ^ 1);
-		rev_ct = ct_table(h, scope ^ 1);
-		if (rev_ct)
-			ct = bpf_map_lookup_elem(rev_ct, &k);
-		if (!ct || ct->expires <= now) {
-			ct_key_set(&k, p->inner_daddr, p->inner_saddr, p->inner_dport, p->inner_sport, p->inner_proto,
-				   scope);
-			fwd_ct = ct_table(h, scope);
-			ct = fwd_ct ? bpf_map_lookup_elem(fwd_ct, &k) : NULL;
+		if (!ct_find(c, h, f, scope ^ 1)) {
+			ct_key_set(&f->key, p->inner_daddr, p->inner_saddr, p->inner_dport, p->inner_sport,
+				   p->inner_proto, scope);
+			ct_find(c, h, f, scope);
 		}
-		if (ct && ct->expires > now && (ct->rev == rev || (ct->flags & CT_F_HOST))) {
-			if (ct->flags & CT_F_HOST)
-				peer = ID_HOST;
-			reason = decide(subject, PEER(), dir | 4 | (__u32)p->proto << 8,
-					subject_flags(h->ep, subject, rev));
-			return report(skb, p, cfg, h, subject, peer,
-				      reason == REASON_DROP_DENY ? REASON_DROP_DENY : REASON_ALLOW_RELATED, scope, 0);
-		}
+		if (f->ct && (f->ct->rev == c->rev || f->deny_only))
+			return CT_RELATED;
+		f->ct = NULL;
+		f->deny_only = 0;
+		f->peer = ID_ANY;
 	}
 
-	fwd_ct = ct_table(h, scope);
-	if (!fwd_ct)
-		return report(skb, p, cfg, h, subject, 0, REASON_DROP_NO_ENDPOINT, scope, 1);
-	ct_key_set(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto, scope);
-	ct = bpf_map_lookup_elem(fwd_ct, &k);
-	known = ct != NULL;
-	if (ct && ct->expires > now &&
-	    !((ct->flags & CT_F_CLOSING) && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)) {
-		if (ct->rev != rev) {
-			host = ct->flags & CT_F_HOST ? 4 : 0;
-			if (host)
-				peer = ID_HOST;
-			reason = decide(subject, PEER(), dir | host | (__u32)p->proto << 8 | (__u32)p->dport << 16,
-					subject_flags(h->ep, subject, rev));
-			if (is_drop(reason)) {
-				bpf_map_delete_elem(fwd_ct, &k);
-				ct_removed(ep_state(h), scope);
-				return report(skb, p, cfg, h, subject, peer, REASON_DROP_REVOKED, scope, 1);
-			}
-			ct->rev = rev;
-		}
-		ct_touch(ct, p, now, 0);
-		*ct_flags = ct->flags;
-		return report(skb, p, cfg, h, subject, cfg && cfg->debug ? PEER() : peer, REASON_ALLOW_ESTABLISHED,
-			      scope, 0);
+	f->table = ct_table(h, scope);
+	f->kscope = scope;
+	if (!f->table)
+		return CT_NO_TABLE;
+	ct_key_set(&f->key, p->saddr, p->daddr, p->sport, p->dport, p->proto, scope);
+	ct = bpf_map_lookup_elem(f->table, &f->key);
+	f->known = ct != NULL;
+	if (ct && ct->expires > c->now && !((ct->flags & CT_F_CLOSING) && bare_syn(p))) {
+		f->ct = ct;
+		f->deny_only = ct->flags & CT_F_HOST ? 4 : 0;
+		if (f->deny_only)
+			f->peer = ID_HOST;
+		return CT_ESTABLISHED;
 	}
+	if (bare_syn(p))
+		return CT_NEW;
 
-	/* A reply is the reverse tuple admitted by this same endpoint's other
-	 * hook. A bare SYN opens a connection and is never a reply, which
-	 * spares new TCP flows the lookup. */
-	if (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_ACK)) == TCP_SYN)
-		goto new_flow;
-	ct_key_set(&k, p->daddr, p->saddr, p->dport, p->sport, p->proto, scope ^ 1);
-	rev_ct = ct_table(h, scope ^ 1);
-	ct = rev_ct ? bpf_map_lookup_elem(rev_ct, &k) : NULL;
-	if (ct && ct->expires > now) {
-		host = ct->flags & CT_F_HOST ? 4 : 0;
-		if (host)
-			peer = ID_HOST;
-		if (ct->rev != rev) {
-			reason = decide(subject, PEER(), rdir | host | (__u32)p->proto << 8 | (__u32)p->sport << 16,
-					subject_flags(h->ep, subject, rev));
-			if (is_drop(reason)) {
-				bpf_map_delete_elem(rev_ct, &k);
-				ct_removed(ep_state(h), scope ^ 1);
-				return report(skb, p, cfg, h, subject, peer, REASON_DROP_REVOKED, scope, 1);
-			}
-			ct->rev = rev;
+	ct_key_set(&f->key, p->daddr, p->saddr, p->dport, p->sport, p->proto, scope ^ 1);
+	if (ct_find(c, h, f, scope ^ 1))
+		return CT_REPLY;
+	/* A new flow keys the forward tuple (f->table is still the forward
+	 * table: a miss leaves it). */
+	ct_key_set(&f->key, p->saddr, p->daddr, p->sport, p->dport, p->proto, scope);
+	return CT_NEW;
+}
+
+/* peer is the identity at the flow's other end, looked up once and only
+ * when a step needs it: an established packet under the current policy
+ * needs none. */
+static __always_inline __u32 peer(struct pctx *c, struct hook_ep *h, struct flow *f)
+{
+	if (f->peer == ID_ANY)
+		f->peer = peer_identity(c->p, h->scope, h->from_host);
+	return f->peer;
+}
+
+/* translate is where a Service's address becomes a backend's, before
+ * policy sees the packet, so policy judges the backend (DESIGN.md
+ * section 3). No Service is translated yet. */
+static __always_inline void translate(struct pctx *c, struct hook_ep *h, struct flow *f, enum ct_status st)
+{
+}
+
+/* policy decides the packet by its status, under the current revision.
+ * A flow admitted under an older one is checked again as new (a drop
+ * revokes it), and keeps the answer: the entry's revision stamp and its
+ * reply-deny bit are memos of policy, so each costs one decision per
+ * revision. Flows the local node opened to its pod (CT_F_HOST) need no
+ * rule, but deny rules hold for them like for any flow: on every policy
+ * change and for their replies. */
+static __always_inline int policy_check(struct pctx *c, struct hook_ep *h, struct flow *f, enum ct_status st,
+					int no_new)
+{
+	struct pkt *p = c->p;
+	__u32 subject = h->ep->identity;
+	const __u8 dir = h->scope == SCOPE_EGRESS ? DIR_EGRESS : DIR_INGRESS;
+	const __u8 rdir = h->scope == SCOPE_EGRESS ? DIR_INGRESS : DIR_EGRESS;
+	struct ct_value *ct = f->ct;
+	__u32 proto = (__u32)p->proto << 8;
+	int reason;
+
+	switch (st) {
+	case CT_NO_TABLE:
+		return REASON_DROP_NO_ENDPOINT;
+	case CT_RELATED:
+		reason = decide(subject, peer(c, h, f), dir | 4 | proto, subject_flags(h->ep, subject, c->rev));
+		return reason == REASON_DROP_DENY ? REASON_DROP_DENY : REASON_ALLOW_RELATED;
+	case CT_ESTABLISHED:
+		if (ct->rev != c->rev) {
+			reason = decide(subject, peer(c, h, f), dir | f->deny_only | proto | (__u32)p->dport << 16,
+					subject_flags(h->ep, subject, c->rev));
+			if (is_drop(reason))
+				return REASON_DROP_REVOKED;
+			ct->rev = c->rev;
 		}
-		/* Deny rules hold for replies too; the answer is kept per
-		 * revision so replies cost one lookup. */
-		if (ct->reply_rev != rev || ct->reply_rev == 0) {
-			reason = decide(subject, PEER(), dir | 4 | (__u32)p->proto << 8 | (__u32)p->dport << 16,
-					subject_flags(h->ep, subject, rev));
+		return REASON_ALLOW_ESTABLISHED;
+	case CT_REPLY:
+		if (ct->rev != c->rev) {
+			reason = decide(subject, peer(c, h, f), rdir | f->deny_only | proto | (__u32)p->sport << 16,
+					subject_flags(h->ep, subject, c->rev));
+			if (is_drop(reason))
+				return REASON_DROP_REVOKED;
+			ct->rev = c->rev;
+		}
+		if (ct->reply_rev != c->rev || ct->reply_rev == 0) {
+			reason = decide(subject, peer(c, h, f), dir | 4 | proto | (__u32)p->dport << 16,
+					subject_flags(h->ep, subject, c->rev));
 			if (reason == REASON_DROP_DENY)
 				ct->flags |= CT_F_REPLY_DENIED;
 			else
 				ct->flags &= ~CT_F_REPLY_DENIED;
-			ct->reply_rev = rev;
+			ct->reply_rev = c->rev;
 		}
-		if (ct->flags & CT_F_REPLY_DENIED)
-			return report(skb, p, cfg, h, subject, PEER(), REASON_DROP_DENY, scope, 0);
-		ct_touch(ct, p, now, 1);
-		*ct_flags = ct->flags;
-		return report(skb, p, cfg, h, subject, cfg && cfg->debug ? PEER() : peer, REASON_ALLOW_REPLY, scope,
-			      0);
+		return ct->flags & CT_F_REPLY_DENIED ? REASON_DROP_DENY : REASON_ALLOW_REPLY;
+	default:
+		break;
 	}
-
-new_flow:
 	if (no_new)
 		return CHECK_STACK;
-	/* A new flow. The local node may always reach its pods (kubelet
-	 * probes) unless a deny rule says otherwise, and the flow's replies
-	 * then pass as such. Only what the node's own stack sends is the
-	 * node: a forwarded packet carrying a node address is judged by
-	 * policy like any other. */
-	if (scope == SCOPE_INGRESS && from_host) {
-		reason = decide(subject, PEER(), dir | 4 | (__u32)p->proto << 8 | (__u32)p->dport << 16,
-				subject_flags(h->ep, subject, rev));
-		if (reason != REASON_DROP_DENY)
-			reason = REASON_ALLOW_HOST;
+	/* The local node may always reach its pods (kubelet probes) unless a
+	 * deny rule says otherwise, and the flow's replies then pass as
+	 * such. Only what the node's own stack sends is the node: a
+	 * forwarded packet carrying a node address is judged by policy like
+	 * any other. */
+	if (h->scope == SCOPE_INGRESS && h->from_host) {
+		reason = decide(subject, peer(c, h, f), dir | 4 | proto | (__u32)p->dport << 16,
+				subject_flags(h->ep, subject, c->rev));
+		return reason == REASON_DROP_DENY ? REASON_DROP_DENY : REASON_ALLOW_HOST;
+	}
+	reason = decide(subject, peer(c, h, f), dir | proto | (__u32)p->dport << 16,
+			subject_flags(h->ep, subject, c->rev));
+	if (reason == REASON_DROP_NO_RULE && mid_flow(p))
+		reason = REASON_DROP_UNKNOWN_FLOW;
+	return reason;
+}
+
+/* ct_create inserts an admitted new flow. Where its packets leaving a pod
+ * go, to the local pod at its far end or to routing, is asked once, here,
+ * so its packets after this one skip the question when the answer is
+ * routing. A pod that appears at that address later is reached through
+ * routing (and to_pod) until the flow ends. */
+static __always_inline void ct_create(struct pctx *c, struct hook_ep *h, struct flow *f, int reason)
+{
+	struct ct_value nct = {};
+
+	if (reason == REASON_ALLOW_HOST)
 		nct.flags = CT_F_HOST;
-	} else {
-		reason = decide(subject, PEER(), dir | (__u32)p->proto << 8 | (__u32)p->dport << 16,
-				subject_flags(h->ep, subject, rev));
-		if (reason == REASON_DROP_NO_RULE && mid_flow(p))
-			reason = REASON_DROP_UNKNOWN_FLOW;
+	if (h->scope == SCOPE_EGRESS)
+		f->lp = bpf_map_lookup_elem(&local_pods, c->p->daddr);
+	if (h->scope == SCOPE_EGRESS ? !f->lp : !bpf_map_lookup_elem(&local_pods, c->p->saddr))
+		nct.flags |= CT_F_ROUTED;
+	f->flags = nct.flags;
+	nct.rev = c->rev;
+	nct.subject = h->ep->identity;
+	nct.peer = f->peer;
+	ct_touch(&nct, c->p, c->now, 0);
+	if (bpf_map_update_elem(f->table, &f->key, &nct, BPF_ANY))
+		stat_inc(STAT_CT_INSERT_FAIL);
+	else if (!f->known)
+		ct_added(ep_state(h), h->scope);
+}
+
+/* check decides a parsed packet at one hook of the endpoint h and reports
+ * the verdict as that hook: conntrack says what the packet is to its
+ * flow, a Service's address is translated, policy decides, and the
+ * verdict says what conntrack keeps. With no_new, a packet that would
+ * start a flow is neither decided nor reported: check returns
+ * CHECK_STACK. f gets the flow's conntrack flags and, for a new flow
+ * leaving a pod, the local pod it goes to. */
+static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, struct flow *f)
+{
+	enum ct_status st = ct_lookup(c, h, f);
+	int reason;
+
+	translate(c, h, f, st);
+	reason = policy_check(c, h, f, st, no_new);
+	switch (reason) {
+	case CHECK_STACK:
+		return CHECK_STACK;
+	case REASON_DROP_NO_ENDPOINT:
+		return report(c, h, h->ep->identity, 0, reason, 1);
+	case REASON_DROP_REVOKED:
+		bpf_map_delete_elem(f->table, &f->key);
+		ct_removed(ep_state(h), f->kscope);
+		return report(c, h, h->ep->identity, f->peer, reason, 1);
+	case REASON_ALLOW_ESTABLISHED:
+	case REASON_ALLOW_REPLY:
+		ct_touch(f->ct, c->p, c->now, reason == REASON_ALLOW_REPLY);
+		f->flags = f->ct->flags;
+		return report(c, h, h->ep->identity, c->cfg && c->cfg->debug ? peer(c, h, f) : f->peer, reason, 0);
+	case REASON_ALLOW_RELATED:
+		return report(c, h, h->ep->identity, f->peer, reason, 0);
+	case REASON_ALLOW_RULE:
+	case REASON_ALLOW_OPEN:
+	case REASON_ALLOW_HOST:
+		ct_create(c, h, f, reason);
+		return report(c, h, h->ep->identity, f->peer, reason, 1);
+	default:
+		/* a drop of a new flow, or a deny rule on a related packet or a reply */
+		return report(c, h, h->ep->identity, peer(c, h, f), reason, st == CT_NEW);
 	}
-	if (!is_drop(reason)) {
-		/* Where do this flow's packets leaving a pod go: to the local
-		 * pod at its far end, or to routing? Asked once, here, so its
-		 * packets after this one skip the question when the answer is
-		 * routing. A pod that appears at that address later is reached
-		 * through routing (and to_pod) until the flow ends. */
-		if (scope == SCOPE_EGRESS)
-			*lpp = bpf_map_lookup_elem(&local_pods, p->daddr);
-		if (scope == SCOPE_EGRESS ? !*lpp : !bpf_map_lookup_elem(&local_pods, p->saddr))
-			nct.flags |= CT_F_ROUTED;
-		*ct_flags = nct.flags;
-		ct_key_set(&k, p->saddr, p->daddr, p->sport, p->dport, p->proto, scope);
-		nct.rev = rev;
-		nct.subject = subject;
-		nct.peer = peer;
-		ct_touch(&nct, p, now, 0);
-		if (bpf_map_update_elem(fwd_ct, &k, &nct, BPF_ANY))
-			stat_inc(STAT_CT_INSERT_FAIL);
-		else if (!known)
-			ct_added(ep_state(h), scope);
-	}
-	return report(skb, p, cfg, h, subject, peer, reason, scope, 1);
-#undef PEER
 }
 
 /* deliver hands a packet from_pod allowed straight to the local pod behind
@@ -1117,34 +1226,33 @@ static __always_inline int pass(struct pkt *p)
 static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 {
 	struct pkt p = {};
-	struct hook_ep h = { .ifindex = skb->ifindex }, dh = {};
-	struct local_pod *lp = NULL;
-	struct config *cfg;
-	__u32 zero = 0, rev, ct_flags = 0, dst_ct_flags = 0;
-	int from_host = scope == SCOPE_INGRESS && skb->ingress_ifindex == 0;
-	__u64 now;
+	struct hook_ep h = { .ifindex = skb->ifindex, .scope = scope }, dh = { .scope = SCOPE_INGRESS };
+	struct pctx c = { .skb = skb, .p = &p };
+	struct flow f = {}, df = {};
+	struct local_pod *lp;
+	__u32 zero = 0, ifindex = skb->ifindex;
 	int ret, reason;
 
+	h.from_host = scope == SCOPE_INGRESS && skb->ingress_ifindex == 0;
 	ret = parse(skb, &p);
 	if (ret == PARSE_NONIP) {
 		count(REASON_ALLOW_NONIP, scope, skb->len);
 		return TC_ACT_OK;
 	}
-	cfg = bpf_map_lookup_elem(&config, &zero);
-	rev = cfg ? cfg->rev : 0;
-	h.ep = bpf_map_lookup_elem(&endpoints, &h.ifindex);
+	c.cfg = bpf_map_lookup_elem(&config, &zero);
+	c.rev = c.cfg ? c.cfg->rev : 0;
+	h.ep = bpf_map_lookup_elem(&endpoints, &ifindex);
 	hook_open(&h);
 	if (ret == PARSE_MALFORMED) {
-		report(skb, &p, cfg, &h, 0, 0, REASON_DROP_MALFORMED, scope, 1);
+		report(&c, &h, 0, 0, REASON_DROP_MALFORMED, 1);
 		return TC_ACT_SHOT;
 	}
 	if (!h.ep) {
-		report(skb, &p, cfg, &h, 0, 0, REASON_DROP_NO_ENDPOINT, scope, 1);
+		report(&c, &h, 0, 0, REASON_DROP_NO_ENDPOINT, 1);
 		return TC_ACT_SHOT;
 	}
 	if (scope == SCOPE_EGRESS && !source_ok(h.ep, &p, ret == PARSE_ND)) {
-		report(skb, &p, cfg, &h, h.ep->identity, peer_identity(&p, scope, from_host), REASON_DROP_SPOOF,
-		       scope, 1);
+		report(&c, &h, h.ep->identity, peer_identity(&p, scope, h.from_host), REASON_DROP_SPOOF, 1);
 		return TC_ACT_SHOT;
 	}
 	if (ret == PARSE_ND) {
@@ -1152,19 +1260,18 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 		return TC_ACT_OK;
 	}
 	if (ret == PARSE_FRAG_UNKNOWN) {
-		report(skb, &p, cfg, &h, h.ep->identity, peer_identity(&p, scope, from_host), REASON_DROP_FRAG,
-		       scope, 1);
+		report(&c, &h, h.ep->identity, peer_identity(&p, scope, h.from_host), REASON_DROP_FRAG, 1);
 		return TC_ACT_SHOT;
 	}
 
 	/* Conntrack deadlines are seconds apart: the tick-grained clock
 	 * serves them and costs a memory read, where the precise one costs a
 	 * clock read on every packet. */
-	now = bpf_ktime_get_coarse_ns();
-	reason = check(skb, &p, cfg, rev, &h, scope, from_host, now, 0, &ct_flags, &lp);
+	c.now = bpf_ktime_get_coarse_ns();
+	reason = check(&c, &h, 0, &f);
 	if (is_drop(reason))
 		return TC_ACT_SHOT;
-	if (scope == SCOPE_INGRESS || (ct_flags & CT_F_ROUTED))
+	if (scope == SCOPE_INGRESS || (f.flags & CT_F_ROUTED))
 		return pass(&p);
 
 	/* A packet for a pod on this node goes to it directly, checked here
@@ -1174,17 +1281,16 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	 * node translated, such as a Service's: only the stack can undo
 	 * that, so it goes there, and to_pod checks it after. So does a
 	 * packet whose hop limit routing would have to refuse. */
-	if (!lp)
-		lp = bpf_map_lookup_elem(&local_pods, p.daddr);
+	lp = f.lp ? f.lp : bpf_map_lookup_elem(&local_pods, p.daddr);
 	if (!lp || lp->ifindex == h.ifindex || p.ttl <= 1)
 		return pass(&p);
-	dh.ifindex = lp->ifindex;
-	dh.ep = bpf_map_lookup_elem(&endpoints, &dh.ifindex);
+	ifindex = lp->ifindex;
+	dh.ifindex = ifindex;
+	dh.ep = bpf_map_lookup_elem(&endpoints, &ifindex);
 	if (!dh.ep)
 		return pass(&p);
 	hook_open(&dh);
-	reason = check(skb, &p, cfg, rev, &dh, SCOPE_INGRESS, 0, now, reason == REASON_ALLOW_REPLY, &dst_ct_flags,
-		       &lp);
+	reason = check(&c, &dh, reason == REASON_ALLOW_REPLY, &df);
 	if (reason == CHECK_STACK)
 		return pass(&p);
 	if (is_drop(reason))

@@ -248,77 +248,136 @@ func (d *Datapath) pass(p *pkt) {
 // toStack is check's answer when noNew forbids starting a flow.
 const toStack Reason = 255
 
-// check is the datapath's check(): conntrack and rules for one hook of the
-// endpoint ep.
+// ctStatus is what conntrack knows of a packet at one hook (enum
+// ct_status in the datapath).
+type ctStatus uint8
+
+const (
+	ctNew         ctStatus = iota // no flow: policy decides it as a new one
+	ctEstablished                 // a packet of a flow this hook admitted
+	ctReply                       // the reverse of a flow the endpoint's other hook admitted
+	ctRelated                     // an ICMP error quoting a flow of either hook
+)
+
+// flow is a packet's flow at one hook, as check's steps pass it on.
+type flow struct {
+	key ctKey    // the entry's key: found, or to insert for a new flow
+	ct  *ctEntry // the entry; nil for a new flow
+	// hostFlow: the node opened the flow to its pod (ctHost), so only
+	// deny rules hold for it, and its peer is the node.
+	hostFlow  bool
+	peer      identity.ID
+	peerKnown bool
+}
+
+func found(k ctKey, ct *ctEntry) flow {
+	f := flow{key: k, ct: ct, hostFlow: ct.flags&ctHost != 0}
+	if f.hostFlow {
+		f.peer, f.peerKnown = identity.Host, true
+	}
+	return f
+}
+
+// check is the datapath's check() for one hook of the endpoint ep, in its
+// steps: conntrack says what the packet is to its flow, a Service's
+// address is translated, policy decides, and the verdict says what
+// conntrack keeps.
 func (d *Datapath) check(p *pkt, scope Scope, ep Endpoint, fromHost, noNew bool) Reason {
-	subject, slot := ep.Identity, ep.Slot
-	peerOnce := false
-	var peerID identity.ID
-	peer := func() identity.ID {
-		if !peerOnce {
-			peerOnce = true
-			switch {
-			case scope == Egress:
-				peerID = d.lookup(p.daddr)
-			case fromHost:
-				peerID = identity.Host
-			default:
-				peerID = d.lookup(p.saddr)
-			}
+	st, f := d.ctLookup(p, scope, ep.Slot)
+	d.translate(p, scope, st, &f)
+	reason := d.policyCheck(p, scope, ep.Identity, fromHost, noNew, st, &f)
+	switch reason {
+	case DropRevoked:
+		delete(d.ct, f.key)
+	case AllowEstablished, AllowReply:
+		f.ct.touch(p, reason == AllowReply)
+	case AllowRule, AllowOpen, AllowHost:
+		nct := &ctEntry{rev: d.Rev, subject: ep.Identity, peer: d.peer(p, scope, fromHost, &f)}
+		if reason == AllowHost {
+			nct.flags = ctHost
 		}
-		return peerID
+		nct.touch(p, false)
+		d.ct[f.key] = nct
 	}
-	// Flows the node opened to its pod: their peer is the node.
-	hostFlow := func(ct *ctEntry) bool {
-		if ct.flags&ctHost != 0 {
-			peerOnce, peerID = true, identity.Host
-			return true
+	return reason
+}
+
+// ctLookup classifies a packet at one hook. An ICMP error about a flow
+// this endpoint's hooks admitted is related to it while the flow is of
+// the current policy revision (or the node's); a bare SYN is never a
+// reply, and it reopens a closing flow's tuple.
+func (d *Datapath) ctLookup(p *pkt, scope Scope, slot uint32) (ctStatus, flow) {
+	bareSYN := p.proto == protoTCP && p.tcpFlags&(tcpSYN|tcpACK) == tcpSYN
+	if p.related {
+		k := ctKey{slot, p.innerSaddr, p.innerDaddr, p.innerSport, p.innerDport, p.innerProto, scope ^ 1}
+		ct := d.ct[k]
+		if ct == nil {
+			k = ctKey{slot, p.innerDaddr, p.innerSaddr, p.innerDport, p.innerSport, p.innerProto, scope}
+			ct = d.ct[k]
 		}
-		return false
+		if ct != nil && (ct.rev == d.Rev || ct.flags&ctHost != 0) {
+			return ctRelated, found(k, ct)
+		}
 	}
+	k := ctKey{slot, p.saddr, p.daddr, p.sport, p.dport, p.proto, scope}
+	if ct := d.ct[k]; ct != nil && !(ct.flags&ctClosing != 0 && bareSYN) {
+		return ctEstablished, found(k, ct)
+	}
+	rk := ctKey{slot, p.daddr, p.saddr, p.dport, p.sport, p.proto, scope ^ 1}
+	if ct := d.ct[rk]; ct != nil && !bareSYN {
+		return ctReply, found(rk, ct)
+	}
+	return ctNew, flow{key: k}
+}
+
+// peer is the identity at the flow's other end.
+func (d *Datapath) peer(p *pkt, scope Scope, fromHost bool, f *flow) identity.ID {
+	if !f.peerKnown {
+		f.peerKnown = true
+		switch {
+		case scope == Egress:
+			f.peer = d.lookup(p.daddr)
+		case fromHost:
+			f.peer = identity.Host
+		default:
+			f.peer = d.lookup(p.saddr)
+		}
+	}
+	return f.peer
+}
+
+// translate is where a Service's address will become a backend's, before
+// policy; no Service is translated yet.
+func (d *Datapath) translate(*pkt, Scope, ctStatus, *flow) {}
+
+// policyCheck decides the packet by its status under the current
+// revision. A flow of an older revision is checked again as new (a drop
+// revokes it); the node's flows need no rule, but deny rules hold for
+// them, on every revision and for their replies.
+func (d *Datapath) policyCheck(p *pkt, scope Scope, subject identity.ID, fromHost, noNew bool, st ctStatus, f *flow) Reason {
 	dir, rdir := policy.Egress, policy.Ingress
 	if scope == Ingress {
 		dir, rdir = policy.Ingress, policy.Egress
 	}
-
-	// An ICMP error about a flow this endpoint's hooks admitted passes
-	// like a reply of it, unless a deny rule holds or the flow is from an
-	// older policy revision.
-	if p.related {
-		ct := d.ct[ctKey{slot, p.innerSaddr, p.innerDaddr, p.innerSport, p.innerDport, p.innerProto, scope ^ 1}]
-		if ct == nil {
-			ct = d.ct[ctKey{slot, p.innerDaddr, p.innerSaddr, p.innerDport, p.innerSport, p.innerProto, scope}]
+	peer := func() identity.ID { return d.peer(p, scope, fromHost, f) }
+	ct := f.ct
+	switch st {
+	case ctRelated:
+		if d.decide(subject, dir, peer(), p.proto, 0, true) == DropDeny {
+			return DropDeny
 		}
-		if ct != nil && (ct.rev == d.Rev || ct.flags&ctHost != 0) {
-			hostFlow(ct)
-			if d.decide(subject, dir, peer(), p.proto, 0, true) == DropDeny {
-				return DropDeny
-			}
-			return AllowRelated
-		}
-	}
-
-	k := ctKey{slot, p.saddr, p.daddr, p.sport, p.dport, p.proto, scope}
-	if ct := d.ct[k]; ct != nil && !(ct.flags&ctClosing != 0 && p.tcpFlags&(tcpSYN|tcpACK) == tcpSYN) {
+		return AllowRelated
+	case ctEstablished:
 		if ct.rev != d.Rev {
-			// The node's flows need no rule, but deny rules hold.
-			if r := d.decide(subject, dir, peer(), p.proto, p.dport, hostFlow(ct)); r.Drop() {
-				delete(d.ct, k)
+			if r := d.decide(subject, dir, peer(), p.proto, p.dport, f.hostFlow); r.Drop() {
 				return DropRevoked
 			}
 			ct.rev = d.Rev
 		}
-		ct.touch(p, false)
 		return AllowEstablished
-	}
-
-	rk := ctKey{slot, p.daddr, p.saddr, p.dport, p.sport, p.proto, scope ^ 1}
-	bareSYN := p.proto == protoTCP && p.tcpFlags&(tcpSYN|tcpACK) == tcpSYN
-	if ct := d.ct[rk]; ct != nil && !bareSYN {
-		host := hostFlow(ct)
+	case ctReply:
 		if ct.rev != d.Rev {
-			if r := d.decide(subject, rdir, peer(), p.proto, p.sport, host); r.Drop() {
-				delete(d.ct, rk)
+			if r := d.decide(subject, rdir, peer(), p.proto, p.sport, f.hostFlow); r.Drop() {
 				return DropRevoked
 			}
 			ct.rev = d.Rev
@@ -334,33 +393,20 @@ func (d *Datapath) check(p *pkt, scope Scope, ep Endpoint, fromHost, noNew bool)
 		if ct.flags&ctReplyDenied != 0 {
 			return DropDeny
 		}
-		ct.touch(p, true)
 		return AllowReply
 	}
-
 	if noNew {
 		return toStack
 	}
-	var reason Reason
-	nct := &ctEntry{}
 	if scope == Ingress && fromHost {
-		reason = AllowHost
 		if d.decide(subject, dir, peer(), p.proto, p.dport, true) == DropDeny {
-			reason = DropDeny
+			return DropDeny
 		}
-		nct.flags = ctHost
-	} else {
-		reason = d.decide(subject, dir, peer(), p.proto, p.dport, false)
-		if reason == DropNoRule && p.midFlow() {
-			reason = DropUnknownFlow
-		}
+		return AllowHost
 	}
-	if !reason.Drop() {
-		nct.rev = d.Rev
-		nct.subject = subject
-		nct.peer = peer()
-		nct.touch(p, false)
-		d.ct[k] = nct
+	reason := d.decide(subject, dir, peer(), p.proto, p.dport, false)
+	if reason == DropNoRule && p.midFlow() {
+		reason = DropUnknownFlow
 	}
 	return reason
 }
