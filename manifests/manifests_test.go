@@ -79,8 +79,8 @@ type installed struct {
 	// nsRole and nsBinding are the agents' rights in their own namespace.
 	nsRole    *rbacv1.Role
 	nsBinding *rbacv1.RoleBinding
-	config  *corev1.ConfigMap
-	ds      *appsv1.DaemonSet
+	config    *corev1.ConfigMap
+	ds        *appsv1.DaemonSet
 }
 
 func loadInstall(t *testing.T) installed {
