@@ -14,7 +14,6 @@ import (
 	"github.com/google/nftables/expr"
 	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
-	"k8s.io/apimachinery/pkg/labels"
 )
 
 // NFTableName is the nftables table (family inet) the agent owns. It is the
@@ -508,11 +507,7 @@ func (a *Agent) syncNFT() error {
 	if a.nft == nil {
 		return nil
 	}
-	nodes, err := a.nodes.List(labels.Everything())
-	if err != nil {
-		return fmt.Errorf("list nodes: %w", err)
-	}
-	local, _, err := a.localPodCIDRs()
+	nodes, local, err := a.nodesAndLocalCIDRs()
 	if err != nil {
 		return err
 	}

@@ -286,11 +286,7 @@ func (a *Agent) syncRoutes() error {
 	if a.routes == nil {
 		return nil
 	}
-	nodes, err := a.nodes.List(labels.Everything())
-	if err != nil {
-		return fmt.Errorf("list nodes: %w", err)
-	}
-	local, _, err := a.localPodCIDRs()
+	nodes, local, err := a.nodesAndLocalCIDRs()
 	if err != nil {
 		return err
 	}
@@ -305,6 +301,20 @@ func (a *Agent) syncRoutes() error {
 		}
 	}
 	return a.routes.sync(peerNodes(nodes, a.cfg.NodeName), self)
+}
+
+// nodesAndLocalCIDRs returns every Node and this node's pod CIDRs, what
+// the routes and the nftables table are planned from.
+func (a *Agent) nodesAndLocalCIDRs() ([]*corev1.Node, []netip.Prefix, error) {
+	nodes, err := a.nodes.List(labels.Everything())
+	if err != nil {
+		return nil, nil, fmt.Errorf("list nodes: %w", err)
+	}
+	local, _, err := a.localPodCIDRs()
+	if err != nil {
+		return nil, nil, err
+	}
+	return nodes, local, nil
 }
 
 // syncNodeAddrs hands every node address to the compiler and the ipcache.

@@ -10,40 +10,14 @@ import (
 	"testing"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/containernetworking/cni/libcni"
 	"github.com/vishvananda/netlink"
 
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/cni"
 	"github.com/idcni/idcni/e2e/internal/cnitest"
+	"github.com/idcni/idcni/internal/pintest"
 )
-
-// repinIncompatible replaces the pin of the named map under root with a
-// map of the same kind but a value 8 bytes wider: the pins an idcni build
-// of another layout leaves for this one (issue 14).
-func repinIncompatible(t *testing.T, root, name string) {
-	t.Helper()
-	path := filepath.Join(root, name)
-	old, err := ebpf.LoadPinnedMap(path, nil)
-	if err != nil {
-		t.Fatal(err)
-	}
-	spec := &ebpf.MapSpec{Name: name, Type: old.Type(), KeySize: old.KeySize(), ValueSize: old.ValueSize() + 8,
-		MaxEntries: old.MaxEntries(), Flags: old.Flags()}
-	old.Close()
-	m, err := ebpf.NewMap(spec)
-	if err != nil {
-		t.Fatalf("create an incompatible %s: %v", name, err)
-	}
-	defer m.Close()
-	if err := os.Remove(path); err != nil {
-		t.Fatal(err)
-	}
-	if err := m.Pin(path); err != nil {
-		t.Fatal(err)
-	}
-}
 
 // TestDelWithPinsItCannotReadFreesThePod is issue 14's stranded pod: facing
 // pins of another layout, DEL deleted the veth, failed at bpf.Open and kept
@@ -56,8 +30,8 @@ func TestDelWithPinsItCannotReadFreesThePod(t *testing.T) {
 		name   string
 		damage func(t *testing.T, root string)
 	}{
-		{"endpoints of another layout", func(t *testing.T, root string) { repinIncompatible(t, root, "endpoints") }},
-		{"policy of another layout", func(t *testing.T, root string) { repinIncompatible(t, root, "policy") }},
+		{"endpoints of another layout", func(t *testing.T, root string) { pintest.RepinWider(t, root, "endpoints") }},
+		{"policy of another layout", func(t *testing.T, root string) { pintest.RepinWider(t, root, "policy") }},
 		{"endpoints map missing", func(t *testing.T, root string) {
 			if err := os.Remove(filepath.Join(root, "endpoints")); err != nil {
 				t.Fatal(err)
