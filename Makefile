@@ -51,7 +51,7 @@ test: deps check-generate lint build kube
 bench: deps build
 	$(GO) test -run '^$$' -bench . -benchtime 2s -timeout 60m ./bpf/ ./identity/ ./policy/...
 	$(GO) test -run '^$$' -bench Agent -benchtime 1x -timeout 30m ./e2e/
-	$(GO) test -run '^$$' -bench PodStartup -timeout 30m ./e2e/cluster/
+	$(GO) test -run '^$$' -bench 'PodStartup|Propagation' -timeout 30m ./e2e/cluster/
 
 # Issue 11's scale benchmark: 10,000 pods, 1,000 policies against a real
 # kube-apiserver, the agent of OLD_REF (built in a temporary worktree) and
