@@ -24,10 +24,9 @@ const pingNS = metav1.NamespaceDefault
 
 // crossNode starts a pod on every node and pings every pod from every
 // other: each node has a /24 of its own, and the agents route the others'
-// through their InternalIPs on the shared segment. In the routed topology
-// the far node shares no subnet with the others; until the agent can
-// tunnel (its idcni_node_routes_missing says it cannot) the pairs with the
-// far node are skipped, not failed.
+// through their InternalIPs on the shared segment; in the routed topology
+// the far node shares no subnet with the others, and the agents tunnel to
+// it.
 func crossNode(k *kctl) {
 	pods := map[string]*cluster.Node{}
 	for _, n := range k.c.Nodes {
@@ -54,27 +53,25 @@ func crossNode(k *kctl) {
 			k.t.Fatalf("kubectl exec in pod %s on node %s: %v, output %q", name, n.Name, err, out)
 		}
 	}
-	skipFar := ""
-	if k.c.Topology == cluster.TopologyRouted {
-		if missing := k.routesMissing(k.c.Nodes[0]); missing > 0 {
-			skipFar = fmt.Sprintf("node %s has idcni_node_routes_missing %v: the agent has no way to the far node's pods (VXLAN not available yet)", k.c.Nodes[0].Name, missing)
+	// Every node reaches every other's pods: directly on the segment, and
+	// through the VXLAN tunnel to and from the far node of the routed
+	// topology.
+	// (The host reaches the agents' metrics on the segment only; the far
+	// node's own routes show in its pings.)
+	for _, n := range k.c.Nodes {
+		if n.Far {
+			continue
+		}
+		if missing := k.routesMissing(n); missing > 0 {
+			k.t.Errorf("node %s has idcni_node_routes_missing %v: its agent has no way to some node's pods", n.Name, missing)
 		}
 	}
-	var skipped []string
-	for src, sn := range pods {
-		for dst, dn := range pods {
-			if src == dst {
-				continue
+	for src := range pods {
+		for dst := range pods {
+			if src != dst {
+				k.wantPingIn(pingNS, src, addrs[dst], 2)
 			}
-			if skipFar != "" && (sn.Far || dn.Far) {
-				skipped = append(skipped, src+"->"+dst)
-				continue
-			}
-			k.wantPingIn(pingNS, src, addrs[dst], 2)
 		}
-	}
-	if len(skipped) > 0 {
-		k.t.Skipf("%s; skipped %s", skipFar, strings.Join(skipped, " "))
 	}
 }
 
