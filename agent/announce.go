@@ -179,15 +179,7 @@ func (n *announcer) write(ctx context.Context) error {
 		payload.Pods = append(payload.Pods, p)
 	}
 	n.mu.Unlock()
-	slices.SortFunc(payload.Pods, func(x, y announced) int {
-		if x.Pod < y.Pod {
-			return -1
-		}
-		if x.Pod > y.Pod {
-			return 1
-		}
-		return 0
-	})
+	slices.SortFunc(payload.Pods, func(x, y announced) int { return strings.Compare(x.Pod, y.Pod) })
 	body, err := json.Marshal(payload)
 	if err != nil {
 		return err
@@ -277,21 +269,11 @@ func (a *Agent) withAnnouncedAddrs(pod *corev1.Pod) *corev1.Pod {
 	if err != nil {
 		return pod
 	}
-	var cidrs []netip.Prefix
-	for _, s := range node.Spec.PodCIDRs {
-		if c, err := netip.ParsePrefix(s); err == nil {
-			cidrs = append(cidrs, c)
-		}
-	}
+	cidrs := podCIDRsOf(node)
 	for _, ip := range p.IPs {
 		if !slices.ContainsFunc(cidrs, func(c netip.Prefix) bool { return c.Contains(ip) }) {
 			return pod
 		}
 	}
-	pod = pod.DeepCopy()
-	for _, ip := range p.IPs {
-		pod.Status.PodIPs = append(pod.Status.PodIPs, corev1.PodIP{IP: ip.String()})
-	}
-	pod.Status.PodIP = pod.Status.PodIPs[0].IP
-	return pod
+	return withStatusAddrs(pod, p.IPs)
 }

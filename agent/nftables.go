@@ -71,14 +71,8 @@ func planNFT(nodes []*corev1.Node, localCIDRs, noMasq []netip.Prefix, masquerade
 	var cluster, nodeAddrs []netip.Prefix
 	for _, n := range nodes {
 		cluster = append(cluster, podCIDRsOf(n)...)
-		for _, na := range n.Status.Addresses {
-			if na.Type != corev1.NodeInternalIP && na.Type != corev1.NodeExternalIP {
-				continue
-			}
-			if addr, err := netip.ParseAddr(na.Address); err == nil {
-				addr = addr.Unmap()
-				nodeAddrs = append(nodeAddrs, netip.PrefixFrom(addr, addr.BitLen()))
-			}
+		for _, addr := range hostAddrs(n) {
+			nodeAddrs = append(nodeAddrs, netip.PrefixFrom(addr, addr.BitLen()))
 		}
 	}
 	// This node's pod CIDRs from --pod-cidr may be missing from its

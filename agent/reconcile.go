@@ -290,14 +290,10 @@ func (a *Agent) syncRoutes() error {
 	if err != nil {
 		return err
 	}
-	localAddrs, _, err := a.nodeAddrs()
-	if err != nil {
-		return err
-	}
-	self := selfNode{cidrs: local, addrs: localAddrs}
+	self := selfNode{cidrs: local}
 	for _, n := range nodes {
 		if n.Name == a.cfg.NodeName {
-			self.internal = internalIPs(n)
+			self.addrs, self.internal = hostAddrs(n), internalIPs(n)
 		}
 	}
 	return a.routes.sync(peerNodes(nodes, a.cfg.NodeName), self)
@@ -347,19 +343,10 @@ func (a *Agent) nodeAddrs() (local, remote []netip.Addr, err error) {
 		return nil, nil, fmt.Errorf("list nodes: %w", err)
 	}
 	for _, n := range nodes {
-		for _, na := range n.Status.Addresses {
-			if na.Type != corev1.NodeInternalIP && na.Type != corev1.NodeExternalIP {
-				continue
-			}
-			addr, err := netip.ParseAddr(na.Address)
-			if err != nil {
-				continue
-			}
-			if n.Name == a.cfg.NodeName {
-				local = append(local, addr.Unmap())
-			} else {
-				remote = append(remote, addr.Unmap())
-			}
+		if n.Name == a.cfg.NodeName {
+			local = append(local, hostAddrs(n)...)
+		} else {
+			remote = append(remote, hostAddrs(n)...)
 		}
 	}
 	return local, remote, nil
@@ -656,8 +643,14 @@ func (a *Agent) withLocalAddrs(pod *corev1.Pod) *corev1.Pod {
 	if !ok || len(podAddrs(pod)) > 0 {
 		return pod
 	}
+	return withStatusAddrs(pod, ep.Addresses)
+}
+
+// withStatusAddrs is a copy of pod whose status has addrs, as the kubelet
+// will write them: what the agent knows before the API server does.
+func withStatusAddrs(pod *corev1.Pod, addrs []netip.Addr) *corev1.Pod {
 	pod = pod.DeepCopy()
-	for _, addr := range ep.Addresses {
+	for _, addr := range addrs {
 		pod.Status.PodIPs = append(pod.Status.PodIPs, corev1.PodIP{IP: addr.String()})
 	}
 	pod.Status.PodIP = pod.Status.PodIPs[0].IP

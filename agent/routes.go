@@ -96,11 +96,12 @@ type peerNode struct {
 	addrs []netip.Addr // InternalIPs
 }
 
-// internalIPs returns a Node's InternalIPs.
-func internalIPs(n *corev1.Node) []netip.Addr {
+// nodeAddrsOf returns a Node's addresses of the given types, unmapped;
+// unparsable ones are left out.
+func nodeAddrsOf(n *corev1.Node, types ...corev1.NodeAddressType) []netip.Addr {
 	var out []netip.Addr
 	for _, na := range n.Status.Addresses {
-		if na.Type != corev1.NodeInternalIP {
+		if !slices.Contains(types, na.Type) {
 			continue
 		}
 		if addr, err := netip.ParseAddr(na.Address); err == nil {
@@ -108,6 +109,15 @@ func internalIPs(n *corev1.Node) []netip.Addr {
 		}
 	}
 	return out
+}
+
+// internalIPs returns a Node's InternalIPs.
+func internalIPs(n *corev1.Node) []netip.Addr { return nodeAddrsOf(n, corev1.NodeInternalIP) }
+
+// hostAddrs returns every address a Node names that is the node itself
+// (InternalIPs and ExternalIPs).
+func hostAddrs(n *corev1.Node) []netip.Addr {
+	return nodeAddrsOf(n, corev1.NodeInternalIP, corev1.NodeExternalIP)
 }
 
 // peerNodes returns every other node with its pod CIDRs and InternalIPs.
