@@ -96,9 +96,22 @@ func checkLayout(root, name string, want *ebpf.MapSpec, m *ebpf.Map, checkSize b
 		return nil
 	}
 	return fmt.Errorf("%w: pinned map %s has %s; this idcni build (pin layout %d) expects %s (%w). "+
-		"The pins come from another idcni version: run the version that pinned them, "+
-		"or remove the pins with `idcni-agent --uninstall --force` (running pods lose enforcement until they are re-created)",
+		"The pins come from another idcni version (%s): %s",
 		ErrLayoutMismatch, filepath.Join(root, name),
 		describeMap(m.Type(), m.KeySize(), m.ValueSize(), m.MaxEntries(), m.Flags()),
-		LayoutVersion, describeMap(w.Type, w.KeySize, w.ValueSize, w.MaxEntries, w.Flags), err)
+		LayoutVersion, describeMap(w.Type, w.KeySize, w.ValueSize, w.MaxEntries, w.Flags), err,
+		pinnedLayoutName(root), agentMigrates)
+}
+
+// pinnedLayoutName says which layout the pins under root are, for an
+// error message.
+func pinnedLayoutName(root string) string {
+	desc, err := readDescriptor(root)
+	switch {
+	case err != nil:
+		return "layout unknown: " + err.Error()
+	case desc == nil:
+		return "pin layout 1, which has no descriptor"
+	}
+	return fmt.Sprintf("pin layout %d", desc.Layout)
 }

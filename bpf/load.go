@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"os"
+	"log/slog"
 	"path/filepath"
 	"sync"
 
@@ -38,6 +39,16 @@ type Options struct {
 	Replace bool
 	// Attach chooses tcx or legacy cls_bpf; AttachAuto prefers tcx.
 	Attach AttachMode
+	// Logger gets what a Replace does to pins of another layout
+	// (migrated, kept, removed); nil: slog.Default().
+	Logger *slog.Logger
+
+	// Tests stand in for builds of other layouts (build), shape the
+	// object as such a build would have it (specHook), and make a step
+	// of a migration fail (faults).
+	build    *build
+	specHook func(*ebpf.CollectionSpec)
+	faults   migrationFaults
 }
 
 // Datapath is the pinned datapath: programs, maps and attachments.
@@ -78,11 +89,10 @@ func Load(opts Options) (*Datapath, error) {
 	// Fast path without the lock: pins are created whole (programs last),
 	// so whoever sees the programs pinned sees a complete datapath, and 50
 	// plugin instances at once do not queue behind each other.
+	// Any other failure is tried again under the lock: an agent may be
+	// migrating the pins right now, and under the lock they are whole.
 	if !opts.Replace {
-		if err := d.openPinned(opts); !errors.Is(err, ErrNotLoaded) {
-			if err != nil {
-				return nil, err
-			}
+		if err := d.openPinned(opts); err == nil {
 			return d, nil
 		}
 	}
@@ -130,6 +140,9 @@ func (d *Datapath) spec(opts Options) (*ebpf.CollectionSpec, error) {
 			spec.Maps[name].MaxEntries = n
 		}
 	}
+	if opts.specHook != nil {
+		opts.specHook(spec)
+	}
 	d.ctTable = spec.Maps["ct_tables"].InnerMap
 	return spec, nil
 }
@@ -141,8 +154,7 @@ func (d *Datapath) openPinned(opts Options) error {
 	if err != nil {
 		return err
 	}
-	progs := map[string]**ebpf.Program{progFromPod: &d.objs.FromPod, progToPod: &d.objs.ToPod}
-	for name, dst := range progs {
+	for name, dst := range d.progFields() {
 		p, err := ebpf.LoadPinnedProgram(filepath.Join(d.root, "progs", name), nil)
 		if errors.Is(err, os.ErrNotExist) {
 			d.discard()
@@ -158,8 +170,11 @@ func (d *Datapath) openPinned(opts Options) error {
 	for name, dst := range maps {
 		m, err := ebpf.LoadPinnedMap(filepath.Join(d.root, name), nil)
 		if errors.Is(err, os.ErrNotExist) {
+			// The programs are pinned, so a datapath is: one of
+			// another layout, which did not have this map.
 			d.discard()
-			return fmt.Errorf("%w (map %s missing under %s)", ErrNotLoaded, name, d.root)
+			return fmt.Errorf("%w: map %s is not pinned under %s, though programs are: the pins are of another layout (%s); %s",
+				ErrLayoutMismatch, name, d.root, pinnedLayoutName(d.root), agentMigrates)
 		}
 		if err != nil {
 			d.discard()
@@ -200,57 +215,6 @@ func (d *Datapath) mapFields() map[string]**ebpf.Map {
 	}
 }
 
-// load loads the embedded object, reusing compatible pinned maps, pins what
-// is new, and (on Replace) moves existing attachments to the new programs.
-func (d *Datapath) load(opts Options) error {
-	spec, err := d.spec(opts)
-	if err != nil {
-		return err
-	}
-	err = spec.LoadAndAssign(&d.objs, &ebpf.CollectionOptions{Maps: ebpf.MapOptions{PinPath: d.root}})
-	if errors.Is(err, ebpf.ErrMapIncompatible) {
-		// Name the map and both layouts, as the open path does.
-		for name, want := range spec.Maps {
-			m, perr := ebpf.LoadPinnedMap(filepath.Join(d.root, name), nil)
-			if perr != nil {
-				continue
-			}
-			cerr := checkLayout(d.root, name, want, m, true)
-			m.Close()
-			if cerr != nil {
-				return cerr
-			}
-		}
-		return fmt.Errorf("%w: pinned maps under %s do not match this idcni build (pin layout %d): %w; run the version that pinned them, or remove the pins with `idcni-agent --uninstall --force` (running pods lose enforcement until they are re-created)", ErrLayoutMismatch, d.root, LayoutVersion, err)
-	}
-	if err != nil {
-		return fmt.Errorf("load datapath: %w", err)
-	}
-	if err := d.initConfig(); err != nil {
-		d.Close()
-		return err
-	}
-	if err := d.initSharedConntrack(); err != nil {
-		d.Close()
-		return err
-	}
-	if err := d.replaceAttachments(); err != nil {
-		d.Close()
-		return err
-	}
-	if err := os.MkdirAll(filepath.Join(d.root, "progs"), 0o700); err != nil {
-		d.Close()
-		return fmt.Errorf("create program pin directory: %w", err)
-	}
-	for name, p := range map[string]*ebpf.Program{progFromPod: d.objs.FromPod, progToPod: d.objs.ToPod} {
-		if err := repin(p, filepath.Join(d.root, "progs", name)); err != nil {
-			d.Close()
-			return err
-		}
-	}
-	return nil
-}
-
 // repin pins p at path, replacing whatever was pinned there. The rename
 // makes the switch atomic for readers of the pin.
 func repin(p *ebpf.Program, path string) error {
@@ -280,6 +244,23 @@ func (d *Datapath) initConfig() error {
 	if err := d.objs.Config.Update(uint32(0), &cfg, ebpf.UpdateAny); err != nil {
 		return fmt.Errorf("write config map: %w", err)
 	}
+	return nil
+}
+
+// Refresh makes this handle's programs and maps the ones pinned now.
+// A handle opened before a migration (the agent's Load with Replace)
+// holds the maps and programs it replaced: writing those would lose the
+// write, attaching those would leave a veth on the old program for good.
+// Call it holding the root lock (Lock), which a migration holds from its
+// plan to its last re-pin, and write or attach before letting go.
+func (d *Datapath) Refresh() error {
+	nd := &Datapath{root: d.root, mode: d.mode}
+	if err := nd.openPinned(Options{Root: d.root}); err != nil {
+		return err
+	}
+	old := d.objs
+	d.objs, d.ctTable = nd.objs, nd.ctTable
+	_ = old.Close()
 	return nil
 }
 

@@ -29,8 +29,10 @@ func enforce(dp *bpf.Datapath, u *undo, hostName string, ifindex int, id identit
 		return err
 	}
 	defer unlock()
-	if err := dp.ReopenPrograms(); err != nil {
-		return fmt.Errorf("open the current TC programs: %w", err)
+	// The maps too: an agent that migrated the pins meanwhile replaced
+	// the ones dp holds, and a write to those would be lost.
+	if err := dp.Refresh(); err != nil {
+		return fmt.Errorf("open the current TC programs and maps: %w", err)
 	}
 	if err := dp.Attach(hostName); err != nil {
 		return fmt.Errorf("attach TC programs to host veth %s: %w", hostName, err)
@@ -97,6 +99,12 @@ func release(dp *bpf.Datapath, hostName string, ifindex int, addrs []netip.Addr)
 		return errors.Join(append(errs, err)...)
 	}
 	defer unlock()
+	// The pins may have been migrated since dp was opened: remove the
+	// entries from the maps the programs use now. Pins this build cannot
+	// read leave dp as it was; DEL still removes what it can.
+	if err := dp.Refresh(); err != nil {
+		warn("reopen the datapath under the lock: %v", err)
+	}
 
 	eps, err := dp.Endpoints()
 	if err != nil {
