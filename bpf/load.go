@@ -3,8 +3,8 @@ package bpf
 import (
 	"errors"
 	"fmt"
-	"os"
 	"log/slog"
+	"os"
 	"path/filepath"
 	"sync"
 
@@ -220,6 +220,13 @@ func (d *Datapath) mapFields() map[string]**ebpf.Map {
 func repin(p *ebpf.Program, path string) error {
 	tmp := path + "_new" // bpffs refuses names with a dot
 	_ = os.Remove(tmp)
+	// A clone: Pin moves the pin a handle was loaded from rather than
+	// pinning it again, and the path may hold another program by now.
+	p, err := p.Clone()
+	if err != nil {
+		return fmt.Errorf("pin program at %s: %w", path, err)
+	}
+	defer p.Close()
 	if err := p.Pin(tmp); err != nil {
 		return fmt.Errorf("pin program at %s: %w", tmp, err)
 	}

@@ -643,7 +643,14 @@ func (mg *migration) swapPins(desc *ebpf.Map) (func(), error) {
 func repinMap(m *ebpf.Map, path string) error {
 	tmp := path + "_new" // bpffs refuses names with a dot
 	_ = os.Remove(tmp)
-	if err := m.Pin(tmp); err != nil {
+	// A clone: Pin moves the pin a handle was loaded from rather than
+	// pinning it again, and the path may hold another map by now.
+	c, err := m.Clone()
+	if err != nil {
+		return fmt.Errorf("pin map at %s: %w", path, err)
+	}
+	defer c.Close()
+	if err := c.Pin(tmp); err != nil {
 		return fmt.Errorf("pin map at %s: %w", tmp, err)
 	}
 	if err := os.Rename(tmp, path); err != nil {

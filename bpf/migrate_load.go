@@ -4,6 +4,7 @@ import (
 	"errors"
 	"fmt"
 	"log/slog"
+	"maps"
 	"os"
 	"path/filepath"
 	"slices"
@@ -109,6 +110,14 @@ func (d *Datapath) load(opts Options) (err error) {
 		log.Info("migrating pinned maps to this build's layout", "root", d.root, "from", from, "to", b.version, "maps", converted, "new", created)
 	}
 
+	progNames := slices.Sorted(maps.Keys(d.progFields()))
+	// Described before step 3 takes the pinning off the spec's maps.
+	descMap, err := descriptorMap(b.descriptorOf(spec, progNames))
+	if err != nil {
+		return err
+	}
+	defer descMap.Close()
+
 	// 2. The new maps, filled.
 	if err := mg.fill(); err != nil {
 		return fmt.Errorf("migrate pins under %s from layout %d to %d: %w; nothing was changed: the pins and programs of layout %d stay in force", d.root, from, b.version, err, from)
@@ -134,18 +143,6 @@ func (d *Datapath) load(opts Options) (err error) {
 	if err := nd.initSharedConntrack(); err != nil {
 		return fail("install the shared conntrack table", err)
 	}
-	progNames := slices.Sorted(func(yield func(string) bool) {
-		for name := range nd.progFields() {
-			if !yield(name) {
-				return
-			}
-		}
-	})
-	descMap, err := descriptorMap(b.descriptorOf(spec, progNames))
-	if err != nil {
-		return fail("describe the pins", err)
-	}
-	defer descMap.Close()
 
 	// 4. The pins.
 	undoPins, err := mg.swapPins(descMap)

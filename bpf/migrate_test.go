@@ -1,0 +1,469 @@
+package bpf
+
+import (
+	"bytes"
+	"encoding/hex"
+	"errors"
+	"fmt"
+	"net/netip"
+	"os"
+	"path/filepath"
+	"reflect"
+	"strings"
+	"testing"
+
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+
+	"github.com/idcni/idcni/internal/pkttest"
+	"github.com/idcni/idcni/policy"
+)
+
+// grown is a build of layout 2 as the branches in flight will make it:
+// the conntrack value (shared table and per-pod tables alike) and the
+// endpoint value grow by appended fields whose zero means "not set",
+// declared optional so that layout 1 may take the pins back. The
+// programs stay this build's: they read the first bytes of each value,
+// which the verifier allows in a wider value.
+func grown(tails bool) (*build, func(*ebpf.CollectionSpec)) {
+	b := &build{version: 2}
+	if tails {
+		b.tails = map[string]uint32{"conntrack": 32, "ct_tables/inner": 32, "endpoints": 40}
+	}
+	return b, func(spec *ebpf.CollectionSpec) {
+		spec.Maps["conntrack"].ValueSize += 8
+		spec.Maps["ct_tables"].InnerMap.ValueSize += 8
+		spec.Maps["endpoints"].ValueSize += 8
+	}
+}
+
+// flowSeed is the walkthrough's two pods attached to their veths by tcx,
+// A allowed to B on TCP port 80 only, and one TCP flow A -> B set up: B's
+// replies pass only as long as conntrack remembers the flow (B may not
+// open anything to A). Besides, the maps hold what a node holds: a local
+// pod entry, a CIDR in the ipcache, identities with flags.
+func flowSeed(t *testing.T, mode AttachMode) (*seed, pkttest.Packet) {
+	t.Helper()
+	p := newPair(t, 2, Options{Root: testRoot(t), Attach: mode})
+	s := &seed{pair: p}
+	s.a = p.endpoint(0, Endpoint{Identity: idA, IPv4: ipA, IPv6: ip6A})
+	s.b = p.endpoint(1, Endpoint{Identity: idB, IPv4: ipB, IPv6: ip6B})
+	p.local(s.b, ip6B) // the flow is IPv4: its packets are judged at both hooks
+	p.ipcache(netip.MustParsePrefix("198.51.100.0/24"), 300)
+	s.policy(manual(policy.ManualRule{Action: policy.Allow, Src: idA, Dst: idB, Proto: policy.ProtoTCP, Ports: policy.PortRange{Lo: 80, Hi: 80}}))
+	var err error
+	for _, ifname := range []string{"ep0", "ep1"} {
+		p.net.do(func() { err = p.d.Attach(ifname) })
+		if err != nil {
+			t.Fatal(err)
+		}
+	}
+	syn := pkttest.Packet{Src: ipA, Dst: ipB, Proto: pkttest.TCP, SrcPort: 40000, DstPort: 80, TCPFlags: pkttest.SYN}
+	r1, r2 := s.cross(syn, s.a, s.b)
+	wantReasons(t, "SYN", r1, r2, ReasonAllowRule, ReasonAllowRule)
+	synack := syn.Reverse()
+	synack.TCPFlags = pkttest.SYN | pkttest.ACK
+	r1, r2 = s.cross(synack, s.b, s.a)
+	wantReasons(t, "SYN-ACK", r1, r2, ReasonAllowReply, ReasonAllowReply)
+	return s, syn
+}
+
+// flowGoesOn sends the flow's next packets both ways through the
+// datapath the seed holds: they pass only on the flow's conntrack
+// entries (the reference model, fed the same packets, has them).
+func flowGoesOn(t *testing.T, s *seed, syn pkttest.Packet) {
+	t.Helper()
+	ack := syn
+	ack.TCPFlags = pkttest.ACK
+	r1, r2 := s.cross(ack, s.a, s.b)
+	wantReasons(t, "ACK after the migration", r1, r2, ReasonAllowEstablished, ReasonAllowEstablished)
+	back := ack.Reverse()
+	r1, r2 = s.cross(back, s.b, s.a)
+	wantReasons(t, "B's reply after the migration", r1, r2, ReasonAllowReply, ReasonAllowReply)
+}
+
+// dumpPins reads every pinned map of the datapath under root, entry by
+// entry as raw bytes; a map of maps by index and inner key. Ring buffers
+// hold no entries.
+func dumpPins(t *testing.T, root string) map[string]map[string][]byte {
+	t.Helper()
+	out := map[string]map[string][]byte{}
+	for _, name := range pinnedMaps() {
+		m, err := ebpf.LoadPinnedMap(filepath.Join(root, name), nil)
+		if err != nil {
+			t.Fatalf("open pinned %s: %v", name, err)
+		}
+		out[name] = dumpMap(t, m, "")
+		m.Close()
+	}
+	return out
+}
+
+func dumpMap(t *testing.T, m *ebpf.Map, prefix string) map[string][]byte {
+	t.Helper()
+	out := map[string][]byte{}
+	if !hasContent(m.Type()) {
+		return out
+	}
+	key := make([]byte, m.KeySize())
+	if m.Type() == ebpf.ArrayOfMaps || m.Type() == ebpf.HashOfMaps {
+		var id uint32
+		it := m.Iterate()
+		for it.Next(key, &id) {
+			in, err := ebpf.NewMapFromID(ebpf.MapID(id))
+			if err != nil {
+				t.Fatal(err)
+			}
+			for k, v := range dumpMap(t, in, prefix+hex.EncodeToString(key)+"/") {
+				out[k] = v
+			}
+			out[prefix+hex.EncodeToString(key)+"/capacity"] = fmt.Appendf(nil, "%d", in.MaxEntries())
+			in.Close()
+		}
+		if err := it.Err(); err != nil {
+			t.Fatal(err)
+		}
+		return out
+	}
+	var val any = make([]byte, m.ValueSize())
+	if isPerCPU(m.Type()) {
+		val = perCPUValues(m.ValueSize()).Interface()
+	}
+	it := m.Iterate()
+	for it.Next(key, val) {
+		var b []byte
+		if isPerCPU(m.Type()) {
+			rv := reflect.ValueOf(val)
+			for i := range rv.Len() {
+				b = append(b, rv.Index(i).Slice(0, rv.Index(i).Len()).Bytes()...)
+			}
+		} else {
+			b = bytes.Clone(val.([]byte))
+		}
+		out[prefix+hex.EncodeToString(key)] = b
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+// sameEntries fails unless after holds every entry of before and nothing
+// else, each value the same up to the shorter one's length and zero
+// beyond it: a zero-extension or a cut of an optional tail.
+func sameEntries(t *testing.T, before, after map[string]map[string][]byte) {
+	t.Helper()
+	for name, b := range before {
+		a := after[name]
+		if len(a) != len(b) {
+			t.Errorf("map %s: %d entries before the migration, %d after", name, len(b), len(a))
+		}
+		for k, bv := range b {
+			av, ok := a[k]
+			if !ok {
+				t.Errorf("map %s: entry %s lost", name, k)
+				continue
+			}
+			n := min(len(av), len(bv))
+			if !bytes.Equal(av[:n], bv[:n]) || strings.Trim(string(av[n:]), "\x00") != "" {
+				t.Errorf("map %s: entry %s was\n% x\nis\n% x", name, k, bv, av)
+			}
+		}
+	}
+}
+
+// pinIDs is the map or program behind every pin under root.
+func pinIDs(t *testing.T, root string) map[string]uint32 {
+	t.Helper()
+	out := map[string]uint32{}
+	err := filepath.WalkDir(root, func(path string, e os.DirEntry, err error) error {
+		if err != nil || e.IsDir() {
+			return err
+		}
+		rel, _ := filepath.Rel(root, path)
+		if strings.HasPrefix(rel, "links") {
+			return nil
+		}
+		if m, err := ebpf.LoadPinnedMap(path, nil); err == nil {
+			info, _ := m.Info()
+			id, _ := info.ID()
+			out[rel] = uint32(id)
+			m.Close()
+		} else if p, err := ebpf.LoadPinnedProgram(path, nil); err == nil {
+			info, _ := p.Info()
+			id, _ := info.ID()
+			out[rel] = uint32(id)
+			p.Close()
+		} else {
+			out[rel] = 0
+		}
+		return nil
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	return out
+}
+
+func attachedTo(t *testing.T, s *seed, d *Datapath) bool {
+	t.Helper()
+	all := true
+	for _, ifindex := range []int{s.a, s.b} {
+		var ok bool
+		var err error
+		s.net.do(func() { ok, err = d.AttachedIndex(ifindex) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		all = all && ok
+	}
+	return all
+}
+
+func valueSize(t *testing.T, root, name string) uint32 {
+	t.Helper()
+	m, err := ebpf.LoadPinnedMap(filepath.Join(root, name), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer m.Close()
+	return m.ValueSize()
+}
+
+// TestMigrateCarriesEveryEntryAndTheFlow: pins of layout 1 exactly as
+// today's main leaves them (no descriptor), with pods attached and a flow
+// open, meet a build whose conntrack and endpoint values grew. Its start
+// (Load with Replace) must carry every entry of every map over (the
+// per-pod conntrack tables with their capacities), move both veths to its
+// programs, and the open flow must go on, which it can only on its
+// conntrack entries. Then back: layout 1 takes the pins of layout 2 back,
+// cutting the tails the descriptor declares optional.
+func TestMigrateCarriesEveryEntryAndTheFlow(t *testing.T) {
+	for _, mode := range []AttachMode{AttachTCX, AttachLegacy} {
+		t.Run(map[AttachMode]string{AttachTCX: "tcx", AttachLegacy: "legacy"}[mode], func(t *testing.T) {
+			s, syn := flowSeed(t, mode)
+			root := s.d.Root()
+			if err := os.Remove(filepath.Join(root, layoutPin)); err != nil {
+				t.Fatal(err) // layout 1 pins have none
+			}
+			before := dumpPins(t, root)
+			old := s.d
+
+			b, hook := grown(true)
+			var up *Datapath
+			var err error
+			s.net.do(func() { up, err = Load(Options{Root: root, Replace: true, Attach: mode, build: b, specHook: hook}) })
+			if err != nil {
+				t.Fatalf("migrate layout 1 -> 2: %v", err)
+			}
+			t.Cleanup(func() { up.Close() })
+			desc, err := readDescriptor(root)
+			if err != nil || desc == nil || desc.Layout != 2 {
+				t.Fatalf("descriptor after the migration: %+v, %v", desc, err)
+			}
+			if got := valueSize(t, root, "conntrack"); got != 40 {
+				t.Fatalf("pinned conntrack value is %d bytes after the migration, want 40", got)
+			}
+			sameEntries(t, before, dumpPins(t, root))
+			if !attachedTo(t, s, up) {
+				t.Fatal("the veths do not run the new programs after the migration")
+			}
+			if attachedTo(t, s, old) {
+				t.Fatal("the veths still run the old programs")
+			}
+			s.pair.d = up
+			flowGoesOn(t, s, syn)
+
+			// Back to layout 1, this build as it is.
+			mid := dumpPins(t, root)
+			var down *Datapath
+			s.net.do(func() { down, err = Load(Options{Root: root, Replace: true, Attach: mode}) })
+			if err != nil {
+				t.Fatalf("roll back layout 2 -> 1: %v", err)
+			}
+			t.Cleanup(func() { down.Close() })
+			if got := valueSize(t, root, "conntrack"); got != 32 {
+				t.Fatalf("pinned conntrack value is %d bytes after the rollback, want 32", got)
+			}
+			sameEntries(t, mid, dumpPins(t, root))
+			if !attachedTo(t, s, down) {
+				t.Fatal("the veths do not run layout 1's programs after the rollback")
+			}
+			s.pair.d = down
+			flowGoesOn(t, s, syn)
+			for _, e := range mustReadDir(t, root) {
+				if strings.HasSuffix(e, "_new") {
+					t.Errorf("staging pin %s left under the root", e)
+				}
+			}
+		})
+	}
+}
+
+func mustReadDir(t *testing.T, dir string) []string {
+	t.Helper()
+	entries, err := os.ReadDir(dir)
+	if err != nil {
+		t.Fatal(err)
+	}
+	var out []string
+	for _, e := range entries {
+		out = append(out, e.Name())
+	}
+	return out
+}
+
+// TestRollbackRefusesWhatItWouldLose: pins whose descriptor does not
+// declare the grown tails optional cannot go back to the shorter layout:
+// the rollback refuses, names the map, and changes nothing.
+func TestRollbackRefusesWhatItWouldLose(t *testing.T) {
+	s, syn := flowSeed(t, AttachTCX)
+	root := s.d.Root()
+	b, hook := grown(false)
+	var up *Datapath
+	var err error
+	s.net.do(func() { up, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX, build: b, specHook: hook}) })
+	if err != nil {
+		t.Fatalf("migrate 1 -> 2: %v", err)
+	}
+	t.Cleanup(func() { up.Close() })
+	before, ids := dumpPins(t, root), pinIDs(t, root)
+	s.net.do(func() { _, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX}) })
+	if err == nil {
+		t.Fatal("layout 1 took pins of layout 2 whose wider values are not declared optional")
+	}
+	for _, want := range []string{"conntrack", "optional", "nothing was changed"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("refusal does not say %q: %v", want, err)
+		}
+	}
+	if got := pinIDs(t, root); !reflect.DeepEqual(got, ids) {
+		t.Fatalf("the refused rollback changed the pins:\nbefore %v\nafter  %v", ids, got)
+	}
+	sameEntries(t, before, dumpPins(t, root))
+	if !attachedTo(t, s, up) {
+		t.Fatal("the refused rollback moved the attachments")
+	}
+	s.pair.d = up
+	flowGoesOn(t, s, syn)
+}
+
+// TestFailedMigrationLeavesTheOldInForce makes each step of a migration
+// fail in turn, from creating a map to moving the attachments: the old
+// pins (every map and program the same kernel object), the old programs
+// on both veths and the flow must all stay, and the error must say so.
+func TestFailedMigrationLeavesTheOldInForce(t *testing.T) {
+	for _, step := range []string{"create conntrack", "copy ct_tables", "pin ct_tables", "pin pin_layout", "pin program to_pod", "attach"} {
+		t.Run(strings.ReplaceAll(step, " ", "_"), func(t *testing.T) {
+			s, syn := flowSeed(t, AttachTCX)
+			root := s.d.Root()
+			before, ids := dumpPins(t, root), pinIDs(t, root)
+			b, hook := grown(true)
+			injected := errors.New("injected failure")
+			var err error
+			s.net.do(func() {
+				_, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX, build: b, specHook: hook,
+					faults: func(at string) error {
+						if at == step {
+							return injected
+						}
+						return nil
+					}})
+			})
+			if !errors.Is(err, injected) {
+				t.Fatalf("migration with %q failing: %v", step, err)
+			}
+			if !strings.Contains(err.Error(), "stay in force") {
+				t.Errorf("error does not say the old pins stay in force: %v", err)
+			}
+			if got := pinIDs(t, root); !reflect.DeepEqual(got, ids) {
+				t.Fatalf("pins changed:\nbefore %v\nafter  %v", ids, got)
+			}
+			sameEntries(t, before, dumpPins(t, root))
+			if !attachedTo(t, s, s.d) {
+				t.Fatal("the veths no longer run the old programs")
+			}
+			flowGoesOn(t, s, syn)
+		})
+	}
+}
+
+// TestPluginAndToolsLeaveMigrationToTheAgent: a load without Replace (the
+// plugin) and Open (DEL, the tools) facing pins to migrate refuse, say the
+// agent migrates them, and change nothing.
+func TestPluginAndToolsLeaveMigrationToTheAgent(t *testing.T) {
+	s, _ := flowSeed(t, AttachTCX)
+	root := s.d.Root()
+	b, hook := grown(true)
+	var up *Datapath
+	var err error
+	s.net.do(func() { up, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX, build: b, specHook: hook}) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	up.Close()
+	ids := pinIDs(t, root)
+	for what, open := range map[string]func() error{
+		"Load": func() error { d, err := Load(Options{Root: root}); d.closeIfOpen(); return err },
+		"Open": func() error { d, err := Open(root); d.closeIfOpen(); return err },
+	} {
+		err := open()
+		if !errors.Is(err, ErrLayoutMismatch) || !strings.Contains(err.Error(), "idcni-agent of this build migrates them") || !strings.Contains(err.Error(), "pin layout 2") {
+			t.Errorf("%s of layout 1 on pins of layout 2: %v", what, err)
+		}
+	}
+	if got := pinIDs(t, root); !reflect.DeepEqual(got, ids) {
+		t.Fatalf("pins changed:\nbefore %v\nafter  %v", ids, got)
+	}
+}
+
+func (d *Datapath) closeIfOpen() {
+	if d != nil {
+		d.Close()
+	}
+}
+
+// TestGCRemovesOnlyUnusedPins: after a start, pins this build does not
+// use go (a map and a program of another layout nobody runs), and a pin
+// of a map an attached program uses stays.
+func TestGCRemovesOnlyUnusedPins(t *testing.T) {
+	s, _ := flowSeed(t, AttachTCX)
+	root := s.d.Root()
+	unused, err := ebpf.NewMap(&ebpf.MapSpec{Type: ebpf.Hash, KeySize: 4, ValueSize: 4, MaxEntries: 1})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer unused.Close()
+	if err := unused.Pin(filepath.Join(root, "remote_cidrs")); err != nil {
+		t.Fatal(err)
+	}
+	// A second pin of a map the attached programs use: in use.
+	if err := s.d.objs.Fragments.Pin(filepath.Join(root, "fragments_v0")); err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Remove(filepath.Join(root, "fragments_v0")) })
+	prog, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: ebpf.SchedCLS, License: "GPL", Instructions: returnZero()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer prog.Close()
+	if err := prog.Pin(filepath.Join(root, "progs", "from_net")); err != nil {
+		t.Fatal(err)
+	}
+	var d *Datapath
+	s.net.do(func() { d, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX}) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	d.Close()
+	for path, want := range map[string]bool{"remote_cidrs": false, "progs/from_net": false, "fragments_v0": true, "fragments": true, layoutPin: true} {
+		_, err := os.Stat(filepath.Join(root, path))
+		if got := err == nil; got != want {
+			t.Errorf("pin %s there after the start: %v, want %v", path, got, want)
+		}
+	}
+}
+
+func returnZero() asm.Instructions {
+	return asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()}
+}
