@@ -322,7 +322,9 @@ func TestRollbackRefusesWhatItWouldLose(t *testing.T) {
 	b, hook := grown(false)
 	var up *Datapath
 	var err error
-	s.net.do(func() { up, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX, build: b, specHook: hook}) })
+	s.net.do(func() {
+		up, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX, build: b, specHook: hook})
+	})
 	if err != nil {
 		t.Fatalf("migrate 1 -> 2: %v", err)
 	}
@@ -397,7 +399,9 @@ func TestPluginAndToolsLeaveMigrationToTheAgent(t *testing.T) {
 	b, hook := grown(true)
 	var up *Datapath
 	var err error
-	s.net.do(func() { up, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX, build: b, specHook: hook}) })
+	s.net.do(func() {
+		up, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX, build: b, specHook: hook})
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
