@@ -331,18 +331,30 @@ func (d *Datapath) ReopenPrograms() error {
 // link detached or unpinned by someone else, or a legacy filter removed,
 // shows here as missing, whatever the pins say.
 func (d *Datapath) AttachedIndex(ifindex int) (bool, error) {
+	missing, err := d.MissingHooks(ifindex)
+	return err == nil && len(missing) == 0, err
+}
+
+// MissingHooks names the hooks ("ingress", "egress") of the link at
+// ifindex where the kernel does not run this handle's program, by tcx or
+// cls_bpf: empty when both run it.
+func (d *Datapath) MissingHooks(ifindex int) ([]string, error) {
+	var missing []string
 	for _, h := range hooks {
 		info, err := h.prog(d).Info()
 		if err != nil {
-			return false, fmt.Errorf("program info: %w", err)
+			return nil, fmt.Errorf("program info: %w", err)
 		}
 		want, _ := info.ID()
 		ok, err := attachedByKernel(ifindex, h, want)
-		if err != nil || !ok {
-			return false, err
+		if err != nil {
+			return nil, err
+		}
+		if !ok {
+			missing = append(missing, h.suffix)
 		}
 	}
-	return true, nil
+	return missing, nil
 }
 
 func attachedByKernel(ifindex int, h hook, want ebpf.ProgramID) (bool, error) {

@@ -799,3 +799,19 @@ func pinnedMapNames(spec *ebpf.CollectionSpec) []string {
 	sort.Strings(names)
 	return names
 }
+
+// PinnedLayout is the pin layout the pins under root say they are: the
+// descriptor's, 1 for pins without one, 0 when nothing is pinned there.
+func PinnedLayout(root string) (int, error) {
+	if root == "" {
+		root = DefaultRoot
+	}
+	desc, err := readDescriptor(root)
+	if err != nil || desc != nil {
+		return pinnedLayoutVersion(desc), err
+	}
+	if _, err := os.Stat(filepath.Join(root, "progs")); errors.Is(err, os.ErrNotExist) {
+		return 0, nil
+	}
+	return 1, nil
+}

@@ -228,10 +228,12 @@ func (c *checker) checkDatapath(hostMAC, podMAC net.HardwareAddr) {
 	defer dp.Close()
 
 	if hostMAC != nil {
-		if ok, err := dp.Attached(rec.HostIfName); err != nil {
-			c.fail("read the TC attachments of %s: %v", rec.HostIfName, err)
-		} else if !ok {
-			c.fail("the idcni TC programs are not attached to host veth %s, so the pod's traffic is not policed", rec.HostIfName)
+		// The kernel, not the pins: a link unpinned, a filter removed or
+		// a program replaced by someone else shows only there.
+		if missing, err := dp.MissingHooks(rec.HostIfIndex); err != nil {
+			c.fail("ask the kernel which programs run on %s: %v", rec.HostIfName, err)
+		} else if len(missing) > 0 {
+			c.fail("the idcni TC programs are not attached to host veth %s: the kernel runs no current idcni program (tcx or cls_bpf) at its %s hook, so the pod's traffic is not policed", rec.HostIfName, strings.Join(missing, " and "))
 		}
 	}
 

@@ -97,6 +97,13 @@ func newAgentEnv(t testing.TB) *agentEnv {
 // start (a restart to add them would load the programs again).
 func newAgentEnvArgs(t testing.TB, extra ...string) *agentEnv {
 	t.Helper()
+	return newAgentEnvBin(t, buildAgent(t), extra...)
+}
+
+// newAgentEnvBin is newAgentEnvArgs with the agent binary bin: another
+// build's, for the tests of upgrades.
+func newAgentEnvBin(t testing.TB, bin string, extra ...string) *agentEnv {
+	t.Helper()
 	cnitest.RequireRoot(t)
 	c := kube.Start(t, kube.Options{})
 	dir := t.TempDir()
@@ -114,7 +121,7 @@ func newAgentEnvArgs(t testing.TB, extra ...string) *agentEnv {
 		t.Fatal(err)
 	}
 	metrics := freeAddr(t)
-	e.agent = &agentProc{t: t, bin: buildAgent(t), log: filepath.Join(dir, "agent.log"), socket: socket, metrics: metrics, args: []string{
+	e.agent = &agentProc{t: t, bin: bin, log: filepath.Join(dir, "agent.log"), socket: socket, metrics: metrics, args: []string{
 		"--kubeconfig", c.Kubeconfig, "--node-name", e.node, "--bpf-root", env.BPFRoot, "--state", e.state,
 		"--socket", socket, "--metrics-addr", metrics, "--cni-conf-dir", confDir, "--cni-conf-template", tmpl,
 		"--identity-grace", "1m",

@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"os"
 	"os/exec"
+	"path/filepath"
 	"reflect"
 	"slices"
 	"strings"
@@ -15,6 +16,9 @@ import (
 	"testing"
 	"time"
 
+	"github.com/cilium/ebpf"
+	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
 	"github.com/containernetworking/cni/libcni"
 	"github.com/containernetworking/cni/pkg/types"
 	current "github.com/containernetworking/cni/pkg/types/100"
@@ -307,16 +311,43 @@ func TestCheck(t *testing.T) {
 	}
 
 	host := cni.HostVethName(pod.ContainerID, pod.IfName)
-	if err := e.Datapath(t).Detach(host); err != nil {
+	// Another program in ours' place at the ingress hook, the link and
+	// its pin still there: only the kernel tells.
+	foreign, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: ebpf.SchedCLS, License: "GPL", Instructions: asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()}})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer foreign.Close()
+	l, err := link.LoadPinnedLink(filepath.Join(e.BPFRoot, "links", host+"_ingress"), nil)
+	if err != nil {
+		t.Fatal(err)
+	}
+	err = l.Update(foreign)
+	l.Close()
+	if err != nil {
 		t.Fatal(err)
 	}
 	te := cnitest.AsCNIError(t, e.Check(pod))
-	if !strings.Contains(te.Msg, "TC programs are not attached to host veth "+host) {
+	if !strings.Contains(te.Msg, "TC programs are not attached to host veth "+host) || !strings.Contains(te.Msg, "at its ingress hook") {
+		t.Errorf("CHECK with a foreign program at the ingress hook: code %d %q; want it to name the veth and the hook", te.Code, te.Msg)
+	}
+	if err := e.Datapath(t).Attach(host); err != nil {
+		t.Fatal(err)
+	}
+	if err := e.Check(pod); err != nil {
+		t.Fatalf("CHECK after the programs are back: %v", err)
+	}
+
+	if err := e.Datapath(t).Detach(host); err != nil {
+		t.Fatal(err)
+	}
+	te = cnitest.AsCNIError(t, e.Check(pod))
+	if !strings.Contains(te.Msg, "TC programs are not attached to host veth "+host) || !strings.Contains(te.Msg, "ingress and egress hook") {
 		t.Errorf("CHECK with the programs detached: code %d %q; want it to name the detached veth", te.Code, te.Msg)
 	}
 
 	// A second problem is reported along with the first.
-	err := ns.WithNetNSPath(pod.NSPath, func(ns.NetNS) error {
+	err = ns.WithNetNSPath(pod.NSPath, func(ns.NetNS) error {
 		l, err := netlinksafe.LinkByName("eth0")
 		if err != nil {
 			return err
