@@ -261,6 +261,12 @@ func (d *Datapath) initConfig() error {
 // Call it holding the root lock (Lock), which a migration holds from its
 // plan to its last re-pin, and write or attach before letting go.
 func (d *Datapath) Refresh() error {
+	// Every load re-pins the programs, so programs still the ones
+	// pinned mean maps still the ones pinned: the common case costs a
+	// look at two pins, not a parse of the object.
+	if d.programsPinnedNow() {
+		return nil
+	}
 	nd := &Datapath{root: d.root, mode: d.mode}
 	if err := nd.openPinned(Options{Root: d.root}); err != nil {
 		return err
@@ -269,6 +275,32 @@ func (d *Datapath) Refresh() error {
 	d.objs, d.ctTable = nd.objs, nd.ctTable
 	_ = old.Close()
 	return nil
+}
+
+// programsPinnedNow reports whether this handle holds the programs pinned
+// now.
+func (d *Datapath) programsPinnedNow() bool {
+	for name, held := range d.progFields() {
+		if *held == nil {
+			return false
+		}
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(d.root, "progs", name), nil)
+		if err != nil {
+			return false
+		}
+		pinned, perr := p.Info()
+		p.Close()
+		mine, merr := (*held).Info()
+		if perr != nil || merr != nil {
+			return false
+		}
+		a, _ := pinned.ID()
+		b, _ := mine.ID()
+		if a != b {
+			return false
+		}
+	}
+	return true
 }
 
 // discard closes whatever a failed open got so far, leaving d reusable.
