@@ -471,3 +471,57 @@ func TestGCRemovesOnlyUnusedPins(t *testing.T) {
 func returnZero() asm.Instructions {
 	return asm.Instructions{asm.Mov.Imm(asm.R0, 0), asm.Return()}
 }
+
+// TestRefreshFollowsAStart: a handle opened before an agent's start (the
+// plugin's, opened without the lock) holds the programs that start
+// replaced; Refresh under the lock brings it to the ones pinned now, and
+// writes go on reaching the maps the programs use. Facing pins of a
+// layout it cannot read, Refresh refuses and says the agent migrates
+// them.
+func TestRefreshFollowsAStart(t *testing.T) {
+	s, _ := flowSeed(t, AttachTCX)
+	root := s.d.Root()
+	h, err := Open(root)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer h.Close()
+	var up *Datapath
+	s.net.do(func() { up, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX}) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	if h.programsPinnedNow() {
+		t.Fatal("a handle opened before the start holds the programs pinned after it: the test cannot tell")
+	}
+	unlock, err := h.Lock()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if err := h.Refresh(); err != nil {
+		t.Fatal(err)
+	}
+	unlock()
+	if !h.programsPinnedNow() || !attachedTo(t, s, h) {
+		t.Fatal("after Refresh the handle does not hold the programs the veths run")
+	}
+	ep := Endpoint{Identity: 4242, IPv4: netip.MustParseAddr("10.13.0.99")}
+	if err := h.PutEndpoint(7001, ep); err != nil {
+		t.Fatal(err)
+	}
+	if _, ok, err := up.Endpoint(7001); err != nil || !ok {
+		t.Fatalf("a write after Refresh did not reach the map the programs use (%v, %v)", ok, err)
+	}
+
+	b, hook := grown(true)
+	var up2 *Datapath
+	s.net.do(func() { up2, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX, build: b, specHook: hook}) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up2.Close()
+	if err := h.Refresh(); !errors.Is(err, ErrLayoutMismatch) || !strings.Contains(err.Error(), "idcni-agent of this build migrates them") {
+		t.Fatalf("Refresh of a layout-1 handle on pins of layout 2: %v", err)
+	}
+}
