@@ -233,7 +233,7 @@ func sameLayout(want *ebpf.MapSpec, m *ebpf.Map, checkSize bool) bool {
 // planMove decides what becomes of the map pinned as name (old, nil when
 // none) under this build's want. It refuses, touching nothing, what it
 // cannot carry over without changing what an entry means.
-func (b build) planMove(name string, want *ebpf.MapSpec, old *ebpf.Map, desc *pinDescriptor, checkSize bool) (*mapMove, error) {
+func (b build) planMove(name, path string, want *ebpf.MapSpec, old *ebpf.Map, desc *pinDescriptor, checkSize bool) (*mapMove, error) {
 	mv := &mapMove{name: name, want: want, old: old}
 	if old == nil {
 		return mv, nil
@@ -265,9 +265,9 @@ func (b build) planMove(name string, want *ebpf.MapSpec, old *ebpf.Map, desc *pi
 		optional = pinned.OptionalFrom
 	}
 	if err := genericCopyable(old.Type(), old.KeySize(), old.ValueSize(), old.Flags(), optional, want); err != nil {
-		return nil, fmt.Errorf("%w: pinned map %s (layout %d) has %s; this build (layout %d) wants %s, and %v",
-			ErrLayoutMismatch, name, from, describeMap(old.Type(), old.KeySize(), old.ValueSize(), old.MaxEntries(), old.Flags()),
-			b.version, describeMap(want.Type, want.KeySize, want.ValueSize, want.MaxEntries, want.Flags), err)
+		return nil, fmt.Errorf("%w: pinned map %s (layout %d) has %s; this build (layout %d) wants %s (%w), and %v",
+			ErrLayoutMismatch, path, from, describeMap(old.Type(), old.KeySize(), old.ValueSize(), old.MaxEntries(), old.Flags()),
+			b.version, describeMap(want.Type, want.KeySize, want.ValueSize, want.MaxEntries, want.Flags), want.Compatible(old), err)
 	}
 	return mv, nil
 }

@@ -83,7 +83,7 @@ func (d *Datapath) load(opts Options) (err error) {
 			return fmt.Errorf("open pinned map %s: %w", filepath.Join(d.root, name), err)
 		}
 		checkSize := opts.Replace || opts.sized(name)
-		mv, err := b.planMove(name, want, old, desc, checkSize)
+		mv, err := b.planMove(name, filepath.Join(d.root, name), want, old, desc, checkSize)
 		if err != nil {
 			old.Close()
 			return fmt.Errorf("%w; nothing was changed: the pins of layout %d under %s stay in force. "+

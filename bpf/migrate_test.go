@@ -516,7 +516,9 @@ func TestRefreshFollowsAStart(t *testing.T) {
 
 	b, hook := grown(true)
 	var up2 *Datapath
-	s.net.do(func() { up2, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX, build: b, specHook: hook}) })
+	s.net.do(func() {
+		up2, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX, build: b, specHook: hook})
+	})
 	if err != nil {
 		t.Fatal(err)
 	}
