@@ -176,9 +176,10 @@ type Agent struct {
 // prepares the informers. Nothing runs until Run.
 func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
 	a, err := newAgent(cfg, client, func() (*bpf.Datapath, datapathMaps, error) {
-		// Replace: an agent start is how a node upgrades its programs;
-		// the tcx links move to the new ones atomically.
-		dp, err := bpf.Load(bpf.Options{Root: cfg.BPFRoot, Replace: true, PolicyEntries: cfg.PolicyEntries, IPCacheEntries: cfg.IPCacheEntries})
+		// Replace: an agent start is how a node upgrades its programs
+		// and migrates pins of another layout; the attachments move to
+		// the new programs atomically.
+		dp, err := bpf.Load(bpf.Options{Root: cfg.BPFRoot, Replace: true, PolicyEntries: cfg.PolicyEntries, IPCacheEntries: cfg.IPCacheEntries, Logger: cfg.Logger})
 		return dp, dp, err
 	})
 	if err != nil {
