@@ -11,6 +11,7 @@ import (
 	"reflect"
 	"strings"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
@@ -526,4 +527,63 @@ func TestRefreshFollowsAStart(t *testing.T) {
 	if err := h.Refresh(); !errors.Is(err, ErrLayoutMismatch) || !strings.Contains(err.Error(), "idcni-agent of this build migrates them") {
 		t.Fatalf("Refresh of a layout-1 handle on pins of layout 2: %v", err)
 	}
+}
+
+// TestMigrationCarriesAFullConntrack migrates a node's shared conntrack
+// table holding 100,000 flows and 50 pods' tables of 1,000 flows each,
+// and logs how long the start took (no threshold: a number for the
+// report). Every flow must be there after it.
+func TestMigrationCarriesAFullConntrack(t *testing.T) {
+	p := newPair(t, 1, Options{Root: testRoot(t), Attach: AttachTCX})
+	fill := func(m *ebpf.Map, n, base int) {
+		t.Helper()
+		keys := make([]datapathCtKey, n)
+		vals := make([]datapathCtValue, n)
+		for i := range keys {
+			keys[i].Saddr[0], keys[i].Saddr[1], keys[i].Saddr[2], keys[i].Saddr[3] = 10, byte(base), byte(i>>8), byte(i)
+			keys[i].Daddr[0], keys[i].Daddr[3] = 10, byte(i>>16)
+			keys[i].Sport, keys[i].Dport, keys[i].Proto = uint16(i), 80, 6
+			vals[i] = datapathCtValue{Expires: ^uint64(0), Rev: 1, Subject: uint32(base), Peer: uint32(i)}
+		}
+		if _, err := m.BatchUpdate(keys, vals, nil); err != nil {
+			t.Fatal(err)
+		}
+	}
+	fill(p.d.objs.Conntrack, 100000, 0)
+	for i := 1; i <= 50; i++ {
+		slot, err := p.d.AddConntrackTable(1000)
+		if err != nil {
+			t.Fatal(err)
+		}
+		var id uint32
+		if err := p.d.objs.CtTables.Lookup(ctIndex(slot, ScopeEgress), &id); err != nil {
+			t.Fatal(err)
+		}
+		m, err := ebpf.NewMapFromID(ebpf.MapID(id))
+		if err != nil {
+			t.Fatal(err)
+		}
+		fill(m, 1000, i)
+		m.Close()
+	}
+	root := p.d.Root()
+	before := dumpPins(t, root)
+	b, hook := grown(true)
+	start := time.Now()
+	var up *Datapath
+	var err error
+	p.net.do(func() {
+		up, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX, build: b, specHook: hook})
+	})
+	took := time.Since(start)
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer up.Close()
+	after := dumpPins(t, root)
+	sameEntries(t, before, after)
+	if n := len(after["conntrack"]); n != 100000 {
+		t.Fatalf("%d flows in the shared table after the migration, want 100000", n)
+	}
+	t.Logf("migrated 150,000 flows (100,000 shared, 50 pods x 1,000) to a grown conntrack in %v", took)
 }
