@@ -15,6 +15,7 @@ import (
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
 	"github.com/vishvananda/netlink"
+	"golang.org/x/sys/unix"
 )
 
 // Pins describe themselves: next to the maps, every build from layout 2 on
@@ -384,43 +385,153 @@ func copyEntries(src, dst *ebpf.Map, conv entryConverter, onlyMissing bool) erro
 	if !hasContent(src.Type()) {
 		return nil
 	}
+	if onlyMissing && isArray(dst.Type()) {
+		return nil // every index exists: nothing can be missing
+	}
+	if isPerCPU(src.Type()) {
+		return copyPerCPU(src, dst, onlyMissing)
+	}
+	keys, vals, err := readAll(src)
+	if err != nil {
+		return err
+	}
+	if onlyMissing {
+		have, _, err := readAll(dst)
+		if err != nil {
+			return err
+		}
+		there := make(map[string]bool, len(have))
+		for _, k := range have {
+			there[string(k)] = true
+		}
+		var mk, mv [][]byte
+		for i, k := range keys {
+			if !there[string(k)] {
+				mk, mv = append(mk, k), append(mv, vals[i])
+			}
+		}
+		keys, vals = mk, mv
+	}
+	outK := make([][]byte, 0, len(keys))
+	outV := make([][]byte, 0, len(keys))
+	for i, k := range keys {
+		v := vals[i]
+		if conv != nil {
+			var ok bool
+			k, v, ok, err = conv(k, v)
+			if err != nil {
+				return fmt.Errorf("convert an entry of %s: %w", src, err)
+			}
+			if !ok {
+				continue
+			}
+		}
+		outK, outV = append(outK, resize(k, dst.KeySize())), append(outV, resize(v, dst.ValueSize()))
+	}
 	flag := ebpf.UpdateAny
 	if onlyMissing {
-		if isArray(dst.Type()) {
-			return nil // every index exists: nothing can be missing
-		}
 		flag = ebpf.UpdateNoExist
 	}
-	perCPU := isPerCPU(src.Type())
-	key := make([]byte, src.KeySize())
-	var val any
-	if perCPU {
-		val = perCPUValues(src.ValueSize()).Interface()
-	} else {
-		val = make([]byte, src.ValueSize())
+	return writeAll(dst, outK, outV, flag, src.String())
+}
+
+// batchChunk is how many entries one batch syscall moves.
+const batchChunk = 4096
+
+// rawSlice is a slice of n byte arrays of size bytes each, the shape
+// cilium/ebpf's batch calls take keys and values of any size in.
+func rawSlice(n int, size uint32) reflect.Value {
+	return reflect.MakeSlice(reflect.SliceOf(reflect.ArrayOf(int(size), reflect.TypeFor[byte]())), n, n)
+}
+
+func rawAt(s reflect.Value, i int) []byte {
+	return bytes.Clone(s.Index(i).Slice(0, s.Index(i).Len()).Bytes())
+}
+
+// readAll reads every entry of m: in batches where the kernel can (hash
+// and array maps: a few syscalls for a table of flows), else one by one
+// (an LPM trie).
+func readAll(m *ebpf.Map) (keys, vals [][]byte, err error) {
+	ks, vs := rawSlice(batchChunk, m.KeySize()), rawSlice(batchChunk, m.ValueSize())
+	var cursor ebpf.MapBatchCursor
+	for {
+		n, err := m.BatchLookup(&cursor, ks.Interface(), vs.Interface(), nil)
+		for i := range n {
+			keys, vals = append(keys, rawAt(ks, i)), append(vals, rawAt(vs, i))
+		}
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return keys, vals, nil
+		}
+		if errors.Is(err, ebpf.ErrNotSupported) || errors.Is(err, unix.EINVAL) {
+			break
+		}
+		if err != nil {
+			return nil, nil, fmt.Errorf("read %s: %w", m, err)
+		}
 	}
+	keys, vals = nil, nil
+	key, val := make([]byte, m.KeySize()), make([]byte, m.ValueSize())
+	it := m.Iterate()
+	for it.Next(key, val) {
+		keys, vals = append(keys, bytes.Clone(key)), append(vals, bytes.Clone(val))
+	}
+	if err := it.Err(); err != nil {
+		return nil, nil, fmt.Errorf("read %s: %w", m, err)
+	}
+	return keys, vals, nil
+}
+
+// writeAll writes the entries into m, in batches where the kernel can.
+// With UpdateNoExist an entry the programs added meanwhile wins.
+func writeAll(m *ebpf.Map, keys, vals [][]byte, flag ebpf.MapUpdateFlags, from string) error {
+	one := func(i int) error {
+		err := m.Update(keys[i], vals[i], flag)
+		if flag == ebpf.UpdateNoExist && errors.Is(err, ebpf.ErrKeyExist) {
+			return nil
+		}
+		if err != nil {
+			return fmt.Errorf("copy an entry of %s: %w", from, mapFull(err, m.String()))
+		}
+		return nil
+	}
+	batch := flag == ebpf.UpdateAny
+	for i := 0; i < len(keys); i += batchChunk {
+		j := min(i+batchChunk, len(keys))
+		if batch {
+			ks, vs := rawSlice(j-i, m.KeySize()), rawSlice(j-i, m.ValueSize())
+			for n := i; n < j; n++ {
+				reflect.Copy(ks.Index(n-i).Slice(0, int(m.KeySize())), reflect.ValueOf(keys[n]))
+				reflect.Copy(vs.Index(n-i).Slice(0, int(m.ValueSize())), reflect.ValueOf(vals[n]))
+			}
+			_, err := m.BatchUpdate(ks.Interface(), vs.Interface(), nil)
+			if err == nil {
+				continue
+			}
+			if !errors.Is(err, ebpf.ErrNotSupported) && !errors.Is(err, unix.EINVAL) {
+				return fmt.Errorf("copy entries of %s: %w", from, mapFull(err, m.String()))
+			}
+			batch = false
+		}
+		for n := i; n < j; n++ {
+			if err := one(n); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// copyPerCPU copies a per-CPU map entry by entry (counters: a handful).
+func copyPerCPU(src, dst *ebpf.Map, onlyMissing bool) error {
+	flag := ebpf.UpdateAny
+	if onlyMissing {
+		flag = ebpf.UpdateNoExist
+	}
+	key := make([]byte, src.KeySize())
+	val := perCPUValues(src.ValueSize()).Interface()
 	it := src.Iterate()
 	for it.Next(key, val) {
-		k := key
-		var v any
-		if perCPU {
-			v = resizePerCPU(reflect.ValueOf(val), dst.ValueSize())
-		} else {
-			b := val.([]byte)
-			if conv != nil {
-				var ok bool
-				var err error
-				k, b, ok, err = conv(bytes.Clone(key), bytes.Clone(b))
-				if err != nil {
-					return fmt.Errorf("convert an entry of %s: %w", src, err)
-				}
-				if !ok {
-					continue
-				}
-			}
-			v = resize(b, dst.ValueSize())
-		}
-		if err := dst.Update(k, v, flag); err != nil {
+		if err := dst.Update(resize(key, dst.KeySize()), resizePerCPU(reflect.ValueOf(val), dst.ValueSize()), flag); err != nil {
 			if onlyMissing && errors.Is(err, ebpf.ErrKeyExist) {
 				continue
 			}

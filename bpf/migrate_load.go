@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"slices"
 	"strings"
+	"time"
 
 	"github.com/cilium/ebpf"
 )
@@ -119,9 +120,12 @@ func (d *Datapath) load(opts Options) (err error) {
 	defer descMap.Close()
 
 	// 2. The new maps, filled.
+	began := time.Now()
 	if err := mg.fill(); err != nil {
 		return fmt.Errorf("migrate pins under %s from layout %d to %d: %w; nothing was changed: the pins and programs of layout %d stay in force", d.root, from, b.version, err, from)
 	}
+
+	filled := time.Since(began)
 
 	// 3. This build's programs on them.
 	repl := map[string]*ebpf.Map{}
@@ -210,7 +214,8 @@ func (d *Datapath) load(opts Options) (err error) {
 		log.Warn("copying the flows opened during the migration failed; those flows are checked again as new", "root", d.root, "error", err)
 	}
 	if len(converted) > 0 {
-		log.Info("migrated pinned maps; every attachment runs this build's programs", "root", d.root, "from", from, "to", b.version, "maps", converted)
+		log.Info("migrated pinned maps; every attachment runs this build's programs", "root", d.root, "from", from, "to", b.version, "maps", converted,
+			"copy", filled.Round(time.Millisecond), "total", time.Since(began).Round(time.Millisecond))
 	}
 
 	// 7. Pins nobody uses.
