@@ -1,10 +1,16 @@
 package e2e
 
 import (
+	"bytes"
+	"net/netip"
 	"os"
+	"os/exec"
 	"path/filepath"
+	"reflect"
 	"strings"
+	"syscall"
 	"testing"
+	"time"
 
 	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
@@ -14,6 +20,7 @@ import (
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/cni"
 	"github.com/idcni/idcni/e2e/internal/cnitest"
+	"github.com/idcni/idcni/identity"
 )
 
 // oldBin is the bin/ of `make build` at an earlier commit, the build an
@@ -166,4 +173,178 @@ func TestAgentUpgradeAndRollbackBetweenBuilds(t *testing.T) {
 	if strings.Contains(string(log), "level=ERROR") {
 		t.Logf("agent log has errors:\n%s", grepLines(string(log), "level=ERROR"))
 	}
+}
+
+// startPins is what a node's pins hold that an upgrade must keep: the
+// endpoints, the ipcache and the local pods.
+type startPins struct {
+	endpoints map[int]bpf.Endpoint
+	ipcache   map[netip.Prefix]identity.ID
+	local     map[netip.Addr]bpf.LocalPod
+}
+
+func readPins(t *testing.T, e *cnitest.Env) startPins {
+	t.Helper()
+	dp := e.Datapath(t)
+	var s startPins
+	var err error
+	if s.endpoints, err = dp.Endpoints(); err != nil {
+		t.Fatal(err)
+	}
+	if s.ipcache, err = dp.IPCache(); err != nil {
+		t.Fatal(err)
+	}
+	if s.local, err = dp.LocalPods(); err != nil {
+		t.Fatal(err)
+	}
+	return s
+}
+
+// podsRunPinned fails unless the kernel runs the programs pinned now at
+// both hooks of each pod's host veth.
+func podsRunPinned(t *testing.T, e *cnitest.Env, what string, pods ...*cnitest.Pod) {
+	t.Helper()
+	dp := e.Datapath(t)
+	for _, p := range pods {
+		host := cni.HostVethName(p.ContainerID, p.IfName)
+		l, err := netlink.LinkByName(host)
+		if err != nil {
+			t.Fatal(err)
+		}
+		missing, err := dp.MissingHooks(l.Attrs().Index)
+		if err != nil {
+			t.Fatal(err)
+		}
+		if len(missing) > 0 {
+			t.Fatalf("%s: host veth %s runs no current program at its %v hook", what, host, missing)
+		}
+	}
+}
+
+// startOldAgent runs the earlier build's agent start as far as its
+// datapath load (Load with Replace, its rollback of the pins) and stops
+// it: it runs in a network namespace of its own (its start removes the
+// nftables table and routes of its own namespace) with a kubeconfig that
+// leads nowhere, so it never gets further than waiting for the API
+// server. The tcx links it moves are pinned in the shared bpffs.
+func startOldAgent(t *testing.T, old string, e *cnitest.Env) {
+	t.Helper()
+	dir := t.TempDir()
+	kubeconfig := filepath.Join(dir, "kubeconfig")
+	if err := os.WriteFile(kubeconfig, []byte("apiVersion: v1\nkind: Config\nclusters:\n- name: c\n  cluster: {server: \"https://127.0.0.1:1\", insecure-skip-tls-verify: true}\ncontexts:\n- name: c\n  context: {cluster: c, user: u}\nusers:\n- name: u\n  user: {token: x}\ncurrent-context: c\n"), 0o600); err != nil {
+		t.Fatal(err)
+	}
+	before := pinnedProgramIDs(t, e.BPFRoot)
+	var out bytes.Buffer
+	cmd := exec.Command("unshare", "-n", filepath.Join(old, "idcni-agent"), "--kubeconfig", kubeconfig, "--node-name", "node-"+cnitest.RandHex(6),
+		"--bpf-root", e.BPFRoot, "--state", filepath.Join(dir, "state.db"), "--socket", filepath.Join(dir, "agent.sock"),
+		"--metrics-addr", "127.0.0.1:0", "--cni-conf-dir", filepath.Join(dir, "net.d"),
+		"--masquerade=false", "--tunnel-port=0", "--routing-mode=direct")
+	cmd.Stdout, cmd.Stderr = &out, &out
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true}
+	if err := cmd.Start(); err != nil {
+		t.Fatal(err)
+	}
+	exited := make(chan error, 1)
+	go func() { exited <- cmd.Wait() }()
+	stop := func() {
+		_ = syscall.Kill(-cmd.Process.Pid, syscall.SIGKILL)
+		<-exited
+	}
+	deadline := time.Now().Add(2 * time.Minute)
+	for {
+		select {
+		case err := <-exited:
+			t.Fatalf("the earlier build's agent exited before it replaced the programs (%v):\n%s", err, out.String())
+		default:
+		}
+		after := pinnedProgramIDs(t, e.BPFRoot)
+		if after["from_pod"] != before["from_pod"] && after["to_pod"] != before["to_pod"] {
+			break
+		}
+		if time.Now().After(deadline) {
+			stop()
+			t.Fatalf("the earlier build's agent did not replace the programs in 2 minutes:\n%s", out.String())
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
+	// The programs are pinned last: its load is done.
+	stop()
+}
+
+// TestUpgradeAndRollbackWithAnEarlierBuild goes between the earlier build
+// (IDCNI_MIGRATE_OLD_BIN) and this one on a node's pins, both ways, with
+// pods attached: the earlier plugin pins layout 1 (no descriptor), this
+// build's start (Load with Replace, the agent's start path) takes them,
+// the earlier build's agent start takes them back, this build's again.
+// Every start keeps every endpoint, ipcache and local pod entry, leaves
+// every pod running the programs pinned after it, and the plugin of
+// either build adds and deletes pods on the pins of the other.
+func TestUpgradeAndRollbackWithAnEarlierBuild(t *testing.T) {
+	old := oldBin(t)
+	e := cnitest.New(t, cnitest.Options{})
+	newCNI := e.CNI
+	e.CNI = cnitest.NewCNIConfig(old, e.CacheDir)
+	p1, p2 := e.NewPod(t), e.NewPod(t)
+	e.MustAdd(t, p1)
+	e.MustAdd(t, p2)
+	t.Cleanup(func() { _ = e.Del(p1); _ = e.Del(p2) })
+	if l, err := bpf.PinnedLayout(e.BPFRoot); err != nil || l != 1 {
+		t.Fatalf("pins of the earlier build say layout %d (%v): IDCNI_MIGRATE_OLD_BIN is not a layout-1 build", l, err)
+	}
+	before := readPins(t, e)
+
+	upgrade := func(what string) {
+		t.Helper()
+		ids := pinnedProgramIDs(t, e.BPFRoot)
+		dp, err := bpf.Load(bpf.Options{Root: e.BPFRoot, Replace: true})
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		dp.Close()
+		if now := pinnedProgramIDs(t, e.BPFRoot); now["from_pod"] == ids["from_pod"] {
+			t.Fatalf("%s: the programs were not replaced", what)
+		}
+		if l, err := bpf.PinnedLayout(e.BPFRoot); err != nil || l != bpf.LayoutVersion {
+			t.Fatalf("%s: pins say layout %d (%v), want %d", what, l, err, bpf.LayoutVersion)
+		}
+	}
+	upgrade("upgrade to this build")
+	if got := readPins(t, e); !reflect.DeepEqual(got, before) {
+		t.Fatalf("the upgrade changed the maps:\nbefore %+v\nafter  %+v", before, got)
+	}
+	podsRunPinned(t, e, "after the upgrade", p1, p2)
+
+	// This build's plugin on them: a new pod, and a pod of the earlier
+	// build deleted.
+	e.CNI = newCNI
+	p3 := e.NewPod(t)
+	e.MustAdd(t, p3)
+	t.Cleanup(func() { _ = e.Del(p3) })
+	if err := e.Del(p1); err != nil {
+		t.Fatalf("this build's DEL of a pod the earlier build added: %v", err)
+	}
+	mid := readPins(t, e)
+	podsRunPinned(t, e, "this build's ADD after the upgrade", p2, p3)
+
+	startOldAgent(t, old, e)
+	if got := readPins(t, e); !reflect.DeepEqual(got, mid) {
+		t.Fatalf("the rollback changed the maps:\nbefore %+v\nafter  %+v", mid, got)
+	}
+	podsRunPinned(t, e, "after the rollback", p2, p3)
+	e.CNI = cnitest.NewCNIConfig(old, e.CacheDir)
+	p4 := e.NewPod(t)
+	e.MustAdd(t, p4)
+	t.Cleanup(func() { _ = e.Del(p4) })
+	if err := e.Del(p3); err != nil {
+		t.Fatalf("the earlier build's DEL of a pod this build added: %v", err)
+	}
+	podsRunPinned(t, e, "the earlier build's ADD after the rollback", p2, p4)
+
+	last := readPins(t, e)
+	upgrade("upgrade again")
+	if got := readPins(t, e); !reflect.DeepEqual(got, last) {
+		t.Fatalf("the second upgrade changed the maps:\nbefore %+v\nafter  %+v", last, got)
+	}
+	podsRunPinned(t, e, "after the second upgrade", p2, p4)
 }
