@@ -251,6 +251,9 @@ func (d *Datapath) replaceAttachments() error {
 	}
 	for _, ifname := range names {
 		for _, h := range hooks {
+			if h.prog(d) == nil {
+				continue // a handle of a build without this hook's program (a migration's undo)
+			}
 			l, err := link.LoadPinnedLink(d.linkPin(ifname, h.suffix), nil)
 			if err != nil {
 				continue
@@ -274,7 +277,7 @@ func (d *Datapath) replaceAttachments() error {
 	}
 	for _, l := range links {
 		for _, h := range hooks {
-			if findLegacy(l.Attrs().Index, h) == nil {
+			if h.prog(d) == nil || findLegacy(l.Attrs().Index, h) == nil {
 				continue
 			}
 			if err := netlink.FilterReplace(legacyFilter(l.Attrs().Index, h, h.prog(d))); err != nil {

@@ -197,12 +197,14 @@ func (d *Datapath) load(opts Options) (err error) {
 	}
 	if err != nil {
 		step := "move the attachments to this build's programs"
-		if len(oldProgs) == len(nd.progFields()) {
+		// Back to the old programs, hook by hook where the old build
+		// had one: a hook new in this build had no attachment to move.
+		if len(oldProgs) > 0 {
 			if rerr := old.replaceAttachments(); rerr != nil {
 				err = fmt.Errorf("%w; moving them back to the old programs failed too: %w", err, rerr)
 			}
 		} else {
-			err = fmt.Errorf("%w; the old programs are not all pinned, so the attachments moved stay on the new ones", err)
+			err = fmt.Errorf("%w; no old programs are pinned, so the attachments moved stay on the new ones", err)
 		}
 		undoProgs()
 		undoPins()
