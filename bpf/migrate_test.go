@@ -15,6 +15,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"golang.org/x/sys/unix"
 
 	"github.com/idcni/idcni/internal/pkttest"
 	"github.com/idcni/idcni/policy"
@@ -35,6 +36,9 @@ func grown(tails bool) (*build, func(*ebpf.CollectionSpec)) {
 		spec.Maps["conntrack"].ValueSize += 8
 		spec.Maps["ct_tables"].InnerMap.ValueSize += 8
 		spec.Maps["endpoints"].ValueSize += 8
+		// A map the layout adds, as remote_cidrs will be.
+		spec.Maps["remote_cidrs"] = &ebpf.MapSpec{Name: "remote_cidrs", Type: ebpf.LPMTrie, KeySize: 20, ValueSize: 8,
+			MaxEntries: 1024, Flags: unix.BPF_F_NO_PREALLOC, Pinning: ebpf.PinByName}
 	}
 }
 
@@ -265,6 +269,9 @@ func TestMigrateCarriesEveryEntryAndTheFlow(t *testing.T) {
 			if got := valueSize(t, root, "conntrack"); got != 40 {
 				t.Fatalf("pinned conntrack value is %d bytes after the migration, want 40", got)
 			}
+			if _, err := os.Stat(filepath.Join(root, "remote_cidrs")); err != nil {
+				t.Fatalf("the map layout 2 adds is not pinned: %v", err)
+			}
 			sameEntries(t, before, dumpPins(t, root))
 			if !attachedTo(t, s, up) {
 				t.Fatal("the veths do not run the new programs after the migration")
@@ -285,6 +292,9 @@ func TestMigrateCarriesEveryEntryAndTheFlow(t *testing.T) {
 			t.Cleanup(func() { down.Close() })
 			if got := valueSize(t, root, "conntrack"); got != 32 {
 				t.Fatalf("pinned conntrack value is %d bytes after the rollback, want 32", got)
+			}
+			if _, err := os.Stat(filepath.Join(root, "remote_cidrs")); !errors.Is(err, os.ErrNotExist) {
+				t.Fatalf("the map only layout 2 has is still pinned after the rollback, with no program using it: %v", err)
 			}
 			sameEntries(t, mid, dumpPins(t, root))
 			if !attachedTo(t, s, down) {
