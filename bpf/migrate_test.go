@@ -597,3 +597,79 @@ func TestMigrationCarriesAFullConntrack(t *testing.T) {
 	}
 	t.Logf("migrated 150,000 flows (100,000 shared, 50 pods x 1,000) to a grown conntrack in %v", took)
 }
+
+// TestCopyEntriesOfEveryKind: the generic copy of each kind of map the
+// datapath pins (a hash and an LPM trie, which has no batch calls, an
+// array, a per-CPU array), grown and cut.
+func TestCopyEntriesOfEveryKind(t *testing.T) {
+	testRoot(t) // root or skip
+	for _, typ := range []ebpf.MapType{ebpf.Hash, ebpf.LRUHash, ebpf.LPMTrie, ebpf.Array, ebpf.PerCPUArray} {
+		for _, grow := range []int{8, -4} {
+			t.Run(fmt.Sprintf("%s %+d", typ, grow), func(t *testing.T) {
+				spec := func(value int) *ebpf.MapSpec {
+					s := &ebpf.MapSpec{Type: typ, KeySize: 8, ValueSize: uint32(value), MaxEntries: 64}
+					if typ == ebpf.LPMTrie {
+						s.Flags = unix.BPF_F_NO_PREALLOC
+					}
+					if typ == ebpf.Array || typ == ebpf.PerCPUArray {
+						s.KeySize = 4
+					}
+					return s
+				}
+				src, err := ebpf.NewMap(spec(16))
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer src.Close()
+				dst, err := ebpf.NewMap(spec(16 + grow))
+				if err != nil {
+					t.Fatal(err)
+				}
+				defer dst.Close()
+				for i := range 40 {
+					k := make([]byte, src.KeySize())
+					k[0] = 32 // an LPM prefix length
+					k[len(k)-1] = byte(i)
+					if src.KeySize() == 4 {
+						k = []byte{byte(i), 0, 0, 0}
+					}
+					v := bytes.Repeat([]byte{byte(i + 1)}, 16)
+					var val any = v
+					if typ == ebpf.PerCPUArray {
+						pv := perCPUValues(16)
+						for c := range pv.Len() {
+							reflect.Copy(pv.Index(c).Slice(0, 16), reflect.ValueOf(v))
+						}
+						val = pv.Interface()
+					}
+					if err := src.Update(k, val, ebpf.UpdateAny); err != nil {
+						t.Fatal(err)
+					}
+				}
+				if err := copyEntries(src, dst, nil, false); err != nil {
+					t.Fatal(err)
+				}
+				want, got := dumpMap(t, src, ""), dumpMap(t, dst, "")
+				if typ == ebpf.PerCPUArray {
+					// One map per CPU's value, each compared alone.
+					cpus, _ := ebpf.PossibleCPU()
+					split := func(m map[string][]byte) map[string][]byte {
+						out := map[string][]byte{}
+						for k, v := range m {
+							n := len(v) / cpus
+							for c := range cpus {
+								out[fmt.Sprintf("%s/%d", k, c)] = v[c*n : (c+1)*n]
+							}
+						}
+						return out
+					}
+					want, got = split(want), split(got)
+				}
+				sameEntries(t, map[string]map[string][]byte{"m": want}, map[string]map[string][]byte{"m": got})
+				if len(got) != len(want) || len(want) < 40 {
+					t.Fatalf("%d entries copied of %d", len(got), len(want))
+				}
+			})
+		}
+	}
+}
