@@ -17,6 +17,7 @@ import (
 	"github.com/cilium/ebpf/asm"
 	"golang.org/x/sys/unix"
 
+	"github.com/idcni/idcni/bpf/reference"
 	"github.com/idcni/idcni/internal/pkttest"
 	"github.com/idcni/idcni/policy"
 )
@@ -671,5 +672,71 @@ func TestCopyEntriesOfEveryKind(t *testing.T) {
 				}
 			})
 		}
+	}
+}
+
+// TestCatchUpCarriesFlowsOpenedDuringTheMigration opens a flow through
+// the old programs after the new maps were filled and before the
+// attachments move (what a pod does during a start): its reply, judged by
+// the new programs, must pass on the entry the catch-up copied. The
+// control skips the catch-up and the reply is dropped: the test sees a
+// lost flow.
+func TestCatchUpCarriesFlowsOpenedDuringTheMigration(t *testing.T) {
+	for _, skip := range []bool{false, true} {
+		t.Run(map[bool]string{false: "caught up", true: "control: no catch-up"}[skip], func(t *testing.T) {
+			s, _ := flowSeed(t, AttachTCX)
+			old := s.d
+			syn := pkttest.Packet{Src: ipA, Dst: ipB, Proto: pkttest.TCP, SrcPort: 40100, DstPort: 80, TCPFlags: pkttest.SYN}
+			var sent bool
+			var sendErr error
+			b, hook := grown(true)
+			var up *Datapath
+			var err error
+			s.net.do(func() {
+				up, err = Load(Options{Root: old.Root(), Replace: true, Attach: AttachTCX, build: b, specHook: hook,
+					faults: func(step string) error {
+						if step == "catch up" && skip {
+							return errors.New("skipped by the test")
+						}
+						if !strings.HasPrefix(step, "pin program") || sent {
+							return nil
+						}
+						// On the namespace's thread already: run the old
+						// programs here.
+						sent = true
+						f := syn.Frame()
+						for _, hop := range []struct {
+							prog        *ebpf.Program
+							scope       Scope
+							ifindex, in int
+						}{{old.objs.FromPod, ScopeEgress, s.a, 0}, {old.objs.ToPod, ScopeIngress, s.b, s.a}} {
+							ret, _, rerr := testRun(hop.prog, f, hop.ifindex, hop.in, 1, nil)
+							if rerr != nil || ret == 2 {
+								sendErr = fmt.Errorf("SYN through the old %s program: %d, %v", hop.scope, ret, rerr)
+							}
+							s.ref.Process(f, reference.Scope(hop.scope), hop.ifindex, hop.in)
+						}
+						return nil
+					}})
+			})
+			if err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { up.Close() })
+			if !sent || sendErr != nil {
+				t.Fatalf("the flow was not opened during the migration: %v", sendErr)
+			}
+			s.pair.d = up
+			synack := syn.Reverse()
+			synack.TCPFlags = pkttest.SYN | pkttest.ACK
+			if skip {
+				if r, err := s.run(synack.Frame(), ScopeEgress, s.b, 0); err != nil || !r.Drop() {
+					t.Fatalf("without the catch-up B's SYN-ACK passed (%s, %v): the test cannot see a lost flow", r, err)
+				}
+				return
+			}
+			r1, r2 := s.cross(synack, s.b, s.a)
+			wantReasons(t, "SYN-ACK of a flow opened during the migration", r1, r2, ReasonAllowReply, ReasonAllowReply)
+		})
 	}
 }
