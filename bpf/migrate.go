@@ -9,6 +9,7 @@ import (
 	"os"
 	"path/filepath"
 	"reflect"
+	"runtime"
 	"slices"
 	"sort"
 
@@ -484,6 +485,18 @@ func readAll(m *ebpf.Map) (keys, vals [][]byte, err error) {
 // writeAll writes the entries into m, in batches where the kernel can.
 // With UpdateNoExist an entry the programs added meanwhile wins.
 func writeAll(m *ebpf.Map, keys, vals [][]byte, flag ebpf.MapUpdateFlags, from string) error {
+	if m.Type() == ebpf.LRUHash {
+		// The kernel hands out an LRU map's free elements through
+		// per-CPU lists: writes from a thread the scheduler moves between
+		// CPUs evict entries while elements sit free on another CPU's
+		// list, so a full table would lose flows to its own copy. One CPU
+		// fills it to its capacity.
+		restore, err := onOneCPU()
+		if err != nil {
+			return fmt.Errorf("copy entries of %s: %w", from, err)
+		}
+		defer restore()
+	}
 	one := func(i int) error {
 		err := m.Update(keys[i], vals[i], flag)
 		if flag == ebpf.UpdateNoExist && errors.Is(err, ebpf.ErrKeyExist) {
@@ -925,4 +938,30 @@ func PinnedLayout(root string) (int, error) {
 		return 0, nil
 	}
 	return 1, nil
+}
+
+// onOneCPU keeps the calling goroutine on one OS thread bound to the CPU
+// set's first CPU until restore is called.
+func onOneCPU() (restore func(), err error) {
+	runtime.LockOSThread()
+	var was unix.CPUSet
+	if err := unix.SchedGetaffinity(0, &was); err != nil {
+		runtime.UnlockOSThread()
+		return nil, fmt.Errorf("get CPU affinity: %w", err)
+	}
+	var one unix.CPUSet
+	for cpu := 0; cpu < len(was)*64; cpu++ {
+		if was.IsSet(cpu) {
+			one.Set(cpu)
+			break
+		}
+	}
+	if err := unix.SchedSetaffinity(0, &one); err != nil {
+		runtime.UnlockOSThread()
+		return nil, fmt.Errorf("bind to one CPU: %w", err)
+	}
+	return func() {
+		_ = unix.SchedSetaffinity(0, &was)
+		runtime.UnlockOSThread()
+	}, nil
 }

@@ -211,6 +211,16 @@ func (d *Datapath) load(opts Options) (err error) {
 		return fail(step, err)
 	}
 
+	// Attachments of programs this build does not have (a newer build's,
+	// on a rollback) would go on deciding on maps nobody writes.
+	var ours []*ebpf.Program
+	for _, p := range nd.progFields() {
+		ours = append(ours, *p)
+	}
+	if err := detachForeign(d.root, ours, log); err != nil {
+		log.Warn("taking off programs this build does not have failed", "root", d.root, "error", err)
+	}
+
 	// 6. What the old programs wrote meanwhile.
 	if err := mg.faults.at("catch up"); err != nil {
 		log.Warn("skipping the catch-up", "error", err)

@@ -15,6 +15,7 @@ import (
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/asm"
+	"github.com/cilium/ebpf/link"
 	"golang.org/x/sys/unix"
 
 	"github.com/idcni/idcni/bpf/reference"
@@ -738,5 +739,70 @@ func TestCatchUpCarriesFlowsOpenedDuringTheMigration(t *testing.T) {
 			r1, r2 := s.cross(synack, s.b, s.a)
 			wantReasons(t, "SYN-ACK of a flow opened during the migration", r1, r2, ReasonAllowReply, ReasonAllowReply)
 		})
+	}
+}
+
+// TestStartDetachesProgramsItDoesNotHave: a newer build's program
+// attached through a pin under the root (from_net on a node's device, as
+// a rollback finds it) runs on maps no agent of this build writes; the
+// start takes it off, and leaves the pods' programs, now its own, on.
+func TestStartDetachesProgramsItDoesNotHave(t *testing.T) {
+	s, _ := flowSeed(t, AttachTCX)
+	root := s.d.Root()
+	foreign, err := ebpf.NewProgram(&ebpf.ProgramSpec{Type: ebpf.SchedCLS, License: "GPL", Instructions: returnZero()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer foreign.Close()
+	pin := filepath.Join(root, "netlinks", "ep0")
+	if err := os.MkdirAll(filepath.Dir(pin), 0o700); err != nil {
+		t.Fatal(err)
+	}
+	s.net.do(func() {
+		var l link.Link
+		l, err = link.AttachTCX(link.TCXOptions{Interface: s.net.ifindex[0], Program: foreign, Attach: ebpf.AttachTCXIngress})
+		if err == nil {
+			err = l.Pin(pin)
+			l.Close()
+		}
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { _ = os.Remove(pin) })
+	info, err := foreign.Info()
+	if err != nil {
+		t.Fatal(err)
+	}
+	foreignID, _ := info.ID()
+	running := func() bool {
+		var on bool
+		s.net.do(func() { on, err = attachedByKernel(s.net.ifindex[0], hooks[0], foreignID) })
+		if err != nil {
+			t.Fatal(err)
+		}
+		return on
+	}
+	if !running() {
+		t.Fatal("the foreign program is not attached before the start")
+	}
+	var d *Datapath
+	s.net.do(func() { d, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX}) })
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d.Close()
+	if running() {
+		t.Error("the program this build does not have still runs on ep0 after the start")
+	}
+	if _, err := os.Stat(pin); err == nil {
+		t.Error("its link pin is still there")
+	}
+	for _, ifindex := range s.net.ifindex {
+		var missing []string
+		s.net.do(func() { missing, err = d.MissingHooks(ifindex) })
+		if err != nil || len(missing) > 0 {
+			t.Errorf("ifindex %d: hooks %v run no program of this build after the start (%v)", ifindex, missing, err)
+		}
 	}
 }
