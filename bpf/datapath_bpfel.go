@@ -205,7 +205,8 @@ const (
 	datapathReasonREASON_DROP_FRAG         datapathReason = 13
 	datapathReasonREASON_DROP_REVOKED      datapathReason = 14
 	datapathReasonREASON_DROP_UNKNOWN_FLOW datapathReason = 15
-	datapathReasonREASON_MAX               datapathReason = 16
+	datapathReasonREASON_DROP_NO_BACKEND   datapathReason = 16
+	datapathReasonREASON_MAX               datapathReason = 17
 )
 
 type datapathScope uint32

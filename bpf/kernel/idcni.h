@@ -58,7 +58,8 @@ enum reason {
 	REASON_DROP_FRAG = 13,        /* fragment whose first part was not seen */
 	REASON_DROP_REVOKED = 14,     /* established flow no longer allowed */
 	REASON_DROP_UNKNOWN_FLOW = 15, /* mid-flow packet (a reply) of no known flow, not admitted as new */
-	REASON_MAX = 16,
+	REASON_DROP_NO_BACKEND = 16,  /* new flow to a Service frontend without backends: rejected */
+	REASON_MAX = 17,
 };
 
 /* Datapath errors counted apart from packets. */
