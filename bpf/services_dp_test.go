@@ -312,3 +312,55 @@ func (p *pair) ageAffinity(d time.Duration) {
 	}
 	p.ref.AgeAffinity(d)
 }
+
+// A pod reaching itself through its own Service is subject to its own
+// egress and ingress rules, and its packets come back into it from the
+// frontend's address: the pod's kernel drops a packet from its own address
+// on its interface, and would keep its answer to its own address inside.
+func TestServiceHairpin(t *testing.T) {
+	for _, c := range svcFlows() {
+		t.Run(c.name, func(t *testing.T) {
+			s := newSeed(t)
+			s.local(s.a, ipA, ip6A)
+			s.service(c.fe, Service{Backends: []ServiceBackend{{Addr: c.a, Port: 8080}}})
+			self := func(dir policy.Direction) policy.Rule {
+				return policy.Rule{Subject: idA, Direction: dir, Peer: idA, Proto: c.policy, Action: policy.Allow}
+			}
+			s.policy(&policy.Set{Rules: []policy.Rule{self(policy.Egress)}})
+			o := s.sendFull(c.pkt(pkttest.SYN).Frame(), ScopeEgress, s.a, 0)
+			if o.reason != ReasonAllowRule || o.ingress != ReasonDropNoRule {
+				t.Fatalf("hairpin without an ingress rule for itself: %s, want rule then no-rule", o)
+			}
+			// A flow of its own (the one above was admitted by its egress).
+			fresh := c.pkt(pkttest.SYN)
+			fresh.SrcPort = 40001
+			s.policy(&policy.Set{Rules: []policy.Rule{self(policy.Ingress)}})
+			if o := s.sendFull(fresh.Frame(), ScopeEgress, s.a, 0); o.reason != ReasonDropNoRule {
+				t.Fatalf("hairpin without an egress rule for itself: %s, want no-rule", o)
+			}
+			s.policy(&policy.Set{Rules: []policy.Rule{self(policy.Ingress), self(policy.Egress)}})
+			// The first flow again: its egress admitted it before.
+			in := pkttest.WithChecksums(c.pkt(pkttest.SYN).Frame())
+			o = s.sendFull(in, ScopeEgress, s.a, 0)
+			if o.reason != ReasonAllowEstablished || o.ingress != ReasonAllowRule || !o.delivered {
+				t.Fatalf("hairpin with both rules: %s, want established then rule, delivered", o)
+			}
+			checkOut(t, "hairpin", o.out, tupleOf(c.fe.Addr, 40000, c.a, 8080))
+			if string(o.out[0:6]) != string(in[6:12]) || string(o.out[6:12]) != string(in[0:6]) {
+				t.Fatalf("hairpin: Ethernet addresses not swapped: % x", o.out[:12])
+			}
+			reply := pkttest.Packet{Src: c.a, Dst: c.fe.Addr, Proto: c.proto, SrcPort: 8080, DstPort: 40000, TCPFlags: pkttest.SYN | pkttest.ACK}
+			o = s.sendFull(pkttest.WithChecksums(reply.Frame()), ScopeEgress, s.a, 0)
+			if o.reason != ReasonAllowReply || o.ingress != ReasonAllowReply || !o.delivered {
+				t.Fatalf("hairpin reply: %s", o)
+			}
+			checkOut(t, "hairpin reply", o.out, tupleOf(c.fe.Addr, c.fe.Port, c.a, 40000))
+			if c.proto == pkttest.TCP {
+				o = s.sendFull(c.pkt(pkttest.ACK).Frame(), ScopeEgress, s.a, 0)
+				if o.reason != ReasonAllowEstablished || o.ingress != ReasonAllowEstablished || !o.delivered {
+					t.Fatalf("hairpin ack: %s", o)
+				}
+			}
+		})
+	}
+}

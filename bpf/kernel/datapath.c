@@ -774,6 +774,7 @@ struct pctx {
 	struct svc_pick pick;
 	__u8 svc_new;    /* this packet was translated by a new pick */
 	__u8 orig_known; /* the pod's tuple had an entry, even a dead one */
+	__u8 hairpin;    /* the check is a pod's ingress for its own flow to itself */
 };
 
 /* hook_open names h's slot: its endpoint's, or the shared slot 0 when it
@@ -1031,6 +1032,8 @@ static __always_inline int ct_find(struct pctx *c, struct hook_ep *h, struct flo
 	f->deny_only = ct->flags & CT_F_HOST ? 4 : 0;
 	if (f->deny_only)
 		f->peer = ID_HOST;
+	if (ct->flags & CT_F_HAIRPIN)
+		f->peer = ct->peer;
 	return 1;
 }
 
@@ -1079,6 +1082,8 @@ static __always_inline enum ct_status ct_lookup(struct pctx *c, struct hook_ep *
 		f->deny_only = ct->flags & CT_F_HOST ? 4 : 0;
 		if (f->deny_only)
 			f->peer = ID_HOST;
+		if (ct->flags & CT_F_HAIRPIN)
+			f->peer = ct->peer;
 		return CT_ESTABLISHED;
 	}
 	if (bare_syn(p))
@@ -1152,8 +1157,11 @@ __noinline int rewrite(struct __sk_buff *skb, struct pkt *p, __u32 dst, const st
 			return -1;
 	}
 	__builtin_memcpy(old, addr, 16);
-	if (p->frag_later)
+	/* A later fragment's port is the flow's, not in the packet. */
+	if (p->frag_later) {
+		*oport = port;
 		return 0;
+	}
 	if (csum_off && bpf_l4_csum_replace(skb, csum_off, op, np, mangled0 | 2))
 		return -1;
 	if (bpf_skb_store_bytes(skb, p->l4_off + (dst ? 2 : 0), &np, 2, 0))
@@ -1425,7 +1433,9 @@ static __always_inline void ct_create(struct pctx *c, struct hook_ep *h, struct 
 		f->lp = bpf_map_lookup_elem(&local_pods, c->p->daddr);
 	if (h->scope == SCOPE_EGRESS ? !f->lp : !bpf_map_lookup_elem(&local_pods, c->p->saddr))
 		nct.flags |= CT_F_ROUTED;
-	if (c->p->xlated == 1) {
+	if (c->hairpin)
+		nct.flags |= CT_F_HAIRPIN;
+	if (c->p->xlated == 1 && !c->hairpin) {
 		nct.flags |= CT_F_SVC_REPLY;
 		__builtin_memcpy(nct.nat_addr, c->p->orig_addr, 16);
 		nct.nat_port = c->p->orig_port;
@@ -1464,9 +1474,11 @@ static __always_inline int untranslate(struct pctx *c, struct flow *f, int reaso
  * leaving a pod, the local pod it goes to. */
 static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, struct flow *f)
 {
-	enum ct_status st = ct_lookup(c, h, f);
+	enum ct_status st;
 	int reason;
 
+	c->svc_new = 0; /* a pick is the check's that made it */
+	st = ct_lookup(c, h, f);
 	st = translate(c, h, f, st);
 	reason = policy_check(c, h, f, st, no_new);
 	switch (reason) {
@@ -1638,6 +1650,43 @@ static __always_inline int pass(struct pkt *p)
 	return TC_ACT_OK;
 }
 
+/* hairpin takes a pod's packet to itself through a frontend (its own
+ * Service), which from_pod allowed as its egress, through its ingress
+ * and back into it. The pod's kernel drops a packet from its own address
+ * arriving on its interface, and would answer one to its own address
+ * inside, never back through its interface. So a forward packet arrives
+ * from the frontend's address (with the client's port: the backend sees
+ * the frontend as its client) and the backend's answer, addressed there,
+ * leaves the pod, and is turned back into the pod's address before the
+ * pod's own check as the client (which gives it the frontend's address
+ * as its source). The ingress check knows its peer as the pod itself: the
+ * entry it creates says so (CT_F_HAIRPIN). */
+static __always_inline int hairpin(struct pctx *c, struct hook_ep *h, struct flow *f, int reason)
+{
+	struct pkt *p = c->p;
+	struct hook_ep self = { .ifindex = h->ifindex, .ep = h->ep, .scope = SCOPE_INGRESS };
+	int reply = reason == REASON_ALLOW_REPLY;
+	__u8 mac[12];
+
+	if (reply ? rewrite(c->skb, p, 1, (struct addr16 *)p->saddr, p->dport)
+		  : rewrite(c->skb, p, 0, (struct addr16 *)p->orig_addr, p->sport))
+		return TC_ACT_SHOT;
+	hook_open(&self);
+	__builtin_memset(f, 0, sizeof(*f));
+	f->peer = reply ? ID_ANY : h->ep->identity;
+	c->hairpin = !reply;
+	reason = check(c, &self, reply, f);
+	if (reason == CHECK_STACK)
+		return pass(p); /* the client's flow is gone: as handle() does */
+	if (is_drop(reason))
+		return TC_ACT_SHOT;
+	pass(p);
+	if (bpf_skb_load_bytes(c->skb, 0, mac, 12) || bpf_skb_store_bytes(c->skb, 0, mac + 6, 6, 0) ||
+	    bpf_skb_store_bytes(c->skb, 6, mac, 6, 0))
+		return TC_ACT_SHOT;
+	return bpf_redirect_peer(h->ifindex, 0);
+}
+
 static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 {
 	struct pkt p = {};
@@ -1688,6 +1737,9 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 		return reject(skb, p.l4_off, p.family);
 	if (is_drop(reason))
 		return TC_ACT_SHOT;
+	if (scope == SCOPE_EGRESS &&
+	    ((p.xlated == 1 && !__builtin_memcmp(p.saddr, p.daddr, 16)) || (f.flags & CT_F_HAIRPIN)))
+		return hairpin(&c, &h, &f, reason);
 	if (scope == SCOPE_INGRESS || (f.flags & CT_F_ROUTED))
 		return pass(&p);
 
