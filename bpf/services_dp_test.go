@@ -180,7 +180,7 @@ func TestServiceWithoutBackendsRejects(t *testing.T) {
 				if typ != 3 || code != 3 {
 					t.Fatalf("ICMP type %d code %d, want 3/3", typ, code)
 				}
-				if quote, want := quote, in[14:14+20+8]; string(quote) != string(want) {
+				if quote, want := quote, in[14:14+20+l4Quote(c.proto)]; string(quote) != string(want) {
 					t.Fatalf("quotes\n% x\nwant\n% x", quote, want)
 				}
 			} else {
@@ -192,7 +192,7 @@ func TestServiceWithoutBackendsRejects(t *testing.T) {
 				if typ != 1 || code != 4 {
 					t.Fatalf("ICMPv6 type %d code %d, want 1/4", typ, code)
 				}
-				if want := in[14 : 14+40+8]; string(quote) != string(want) {
+				if want := in[14 : 14+40+l4Quote(c.proto)]; string(quote) != string(want) {
 					t.Fatalf("quotes\n% x\nwant\n% x", quote, want)
 				}
 			}
@@ -208,6 +208,15 @@ func TestServiceWithoutBackendsRejects(t *testing.T) {
 			}
 		})
 	}
+}
+
+// l4Quote is how much of its L4 header a rejection quotes: up to and
+// with the checksum.
+func l4Quote(proto uint8) int {
+	if proto == pkttest.TCP {
+		return 20
+	}
+	return 8
 }
 
 // Later packets of a flow keep their backend; new flows spread; a client

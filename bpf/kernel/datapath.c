@@ -1539,8 +1539,11 @@ static __always_inline int deliver(struct __sk_buff *skb, struct pkt *p, struct 
 }
 
 /* QUOTE_MAX bounds what a rejection quotes of the packet it refuses:
- * its IP header (with IPv6 extension headers) and 8 bytes of L4 header,
- * which is all the pod's stack reads to find the socket. */
+ * its IP header (with IPv6 extension headers) and its L4 header up to
+ * the checksum: the pod's stack reads the first 8 bytes to find the
+ * socket, and a packet whose checksum is still to be computed
+ * (CHECKSUM_PARTIAL, as a pod's TCP segments leave its veth) cannot be
+ * cut short of its checksum field. */
 #define QUOTE_MAX 128
 
 static __always_inline __u16 csum_fold(__u64 s)
@@ -1557,9 +1560,9 @@ static __always_inline __u16 csum_fold(__u64 s)
  * itself becomes the answer, quoting its own headers, and goes back into
  * the pod through its host veth's peer, past to_pod: it answers the pod's
  * own packet. Its own function: it needs a stack of its own. */
-__noinline int reject(struct __sk_buff *skb, __u32 l4_off, __u32 family)
+__noinline int reject(struct __sk_buff *skb, __u32 l4_off, __u32 family, __u32 proto)
 {
-	__u32 qlen = l4_off - ETH_HLEN + 8, iplen = family == 4 ? 20 : 40, w, hdr[5] = {};
+	__u32 qlen = l4_off - ETH_HLEN + (proto == IPPROTO_TCP ? 20 : proto == IPPROTO_SCTP ? 12 : 8), iplen = family == 4 ? 20 : 40, w, hdr[5] = {};
 	__u8 mac[12], icmp[8] = {};
 	__u64 sum = 0;
 
@@ -1734,7 +1737,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	c.now = bpf_ktime_get_coarse_ns();
 	reason = check(&c, &h, 0, &f);
 	if (reason == REASON_DROP_NO_BACKEND)
-		return reject(skb, p.l4_off, p.family);
+		return reject(skb, p.l4_off, p.family, p.proto);
 	if (is_drop(reason))
 		return TC_ACT_SHOT;
 	if (scope == SCOPE_EGRESS &&
