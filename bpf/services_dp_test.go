@@ -373,3 +373,64 @@ func TestServiceHairpin(t *testing.T) {
 		})
 	}
 }
+
+// An ICMP error about a translated flow reaches the client naming the
+// frontend: as the quoted packet's destination, and as its own source when
+// the backend sent it, so the client's stack finds the socket it
+// connected to the frontend. Checksums stay right, the quoted IPv4
+// header's included.
+func TestServiceRelatedICMPTranslated(t *testing.T) {
+	for _, c := range svcFlows() {
+		if c.proto != pkttest.UDP {
+			continue
+		}
+		t.Run(c.name, func(t *testing.T) {
+			s := newSeed(t)
+			s.service(c.fe, Service{Backends: []ServiceBackend{{Addr: c.b, Port: 8053}}})
+			s.policy(manual(policy.ManualRule{Action: policy.Allow, Src: idA, Dst: idB, Proto: c.policy}))
+			o := s.sendFull(c.pkt(0).Frame(), ScopeEgress, s.a, 0)
+			if o.reason != ReasonAllowRule {
+				t.Fatalf("datagram to the frontend: %s", o)
+			}
+			quoted := o.out[14:]
+			hlen, proto, typ := 20, uint8(pkttest.ICMP), uint8(3)
+			if c.a.Is6() {
+				hlen, proto, typ = 40, pkttest.ICMPv6, 1
+			}
+			quoted = quoted[:hlen+8]
+			icmp := pkttest.Packet{Src: c.b, Dst: c.a, Proto: proto, L4: append([]byte{typ, 3, 0, 0, 0, 0, 0, 0}, quoted...)}
+			in := pkttest.WithChecksums(icmp.Frame())
+			o = s.sendFull(in, ScopeIngress, s.a, s.b)
+			if o.reason != ReasonAllowRelated {
+				t.Fatalf("port unreachable from the backend: %s, want related", o)
+			}
+			f := o.out
+			var src netip.Addr
+			var q []byte
+			if c.a.Is4() {
+				src, q = netip.AddrFrom4([4]byte(f[14+12:14+16])), f[14+20+8:]
+			} else {
+				src, q = netip.AddrFrom16([16]byte(f[14+8:14+24])), f[14+40+8:]
+			}
+			if src != c.fe.Addr {
+				t.Fatalf("the error comes from %s, want the frontend %s", src, c.fe.Addr)
+			}
+			var qdst netip.Addr
+			var qports []byte
+			if c.a.Is4() {
+				qdst, qports = netip.AddrFrom4([4]byte(q[16:20])), q[20:24]
+				if ipv4Checksum(q[:20]) != 0 {
+					t.Fatalf("quoted IPv4 header checksum wrong: % x", q[:20])
+				}
+			} else {
+				qdst, qports = netip.AddrFrom16([16]byte(q[24:40])), q[40:44]
+			}
+			if qdst != c.fe.Addr || binary.BigEndian.Uint16(qports[2:]) != c.fe.Port || binary.BigEndian.Uint16(qports[:2]) != 40000 {
+				t.Fatalf("the error quotes a packet to %s port %d, want %s", qdst, binary.BigEndian.Uint16(qports[2:]), netip.AddrPortFrom(c.fe.Addr, c.fe.Port))
+			}
+			if !pkttest.ChecksumsOK(f) {
+				t.Fatalf("ICMP checksum wrong after the translation:\n% x", f)
+			}
+		})
+	}
+}

@@ -68,6 +68,25 @@ func TestServiceTranslatedByTheDatapath(t *testing.T) {
 				}
 			}
 
+			// A datagram to a backend's closed port: the backend's port
+			// unreachable, about its own address, reaches the client as
+			// the frontend's, which makes it "connection refused".
+			dns := bpf.ServiceFrontend{Addr: vip, Port: 53, Proto: unix.IPPROTO_UDP}
+			if err := dp.PutService(dns, bpf.Service{Backends: []bpf.ServiceBackend{{Addr: addrB, Port: 7012}}}); err != nil {
+				t.Fatal(err)
+			}
+			t.Cleanup(func() { _ = dp.DeleteService(dns) })
+			apply(backendAdmits, policy.Rule{Subject: 1001, Direction: policy.Egress, Peer: 1002, Action: policy.Allow})
+			uc, err := dialIn(client, "udp4", vip, 53)
+			if err != nil {
+				t.Fatal(err)
+			}
+			err = echo(uc, "anyone there?\n")
+			uc.Close()
+			if err == nil || !strings.Contains(err.Error(), "refused") {
+				t.Fatalf("datagram through ClusterIP %s:53 to a closed port of the backend: %v, want connection refused", vip, err)
+			}
+
 			// Hairpin: the backend reaches itself through a frontend of its
 			// own, under its own rules both ways.
 			self := bpf.ServiceFrontend{Addr: vip, Port: 81, Proto: unix.IPPROTO_TCP}
@@ -89,7 +108,7 @@ func TestServiceTranslatedByTheDatapath(t *testing.T) {
 				t.Fatal(err)
 			}
 			apply(backendAdmits, policy.Rule{Subject: 1001, Direction: policy.Egress, Peer: 1002, Action: policy.Allow})
-			err := exchange(client, "tcp4", vip, 80)
+			err = exchange(client, "tcp4", vip, 80)
 			if err == nil || !strings.Contains(err.Error(), "refused") {
 				t.Fatalf("client -> ClusterIP without backends: %v, want connection refused", err)
 			}

@@ -1453,6 +1453,62 @@ static __always_inline void ct_create(struct pctx *c, struct hook_ep *h, struct 
 		svc_remember(c, h, f, &nct);
 }
 
+/* untranslate_related gives an ICMP error about a translated flow, on its
+ * way to the client, the frontend wherever it names the backend: as the
+ * quoted packet's destination, and as the error's own source when the
+ * backend sent it (a router on the way keeps its own). The client's stack
+ * then finds the socket it connected to the frontend. The quoted IPv4
+ * header's checksum makes up for its new address, so the ICMP checksum
+ * sees only the port; ICMPv6's covers the quoted address too, and the
+ * outer source in its pseudo-header. The quoted L4 checksum stays: the
+ * quote is cut short, and no stack checks it. Global: verified once. */
+__noinline int untranslate_related(struct __sk_buff *skb, struct pkt *p, const struct addr16 *fe, __u32 fe_port)
+{
+	__u32 q, icmp_csum, ports, hl;
+	__u16 op, np = bpf_htons(fe_port);
+	__u8 vihl;
+	__s64 diff;
+
+	if (!skb || !p || !fe)
+		return -1;
+	q = p->l4_off + 8;
+	icmp_csum = p->l4_off + 2;
+	op = bpf_htons(p->inner_dport);
+	if (p->family == 4) {
+		if (bpf_skb_load_bytes(skb, q, &vihl, 1))
+			return -1;
+		hl = (vihl & 0xf) * 4;
+		if (bpf_skb_store_bytes(skb, q + 16, &fe->w[3], 4, 0) ||
+		    bpf_l3_csum_replace(skb, q + 10, p->inner_daddr[3], fe->w[3], 4))
+			return -1;
+		ports = q + hl;
+	} else {
+		diff = bpf_csum_diff(p->inner_daddr, 16, (void *)fe->w, 16, 0);
+		if (bpf_skb_store_bytes(skb, q + 24, (void *)fe->w, 16, 0) ||
+		    bpf_l4_csum_replace(skb, icmp_csum, 0, diff, 0))
+			return -1;
+		ports = q + 40;
+	}
+	if (bpf_skb_store_bytes(skb, ports + 2, &np, 2, 0) || bpf_l4_csum_replace(skb, icmp_csum, op, np, 2))
+		return -1;
+	if (!__builtin_memcmp(p->saddr, p->inner_daddr, 16)) {
+		if (p->family == 4) {
+			if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, saddr), &fe->w[3], 4, 0) ||
+			    bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), p->saddr[3], fe->w[3], 4))
+				return -1;
+		} else {
+			diff = bpf_csum_diff(p->saddr, 16, (void *)fe->w, 16, 0);
+			if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, saddr), (void *)fe->w, 16, 0) ||
+			    bpf_l4_csum_replace(skb, icmp_csum, 0, diff, BPF_F_PSEUDO_HDR))
+				return -1;
+		}
+		__builtin_memcpy(p->saddr, fe->w, 16);
+	}
+	__builtin_memcpy(p->inner_daddr, fe->w, 16);
+	p->inner_dport = fe_port;
+	return 0;
+}
+
 /* untranslate gives an allowed reply of a translated flow the frontend's
  * address as its source: the client sent to the frontend and hears from
  * it. */
@@ -1499,7 +1555,11 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
 		return report(c, h, h->ep->identity, c->cfg && c->cfg->debug ? peer(c, h, f) : f->peer, reason,
 			      is_drop(reason));
 	case REASON_ALLOW_RELATED:
-		return report(c, h, h->ep->identity, f->peer, reason, 0);
+		if (h->scope == SCOPE_INGRESS && f->kscope == SCOPE_EGRESS && f->ct && (f->ct->flags & CT_F_SVC_REPLY) &&
+		    has_ports(c->p->inner_proto) &&
+		    untranslate_related(c->skb, c->p, (struct addr16 *)f->ct->nat_addr, f->ct->nat_port))
+			reason = REASON_DROP_MALFORMED;
+		return report(c, h, h->ep->identity, f->peer, reason, is_drop(reason));
 	case REASON_ALLOW_RULE:
 	case REASON_ALLOW_OPEN:
 	case REASON_ALLOW_HOST:

@@ -332,6 +332,15 @@ func (d *Datapath) check(p *pkt, scope Scope, ep Endpoint, fromHost, noNew, hair
 		if reason == AllowReply && f.ct.nat != nil && !f.ct.nat.orig {
 			p.rewriteSrc(f.ct.nat.addr, f.ct.nat.port)
 		}
+	case AllowRelated:
+		// An ICMP error about a translated flow, on its way to the
+		// client, names the frontend where it named the backend.
+		if scope == Ingress && f.key.scope == Egress && f.ct.nat != nil && !f.ct.nat.orig && hasPorts(p.innerProto) {
+			if p.saddr == p.innerDaddr {
+				p.saddr = f.ct.nat.addr
+			}
+			p.innerDaddr, p.innerDport = f.ct.nat.addr, f.ct.nat.port
+		}
 	case AllowRule, AllowOpen, AllowHost:
 		nct := &ctEntry{rev: d.Rev, subject: ep.Identity, peer: d.peer(p, scope, fromHost, &f)}
 		if reason == AllowHost {
