@@ -434,3 +434,27 @@ func TestServiceRelatedICMPTranslated(t *testing.T) {
 		})
 	}
 }
+
+// FlushConntrack of a backend's address forgets the Service flows that go
+// to it: their next packet picks a backend again.
+func TestFlushConntrackForgetsFlowsToABackend(t *testing.T) {
+	s := newSeed(t)
+	fe := ServiceFrontend{Addr: vip, Port: 80, Proto: unix.IPPROTO_TCP}
+	s.service(fe, Service{Backends: []ServiceBackend{{Addr: ipB, Port: 8080}}})
+	s.policy(manual(policy.ManualRule{Action: policy.Allow, Src: idA, Dst: idB, Proto: policy.ProtoTCP}))
+	syn := pkttest.Packet{Src: ipA, Dst: vip, Proto: pkttest.TCP, SrcPort: 40000, DstPort: 80, TCPFlags: pkttest.SYN}
+	if r, err := s.run(syn.Frame(), ScopeEgress, s.a, 0); err != nil || r != ReasonAllowRule {
+		t.Fatalf("SYN to the frontend: %s %v", r, err)
+	}
+	n, err := s.d.FlushConntrack(ipB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	flows, err := s.d.Conntrack()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 2 || len(flows) != 0 {
+		t.Fatalf("flushing the backend removed %d entries and left %+v; want both of the flow's gone", n, flows)
+	}
+}
