@@ -13,6 +13,34 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type benchAffinityKey struct {
+	_      structs.HostLayout
+	Id     uint32
+	Client [16]uint8
+}
+
+type benchAffinityValue struct {
+	_        structs.HostLayout
+	LastUsed uint64
+	Addr     [16]uint8
+	Port     uint16
+	Pad      uint16
+	Slot     uint32
+}
+
+type benchBackend struct {
+	_    structs.HostLayout
+	Addr [16]uint8
+	Port uint16
+	Pad  uint16
+}
+
+type benchBackendKey struct {
+	_    structs.HostLayout
+	Id   uint32
+	Slot uint32
+}
+
 type benchConfig struct {
 	_     structs.HostLayout
 	Rev   uint32
@@ -45,6 +73,10 @@ type benchCtValue struct {
 	Peer     uint32
 	Flags    uint32
 	Pad      uint32
+	NatAddr  [16]uint8
+	NatPort  uint16
+	NatPad   uint16
+	NatPad2  uint32
 }
 
 type benchEndpoint struct {
@@ -134,10 +166,28 @@ type benchPolicyValue struct {
 	}
 }
 
+type benchSvcKey struct {
+	_     structs.HostLayout
+	Addr  [16]uint8
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type benchSvcValue struct {
+	_               structs.HostLayout
+	Id              uint32
+	Count           uint32
+	AffinityTimeout uint32
+	Pad             uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	benchMapAffinity          = "affinity"
+	benchMapBackends          = "backends"
 	benchMapConfig            = "config"
 	benchMapConntrack         = "conntrack"
 	benchMapCounters          = "counters"
@@ -151,13 +201,17 @@ const (
 	benchMapIpcache           = "ipcache"
 	benchMapLocalPods         = "local_pods"
 	benchMapPolicy            = "policy"
+	benchMapServices          = "services"
 	benchMapStats             = "stats"
 	benchProgBenchBumpOnly    = "bench_bump_only"
 	benchProgBenchExpireOnly  = "bench_expire_only"
 	benchProgBenchNewFlow     = "bench_new_flow"
 	benchProgBenchNewFlowWarm = "bench_new_flow_warm"
+	benchProgBenchRestoreOnly = "bench_restore_only"
+	benchProgBenchService     = "bench_service"
 	benchProgFromPod          = "from_pod"
 	benchProgToPod            = "to_pod"
+	benchVarSaved             = "saved"
 	benchVarUnusedEpState     = "unused_ep_state"
 	benchVarUnusedEvent       = "unused_event"
 	benchVarUnusedFlowKeys    = "unused_flow_keys"
@@ -213,6 +267,8 @@ type benchProgramSpecs struct {
 	BenchExpireOnly  *ebpf.ProgramSpec `ebpf:"bench_expire_only"`
 	BenchNewFlow     *ebpf.ProgramSpec `ebpf:"bench_new_flow"`
 	BenchNewFlowWarm *ebpf.ProgramSpec `ebpf:"bench_new_flow_warm"`
+	BenchRestoreOnly *ebpf.ProgramSpec `ebpf:"bench_restore_only"`
+	BenchService     *ebpf.ProgramSpec `ebpf:"bench_service"`
 	FromPod          *ebpf.ProgramSpec `ebpf:"from_pod"`
 	ToPod            *ebpf.ProgramSpec `ebpf:"to_pod"`
 }
@@ -221,6 +277,8 @@ type benchProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type benchMapSpecs struct {
+	Affinity   *ebpf.MapSpec `ebpf:"affinity"`
+	Backends   *ebpf.MapSpec `ebpf:"backends"`
 	Config     *ebpf.MapSpec `ebpf:"config"`
 	Conntrack  *ebpf.MapSpec `ebpf:"conntrack"`
 	Counters   *ebpf.MapSpec `ebpf:"counters"`
@@ -234,6 +292,7 @@ type benchMapSpecs struct {
 	Ipcache    *ebpf.MapSpec `ebpf:"ipcache"`
 	LocalPods  *ebpf.MapSpec `ebpf:"local_pods"`
 	Policy     *ebpf.MapSpec `ebpf:"policy"`
+	Services   *ebpf.MapSpec `ebpf:"services"`
 	Stats      *ebpf.MapSpec `ebpf:"stats"`
 }
 
@@ -241,6 +300,7 @@ type benchMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type benchVariableSpecs struct {
+	Saved          *ebpf.VariableSpec `ebpf:"saved"`
 	UnusedEpState  *ebpf.VariableSpec `ebpf:"unused_ep_state"`
 	UnusedEvent    *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedFlowKeys *ebpf.VariableSpec `ebpf:"unused_flow_keys"`
@@ -270,6 +330,8 @@ func (o *benchObjects) Close() error {
 //
 // It can be passed to loadBenchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type benchMaps struct {
+	Affinity   *ebpf.Map `ebpf:"affinity"`
+	Backends   *ebpf.Map `ebpf:"backends"`
 	Config     *ebpf.Map `ebpf:"config"`
 	Conntrack  *ebpf.Map `ebpf:"conntrack"`
 	Counters   *ebpf.Map `ebpf:"counters"`
@@ -283,11 +345,14 @@ type benchMaps struct {
 	Ipcache    *ebpf.Map `ebpf:"ipcache"`
 	LocalPods  *ebpf.Map `ebpf:"local_pods"`
 	Policy     *ebpf.Map `ebpf:"policy"`
+	Services   *ebpf.Map `ebpf:"services"`
 	Stats      *ebpf.Map `ebpf:"stats"`
 }
 
 func (m *benchMaps) Close() error {
 	return _BenchClose(
+		m.Affinity,
+		m.Backends,
 		m.Config,
 		m.Conntrack,
 		m.Counters,
@@ -301,6 +366,7 @@ func (m *benchMaps) Close() error {
 		m.Ipcache,
 		m.LocalPods,
 		m.Policy,
+		m.Services,
 		m.Stats,
 	)
 }
@@ -309,6 +375,7 @@ func (m *benchMaps) Close() error {
 //
 // It can be passed to loadBenchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type benchVariables struct {
+	Saved          *ebpf.Variable `ebpf:"saved"`
 	UnusedEpState  *ebpf.Variable `ebpf:"unused_ep_state"`
 	UnusedEvent    *ebpf.Variable `ebpf:"unused_event"`
 	UnusedFlowKeys *ebpf.Variable `ebpf:"unused_flow_keys"`
@@ -326,6 +393,8 @@ type benchPrograms struct {
 	BenchExpireOnly  *ebpf.Program `ebpf:"bench_expire_only"`
 	BenchNewFlow     *ebpf.Program `ebpf:"bench_new_flow"`
 	BenchNewFlowWarm *ebpf.Program `ebpf:"bench_new_flow_warm"`
+	BenchRestoreOnly *ebpf.Program `ebpf:"bench_restore_only"`
+	BenchService     *ebpf.Program `ebpf:"bench_service"`
 	FromPod          *ebpf.Program `ebpf:"from_pod"`
 	ToPod            *ebpf.Program `ebpf:"to_pod"`
 }
@@ -336,6 +405,8 @@ func (p *benchPrograms) Close() error {
 		p.BenchExpireOnly,
 		p.BenchNewFlow,
 		p.BenchNewFlowWarm,
+		p.BenchRestoreOnly,
+		p.BenchService,
 		p.FromPod,
 		p.ToPod,
 	)

@@ -13,6 +13,7 @@ package reference
 
 import (
 	"net/netip"
+	"time"
 
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/policy"
@@ -46,6 +47,7 @@ const (
 	DropFrag
 	DropRevoked
 	DropUnknownFlow
+	DropNoBackend
 )
 
 // Drop reports whether the reason drops the packet.
@@ -53,7 +55,7 @@ func (r Reason) Drop() bool { return r >= DropNoRule }
 
 var reasonNames = [...]string{"non-ip", "ipv6-link-control", "established", "reply", "rule", "not-isolated", "from-host",
 	"related", "no-rule", "deny-rule", "spoofed-source", "malformed", "no-endpoint", "unknown-fragment", "revoked",
-	"unknown-flow"}
+	"unknown-flow", "no-service-backend"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {
@@ -80,9 +82,21 @@ type Datapath struct {
 	Policy *policy.Set
 	// Rev is the policy revision; conntrack entries remember theirs.
 	Rev uint32
+	// Pick chooses the slot of backends a new flow to fe goes to when no
+	// affinity decides it: the datapath picks at random, so a test tells
+	// the model what the datapath picked. nil: slot 0.
+	Pick func(fe Frontend, backends []Backend) int
+	// Now is the clock session affinity is timed by (the datapath's is
+	// bpf_ktime_get_coarse_ns). nil: always 0.
+	Now func() time.Duration
 
-	ct    map[ctKey]*ctEntry
-	frags map[fragKey][2]uint16
+	// hairpinFlow: the last check's flow is a hairpin one (ctHairpin).
+	hairpinFlow bool
+
+	ct       map[ctKey]*ctEntry
+	frags    map[fragKey][2]uint16
+	services map[Frontend]svcEntry
+	affinity map[affKey]affEntry
 }
 
 // New returns an empty datapath at revision 1, as the loader leaves it.
@@ -95,6 +109,8 @@ func New() *Datapath {
 		Rev:       1,
 		ct:        map[ctKey]*ctEntry{},
 		frags:     map[fragKey][2]uint16{},
+		services:  map[Frontend]svcEntry{},
+		affinity:  map[affKey]affEntry{},
 	}
 }
 
@@ -131,12 +147,14 @@ const (
 	ctFinFwd      = 1 << 3
 	ctFinRev      = 1 << 4
 	ctHost        = 1 << 5
+	ctHairpin     = 1 << 9 // a pod's flow to itself through a frontend: its peer is the pod
 )
 
 type ctEntry struct {
 	rev, replyRev uint32
 	subject, peer identity.ID
 	flags         uint32
+	nat           *natInfo // a Service flow's translation
 }
 
 type fragKey struct {
@@ -161,6 +179,10 @@ type Verdict struct {
 	To int
 	// Ingress is that pod's ingress check, made by from_pod.
 	Ingress Reason
+	// Src, Dst, SrcPort and DstPort are the packet's as it goes on, after
+	// any Service translation (IPv4 as IPv4-mapped IPv6).
+	Src, Dst         [16]byte
+	SrcPort, DstPort uint16
 }
 
 // Delivered reports whether from_pod handed the frame to a local pod itself,
@@ -170,7 +192,7 @@ func (v Verdict) Delivered() bool { return v.To != 0 && !v.Ingress.Drop() }
 // Process decides one frame at a hook. ifindex is the host veth the frame
 // is on; ingressIfindex is the device the frame came in on before being
 // forwarded, 0 when the local node sent it.
-func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex int) Verdict {
+func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex int) (out Verdict) {
 	var p pkt
 	res := d.parse(frame, &p)
 	switch res {
@@ -192,13 +214,17 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 	if res == parseFragUnknown {
 		return Verdict{Reason: DropFrag}
 	}
-	v := Verdict{Reason: d.check(&p, scope, ep, scope == Ingress && ingressIfindex == 0, false)}
+	v := Verdict{Reason: d.check(&p, scope, ep, scope == Ingress && ingressIfindex == 0, false, false)}
+	defer func() { out.Src, out.Dst, out.SrcPort, out.DstPort = p.saddr, p.daddr, p.sport, p.dport }()
 	if v.Reason.Drop() {
 		return v
 	}
 	if scope == Ingress {
 		d.pass(&p)
 		return v
+	}
+	if (p.xlated == 1 && p.saddr == p.daddr) || d.hairpinFlow {
+		return d.hairpin(&p, ep, ifindex, v)
 	}
 	// A packet for a local pod is checked against its ingress here and
 	// handed to it, unless it is a reply to a flow that never left a
@@ -214,7 +240,7 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 		d.pass(&p)
 		return v
 	}
-	in := d.check(&p, Ingress, dst, false, v.Reason == AllowReply)
+	in := d.check(&p, Ingress, dst, false, v.Reason == AllowReply, false)
 	if in == toStack {
 		d.pass(&p)
 		return v
@@ -257,6 +283,7 @@ const (
 	ctEstablished                 // a packet of a flow this hook admitted
 	ctReply                       // the reverse of a flow the endpoint's other hook admitted
 	ctRelated                     // an ICMP error quoting a flow of either hook
+	ctNoBackend                   // a new flow to a frontend without backends
 )
 
 // flow is a packet's flow at one hook, as check's steps pass it on.
@@ -275,6 +302,9 @@ func found(k ctKey, ct *ctEntry) flow {
 	if f.hostFlow {
 		f.peer, f.peerKnown = identity.Host, true
 	}
+	if ct.flags&ctHairpin != 0 {
+		f.peer, f.peerKnown = ct.peer, true
+	}
 	return f
 }
 
@@ -282,22 +312,51 @@ func found(k ctKey, ct *ctEntry) flow {
 // steps: conntrack says what the packet is to its flow, a Service's
 // address is translated, policy decides, and the verdict says what
 // conntrack keeps.
-func (d *Datapath) check(p *pkt, scope Scope, ep Endpoint, fromHost, noNew bool) Reason {
+func (d *Datapath) check(p *pkt, scope Scope, ep Endpoint, fromHost, noNew, hairpin bool) Reason {
+	var x svcPick
+	d.hairpinFlow = false
 	st, f := d.ctLookup(p, scope, ep.Slot)
-	d.translate(p, scope, st, &f)
+	if hairpin && !f.peerKnown {
+		f.peer, f.peerKnown = ep.Identity, true
+	}
+	st = d.translate(p, scope, st, &f, &x)
 	reason := d.policyCheck(p, scope, ep.Identity, fromHost, noNew, st, &f)
 	switch reason {
 	case DropRevoked:
 		delete(d.ct, f.key)
 	case AllowEstablished, AllowReply:
 		f.ct.touch(p, reason == AllowReply)
+		d.hairpinFlow = f.ct.flags&ctHairpin != 0
+		// An allowed reply of a translated flow comes from the frontend
+		// the client sent to.
+		if reason == AllowReply && f.ct.nat != nil && !f.ct.nat.orig {
+			p.rewriteSrc(f.ct.nat.addr, f.ct.nat.port)
+		}
+	case AllowRelated:
+		// An ICMP error about a translated flow, on its way to the
+		// client, names the frontend where it named the backend.
+		if scope == Ingress && f.key.scope == Egress && f.ct.nat != nil && !f.ct.nat.orig && hasPorts(p.innerProto) {
+			if p.saddr == p.innerDaddr {
+				p.saddr = f.ct.nat.addr
+			}
+			p.innerDaddr, p.innerDport = f.ct.nat.addr, f.ct.nat.port
+		}
 	case AllowRule, AllowOpen, AllowHost:
 		nct := &ctEntry{rev: d.Rev, subject: ep.Identity, peer: d.peer(p, scope, fromHost, &f)}
 		if reason == AllowHost {
 			nct.flags = ctHost
 		}
+		if hairpin {
+			nct.flags |= ctHairpin
+		}
+		if p.xlated == 1 && !hairpin {
+			nct.nat = &natInfo{addr: p.origAddr, port: p.origPort}
+		}
 		nct.touch(p, false)
 		d.ct[f.key] = nct
+		if x.picked {
+			d.remember(p, ep.Slot, nct, &x)
+		}
 	}
 	return reason
 }
@@ -346,10 +405,6 @@ func (d *Datapath) peer(p *pkt, scope Scope, fromHost bool, f *flow) identity.ID
 	return f.peer
 }
 
-// translate is where a Service's address will become a backend's, before
-// policy; no Service is translated yet.
-func (d *Datapath) translate(*pkt, Scope, ctStatus, *flow) {}
-
 // policyCheck decides the packet by its status under the current
 // revision. A flow of an older revision is checked again as new (a drop
 // revokes it); the node's flows need no rule, but deny rules hold for
@@ -362,6 +417,8 @@ func (d *Datapath) policyCheck(p *pkt, scope Scope, subject identity.ID, fromHos
 	peer := func() identity.ID { return d.peer(p, scope, fromHost, f) }
 	ct := f.ct
 	switch st {
+	case ctNoBackend:
+		return DropNoBackend
 	case ctRelated:
 		if d.decide(subject, dir, peer(), p.proto, 0, true) == DropDeny {
 			return DropDeny
