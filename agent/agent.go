@@ -1,6 +1,7 @@
 // Package agent is idcni's node agent: it watches Pods, Namespaces,
-// NetworkPolicies and Nodes through shared informers, turns pods into
-// identities and policies into rules, and keeps the datapath's maps equal to
+// NetworkPolicies, Nodes, Services and EndpointSlices through shared
+// informers, turns pods into identities, policies into rules and Services
+// into frontends with backends, and keeps the datapath's maps equal to
 // that desired state. The plugin registers local endpoints with it over a
 // unix socket, and the tools send manual overrides the same way.
 package agent
@@ -125,6 +126,7 @@ type Agent struct {
 
 	// Owned by the writer loop (processNext) once Run started.
 	st        *nodeState
+	svc       *serviceSync // nil: the datapath has no service map
 	endpoints *endpointRegistry
 	// links is the host's links, against which the registry is checked
 	// (endpointaudit.go); nil skips the checks.
@@ -259,6 +261,10 @@ func newAgent(cfg Config, client kubernetes.Interface, load func() (*bpf.Datapat
 			return fail(fmt.Errorf("watch %s: %w", kind, err))
 		}
 		a.synced = append(a.synced, inf.HasSynced)
+	}
+	svcMaps, _ := a.maps.(serviceMaps)
+	if err := a.watchServices(svcMaps); err != nil {
+		return fail(err)
 	}
 	a.announcedBy, a.announcedPod = map[string]map[string]announced{}, map[string]announced{}
 	if cfg.AnnounceNamespace != "" {
