@@ -13,6 +13,34 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type benchAffinityKey struct {
+	_      structs.HostLayout
+	Id     uint32
+	Client [16]uint8
+}
+
+type benchAffinityValue struct {
+	_        structs.HostLayout
+	LastUsed uint64
+	Addr     [16]uint8
+	Port     uint16
+	Pad      uint16
+	Slot     uint32
+}
+
+type benchBackend struct {
+	_    structs.HostLayout
+	Addr [16]uint8
+	Port uint16
+	Pad  uint16
+}
+
+type benchBackendKey struct {
+	_    structs.HostLayout
+	Id   uint32
+	Slot uint32
+}
+
 type benchConfig struct {
 	_     structs.HostLayout
 	Rev   uint32
@@ -45,6 +73,10 @@ type benchCtValue struct {
 	Peer     uint32
 	Flags    uint32
 	Pad      uint32
+	NatAddr  [16]uint8
+	NatPort  uint16
+	NatPad   uint16
+	NatPad2  uint32
 }
 
 type benchEndpoint struct {
@@ -134,10 +166,28 @@ type benchPolicyValue struct {
 	}
 }
 
+type benchSvcKey struct {
+	_     structs.HostLayout
+	Addr  [16]uint8
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type benchSvcValue struct {
+	_               structs.HostLayout
+	Id              uint32
+	Count           uint32
+	AffinityTimeout uint32
+	Pad             uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	benchMapAffinity          = "affinity"
+	benchMapBackends          = "backends"
 	benchMapConfig            = "config"
 	benchMapConntrack         = "conntrack"
 	benchMapCounters          = "counters"
@@ -151,6 +201,7 @@ const (
 	benchMapIpcache           = "ipcache"
 	benchMapLocalPods         = "local_pods"
 	benchMapPolicy            = "policy"
+	benchMapServices          = "services"
 	benchMapStats             = "stats"
 	benchProgBenchBumpOnly    = "bench_bump_only"
 	benchProgBenchExpireOnly  = "bench_expire_only"
@@ -221,6 +272,8 @@ type benchProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type benchMapSpecs struct {
+	Affinity   *ebpf.MapSpec `ebpf:"affinity"`
+	Backends   *ebpf.MapSpec `ebpf:"backends"`
 	Config     *ebpf.MapSpec `ebpf:"config"`
 	Conntrack  *ebpf.MapSpec `ebpf:"conntrack"`
 	Counters   *ebpf.MapSpec `ebpf:"counters"`
@@ -234,6 +287,7 @@ type benchMapSpecs struct {
 	Ipcache    *ebpf.MapSpec `ebpf:"ipcache"`
 	LocalPods  *ebpf.MapSpec `ebpf:"local_pods"`
 	Policy     *ebpf.MapSpec `ebpf:"policy"`
+	Services   *ebpf.MapSpec `ebpf:"services"`
 	Stats      *ebpf.MapSpec `ebpf:"stats"`
 }
 
@@ -270,6 +324,8 @@ func (o *benchObjects) Close() error {
 //
 // It can be passed to loadBenchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type benchMaps struct {
+	Affinity   *ebpf.Map `ebpf:"affinity"`
+	Backends   *ebpf.Map `ebpf:"backends"`
 	Config     *ebpf.Map `ebpf:"config"`
 	Conntrack  *ebpf.Map `ebpf:"conntrack"`
 	Counters   *ebpf.Map `ebpf:"counters"`
@@ -283,11 +339,14 @@ type benchMaps struct {
 	Ipcache    *ebpf.Map `ebpf:"ipcache"`
 	LocalPods  *ebpf.Map `ebpf:"local_pods"`
 	Policy     *ebpf.Map `ebpf:"policy"`
+	Services   *ebpf.Map `ebpf:"services"`
 	Stats      *ebpf.Map `ebpf:"stats"`
 }
 
 func (m *benchMaps) Close() error {
 	return _BenchClose(
+		m.Affinity,
+		m.Backends,
 		m.Config,
 		m.Conntrack,
 		m.Counters,
@@ -301,6 +360,7 @@ func (m *benchMaps) Close() error {
 		m.Ipcache,
 		m.LocalPods,
 		m.Policy,
+		m.Services,
 		m.Stats,
 	)
 }

@@ -13,6 +13,34 @@ import (
 	"github.com/cilium/ebpf"
 )
 
+type datapathAffinityKey struct {
+	_      structs.HostLayout
+	Id     uint32
+	Client [16]uint8
+}
+
+type datapathAffinityValue struct {
+	_        structs.HostLayout
+	LastUsed uint64
+	Addr     [16]uint8
+	Port     uint16
+	Pad      uint16
+	Slot     uint32
+}
+
+type datapathBackend struct {
+	_    structs.HostLayout
+	Addr [16]uint8
+	Port uint16
+	Pad  uint16
+}
+
+type datapathBackendKey struct {
+	_    structs.HostLayout
+	Id   uint32
+	Slot uint32
+}
+
 type datapathConfig struct {
 	_     structs.HostLayout
 	Rev   uint32
@@ -45,6 +73,10 @@ type datapathCtValue struct {
 	Peer     uint32
 	Flags    uint32
 	Pad      uint32
+	NatAddr  [16]uint8
+	NatPort  uint16
+	NatPad   uint16
+	NatPad2  uint32
 }
 
 type datapathEndpoint struct {
@@ -173,7 +205,8 @@ const (
 	datapathReasonREASON_DROP_FRAG         datapathReason = 13
 	datapathReasonREASON_DROP_REVOKED      datapathReason = 14
 	datapathReasonREASON_DROP_UNKNOWN_FLOW datapathReason = 15
-	datapathReasonREASON_MAX               datapathReason = 16
+	datapathReasonREASON_DROP_NO_BACKEND   datapathReason = 16
+	datapathReasonREASON_MAX               datapathReason = 17
 )
 
 type datapathScope uint32
@@ -192,10 +225,28 @@ const (
 	datapathStatSTAT_MAX              datapathStat = 4
 )
 
+type datapathSvcKey struct {
+	_     structs.HostLayout
+	Addr  [16]uint8
+	Port  uint16
+	Proto uint8
+	Pad   uint8
+}
+
+type datapathSvcValue struct {
+	_               structs.HostLayout
+	Id              uint32
+	Count           uint32
+	AffinityTimeout uint32
+	Pad             uint32
+}
+
 // Names of all BPF objects in the ELF.
 //
 // Used for safe lookups in a Collection or CollectionSpec.
 const (
+	datapathMapAffinity       = "affinity"
+	datapathMapBackends       = "backends"
 	datapathMapConfig         = "config"
 	datapathMapConntrack      = "conntrack"
 	datapathMapCounters       = "counters"
@@ -209,6 +260,7 @@ const (
 	datapathMapIpcache        = "ipcache"
 	datapathMapLocalPods      = "local_pods"
 	datapathMapPolicy         = "policy"
+	datapathMapServices       = "services"
 	datapathMapStats          = "stats"
 	datapathProgFromPod       = "from_pod"
 	datapathProgToPod         = "to_pod"
@@ -271,6 +323,8 @@ type datapathProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathMapSpecs struct {
+	Affinity   *ebpf.MapSpec `ebpf:"affinity"`
+	Backends   *ebpf.MapSpec `ebpf:"backends"`
 	Config     *ebpf.MapSpec `ebpf:"config"`
 	Conntrack  *ebpf.MapSpec `ebpf:"conntrack"`
 	Counters   *ebpf.MapSpec `ebpf:"counters"`
@@ -284,6 +338,7 @@ type datapathMapSpecs struct {
 	Ipcache    *ebpf.MapSpec `ebpf:"ipcache"`
 	LocalPods  *ebpf.MapSpec `ebpf:"local_pods"`
 	Policy     *ebpf.MapSpec `ebpf:"policy"`
+	Services   *ebpf.MapSpec `ebpf:"services"`
 	Stats      *ebpf.MapSpec `ebpf:"stats"`
 }
 
@@ -320,6 +375,8 @@ func (o *datapathObjects) Close() error {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathMaps struct {
+	Affinity   *ebpf.Map `ebpf:"affinity"`
+	Backends   *ebpf.Map `ebpf:"backends"`
 	Config     *ebpf.Map `ebpf:"config"`
 	Conntrack  *ebpf.Map `ebpf:"conntrack"`
 	Counters   *ebpf.Map `ebpf:"counters"`
@@ -333,11 +390,14 @@ type datapathMaps struct {
 	Ipcache    *ebpf.Map `ebpf:"ipcache"`
 	LocalPods  *ebpf.Map `ebpf:"local_pods"`
 	Policy     *ebpf.Map `ebpf:"policy"`
+	Services   *ebpf.Map `ebpf:"services"`
 	Stats      *ebpf.Map `ebpf:"stats"`
 }
 
 func (m *datapathMaps) Close() error {
 	return _DatapathClose(
+		m.Affinity,
+		m.Backends,
 		m.Config,
 		m.Conntrack,
 		m.Counters,
@@ -351,6 +411,7 @@ func (m *datapathMaps) Close() error {
 		m.Ipcache,
 		m.LocalPods,
 		m.Policy,
+		m.Services,
 		m.Stats,
 	)
 }

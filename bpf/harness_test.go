@@ -8,6 +8,7 @@ import (
 	"net/netip"
 	"runtime"
 	"testing"
+	"time"
 	"unsafe"
 
 	"github.com/cilium/ebpf"
@@ -178,7 +179,41 @@ type pair struct {
 
 func newPair(t testing.TB, links int, opts Options) *pair {
 	t.Helper()
-	return &pair{t: t, d: loadTest(t, opts), ref: reference.New(), net: newTestNet(t, links)}
+	ref := reference.New()
+	ref.Now = coarseNow
+	return &pair{t: t, d: loadTest(t, opts), ref: ref, net: newTestNet(t, links)}
+}
+
+// coarseNow is the datapath's conntrack clock, the one session affinity
+// is timed by.
+func coarseNow() time.Duration {
+	n, err := monotonicNow(unix.CLOCK_MONOTONIC_COARSE)
+	if err != nil {
+		panic(err)
+	}
+	return time.Duration(n)
+}
+
+// service puts a frontend in both implementations.
+func (p *pair) service(fe ServiceFrontend, s Service) {
+	p.t.Helper()
+	if err := p.d.PutService(fe, s); err != nil {
+		p.t.Fatal(err)
+	}
+	rs := reference.Service{AffinityTimeout: s.AffinityTimeout}
+	for _, b := range s.Backends {
+		rs.Backends = append(rs.Backends, reference.Backend{Addr: b.Addr, Port: b.Port})
+	}
+	p.ref.PutService(reference.Frontend{Addr: fe.Addr, Port: fe.Port, Proto: fe.Proto}, rs)
+}
+
+// deleteService removes a frontend from both.
+func (p *pair) deleteService(fe ServiceFrontend) {
+	p.t.Helper()
+	if err := p.d.DeleteService(fe); err != nil {
+		p.t.Fatal(err)
+	}
+	p.ref.DeleteService(reference.Frontend{Addr: fe.Addr, Port: fe.Port, Proto: fe.Proto})
 }
 
 // endpoint puts an endpoint on the i-th veth with a conntrack table of its
@@ -285,6 +320,18 @@ func (p *pair) sendFull(frame []byte, scope Scope, ifindex, ingressIfindex int) 
 	if err != nil {
 		p.t.Fatal(err)
 	}
+	// The datapath picks a new Service flow's backend at random: the
+	// model takes the one the datapath's packet went to, when it is one of
+	// the frontend's (and slot 0, which disagrees, when not).
+	out, _ := parseTuple(got.out)
+	p.ref.Pick = func(_ reference.Frontend, bs []reference.Backend) int {
+		for i, b := range bs {
+			if addr16(b.Addr) == out.dst && b.Port == out.dport {
+				return i
+			}
+		}
+		return 0
+	}
 	v := p.ref.Process(frame, reference.Scope(scope), ifindex, ingressIfindex)
 	want := outcome{reason: Reason(v.Reason), ingress: noCheck}
 	if v.To != 0 {
@@ -294,7 +341,64 @@ func (p *pair) sendFull(frame []byte, scope Scope, ifindex, ingressIfindex int) 
 	if got.reason != want.reason || got.ingress != want.ingress || got.delivered != want.delivered {
 		p.t.Fatalf("datapath says %s, reference says %s for %s packet on ifindex %d (from %d):\n% x", got, want, scope, ifindex, ingressIfindex, frame)
 	}
+	if !got.reason.Drop() && got.reason != ReasonAllowNonIP && got.reason != ReasonAllowND && (got.ingress == noCheck || !got.ingress.Drop()) {
+		wantT := tuple{src: v.Src, dst: v.Dst, sport: v.SrcPort, dport: v.DstPort}
+		if in, ports := parseTuple(frame); !ports {
+			wantT.sport, wantT.dport = in.sport, in.dport
+		}
+		if out != wantT {
+			p.t.Fatalf("%s: the datapath's packet goes %s, the reference's %s; in:\n% x\nout:\n% x", got, out, wantT, frame, got.out)
+		}
+	}
 	return got
+}
+
+// tuple is a packet's addresses and ports as its headers say.
+type tuple struct {
+	src, dst     [16]byte
+	sport, dport uint16
+}
+
+func (t tuple) String() string {
+	return fmt.Sprintf("%s -> %s", netip.AddrPortFrom(addrFrom16(t.src), t.sport), netip.AddrPortFrom(addrFrom16(t.dst), t.dport))
+}
+
+// parseTuple reads a frame's addresses and, for TCP, UDP and SCTP with
+// their header in the frame, ports (ports reports whether it did): enough
+// to see what a translation did. Extension headers are not followed.
+func parseTuple(f []byte) (t tuple, ports bool) {
+	if len(f) < 14 {
+		return t, false
+	}
+	var l4 []byte
+	var proto uint8
+	switch binary.BigEndian.Uint16(f[12:14]) {
+	case 0x0800:
+		ip := f[14:]
+		if len(ip) < 20 {
+			return t, false
+		}
+		t.src, t.dst = addr16(netip.AddrFrom4([4]byte(ip[12:16]))), addr16(netip.AddrFrom4([4]byte(ip[16:20])))
+		hlen := int(ip[0]&0xf) * 4
+		if binary.BigEndian.Uint16(ip[6:8])&0x1fff != 0 || hlen < 20 || len(ip) < hlen {
+			return t, false
+		}
+		proto, l4 = ip[9], ip[hlen:]
+	case 0x86dd:
+		ip := f[14:]
+		if len(ip) < 40 {
+			return t, false
+		}
+		t.src, t.dst = [16]byte(ip[8:24]), [16]byte(ip[24:40])
+		proto, l4 = ip[6], ip[40:]
+	default:
+		return t, false
+	}
+	if (proto != 6 && proto != 17 && proto != 132) || len(l4) < 4 {
+		return t, false
+	}
+	t.sport, t.dport = binary.BigEndian.Uint16(l4[0:2]), binary.BigEndian.Uint16(l4[2:4])
+	return t, true
 }
 
 // errRefused means BPF_PROG_TEST_RUN does not take the frame: it wants a
@@ -379,6 +483,8 @@ func (p *pair) exec(frame []byte, scope Scope, ifindex, ingressIfindex int) (out
 	const tcActRedirect = 7
 	wantRet := uint32(0)
 	switch {
+	case o.reason == ReasonDropNoBackend:
+		wantRet = tcActRedirect // the packet goes back as the rejection
 	case o.reason.Drop() || (o.ingress != noCheck && o.ingress.Drop()):
 		wantRet = 2
 	case o.ingress != noCheck:

@@ -49,6 +49,9 @@ type Datapath struct {
 	// cfgMu serialises this handle's config read-modify-writes (see
 	// updateConfig).
 	cfgMu sync.Mutex
+	// svcMu serialises this handle's Service writes: a frontend's id and
+	// backend slots are read-modify-written (see PutService).
+	svcMu sync.Mutex
 	// ctTable is the embedded object's conntrack table, the template of
 	// every pod's (AddConntrackTable), kept from the parse that opened d.
 	ctTable *ebpf.MapSpec
@@ -197,6 +200,7 @@ func (d *Datapath) mapFields() map[string]**ebpf.Map {
 		"endpoints": &m.Endpoints, "events": &m.Events, "fragments": &m.Fragments,
 		"identities": &m.Identities, "ipcache": &m.Ipcache, "local_pods": &m.LocalPods, "policy": &m.Policy,
 		"stats": &m.Stats, "ct_tables": &m.CtTables, "ep_states": &m.EpStates, "event_loss": &m.EventLoss,
+		"services": &m.Services, "backends": &m.Backends, "affinity": &m.Affinity,
 	}
 }
 

@@ -45,6 +45,7 @@ const (
 	ReasonDropFrag         = Reason(datapathReasonREASON_DROP_FRAG)
 	ReasonDropRevoked      = Reason(datapathReasonREASON_DROP_REVOKED)
 	ReasonDropUnknownFlow  = Reason(datapathReasonREASON_DROP_UNKNOWN_FLOW)
+	ReasonDropNoBackend    = Reason(datapathReasonREASON_DROP_NO_BACKEND)
 	reasonMax              = Reason(datapathReasonREASON_MAX)
 )
 
@@ -65,6 +66,7 @@ var reasonNames = map[Reason]string{
 	ReasonDropFrag:         "unknown-fragment",
 	ReasonDropRevoked:      "revoked",
 	ReasonDropUnknownFlow:  "unknown-flow",
+	ReasonDropNoBackend:    "no-service-backend",
 }
 
 func (r Reason) String() string {

@@ -139,6 +139,34 @@ struct {
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } ep_states SEC(".maps");
 
+/* Services (ClusterIP frontends) a pod's new flows are translated from,
+ * their backends by (frontend id, slot), and the backend each client of
+ * a frontend with session affinity last went to. The Go side owns the
+ * first two (bpf.PutService); the datapath keeps the third. */
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct svc_key);
+	__type(value, struct svc_value);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} services SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__type(key, struct backend_key);
+	__type(value, struct backend);
+	__uint(max_entries, 262144);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} backends SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_LRU_HASH);
+	__type(key, struct affinity_key);
+	__type(value, struct affinity_value);
+	__uint(max_entries, 65536);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} affinity SEC(".maps");
+
 struct {
 	__uint(type, BPF_MAP_TYPE_LRU_HASH);
 	__type(key, struct frag_key);
@@ -202,6 +230,10 @@ const enum stat *unused_stat __attribute__((unused));
 const enum scope *unused_scope __attribute__((unused));
 const struct ep_state *unused_ep_state __attribute__((unused));
 
+struct addr16 {
+	__u32 w[4];
+};
+
 struct pkt {
 	__u32 saddr[4];
 	__u32 daddr[4];
@@ -213,10 +245,24 @@ struct pkt {
 	__u8 ttl; /* or hop limit */
 	/* An ICMP error (related): the flow it is about, from the packet it
 	 * quotes, in the quoted packet's direction. */
-	__u32 inner_saddr[4];
-	__u32 inner_daddr[4];
-	__u16 inner_sport;
-	__u16 inner_dport;
+	union {
+		__u32 inner_saddr[4];
+		/* what a Service translation changed (see xlated): a packet
+		 * it translates is never related */
+		__u32 orig_addr[4];
+	};
+	union {
+		__u32 inner_daddr[4];
+		struct addr16 pick_addr; /* the backend svc_new picked */
+	};
+	union {
+		__u16 inner_sport;
+		__u16 orig_port;
+	};
+	union {
+		__u16 inner_dport;
+		__u16 pick_port;
+	};
 	__u8 inner_proto;
 	__u8 related;
 	/* the ICMP echo reply of an echo request (a reply by its type) */
@@ -225,6 +271,13 @@ struct pkt {
 	 * for its followers once the packet passes */
 	__u8 frag_first;
 	__u32 frag_id;
+	/* where the L4 header starts; frag_later: a fragment without it */
+	__u16 l4_off;
+	__u8 frag_later;
+	/* what a Service translation changed: 1 the destination, 2 the
+	 * source; orig_addr:orig_port is what it was on the wire (for the
+	 * fragment table, whose followers come as the pod sent them) */
+	__u8 xlated;
 };
 
 enum parse_result {
@@ -396,8 +449,12 @@ static __always_inline void frag_first(struct pkt *p)
 	struct frag_key k = { .id = p->frag_id, .proto = p->proto };
 	struct frag_value v = { .sport = p->sport, .dport = p->dport };
 
-	__builtin_memcpy(k.saddr, p->saddr, 16);
-	__builtin_memcpy(k.daddr, p->daddr, 16);
+	__builtin_memcpy(k.saddr, p->xlated == 2 ? p->orig_addr : p->saddr, 16);
+	__builtin_memcpy(k.daddr, p->xlated == 1 ? p->orig_addr : p->daddr, 16);
+	if (p->xlated == 1)
+		v.dport = p->orig_port;
+	else if (p->xlated == 2)
+		v.sport = p->orig_port;
 	if (bpf_map_update_elem(&fragments, &k, &v, BPF_ANY))
 		stat_inc(STAT_FRAG_INSERT_FAIL);
 }
@@ -440,8 +497,11 @@ static __always_inline int parse_ipv4(struct __sk_buff *skb, struct pkt *p, void
 	p->daddr[3] = ip->daddr;
 
 	frag = bpf_ntohs(ip->frag_off);
-	if (frag & 0x1fff)
+	p->l4_off = ETH_HLEN + hlen;
+	if (frag & 0x1fff) {
+		p->frag_later = 1;
 		return frag_later(p, bpf_ntohs(ip->id));
+	}
 	ret = parse_l4(p, (__u8 *)ip + hlen, end, tot - hlen, 0);
 	p->frag_first = ret == PARSE_OK && (frag & 0x2000);
 	p->frag_id = bpf_ntohs(ip->id);
@@ -490,6 +550,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p, void
 			off += 8;
 			if (fo >> 3) {
 				p->proto = nexthdr;
+				p->frag_later = 1;
 				return frag_later(p, frag_id);
 			}
 			continue;
@@ -504,6 +565,7 @@ static __always_inline int parse_ipv6(struct __sk_buff *skb, struct pkt *p, void
 	if (off > payload + sizeof(*ip6) || off > 40 + MAX_IPV6_EXT * 2048)
 		return PARSE_MALFORMED;
 	p->proto = nexthdr;
+	p->l4_off = ETH_HLEN + off;
 	ret = parse_l4(p, (__u8 *)ip6 + off, end, payload + sizeof(*ip6) - off, ip6->hop_limit);
 	p->frag_first = ret == PARSE_OK && (is_frag & 2);
 	p->frag_id = frag_id;
@@ -692,6 +754,14 @@ struct hook_ep {
 	__u8 from_host; /* the node's own stack sent the packet */
 };
 
+/* A new Service flow's backend: the frontend's id, the backend's slot,
+ * and whether the frontend has session affinity. */
+struct svc_pick {
+	__u32 id;
+	__u32 slot;
+	__u32 affinity;
+};
+
 /* One packet as every step of its decision reads it. */
 struct pctx {
 	struct __sk_buff *skb;
@@ -699,6 +769,11 @@ struct pctx {
 	struct config *cfg; /* NULL when the loader wrote none */
 	__u32 rev;          /* the policy revision the packet is decided under */
 	__u64 now;          /* conntrack's clock */
+	/* A new Service flow's backend pick, to remember once the flow is
+	 * admitted (only one check of a packet translates) */
+	struct svc_pick pick;
+	__u8 svc_new;    /* this packet was translated by a new pick */
+	__u8 orig_known; /* the pod's tuple had an entry, even a dead one */
 };
 
 /* hook_open names h's slot: its endpoint's, or the shared slot 0 when it
@@ -923,6 +998,8 @@ enum ct_status {
 	CT_REPLY,       /* the reverse of a flow the endpoint's other hook admitted */
 	CT_RELATED,     /* an ICMP error quoting a flow of either hook */
 	CT_NO_TABLE,    /* the loader's shared table is missing: nothing can be tracked */
+	CT_NO_BACKEND,  /* a new flow to a Service frontend with no backend: rejected */
+	CT_BROKEN,      /* the packet could not be rewritten */
 };
 
 /* A packet's flow at one hook, as check()'s steps pass it on. */
@@ -1026,11 +1103,193 @@ static __always_inline __u32 peer(struct pctx *c, struct hook_ep *h, struct flow
 	return f->peer;
 }
 
+/* rewrite replaces a packet's destination (dst) or source address and
+ * port, in the packet and in p, keeping the IP header checksum and the
+ * TCP or UDP checksum, whose pseudo-header holds the addresses, right.
+ * A fragment after the first has no L4 header: its addresses change,
+ * the first one's checksum covers them. SCTP's CRC32c covers no address,
+ * but it does cover the port: a pod's SCTP leaves its veth with the CRC
+ * still to be computed (veth offloads it), and a packet that carries
+ * one keeps the old port's. */
+__noinline int rewrite(struct __sk_buff *skb, struct pkt *p, __u32 dst, const struct addr16 *a, __u32 port)
+{
+	__u32 *old, csum_off = 0, mangled0 = 0, l3;
+	__u16 *oport, op, np = bpf_htons(port);
+	const __u32 *addr;
+	__s64 diff;
+
+	if (!skb || !p || !a)
+		return -1;
+	addr = a->w;
+	old = dst ? p->daddr : p->saddr;
+	oport = dst ? &p->dport : &p->sport;
+	op = bpf_htons(*oport);
+
+	if (!p->frag_later && p->proto == IPPROTO_TCP)
+		csum_off = p->l4_off + 16;
+	if (!p->frag_later && p->proto == IPPROTO_UDP) {
+		csum_off = p->l4_off + 6;
+		mangled0 = BPF_F_MARK_MANGLED_0; /* IPv4 UDP without a checksum stays so */
+	}
+	if (!p->xlated) {
+		__builtin_memcpy(p->orig_addr, old, 16);
+		p->orig_port = *oport;
+		p->xlated = dst ? 1 : 2;
+	}
+	if (p->family == 4) {
+		__u32 from = old[3], to = addr[3];
+
+		l3 = ETH_HLEN + (dst ? offsetof(struct iphdr, daddr) : offsetof(struct iphdr, saddr));
+		if (bpf_skb_store_bytes(skb, l3, &to, 4, 0) ||
+		    bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), from, to, 4) ||
+		    (csum_off && bpf_l4_csum_replace(skb, csum_off, from, to, BPF_F_PSEUDO_HDR | mangled0 | 4)))
+			return -1;
+	} else {
+		l3 = ETH_HLEN + (dst ? offsetof(struct ipv6hdr, daddr) : offsetof(struct ipv6hdr, saddr));
+		diff = bpf_csum_diff(old, 16, (void *)addr, 16, 0);
+		if (bpf_skb_store_bytes(skb, l3, (void *)addr, 16, 0) ||
+		    (csum_off && bpf_l4_csum_replace(skb, csum_off, 0, diff, BPF_F_PSEUDO_HDR | mangled0)))
+			return -1;
+	}
+	__builtin_memcpy(old, addr, 16);
+	if (p->frag_later)
+		return 0;
+	if (csum_off && bpf_l4_csum_replace(skb, csum_off, op, np, mangled0 | 2))
+		return -1;
+	if (bpf_skb_store_bytes(skb, p->l4_off + (dst ? 2 : 0), &np, 2, 0))
+		return -1;
+	*oport = port;
+	return 0;
+}
+
+/* affinity_slot is the slot of the backend the client's last flow to the
+ * frontend sv went to while the frontend's affinity holds and that
+ * backend is still in its slot, or -1. */
+static __always_inline int affinity_slot(struct pkt *p, __u64 now, struct svc_value *sv)
+{
+	struct affinity_key ak = { .id = sv->id };
+	struct backend_key bk = { .id = sv->id };
+	struct affinity_value *av;
+	struct backend *b;
+
+	__builtin_memcpy(ak.client, p->saddr, 16);
+	av = bpf_map_lookup_elem(&affinity, &ak);
+	if (!av || now - av->last_used > (__u64)sv->affinity_timeout * NSEC || av->slot >= sv->count)
+		return -1;
+	bk.slot = av->slot;
+	b = bpf_map_lookup_elem(&backends, &bk);
+	if (!b || b->port != av->port || __builtin_memcmp(b->addr, av->addr, 16))
+		return -1;
+	return bk.slot;
+}
+
+/* svc_new picks the backend of a new flow's packet to a frontend, if it
+ * is one: the client's affinity's (see affinity_slot), else one at
+ * random. A reader may meet a count that shrank under it (see
+ * bpf.PutService): a slot gone is slot 0's backend. It returns 1 when it
+ * picked one (p->pick_addr, p->pick_port; the frontend and slot in
+ * pick), 0 when the destination is no frontend, -1 when the frontend has
+ * no backend. A global function, verified once: the verifier would
+ * otherwise walk it on every path through check(). */
+__noinline int svc_new(struct __sk_buff *skb, struct pkt *p, __u64 now, struct svc_pick *pick)
+{
+	struct svc_key k = {};
+	struct backend_key bk = {};
+	struct svc_value *sv;
+	struct backend *b;
+	int slot = -1;
+
+	if (!skb || !p || !pick)
+		return 0;
+	__builtin_memcpy(k.addr, p->daddr, 16);
+	k.port = p->dport;
+	k.proto = p->proto;
+	sv = bpf_map_lookup_elem(&services, &k);
+	if (!sv)
+		return 0;
+	if (!sv->count)
+		return -1;
+	pick->id = bk.id = sv->id;
+	pick->affinity = sv->affinity_timeout != 0;
+	if (pick->affinity)
+		slot = affinity_slot(p, now, sv);
+	bk.slot = slot >= 0 ? (__u32)slot : bpf_get_prandom_u32() % sv->count;
+	b = bpf_map_lookup_elem(&backends, &bk);
+	if (!b) {
+		bk.slot = 0;
+		b = bpf_map_lookup_elem(&backends, &bk);
+		if (!b)
+			return -1;
+	}
+	pick->slot = bk.slot;
+	__builtin_memcpy(&p->pick_addr, b->addr, 16);
+	p->pick_port = b->port;
+	return 1;
+}
+
+/* ct_retrack looks the translated tuple of a pod's packet up in the
+ * table its own tuple was looked up in: the flow's policy memo is there.
+ * A translated packet is a forward one, so there is no reply to look
+ * for. */
+static __always_inline enum ct_status ct_retrack(struct pctx *c, struct flow *f)
+{
+	struct pkt *p = c->p;
+	struct ct_value *ct;
+
+	ct_key_set(&f->key, p->saddr, p->daddr, p->sport, p->dport, p->proto, SCOPE_EGRESS);
+	ct = bpf_map_lookup_elem(f->table, &f->key);
+	f->known = ct != NULL;
+	f->ct = NULL;
+	if (ct && ct->expires > c->now && !((ct->flags & CT_F_CLOSING) && bare_syn(p))) {
+		f->ct = ct;
+		return CT_ESTABLISHED;
+	}
+	return CT_NEW;
+}
+
 /* translate is where a Service's address becomes a backend's, before
  * policy sees the packet, so policy judges the backend (DESIGN.md
- * section 3). No Service is translated yet. */
-static __always_inline void translate(struct pctx *c, struct hook_ep *h, struct flow *f, enum ct_status st)
+ * section 3). Only a pod's own packets are translated (from_pod's own
+ * check): a packet of a flow that has its backend goes to it, and keeps
+ * the entry that says so alive; a new flow to a frontend gets one.
+ * Either way conntrack is asked again, for the translated tuple: its
+ * entry is the flow's policy memo, and the one whose replies are
+ * translated back (see check). A new pick whose translated tuple has a
+ * flow (the table evicted the pod's tuple's entry) starts it again, as
+ * new, so that both entries exist after it. Replies are not translated
+ * here: their source changes only once they are allowed. */
+static __always_inline enum ct_status translate(struct pctx *c, struct hook_ep *h, struct flow *f,
+						enum ct_status st)
 {
+	struct pkt *p = c->p;
+
+	if (h->scope != SCOPE_EGRESS)
+		return st;
+	if (st == CT_ESTABLISHED) {
+		if (!(f->ct->flags & CT_F_SVC_ORIG))
+			return st;
+		ct_touch(f->ct, p, c->now, 0);
+		if (rewrite(c->skb, p, 1, (struct addr16 *)f->ct->nat_addr, f->ct->nat_port))
+			return CT_BROKEN;
+		return ct_retrack(c, f);
+	}
+	if (st != CT_NEW || p->related || p->frag_later || !has_ports(p->proto))
+		return st;
+	switch (svc_new(c->skb, p, c->now, &c->pick)) {
+	case 0:
+		return st;
+	case 1:
+		break;
+	default:
+		return CT_NO_BACKEND;
+	}
+	if (rewrite(c->skb, p, 1, &p->pick_addr, p->pick_port))
+		return CT_BROKEN;
+	c->svc_new = 1;
+	c->orig_known = f->known;
+	ct_retrack(c, f);
+	f->ct = NULL;
+	return CT_NEW;
 }
 
 /* policy decides the packet by its status, under the current revision.
@@ -1054,6 +1313,10 @@ static __always_inline int policy_check(struct pctx *c, struct hook_ep *h, struc
 	switch (st) {
 	case CT_NO_TABLE:
 		return REASON_DROP_NO_ENDPOINT;
+	case CT_NO_BACKEND:
+		return REASON_DROP_NO_BACKEND;
+	case CT_BROKEN:
+		return REASON_DROP_MALFORMED;
 	case CT_RELATED:
 		reason = decide(subject, peer(c, h, f), dir | 4 | proto, subject_flags(h->ep, subject, c->rev));
 		return reason == REASON_DROP_DENY ? REASON_DROP_DENY : REASON_ALLOW_RELATED;
@@ -1106,11 +1369,52 @@ static __always_inline int policy_check(struct pctx *c, struct hook_ep *h, struc
 	return reason;
 }
 
+/* affinity_remember makes the backend of the client's new flow the one
+ * its next ones go to while the frontend's affinity holds. Global:
+ * verified once. */
+__noinline int affinity_remember(struct pkt *p, __u64 now, struct svc_pick *pick)
+{
+	struct affinity_key ak = {};
+	struct affinity_value av = {};
+
+	if (!p || !pick)
+		return 0;
+	ak.id = pick->id;
+	av.last_used = now;
+	av.port = p->dport;
+	av.slot = pick->slot;
+	__builtin_memcpy(ak.client, p->saddr, 16);
+	__builtin_memcpy(av.addr, p->daddr, 16);
+	return bpf_map_update_elem(&affinity, &ak, &av, BPF_ANY);
+}
+
+/* svc_remember keeps a new flow's backend, once its translated entry nct
+ * is in: an entry keyed by the tuple the pod sent, which sends the
+ * flow's later packets to the same backend, and the client's affinity to
+ * it when the frontend has affinity. It reuses f's key and nct. */
+static __always_inline void svc_remember(struct pctx *c, struct hook_ep *h, struct flow *f, struct ct_value *nct)
+{
+	struct pkt *p = c->p;
+
+	ct_key_set(&f->key, p->saddr, p->orig_addr, p->sport, p->orig_port, p->proto, SCOPE_EGRESS);
+	/* It never sees a reply, and lives as long as a flow that has. */
+	nct->flags = (nct->flags & CT_F_ROUTED) | CT_F_SVC_ORIG | CT_F_SEEN_REPLY;
+	__builtin_memcpy(nct->nat_addr, p->daddr, 16);
+	nct->nat_port = p->dport;
+	if (bpf_map_update_elem(f->table, &f->key, nct, BPF_ANY))
+		stat_inc(STAT_CT_INSERT_FAIL);
+	else if (!c->orig_known)
+		ct_added(ep_state(h), SCOPE_EGRESS);
+	if (c->pick.affinity)
+		affinity_remember(p, c->now, &c->pick);
+}
+
 /* ct_create inserts an admitted new flow. Where its packets leaving a pod
  * go, to the local pod at its far end or to routing, is asked once, here,
  * so its packets after this one skip the question when the answer is
  * routing. A pod that appears at that address later is reached through
- * routing (and to_pod) until the flow ends. */
+ * routing (and to_pod) until the flow ends. A translated flow's entry
+ * holds the frontend its replies come from. */
 static __always_inline void ct_create(struct pctx *c, struct hook_ep *h, struct flow *f, int reason)
 {
 	struct ct_value nct = {};
@@ -1121,6 +1425,11 @@ static __always_inline void ct_create(struct pctx *c, struct hook_ep *h, struct 
 		f->lp = bpf_map_lookup_elem(&local_pods, c->p->daddr);
 	if (h->scope == SCOPE_EGRESS ? !f->lp : !bpf_map_lookup_elem(&local_pods, c->p->saddr))
 		nct.flags |= CT_F_ROUTED;
+	if (c->p->xlated == 1) {
+		nct.flags |= CT_F_SVC_REPLY;
+		__builtin_memcpy(nct.nat_addr, c->p->orig_addr, 16);
+		nct.nat_port = c->p->orig_port;
+	}
 	f->flags = nct.flags;
 	nct.rev = c->rev;
 	nct.subject = h->ep->identity;
@@ -1130,6 +1439,20 @@ static __always_inline void ct_create(struct pctx *c, struct hook_ep *h, struct 
 		stat_inc(STAT_CT_INSERT_FAIL);
 	else if (!f->known)
 		ct_added(ep_state(h), h->scope);
+	if (c->svc_new)
+		svc_remember(c, h, f, &nct);
+}
+
+/* untranslate gives an allowed reply of a translated flow the frontend's
+ * address as its source: the client sent to the frontend and hears from
+ * it. */
+static __always_inline int untranslate(struct pctx *c, struct flow *f, int reason)
+{
+	if (!(f->ct->flags & CT_F_SVC_REPLY))
+		return reason;
+	if (rewrite(c->skb, c->p, 0, (struct addr16 *)f->ct->nat_addr, f->ct->nat_port))
+		return REASON_DROP_MALFORMED;
+	return reason;
 }
 
 /* check decides a parsed packet at one hook of the endpoint h and reports
@@ -1144,7 +1467,7 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
 	enum ct_status st = ct_lookup(c, h, f);
 	int reason;
 
-	translate(c, h, f, st);
+	st = translate(c, h, f, st);
 	reason = policy_check(c, h, f, st, no_new);
 	switch (reason) {
 	case CHECK_STACK:
@@ -1159,7 +1482,10 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
 	case REASON_ALLOW_REPLY:
 		ct_touch(f->ct, c->p, c->now, reason == REASON_ALLOW_REPLY);
 		f->flags = f->ct->flags;
-		return report(c, h, h->ep->identity, c->cfg && c->cfg->debug ? peer(c, h, f) : f->peer, reason, 0);
+		if (reason == REASON_ALLOW_REPLY)
+			reason = untranslate(c, f, reason);
+		return report(c, h, h->ep->identity, c->cfg && c->cfg->debug ? peer(c, h, f) : f->peer, reason,
+			      is_drop(reason));
 	case REASON_ALLOW_RELATED:
 		return report(c, h, h->ep->identity, f->peer, reason, 0);
 	case REASON_ALLOW_RULE:
@@ -1200,6 +1526,95 @@ static __always_inline int deliver(struct __sk_buff *skb, struct pkt *p, struct 
 	return bpf_redirect_peer(lp->ifindex, 0);
 }
 
+/* QUOTE_MAX bounds what a rejection quotes of the packet it refuses:
+ * its IP header (with IPv6 extension headers) and 8 bytes of L4 header,
+ * which is all the pod's stack reads to find the socket. */
+#define QUOTE_MAX 128
+
+static __always_inline __u16 csum_fold(__u64 s)
+{
+	s = (s & 0xffffffff) + (s >> 32);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return ~s;
+}
+
+/* reject answers a new flow to a frontend without backends as kube-proxy
+ * does: an ICMP port unreachable (ICMPv6 for IPv6) from the frontend,
+ * which the pod's connect() or send() reports as refused. The packet
+ * itself becomes the answer, quoting its own headers, and goes back into
+ * the pod through its host veth's peer, past to_pod: it answers the pod's
+ * own packet. Its own function: it needs a stack of its own. */
+__noinline int reject(struct __sk_buff *skb, __u32 l4_off, __u32 family)
+{
+	__u32 qlen = l4_off - ETH_HLEN + 8, iplen = family == 4 ? 20 : 40, w, hdr[5] = {};
+	__u8 mac[12], icmp[8] = {};
+	__u64 sum = 0;
+
+	if (!skb)
+		return TC_ACT_SHOT;
+	if (qlen > QUOTE_MAX)
+		qlen = QUOTE_MAX;
+	/* The internet checksum is a sum of 16-bit words in either byte
+	 * order: the words are summed as they lie. The quote is the packet's
+	 * own first qlen bytes past Ethernet. */
+	for (int i = 0; i < QUOTE_MAX / 4; i++) {
+		if (i * 4 >= qlen)
+			break;
+		if (bpf_skb_load_bytes(skb, ETH_HLEN + i * 4, &w, 4))
+			return TC_ACT_SHOT;
+		sum += w;
+	}
+	if (bpf_skb_load_bytes(skb, 0, mac + 6, 6) || bpf_skb_load_bytes(skb, 6, mac, 6))
+		return TC_ACT_SHOT;
+	if (bpf_skb_change_tail(skb, ETH_HLEN + qlen, 0) ||
+	    bpf_skb_adjust_room(skb, iplen + sizeof(icmp), BPF_ADJ_ROOM_MAC, 0) ||
+	    bpf_skb_store_bytes(skb, 0, mac, sizeof(mac), 0))
+		return TC_ACT_SHOT;
+	/* The quote now starts past the new headers; the answer goes from
+	 * the quote's destination to its source. */
+	l4_off = ETH_HLEN + iplen + sizeof(icmp);
+	if (family == 4) {
+		struct iphdr *ip = (struct iphdr *)hdr;
+
+		ip->version = 4;
+		ip->ihl = 5;
+		ip->ttl = 64;
+		ip->protocol = IPPROTO_ICMP;
+		ip->tot_len = bpf_htons(iplen + sizeof(icmp) + qlen);
+		if (bpf_skb_load_bytes(skb, l4_off + 12, &ip->daddr, 4) ||
+		    bpf_skb_load_bytes(skb, l4_off + 16, &ip->saddr, 4))
+			return TC_ACT_SHOT;
+		ip->check = csum_fold(bpf_csum_diff(NULL, 0, hdr, sizeof(hdr), 0));
+		if (bpf_skb_store_bytes(skb, ETH_HLEN, hdr, sizeof(hdr), 0))
+			return TC_ACT_SHOT;
+		icmp[0] = 3; /* destination unreachable: port unreachable */
+		icmp[1] = 3;
+	} else {
+		/* version, payload length, next header, hop limit */
+		hdr[0] = bpf_htonl(6 << 28);
+		hdr[1] = bpf_htonl((sizeof(icmp) + qlen) << 16 | IPPROTO_ICMPV6_ << 8 | 64);
+		if (bpf_skb_store_bytes(skb, ETH_HLEN, hdr, 8, 0))
+			return TC_ACT_SHOT;
+		/* the pseudo-header: length and next header, then the addresses
+		 * (source, then destination: the quote's are the other way) */
+		sum += bpf_htonl(sizeof(icmp) + qlen) + bpf_htonl(IPPROTO_ICMPV6_);
+		for (int i = 0; i < 8; i++) {
+			if (bpf_skb_load_bytes(skb, l4_off + 8 + i * 4, &w, 4) ||
+			    bpf_skb_store_bytes(skb, ETH_HLEN + 8 + ((i + 4) % 8) * 4, &w, 4, 0))
+				return TC_ACT_SHOT;
+			sum += w;
+		}
+		icmp[0] = 1; /* destination unreachable: port unreachable */
+		icmp[1] = 4;
+	}
+	sum += (__u32)bpf_csum_diff(NULL, 0, (void *)icmp, sizeof(icmp), 0);
+	*(__u16 *)&icmp[2] = csum_fold(sum);
+	if (bpf_skb_store_bytes(skb, ETH_HLEN + iplen, icmp, sizeof(icmp), 0))
+		return TC_ACT_SHOT;
+	return bpf_redirect_peer(skb->ifindex, 0);
+}
+
 /* source_ok is the spoof check: a packet leaving a pod carries the pod's
  * own address. Neighbour discovery may also come from the pod's
  * link-local address, or from :: while the pod checks that its address
@@ -1228,7 +1643,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	struct pkt p = {};
 	struct hook_ep h = { .ifindex = skb->ifindex, .scope = scope }, dh = { .scope = SCOPE_INGRESS };
 	struct pctx c = { .skb = skb, .p = &p };
-	struct flow f = {}, df = {};
+	struct flow f = {};
 	struct local_pod *lp;
 	__u32 zero = 0, ifindex = skb->ifindex;
 	int ret, reason;
@@ -1269,6 +1684,8 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	 * clock read on every packet. */
 	c.now = bpf_ktime_get_coarse_ns();
 	reason = check(&c, &h, 0, &f);
+	if (reason == REASON_DROP_NO_BACKEND)
+		return reject(skb, p.l4_off, p.family);
 	if (is_drop(reason))
 		return TC_ACT_SHOT;
 	if (scope == SCOPE_INGRESS || (f.flags & CT_F_ROUTED))
@@ -1290,7 +1707,8 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	if (!dh.ep)
 		return pass(&p);
 	hook_open(&dh);
-	reason = check(&c, &dh, reason == REASON_ALLOW_REPLY, &df);
+	__builtin_memset(&f, 0, sizeof(f));
+	reason = check(&c, &dh, reason == REASON_ALLOW_REPLY, &f);
 	if (reason == CHECK_STACK)
 		return pass(&p);
 	if (is_drop(reason))

@@ -58,7 +58,8 @@ enum reason {
 	REASON_DROP_FRAG = 13,        /* fragment whose first part was not seen */
 	REASON_DROP_REVOKED = 14,     /* established flow no longer allowed */
 	REASON_DROP_UNKNOWN_FLOW = 15, /* mid-flow packet (a reply) of no known flow, not admitted as new */
-	REASON_MAX = 16,
+	REASON_DROP_NO_BACKEND = 16,  /* new flow to a Service frontend without backends: rejected */
+	REASON_MAX = 17,
 };
 
 /* Datapath errors counted apart from packets. */
@@ -170,6 +171,8 @@ struct ct_key {
 #define CT_F_SEEN_FIN_REV (1 << 4)
 #define CT_F_HOST (1 << 5) /* admitted as node-to-pod traffic: never re-checked */
 #define CT_F_ROUTED (1 << 6) /* the flow's far end was no local pod: from_pod leaves it to routing */
+#define CT_F_SVC_ORIG (1 << 7)  /* keyed by a pod's tuple to a frontend: nat_* is the backend */
+#define CT_F_SVC_REPLY (1 << 8) /* keyed by the translated tuple: nat_* is the frontend replies come from */
 
 struct ct_value {
 	__u64 expires; /* bpf_ktime_get_coarse_ns() deadline */
@@ -179,6 +182,55 @@ struct ct_value {
 	__u32 peer;
 	__u32 flags;
 	__u32 pad;
+	/* Service translation, appended so that an entry of the layout before
+	 * it, zero-extended, is a valid entry that translates nothing. With
+	 * CT_F_SVC_ORIG the entry is keyed by the tuple the pod sent (to a
+	 * frontend) and nat_addr:nat_port is the backend its packets go to;
+	 * with CT_F_SVC_REPLY it is keyed by the translated tuple and
+	 * nat_addr:nat_port is the frontend its replies come from. */
+	__u8 nat_addr[16];
+	__u16 nat_port; /* host byte order */
+	__u16 nat_pad;
+	__u32 nat_pad2;
+};
+
+/* A Service frontend: ClusterIP (IPv4-mapped for IPv4), port, protocol. */
+struct svc_key {
+	__u8 addr[16];
+	__u16 port; /* host byte order */
+	__u8 proto;
+	__u8 pad;
+};
+
+struct svc_value {
+	__u32 id;               /* the frontend's id, allocated by the Go side */
+	__u32 count;            /* backends at slots 0..count-1 of backends */
+	__u32 affinity_timeout; /* sessionAffinity ClientIP, seconds; 0 none */
+	__u32 pad;
+};
+
+struct backend_key {
+	__u32 id;
+	__u32 slot;
+};
+
+struct backend {
+	__u8 addr[16];
+	__u16 port; /* host byte order */
+	__u16 pad;
+};
+
+struct affinity_key {
+	__u32 id;
+	__u8 client[16];
+};
+
+struct affinity_value {
+	__u64 last_used; /* bpf_ktime_get_coarse_ns() of the last new flow */
+	__u8 addr[16];   /* the backend the client's flows went to */
+	__u16 port;
+	__u16 pad;
+	__u32 slot;      /* where it was: still there is still current */
 };
 
 struct frag_key {

@@ -29,6 +29,25 @@ type pkt struct {
 	// fragID once the packet passes.
 	fragFirst bool
 	fragID    uint32
+	// fragLater: a fragment without its L4 header.
+	fragLater bool
+	// What a Service translation changed (1 the destination, 2 the
+	// source), and what it was.
+	xlated   uint8
+	origAddr [16]byte
+	origPort uint16
+}
+
+// wire is the packet's tuple as it came, before any translation.
+func (p *pkt) wire() (saddr, daddr [16]byte, sport, dport uint16) {
+	saddr, daddr, sport, dport = p.saddr, p.daddr, p.sport, p.dport
+	switch p.xlated {
+	case 1:
+		daddr, dport = p.origAddr, p.origPort
+	case 2:
+		saddr, sport = p.origAddr, p.origPort
+	}
+	return
 }
 
 const (
@@ -272,11 +291,15 @@ func parseQuoted(p *pkt, q []byte, qlen uint32) {
 	p.related = true
 }
 
+// fragFirst remembers a first fragment's ports under its tuple as it came
+// (before a Service translation): its followers come so.
 func (d *Datapath) fragFirst(p *pkt) {
-	d.frags[fragKey{p.saddr, p.daddr, p.fragID, p.proto}] = [2]uint16{p.sport, p.dport}
+	s, dst, sport, dport := p.wire()
+	d.frags[fragKey{s, dst, p.fragID, p.proto}] = [2]uint16{sport, dport}
 }
 
 func (d *Datapath) fragLater(p *pkt, id uint32) parseResult {
+	p.fragLater = true
 	ports, ok := d.frags[fragKey{p.saddr, p.daddr, id, p.proto}]
 	if !ok {
 		return parseFragUnknown

@@ -13,6 +13,7 @@ package reference
 
 import (
 	"net/netip"
+	"time"
 
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/policy"
@@ -46,6 +47,7 @@ const (
 	DropFrag
 	DropRevoked
 	DropUnknownFlow
+	DropNoBackend
 )
 
 // Drop reports whether the reason drops the packet.
@@ -53,7 +55,7 @@ func (r Reason) Drop() bool { return r >= DropNoRule }
 
 var reasonNames = [...]string{"non-ip", "ipv6-link-control", "established", "reply", "rule", "not-isolated", "from-host",
 	"related", "no-rule", "deny-rule", "spoofed-source", "malformed", "no-endpoint", "unknown-fragment", "revoked",
-	"unknown-flow"}
+	"unknown-flow", "no-service-backend"}
 
 func (r Reason) String() string {
 	if int(r) < len(reasonNames) {
@@ -80,9 +82,18 @@ type Datapath struct {
 	Policy *policy.Set
 	// Rev is the policy revision; conntrack entries remember theirs.
 	Rev uint32
+	// Pick chooses the slot of backends a new flow to fe goes to when no
+	// affinity decides it: the datapath picks at random, so a test tells
+	// the model what the datapath picked. nil: slot 0.
+	Pick func(fe Frontend, backends []Backend) int
+	// Now is the clock session affinity is timed by (the datapath's is
+	// bpf_ktime_get_coarse_ns). nil: always 0.
+	Now func() time.Duration
 
-	ct    map[ctKey]*ctEntry
-	frags map[fragKey][2]uint16
+	ct       map[ctKey]*ctEntry
+	frags    map[fragKey][2]uint16
+	services map[Frontend]svcEntry
+	affinity map[affKey]affEntry
 }
 
 // New returns an empty datapath at revision 1, as the loader leaves it.
@@ -95,6 +106,8 @@ func New() *Datapath {
 		Rev:       1,
 		ct:        map[ctKey]*ctEntry{},
 		frags:     map[fragKey][2]uint16{},
+		services:  map[Frontend]svcEntry{},
+		affinity:  map[affKey]affEntry{},
 	}
 }
 
@@ -137,6 +150,7 @@ type ctEntry struct {
 	rev, replyRev uint32
 	subject, peer identity.ID
 	flags         uint32
+	nat           *natInfo // a Service flow's translation
 }
 
 type fragKey struct {
@@ -161,6 +175,10 @@ type Verdict struct {
 	To int
 	// Ingress is that pod's ingress check, made by from_pod.
 	Ingress Reason
+	// Src, Dst, SrcPort and DstPort are the packet's as it goes on, after
+	// any Service translation (IPv4 as IPv4-mapped IPv6).
+	Src, Dst         [16]byte
+	SrcPort, DstPort uint16
 }
 
 // Delivered reports whether from_pod handed the frame to a local pod itself,
@@ -170,7 +188,7 @@ func (v Verdict) Delivered() bool { return v.To != 0 && !v.Ingress.Drop() }
 // Process decides one frame at a hook. ifindex is the host veth the frame
 // is on; ingressIfindex is the device the frame came in on before being
 // forwarded, 0 when the local node sent it.
-func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex int) Verdict {
+func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex int) (out Verdict) {
 	var p pkt
 	res := d.parse(frame, &p)
 	switch res {
@@ -193,6 +211,7 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 		return Verdict{Reason: DropFrag}
 	}
 	v := Verdict{Reason: d.check(&p, scope, ep, scope == Ingress && ingressIfindex == 0, false)}
+	defer func() { out.Src, out.Dst, out.SrcPort, out.DstPort = p.saddr, p.daddr, p.sport, p.dport }()
 	if v.Reason.Drop() {
 		return v
 	}
@@ -257,6 +276,7 @@ const (
 	ctEstablished                 // a packet of a flow this hook admitted
 	ctReply                       // the reverse of a flow the endpoint's other hook admitted
 	ctRelated                     // an ICMP error quoting a flow of either hook
+	ctNoBackend                   // a new flow to a frontend without backends
 )
 
 // flow is a packet's flow at one hook, as check's steps pass it on.
@@ -283,21 +303,33 @@ func found(k ctKey, ct *ctEntry) flow {
 // address is translated, policy decides, and the verdict says what
 // conntrack keeps.
 func (d *Datapath) check(p *pkt, scope Scope, ep Endpoint, fromHost, noNew bool) Reason {
+	var x svcPick
 	st, f := d.ctLookup(p, scope, ep.Slot)
-	d.translate(p, scope, st, &f)
+	st = d.translate(p, scope, st, &f, &x)
 	reason := d.policyCheck(p, scope, ep.Identity, fromHost, noNew, st, &f)
 	switch reason {
 	case DropRevoked:
 		delete(d.ct, f.key)
 	case AllowEstablished, AllowReply:
 		f.ct.touch(p, reason == AllowReply)
+		// An allowed reply of a translated flow comes from the frontend
+		// the client sent to.
+		if reason == AllowReply && f.ct.nat != nil && !f.ct.nat.orig {
+			p.rewriteSrc(f.ct.nat.addr, f.ct.nat.port)
+		}
 	case AllowRule, AllowOpen, AllowHost:
 		nct := &ctEntry{rev: d.Rev, subject: ep.Identity, peer: d.peer(p, scope, fromHost, &f)}
 		if reason == AllowHost {
 			nct.flags = ctHost
 		}
+		if p.xlated == 1 {
+			nct.nat = &natInfo{addr: p.origAddr, port: p.origPort}
+		}
 		nct.touch(p, false)
 		d.ct[f.key] = nct
+		if x.picked {
+			d.remember(p, ep.Slot, nct, &x)
+		}
 	}
 	return reason
 }
@@ -346,10 +378,6 @@ func (d *Datapath) peer(p *pkt, scope Scope, fromHost bool, f *flow) identity.ID
 	return f.peer
 }
 
-// translate is where a Service's address will become a backend's, before
-// policy; no Service is translated yet.
-func (d *Datapath) translate(*pkt, Scope, ctStatus, *flow) {}
-
 // policyCheck decides the packet by its status under the current
 // revision. A flow of an older revision is checked again as new (a drop
 // revokes it); the node's flows need no rule, but deny rules hold for
@@ -362,6 +390,8 @@ func (d *Datapath) policyCheck(p *pkt, scope Scope, subject identity.ID, fromHos
 	peer := func() identity.ID { return d.peer(p, scope, fromHost, f) }
 	ct := f.ct
 	switch st {
+	case ctNoBackend:
+		return DropNoBackend
 	case ctRelated:
 		if d.decide(subject, dir, peer(), p.proto, 0, true) == DropDeny {
 			return DropDeny

@@ -180,3 +180,108 @@ func (p Packet) Reverse() Packet {
 	}
 	return r
 }
+
+// WithChecksums returns a copy of an IPv4 or IPv6 frame (no IPv6 extension
+// headers) with its TCP, UDP, ICMP or ICMPv6 checksum filled in, so a test
+// can tell whether a rewrite kept it right (see ChecksumsOK).
+func WithChecksums(frame []byte) []byte {
+	f := append([]byte{}, frame...)
+	l4, off, ok := checksumField(f)
+	if !ok {
+		return f
+	}
+	binary.BigEndian.PutUint16(l4[off:], 0)
+	sum := l4Sum(f, l4)
+	if sum == 0 && l4Proto(f) == UDP {
+		sum = 0xffff
+	}
+	binary.BigEndian.PutUint16(l4[off:], sum)
+	return f
+}
+
+// ChecksumsOK reports whether a frame's IPv4 header checksum and its TCP,
+// UDP, ICMP or ICMPv6 checksum (with the pseudo-header where it has one)
+// are right. An IPv4 UDP checksum of 0 (none) is right.
+func ChecksumsOK(frame []byte) bool {
+	if len(frame) >= 34 && binary.BigEndian.Uint16(frame[12:14]) == 0x0800 {
+		hlen := int(frame[14]&0xf) * 4
+		if len(frame) < 14+hlen || checksum(frame[14:14+hlen]) != 0 {
+			return false
+		}
+	}
+	l4, off, ok := checksumField(frame)
+	if !ok {
+		return true
+	}
+	if l4Proto(frame) == UDP && frame[12] == 0x08 && binary.BigEndian.Uint16(l4[off:]) == 0 {
+		return true
+	}
+	return l4Sum(frame, l4) == 0
+}
+
+func l4Proto(f []byte) uint8 {
+	if binary.BigEndian.Uint16(f[12:14]) == 0x0800 {
+		return f[14+9]
+	}
+	return f[14+6]
+}
+
+// checksumField finds a frame's L4 part and where its checksum is.
+func checksumField(f []byte) (l4 []byte, off int, ok bool) {
+	if len(f) < 14 {
+		return nil, 0, false
+	}
+	switch binary.BigEndian.Uint16(f[12:14]) {
+	case 0x0800:
+		if len(f) < 34 || binary.BigEndian.Uint16(f[14+6:])&0x3fff != 0 {
+			return nil, 0, false
+		}
+		hlen := int(f[14]&0xf) * 4
+		tot := int(binary.BigEndian.Uint16(f[14+2:]))
+		if tot > len(f)-14 || tot < hlen {
+			return nil, 0, false
+		}
+		l4 = f[14+hlen : 14+tot]
+	case 0x86dd:
+		if len(f) < 54 {
+			return nil, 0, false
+		}
+		n := int(binary.BigEndian.Uint16(f[14+4:]))
+		if n > len(f)-54 {
+			return nil, 0, false
+		}
+		l4 = f[54 : 54+n]
+	default:
+		return nil, 0, false
+	}
+	switch l4Proto(f) {
+	case TCP:
+		off = 16
+	case UDP:
+		off = 6
+	case ICMP, ICMPv6:
+		off = 2
+	default:
+		return nil, 0, false
+	}
+	return l4, off, len(l4) >= off+2
+}
+
+// l4Sum is the internet checksum of l4 with the pseudo-header of its
+// protocol (none for ICMP).
+func l4Sum(f, l4 []byte) uint16 {
+	var ph []byte
+	proto := l4Proto(f)
+	if binary.BigEndian.Uint16(f[12:14]) == 0x0800 {
+		if proto != ICMP {
+			ph = append(append([]byte{}, f[14+12:14+20]...), 0, proto, byte(len(l4)>>8), byte(len(l4)))
+		}
+	} else {
+		ph = append(append([]byte{}, f[14+8:14+40]...), 0, 0, byte(len(l4)>>8), byte(len(l4)), 0, 0, 0, proto)
+	}
+	b := append(ph, l4...)
+	if len(b)%2 == 1 {
+		b = append(b, 0)
+	}
+	return checksum(b)
+}
