@@ -126,7 +126,7 @@ type Agent struct {
 
 	// Owned by the writer loop (processNext) once Run started.
 	st        *nodeState
-	svc       *serviceSync // nil: the datapath has no service map
+	svc       *serviceSync // nil only for maps without a service half (never the datapath)
 	endpoints *endpointRegistry
 	// links is the host's links, against which the registry is checked
 	// (endpointaudit.go); nil skips the checks.
@@ -262,7 +262,11 @@ func newAgent(cfg Config, client kubernetes.Interface, load func() (*bpf.Datapat
 		}
 		a.synced = append(a.synced, inf.HasSynced)
 	}
+	// The datapath's service map, or the fake's in unit tests.
 	svcMaps, _ := a.maps.(serviceMaps)
+	if a.dp != nil {
+		svcMaps = datapathServices{a.dp}
+	}
 	if err := a.watchServices(svcMaps); err != nil {
 		return fail(err)
 	}

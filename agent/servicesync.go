@@ -32,7 +32,8 @@ func (v svcValue) equal(o svcValue) bool {
 }
 
 // serviceMaps is the Service half of the datapath's maps, in the agent's
-// own types (servicemaps.go adapts *bpf.Datapath); unit tests fake it.
+// own types (servicemaps.go adapts *bpf.Datapath), so the informers'
+// protocol names stay the agent's keys; unit tests fake it.
 type serviceMaps interface {
 	// PutService replaces a frontend's backends; a full map is an error
 	// wrapping bpf.ErrMapFull.
@@ -80,8 +81,8 @@ func newServiceSync(m serviceMaps) *serviceSync {
 }
 
 // watchServices adds the Service and EndpointSlice informers to the
-// agent's factory. Without service maps (a datapath that has none) the
-// agent translates nothing and watches neither.
+// agent's factory. m is nil only for unit tests of other things, which
+// then watch neither.
 func (a *Agent) watchServices(m serviceMaps) error {
 	if m == nil {
 		return nil
