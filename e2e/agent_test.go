@@ -97,11 +97,22 @@ func newAgentEnv(t testing.TB) *agentEnv {
 // start (a restart to add them would load the programs again).
 func newAgentEnvArgs(t testing.TB, extra ...string) *agentEnv {
 	t.Helper()
+	return newAgentEnvWith(t, kube.Options{}, nil, extra...)
+}
+
+// newAgentEnvWith is newAgentEnvArgs with the apiserver's options and
+// more of the plugin's configuration.
+func newAgentEnvWith(t testing.TB, ko kube.Options, plugin map[string]any, extra ...string) *agentEnv {
+	t.Helper()
 	cnitest.RequireRoot(t)
-	c := kube.Start(t, kube.Options{})
+	c := kube.Start(t, ko)
 	dir := t.TempDir()
 	socket := filepath.Join(dir, "agent.sock")
-	env := cnitest.New(t, cnitest.Options{Plugin: map[string]any{"agentSocket": socket, "agentRequired": true}})
+	conf := map[string]any{"agentSocket": socket, "agentRequired": true}
+	for k, v := range plugin {
+		conf[k] = v
+	}
+	env := cnitest.New(t, cnitest.Options{Plugin: conf})
 	e := &agentEnv{Env: env, kube: c, node: "node-" + cnitest.RandHex(6), state: filepath.Join(dir, "state.db")}
 	ctx := context.Background()
 	_, err := c.Client.CoreV1().Nodes().Create(ctx, envNode(e.node, env), metav1.CreateOptions{})
