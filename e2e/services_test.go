@@ -65,7 +65,7 @@ type svcPort struct {
 // service creates a ClusterIP Service and, as the EndpointSlice
 // controller would (none runs here), its EndpointSlice with the backends
 // ready on the env's node. It returns the ClusterIP the apiserver gave.
-func (e *agentEnv) service(t *testing.T, namespace, name string, ports []svcPort, backends ...*kpod) netip.Addr {
+func (e *agentEnv) service(t *testing.T, namespace, name string, ports []svcPort, backends ...netip.Addr) netip.Addr {
 	t.Helper()
 	ctx := context.Background()
 	svc := &corev1.Service{ObjectMeta: metav1.ObjectMeta{Namespace: namespace, Name: name},
@@ -91,7 +91,7 @@ func (e *agentEnv) service(t *testing.T, namespace, name string, ports []svcPort
 		es.Ports = append(es.Ports, discoveryv1.EndpointPort{Name: ptrTo(p.name), Protocol: ptrTo(p.proto), Port: ptrTo(p.backendPort)})
 	}
 	for _, b := range backends {
-		es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{Addresses: []string{b.ip.String()}, NodeName: ptrTo(e.node),
+		es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{Addresses: []string{b.String()},
 			Conditions: discoveryv1.EndpointConditions{Ready: ptrTo(true)}})
 	}
 	if _, err := e.kube.Client.DiscoveryV1().EndpointSlices(namespace).Create(ctx, es, metav1.CreateOptions{}); err != nil {
@@ -101,7 +101,7 @@ func (e *agentEnv) service(t *testing.T, namespace, name string, ports []svcPort
 }
 
 // setEndpoints replaces the backends of a Service made by service.
-func (e *agentEnv) setEndpoints(t *testing.T, namespace, name string, backends ...*kpod) {
+func (e *agentEnv) setEndpoints(t *testing.T, namespace, name string, backends ...netip.Addr) {
 	t.Helper()
 	ctx := context.Background()
 	c := e.kube.Client.DiscoveryV1().EndpointSlices(namespace)
@@ -111,7 +111,7 @@ func (e *agentEnv) setEndpoints(t *testing.T, namespace, name string, backends .
 	}
 	es.Endpoints = nil
 	for _, b := range backends {
-		es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{Addresses: []string{b.ip.String()}, NodeName: ptrTo(e.node),
+		es.Endpoints = append(es.Endpoints, discoveryv1.Endpoint{Addresses: []string{b.String()},
 			Conditions: discoveryv1.EndpointConditions{Ready: ptrTo(true)}})
 	}
 	if _, err := c.Update(ctx, es, metav1.UpdateOptions{}); err != nil {
@@ -168,7 +168,7 @@ func TestServicesClusterIPLocalBackend(t *testing.T) {
 			web := e.newPod(t, "shop", "web", map[string]string{"app": "web"})
 			db := e.newPod(t, "shop", "db", map[string]string{"app": "db"})
 			db.serve(t, 8080)
-			vip := e.service(t, "shop", "db", []svcPort{{name: "http", proto: corev1.ProtocolTCP, port: 80, backendPort: 8080}}, db)
+			vip := e.service(t, "shop", "db", []svcPort{{name: "http", proto: corev1.ProtocolTCP, port: 80, backendPort: 8080}}, db.ip)
 			eventually(t, fmt.Sprintf("web -> ClusterIP %s:80 -> db:8080", vip), true, func() bool { return web.reachAddr(vip, 80) })
 			if web.reachAddr(vip, 8080) {
 				t.Fatalf("web reached %s:8080, a port the Service does not have", vip)
@@ -216,7 +216,7 @@ func TestServicesClusterIPLocalBackend(t *testing.T) {
 				}
 				return err != nil && strings.Contains(err.Error(), "connection refused")
 			})
-			e.setEndpoints(t, "shop", "db", db)
+			e.setEndpoints(t, "shop", "db", db.ip)
 			eventually(t, "ClusterIP with db back", true, func() bool { return web.reachAddr(vip, 80) })
 		})
 	}
@@ -237,8 +237,8 @@ func TestServicesEgressPolicyJudgesTheBackend(t *testing.T) {
 	db.serve(t, 8080)
 	cache.serve(t, 8080)
 	port := []svcPort{{name: "http", proto: corev1.ProtocolTCP, port: 80, backendPort: 8080}}
-	dbVIP := e.service(t, "shop", "db", port, db)
-	cacheVIP := e.service(t, "shop", "cache", port, cache)
+	dbVIP := e.service(t, "shop", "db", port, db.ip)
+	cacheVIP := e.service(t, "shop", "cache", port, cache.ip)
 	eventually(t, "web -> db's ClusterIP with no policy", true, func() bool { return web.reachAddr(dbVIP, 80) })
 	eventually(t, "web -> cache's ClusterIP with no policy", true, func() bool { return web.reachAddr(cacheVIP, 80) })
 
@@ -439,6 +439,11 @@ func (p *kpod) resolve(server netip.Addr, port int, network string) error {
 func TestServicesDNSUnderEgressPolicy(t *testing.T) {
 	e := newServiceEnv(t, "")
 	e.kube.CreateNamespace(t, "app", nil)
+	// The apiserver makes kube-system itself, soon after it is ready.
+	waitFor(t, 30*time.Second, "kube-system exists", func() bool {
+		_, err := e.kube.Client.CoreV1().Namespaces().Get(context.Background(), "kube-system", metav1.GetOptions{})
+		return err == nil
+	})
 	client := e.newPod(t, "app", "client", map[string]string{"app": "client"})
 	dns := e.newPod(t, "kube-system", "coredns", map[string]string{"k8s-app": "kube-dns"})
 	decoy := e.newPod(t, "app", "decoy", map[string]string{"k8s-app": "kube-dns"})
@@ -449,8 +454,8 @@ func TestServicesDNSUnderEgressPolicy(t *testing.T) {
 		{name: "dns", proto: corev1.ProtocolUDP, port: 53, backendPort: 53},
 		{name: "dns-tcp", proto: corev1.ProtocolTCP, port: 53, backendPort: 53},
 	}
-	kubeDNS := e.service(t, "kube-system", "kube-dns", dnsPorts, dns)
-	decoyDNS := e.service(t, "app", "decoy-dns", dnsPorts, decoy)
+	kubeDNS := e.service(t, "kube-system", "kube-dns", dnsPorts, dns.ip)
+	decoyDNS := e.service(t, "app", "decoy-dns", dnsPorts, decoy.ip)
 	resolves := func(server netip.Addr, port int, network string) func() bool {
 		return func() bool { return client.resolve(server, port, network) == nil }
 	}
@@ -498,4 +503,45 @@ func TestServicesDNSUnderEgressPolicy(t *testing.T) {
 	if err := client.resolve(dns.ip, 5353, "udp"); err == nil {
 		t.Fatal("client reached the DNS pod on port 5353, which allow-dns does not allow")
 	}
+}
+
+// A ClusterIP whose backend is a pod of another node: the translated
+// packet leaves through the node's routing to that node, and the reply,
+// routed back to the client's host veth, is translated back there
+// (to_pod). The other node is a netns (remoteNode) holding the backend's
+// address on its loopback; this node routes that one address to it.
+func TestServicesClusterIPRemoteBackend(t *testing.T) {
+	e := newServiceEnv(t, "")
+	e.kube.CreateNamespace(t, "shop", nil)
+	web := e.newPod(t, "shop", "web", map[string]string{"app": "web"})
+	r := newRemoteNode(t, e)
+	backend := cnitest.PickSubnet(t, 32).Addr()
+	run(t, "ip", "-n", r.name, "addr", "add", backend.String()+"/32", "dev", "lo")
+	run(t, "ip", "route", "add", backend.String()+"/32", "via", r.node.String())
+	t.Cleanup(func() { runQuiet("ip", "route", "del", backend.String()+"/32") })
+	var l net.Listener
+	err := ns.WithNetNSPath(r.nsPath, func(ns.NetNS) error {
+		var err error
+		l, err = net.Listen("tcp", netip.AddrPortFrom(backend, 8080).String())
+		return err
+	})
+	if err != nil {
+		t.Fatal(err)
+	}
+	t.Cleanup(func() { l.Close() })
+	go func() {
+		for {
+			c, err := l.Accept()
+			if err != nil {
+				return
+			}
+			go func() { defer c.Close(); _, _ = io.Copy(c, c) }()
+		}
+	}()
+	if !web.reachAddr(backend, 8080) {
+		t.Fatal("web cannot reach the other node's backend at its own address")
+	}
+	vip := e.service(t, "shop", "remote", []svcPort{{name: "http", proto: corev1.ProtocolTCP, port: 80, backendPort: 8080}}, backend)
+	eventually(t, fmt.Sprintf("web -> ClusterIP %s:80 -> %s:8080 on another node", vip, backend), true,
+		func() bool { return web.reachAddr(vip, 80) })
 }
