@@ -439,11 +439,16 @@ func (p *kpod) resolve(server netip.Addr, port int, network string) error {
 func TestServicesDNSUnderEgressPolicy(t *testing.T) {
 	e := newServiceEnv(t, "")
 	e.kube.CreateNamespace(t, "app", nil)
-	// The apiserver makes kube-system itself, soon after it is ready.
+	// The apiserver makes kube-system itself, soon after it is ready;
+	// its default ServiceAccount, which a Pod needs, is the
+	// controller-manager's, which does not run here.
 	waitFor(t, 30*time.Second, "kube-system exists", func() bool {
 		_, err := e.kube.Client.CoreV1().Namespaces().Get(context.Background(), "kube-system", metav1.GetOptions{})
 		return err == nil
 	})
+	if err := e.kube.EnsureDefaultServiceAccount(context.Background(), "kube-system"); err != nil {
+		t.Fatal(err)
+	}
 	client := e.newPod(t, "app", "client", map[string]string{"app": "client"})
 	dns := e.newPod(t, "kube-system", "coredns", map[string]string{"k8s-app": "kube-dns"})
 	decoy := e.newPod(t, "app", "decoy", map[string]string{"k8s-app": "kube-dns"})
