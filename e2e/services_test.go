@@ -19,12 +19,14 @@ import (
 	"github.com/containernetworking/plugins/pkg/netlinksafe"
 	"github.com/containernetworking/plugins/pkg/ns"
 	"golang.org/x/net/dns/dnsmessage"
+	"golang.org/x/sys/unix"
 	corev1 "k8s.io/api/core/v1"
 	discoveryv1 "k8s.io/api/discovery/v1"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
 	"k8s.io/apimachinery/pkg/util/intstr"
 
+	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/cni"
 	"github.com/idcni/idcni/e2e/internal/cnitest"
 	"github.com/idcni/idcni/e2e/internal/kube"
@@ -209,11 +211,25 @@ func TestServicesClusterIPLocalBackend(t *testing.T) {
 			// No endpoint left: refused at once (a TCP reset), not
 			// left to time out.
 			e.setEndpoints(t, "shop", "db")
+			// The agent's part: the frontend stays, with no backend.
+			dp := e.Datapath(t)
+			waitFor(t, 15*time.Second, "the service map holds db's frontend with no backend", func() bool {
+				m, err := dp.Services()
+				v, ok := m[bpf.ServiceFrontend{Addr: vip, Port: 80, Proto: unix.IPPROTO_TCP}]
+				return err == nil && ok && len(v.Backends) == 0
+			})
+			var last error
+			defer func() {
+				if t.Failed() {
+					t.Logf("last dial to the ClusterIP without endpoints: %v", last)
+				}
+			}()
 			eventually(t, "ClusterIP without endpoints refuses", true, func() bool {
 				c, err := web.dial(vip, 80, time.Second)
 				if err == nil {
 					c.Close()
 				}
+				last = err
 				return err != nil && strings.Contains(err.Error(), "connection refused")
 			})
 			e.setEndpoints(t, "shop", "db", db.ip)
