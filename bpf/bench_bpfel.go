@@ -207,8 +207,11 @@ const (
 	benchProgBenchExpireOnly  = "bench_expire_only"
 	benchProgBenchNewFlow     = "bench_new_flow"
 	benchProgBenchNewFlowWarm = "bench_new_flow_warm"
+	benchProgBenchRestoreOnly = "bench_restore_only"
+	benchProgBenchService     = "bench_service"
 	benchProgFromPod          = "from_pod"
 	benchProgToPod            = "to_pod"
+	benchVarSaved             = "saved"
 	benchVarUnusedEpState     = "unused_ep_state"
 	benchVarUnusedEvent       = "unused_event"
 	benchVarUnusedFlowKeys    = "unused_flow_keys"
@@ -264,6 +267,8 @@ type benchProgramSpecs struct {
 	BenchExpireOnly  *ebpf.ProgramSpec `ebpf:"bench_expire_only"`
 	BenchNewFlow     *ebpf.ProgramSpec `ebpf:"bench_new_flow"`
 	BenchNewFlowWarm *ebpf.ProgramSpec `ebpf:"bench_new_flow_warm"`
+	BenchRestoreOnly *ebpf.ProgramSpec `ebpf:"bench_restore_only"`
+	BenchService     *ebpf.ProgramSpec `ebpf:"bench_service"`
 	FromPod          *ebpf.ProgramSpec `ebpf:"from_pod"`
 	ToPod            *ebpf.ProgramSpec `ebpf:"to_pod"`
 }
@@ -295,6 +300,7 @@ type benchMapSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type benchVariableSpecs struct {
+	Saved          *ebpf.VariableSpec `ebpf:"saved"`
 	UnusedEpState  *ebpf.VariableSpec `ebpf:"unused_ep_state"`
 	UnusedEvent    *ebpf.VariableSpec `ebpf:"unused_event"`
 	UnusedFlowKeys *ebpf.VariableSpec `ebpf:"unused_flow_keys"`
@@ -369,6 +375,7 @@ func (m *benchMaps) Close() error {
 //
 // It can be passed to loadBenchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type benchVariables struct {
+	Saved          *ebpf.Variable `ebpf:"saved"`
 	UnusedEpState  *ebpf.Variable `ebpf:"unused_ep_state"`
 	UnusedEvent    *ebpf.Variable `ebpf:"unused_event"`
 	UnusedFlowKeys *ebpf.Variable `ebpf:"unused_flow_keys"`
@@ -386,6 +393,8 @@ type benchPrograms struct {
 	BenchExpireOnly  *ebpf.Program `ebpf:"bench_expire_only"`
 	BenchNewFlow     *ebpf.Program `ebpf:"bench_new_flow"`
 	BenchNewFlowWarm *ebpf.Program `ebpf:"bench_new_flow_warm"`
+	BenchRestoreOnly *ebpf.Program `ebpf:"bench_restore_only"`
+	BenchService     *ebpf.Program `ebpf:"bench_service"`
 	FromPod          *ebpf.Program `ebpf:"from_pod"`
 	ToPod            *ebpf.Program `ebpf:"to_pod"`
 }
@@ -396,6 +405,8 @@ func (p *benchPrograms) Close() error {
 		p.BenchExpireOnly,
 		p.BenchNewFlow,
 		p.BenchNewFlowWarm,
+		p.BenchRestoreOnly,
+		p.BenchService,
 		p.FromPod,
 		p.ToPod,
 	)

@@ -78,6 +78,24 @@ func BenchmarkDatapath(b *testing.B) {
 			b.Run("new-warm-baseline", func(b *testing.B) {
 				benchRepeat(b, p, bench.BenchExpireOnly, syn.Frame(), a)
 			})
+			// Through a Service: the same flows to B, sent to a frontend
+			// B is the backend of, translated both ways.
+			if err := p.d.PutService(ServiceFrontend{Addr: vip, Port: 80, Proto: pkttest.TCP}, Service{Backends: []ServiceBackend{{Addr: ipB, Port: 80}}}); err != nil {
+				b.Fatal(err)
+			}
+			svcSyn, svcAck := syn, ack
+			svcSyn.Dst, svcAck.Dst = vip, vip
+			// The translation rewrites the packet, which the next
+			// repetition would see: bench_service puts it back.
+			b.Run("established-service", func(b *testing.B) {
+				if r, err := p.run(svcSyn.Frame(), ScopeEgress, a, 0); err != nil || (r != ReasonAllowRule && r != ReasonAllowEstablished) {
+					b.Fatalf("first packet: %s %v", r, err)
+				}
+				benchRepeat(b, p, bench.BenchService, svcAck.Frame(), a)
+			})
+			b.Run("established-service-baseline", func(b *testing.B) {
+				benchRepeat(b, p, bench.BenchRestoreOnly, svcAck.Frame(), a)
+			})
 			// B becomes a local pod: from_pod checks B's ingress too and
 			// hands the packet over, doing the work of both programs.
 			p.local(bIf, ipB)

@@ -63,11 +63,14 @@ func closeTables(tables map[uint32]*ebpf.Map) {
 	}
 }
 
-const ctClosing = 1 << 1 // CT_F_CLOSING
+const (
+	ctClosing = 1 << 1 // CT_F_CLOSING
+	ctSvcOrig = 1 << 7 // CT_F_SVC_ORIG
+)
 
 // FlushConntrack removes every conntrack entry (and fragment record) with one
-// of addrs as source or destination, in every table, so a reused pod IP
-// starts with no flows. It returns how many flows it removed.
+// of addrs as source or destination, or as the backend of a Service flow,
+// in every table, so a reused pod IP starts with no flows. It returns how many flows it removed.
 func (d *Datapath) FlushConntrack(addrs ...netip.Addr) (int, error) {
 	want := make([][16]byte, 0, len(addrs))
 	for _, a := range addrs {
@@ -86,7 +89,10 @@ func (d *Datapath) FlushConntrack(addrs ...netip.Addr) (int, error) {
 		var v datapathCtValue
 		it := m.Iterate()
 		for it.Next(&k, &v) {
-			if slices.Contains(want, k.Saddr) || slices.Contains(want, k.Daddr) {
+			// A Service flow's entry keyed by the client's tuple names
+			// its backend: a flow to a pod that is gone must pick again.
+			if slices.Contains(want, k.Saddr) || slices.Contains(want, k.Daddr) ||
+				(v.Flags&ctSvcOrig != 0 && slices.Contains(want, v.NatAddr)) {
 				keys = append(keys, k)
 			}
 		}

@@ -68,11 +68,18 @@ func FuzzDatapath(f *testing.F) {
 		in := &fuzzInput{b: data}
 		set := in.policySet()
 		p.policy(set)
+		for n := in.byte() % 4; n > 0; n-- {
+			in.service(p)
+		}
 		for n := 0; n < 64 && in.more(); n++ {
 			op := in.byte()
 			if op%16 == 0 {
 				set = in.mutate(set)
 				p.policy(set)
+				continue
+			}
+			if op%16 == 15 {
+				in.service(p)
 				continue
 			}
 			frame := in.frame()
@@ -94,7 +101,7 @@ func FuzzDatapath(f *testing.F) {
 // conntrack tables the endpoints use (found once, at setup: listing the
 // slots costs more than a whole input) and the fragment table.
 func resetKernel(t *testing.T, d *Datapath, tables []*ebpf.Map) {
-	for _, m := range append(tables, d.objs.Fragments) {
+	for _, m := range append(tables, d.objs.Fragments, d.objs.Services, d.objs.Backends, d.objs.Affinity) {
 		if err := clearMap(m); err != nil {
 			t.Fatal(err)
 		}
@@ -156,7 +163,46 @@ var (
 		netip.MustParseAddr("::"),
 	}
 	fuzzAddrs = append(slices.Clone(fuzzAddrs4), fuzzAddrs6...)
+	// Service frontends, which crafted packets go to too.
+	fuzzVIPs4 = []netip.Addr{netip.MustParseAddr("10.96.0.10"), netip.MustParseAddr("10.96.0.11")}
+	fuzzVIPs6 = []netip.Addr{netip.MustParseAddr("fd96::10")}
+	// Backends, by family: local pods, the routed pod, a remote pod, the
+	// world.
+	fuzzBackends4 = []netip.Addr{netip.MustParseAddr("10.13.0.2"), netip.MustParseAddr("10.13.0.3"),
+		netip.MustParseAddr("10.13.0.4"), netip.MustParseAddr("10.20.5.5"), netip.MustParseAddr("8.8.8.8")}
+	fuzzBackends6 = []netip.Addr{netip.MustParseAddr("fd13::2"), netip.MustParseAddr("fd13::3"),
+		netip.MustParseAddr("fd13::4"), netip.MustParseAddr("fd20::9")}
+	fuzzDsts = append(slices.Clone(fuzzAddrs), append(slices.Clone(fuzzVIPs4), fuzzVIPs6...)...)
 )
+
+// service puts a random frontend (or, one time in eight, deletes it): up
+// to three distinct backends of its family, with or without session
+// affinity (long enough never to time out during an input: the datapath's
+// clock runs on).
+func (in *fuzzInput) service(p *pair) {
+	fe := ServiceFrontend{
+		Addr:  pick(in, append(slices.Clone(fuzzVIPs4), fuzzVIPs6...)...),
+		Port:  pick(in, uint16(53), 80, 443),
+		Proto: pick(in, uint8(pkttest.TCP), pkttest.UDP, pkttest.SCTP),
+	}
+	how := in.byte()
+	if how%8 == 0 {
+		p.deleteService(fe)
+		return
+	}
+	pool := fuzzBackends4
+	if fe.Addr.Is6() {
+		pool = fuzzBackends6
+	}
+	s := Service{AffinityTimeout: pick(in, uint32(0), 10800)}
+	for n := int(how>>3) % 4; n > 0; n-- {
+		b := ServiceBackend{Addr: pick(in, pool...), Port: pick(in, uint16(53), 80, 1000, 6000)}
+		if !slices.Contains(s.Backends, b) {
+			s.Backends = append(s.Backends, b)
+		}
+	}
+	p.service(fe, s)
+}
 
 func (in *fuzzInput) rule() policy.Rule {
 	r := policy.Rule{
@@ -214,13 +260,19 @@ func (in *fuzzInput) frame() []byte {
 	if kind%8 == 1 && len(in.sent) > 0 {
 		return in.icmpError()
 	}
-	src, dst := pick(in, fuzzAddrs...), pick(in, fuzzAddrs...)
+	src, dst := pick(in, fuzzAddrs...), pick(in, fuzzDsts...)
 	if src.Is4() != dst.Is4() {
 		same := fuzzAddrs4
 		if src.Is6() {
 			same = fuzzAddrs6
 		}
 		dst = same[int(kind)%len(same)]
+		if kind&4 != 0 {
+			dst = fuzzVIPs4[0]
+			if src.Is6() {
+				dst = fuzzVIPs6[0]
+			}
+		}
 	}
 	pkt := pkttest.Packet{
 		Src: src, Dst: dst,

@@ -180,7 +180,7 @@ func TestServiceWithoutBackendsRejects(t *testing.T) {
 				if typ != 3 || code != 3 {
 					t.Fatalf("ICMP type %d code %d, want 3/3", typ, code)
 				}
-				if quote, want := quote, in[14:14+20+8]; string(quote) != string(want) {
+				if quote, want := quote, in[14:14+20+l4Quote(c.proto)]; string(quote) != string(want) {
 					t.Fatalf("quotes\n% x\nwant\n% x", quote, want)
 				}
 			} else {
@@ -192,7 +192,7 @@ func TestServiceWithoutBackendsRejects(t *testing.T) {
 				if typ != 1 || code != 4 {
 					t.Fatalf("ICMPv6 type %d code %d, want 1/4", typ, code)
 				}
-				if want := in[14 : 14+40+8]; string(quote) != string(want) {
+				if want := in[14 : 14+40+l4Quote(c.proto)]; string(quote) != string(want) {
 					t.Fatalf("quotes\n% x\nwant\n% x", quote, want)
 				}
 			}
@@ -208,6 +208,15 @@ func TestServiceWithoutBackendsRejects(t *testing.T) {
 			}
 		})
 	}
+}
+
+// l4Quote is how much of its L4 header a rejection quotes: up to and
+// with the checksum.
+func l4Quote(proto uint8) int {
+	if proto == pkttest.TCP {
+		return 20
+	}
+	return 8
 }
 
 // Later packets of a flow keep their backend; new flows spread; a client
@@ -311,4 +320,141 @@ func (p *pair) ageAffinity(d time.Duration) {
 		}
 	}
 	p.ref.AgeAffinity(d)
+}
+
+// A pod reaching itself through its own Service is subject to its own
+// egress and ingress rules, and its packets come back into it from the
+// frontend's address: the pod's kernel drops a packet from its own address
+// on its interface, and would keep its answer to its own address inside.
+func TestServiceHairpin(t *testing.T) {
+	for _, c := range svcFlows() {
+		t.Run(c.name, func(t *testing.T) {
+			s := newSeed(t)
+			s.local(s.a, ipA, ip6A)
+			s.service(c.fe, Service{Backends: []ServiceBackend{{Addr: c.a, Port: 8080}}})
+			self := func(dir policy.Direction) policy.Rule {
+				return policy.Rule{Subject: idA, Direction: dir, Peer: idA, Proto: c.policy, Action: policy.Allow}
+			}
+			s.policy(&policy.Set{Rules: []policy.Rule{self(policy.Egress)}})
+			o := s.sendFull(c.pkt(pkttest.SYN).Frame(), ScopeEgress, s.a, 0)
+			if o.reason != ReasonAllowRule || o.ingress != ReasonDropNoRule {
+				t.Fatalf("hairpin without an ingress rule for itself: %s, want rule then no-rule", o)
+			}
+			// A flow of its own (the one above was admitted by its egress).
+			fresh := c.pkt(pkttest.SYN)
+			fresh.SrcPort = 40001
+			s.policy(&policy.Set{Rules: []policy.Rule{self(policy.Ingress)}})
+			if o := s.sendFull(fresh.Frame(), ScopeEgress, s.a, 0); o.reason != ReasonDropNoRule {
+				t.Fatalf("hairpin without an egress rule for itself: %s, want no-rule", o)
+			}
+			s.policy(&policy.Set{Rules: []policy.Rule{self(policy.Ingress), self(policy.Egress)}})
+			// The first flow again: its egress admitted it before.
+			in := pkttest.WithChecksums(c.pkt(pkttest.SYN).Frame())
+			o = s.sendFull(in, ScopeEgress, s.a, 0)
+			if o.reason != ReasonAllowEstablished || o.ingress != ReasonAllowRule || !o.delivered {
+				t.Fatalf("hairpin with both rules: %s, want established then rule, delivered", o)
+			}
+			checkOut(t, "hairpin", o.out, tupleOf(c.fe.Addr, 40000, c.a, 8080))
+			if string(o.out[0:6]) != string(in[6:12]) || string(o.out[6:12]) != string(in[0:6]) {
+				t.Fatalf("hairpin: Ethernet addresses not swapped: % x", o.out[:12])
+			}
+			reply := pkttest.Packet{Src: c.a, Dst: c.fe.Addr, Proto: c.proto, SrcPort: 8080, DstPort: 40000, TCPFlags: pkttest.SYN | pkttest.ACK}
+			o = s.sendFull(pkttest.WithChecksums(reply.Frame()), ScopeEgress, s.a, 0)
+			if o.reason != ReasonAllowReply || o.ingress != ReasonAllowReply || !o.delivered {
+				t.Fatalf("hairpin reply: %s", o)
+			}
+			checkOut(t, "hairpin reply", o.out, tupleOf(c.fe.Addr, c.fe.Port, c.a, 40000))
+			if c.proto == pkttest.TCP {
+				o = s.sendFull(c.pkt(pkttest.ACK).Frame(), ScopeEgress, s.a, 0)
+				if o.reason != ReasonAllowEstablished || o.ingress != ReasonAllowEstablished || !o.delivered {
+					t.Fatalf("hairpin ack: %s", o)
+				}
+			}
+		})
+	}
+}
+
+// An ICMP error about a translated flow reaches the client naming the
+// frontend: as the quoted packet's destination, and as its own source when
+// the backend sent it, so the client's stack finds the socket it
+// connected to the frontend. Checksums stay right, the quoted IPv4
+// header's included.
+func TestServiceRelatedICMPTranslated(t *testing.T) {
+	for _, c := range svcFlows() {
+		if c.proto != pkttest.UDP {
+			continue
+		}
+		t.Run(c.name, func(t *testing.T) {
+			s := newSeed(t)
+			s.service(c.fe, Service{Backends: []ServiceBackend{{Addr: c.b, Port: 8053}}})
+			s.policy(manual(policy.ManualRule{Action: policy.Allow, Src: idA, Dst: idB, Proto: c.policy}))
+			o := s.sendFull(c.pkt(0).Frame(), ScopeEgress, s.a, 0)
+			if o.reason != ReasonAllowRule {
+				t.Fatalf("datagram to the frontend: %s", o)
+			}
+			quoted := o.out[14:]
+			hlen, proto, typ := 20, uint8(pkttest.ICMP), uint8(3)
+			if c.a.Is6() {
+				hlen, proto, typ = 40, pkttest.ICMPv6, 1
+			}
+			quoted = quoted[:hlen+8]
+			icmp := pkttest.Packet{Src: c.b, Dst: c.a, Proto: proto, L4: append([]byte{typ, 3, 0, 0, 0, 0, 0, 0}, quoted...)}
+			in := pkttest.WithChecksums(icmp.Frame())
+			o = s.sendFull(in, ScopeIngress, s.a, s.b)
+			if o.reason != ReasonAllowRelated {
+				t.Fatalf("port unreachable from the backend: %s, want related", o)
+			}
+			f := o.out
+			var src netip.Addr
+			var q []byte
+			if c.a.Is4() {
+				src, q = netip.AddrFrom4([4]byte(f[14+12:14+16])), f[14+20+8:]
+			} else {
+				src, q = netip.AddrFrom16([16]byte(f[14+8:14+24])), f[14+40+8:]
+			}
+			if src != c.fe.Addr {
+				t.Fatalf("the error comes from %s, want the frontend %s", src, c.fe.Addr)
+			}
+			var qdst netip.Addr
+			var qports []byte
+			if c.a.Is4() {
+				qdst, qports = netip.AddrFrom4([4]byte(q[16:20])), q[20:24]
+				if ipv4Checksum(q[:20]) != 0 {
+					t.Fatalf("quoted IPv4 header checksum wrong: % x", q[:20])
+				}
+			} else {
+				qdst, qports = netip.AddrFrom16([16]byte(q[24:40])), q[40:44]
+			}
+			if qdst != c.fe.Addr || binary.BigEndian.Uint16(qports[2:]) != c.fe.Port || binary.BigEndian.Uint16(qports[:2]) != 40000 {
+				t.Fatalf("the error quotes a packet to %s port %d, want %s", qdst, binary.BigEndian.Uint16(qports[2:]), netip.AddrPortFrom(c.fe.Addr, c.fe.Port))
+			}
+			if !pkttest.ChecksumsOK(f) {
+				t.Fatalf("ICMP checksum wrong after the translation:\n% x", f)
+			}
+		})
+	}
+}
+
+// FlushConntrack of a backend's address forgets the Service flows that go
+// to it: their next packet picks a backend again.
+func TestFlushConntrackForgetsFlowsToABackend(t *testing.T) {
+	s := newSeed(t)
+	fe := ServiceFrontend{Addr: vip, Port: 80, Proto: unix.IPPROTO_TCP}
+	s.service(fe, Service{Backends: []ServiceBackend{{Addr: ipB, Port: 8080}}})
+	s.policy(manual(policy.ManualRule{Action: policy.Allow, Src: idA, Dst: idB, Proto: policy.ProtoTCP}))
+	syn := pkttest.Packet{Src: ipA, Dst: vip, Proto: pkttest.TCP, SrcPort: 40000, DstPort: 80, TCPFlags: pkttest.SYN}
+	if r, err := s.run(syn.Frame(), ScopeEgress, s.a, 0); err != nil || r != ReasonAllowRule {
+		t.Fatalf("SYN to the frontend: %s %v", r, err)
+	}
+	n, err := s.d.FlushConntrack(ipB)
+	if err != nil {
+		t.Fatal(err)
+	}
+	flows, err := s.d.Conntrack()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if n != 2 || len(flows) != 0 {
+		t.Fatalf("flushing the backend removed %d entries and left %+v; want both of the flow's gone", n, flows)
+	}
 }

@@ -774,6 +774,7 @@ struct pctx {
 	struct svc_pick pick;
 	__u8 svc_new;    /* this packet was translated by a new pick */
 	__u8 orig_known; /* the pod's tuple had an entry, even a dead one */
+	__u8 hairpin;    /* the check is a pod's ingress for its own flow to itself */
 };
 
 /* hook_open names h's slot: its endpoint's, or the shared slot 0 when it
@@ -1031,6 +1032,8 @@ static __always_inline int ct_find(struct pctx *c, struct hook_ep *h, struct flo
 	f->deny_only = ct->flags & CT_F_HOST ? 4 : 0;
 	if (f->deny_only)
 		f->peer = ID_HOST;
+	if (ct->flags & CT_F_HAIRPIN)
+		f->peer = ct->peer;
 	return 1;
 }
 
@@ -1079,6 +1082,8 @@ static __always_inline enum ct_status ct_lookup(struct pctx *c, struct hook_ep *
 		f->deny_only = ct->flags & CT_F_HOST ? 4 : 0;
 		if (f->deny_only)
 			f->peer = ID_HOST;
+		if (ct->flags & CT_F_HAIRPIN)
+			f->peer = ct->peer;
 		return CT_ESTABLISHED;
 	}
 	if (bare_syn(p))
@@ -1152,8 +1157,11 @@ __noinline int rewrite(struct __sk_buff *skb, struct pkt *p, __u32 dst, const st
 			return -1;
 	}
 	__builtin_memcpy(old, addr, 16);
-	if (p->frag_later)
+	/* A later fragment's port is the flow's, not in the packet. */
+	if (p->frag_later) {
+		*oport = port;
 		return 0;
+	}
 	if (csum_off && bpf_l4_csum_replace(skb, csum_off, op, np, mangled0 | 2))
 		return -1;
 	if (bpf_skb_store_bytes(skb, p->l4_off + (dst ? 2 : 0), &np, 2, 0))
@@ -1425,7 +1433,9 @@ static __always_inline void ct_create(struct pctx *c, struct hook_ep *h, struct 
 		f->lp = bpf_map_lookup_elem(&local_pods, c->p->daddr);
 	if (h->scope == SCOPE_EGRESS ? !f->lp : !bpf_map_lookup_elem(&local_pods, c->p->saddr))
 		nct.flags |= CT_F_ROUTED;
-	if (c->p->xlated == 1) {
+	if (c->hairpin)
+		nct.flags |= CT_F_HAIRPIN;
+	if (c->p->xlated == 1 && !c->hairpin) {
 		nct.flags |= CT_F_SVC_REPLY;
 		__builtin_memcpy(nct.nat_addr, c->p->orig_addr, 16);
 		nct.nat_port = c->p->orig_port;
@@ -1441,6 +1451,62 @@ static __always_inline void ct_create(struct pctx *c, struct hook_ep *h, struct 
 		ct_added(ep_state(h), h->scope);
 	if (c->svc_new)
 		svc_remember(c, h, f, &nct);
+}
+
+/* untranslate_related gives an ICMP error about a translated flow, on its
+ * way to the client, the frontend wherever it names the backend: as the
+ * quoted packet's destination, and as the error's own source when the
+ * backend sent it (a router on the way keeps its own). The client's stack
+ * then finds the socket it connected to the frontend. The quoted IPv4
+ * header's checksum makes up for its new address, so the ICMP checksum
+ * sees only the port; ICMPv6's covers the quoted address too, and the
+ * outer source in its pseudo-header. The quoted L4 checksum stays: the
+ * quote is cut short, and no stack checks it. Global: verified once. */
+__noinline int untranslate_related(struct __sk_buff *skb, struct pkt *p, const struct addr16 *fe, __u32 fe_port)
+{
+	__u32 q, icmp_csum, ports, hl;
+	__u16 op, np = bpf_htons(fe_port);
+	__u8 vihl;
+	__s64 diff;
+
+	if (!skb || !p || !fe)
+		return -1;
+	q = p->l4_off + 8;
+	icmp_csum = p->l4_off + 2;
+	op = bpf_htons(p->inner_dport);
+	if (p->family == 4) {
+		if (bpf_skb_load_bytes(skb, q, &vihl, 1))
+			return -1;
+		hl = (vihl & 0xf) * 4;
+		if (bpf_skb_store_bytes(skb, q + 16, &fe->w[3], 4, 0) ||
+		    bpf_l3_csum_replace(skb, q + 10, p->inner_daddr[3], fe->w[3], 4))
+			return -1;
+		ports = q + hl;
+	} else {
+		diff = bpf_csum_diff(p->inner_daddr, 16, (void *)fe->w, 16, 0);
+		if (bpf_skb_store_bytes(skb, q + 24, (void *)fe->w, 16, 0) ||
+		    bpf_l4_csum_replace(skb, icmp_csum, 0, diff, 0))
+			return -1;
+		ports = q + 40;
+	}
+	if (bpf_skb_store_bytes(skb, ports + 2, &np, 2, 0) || bpf_l4_csum_replace(skb, icmp_csum, op, np, 2))
+		return -1;
+	if (!__builtin_memcmp(p->saddr, p->inner_daddr, 16)) {
+		if (p->family == 4) {
+			if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, saddr), &fe->w[3], 4, 0) ||
+			    bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), p->saddr[3], fe->w[3], 4))
+				return -1;
+		} else {
+			diff = bpf_csum_diff(p->saddr, 16, (void *)fe->w, 16, 0);
+			if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, saddr), (void *)fe->w, 16, 0) ||
+			    bpf_l4_csum_replace(skb, icmp_csum, 0, diff, BPF_F_PSEUDO_HDR))
+				return -1;
+		}
+		__builtin_memcpy(p->saddr, fe->w, 16);
+	}
+	__builtin_memcpy(p->inner_daddr, fe->w, 16);
+	p->inner_dport = fe_port;
+	return 0;
 }
 
 /* untranslate gives an allowed reply of a translated flow the frontend's
@@ -1464,9 +1530,11 @@ static __always_inline int untranslate(struct pctx *c, struct flow *f, int reaso
  * leaving a pod, the local pod it goes to. */
 static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, struct flow *f)
 {
-	enum ct_status st = ct_lookup(c, h, f);
+	enum ct_status st;
 	int reason;
 
+	c->svc_new = 0; /* a pick is the check's that made it */
+	st = ct_lookup(c, h, f);
 	st = translate(c, h, f, st);
 	reason = policy_check(c, h, f, st, no_new);
 	switch (reason) {
@@ -1487,7 +1555,11 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
 		return report(c, h, h->ep->identity, c->cfg && c->cfg->debug ? peer(c, h, f) : f->peer, reason,
 			      is_drop(reason));
 	case REASON_ALLOW_RELATED:
-		return report(c, h, h->ep->identity, f->peer, reason, 0);
+		if (h->scope == SCOPE_INGRESS && f->kscope == SCOPE_EGRESS && f->ct && (f->ct->flags & CT_F_SVC_REPLY) &&
+		    has_ports(c->p->inner_proto) &&
+		    untranslate_related(c->skb, c->p, (struct addr16 *)f->ct->nat_addr, f->ct->nat_port))
+			reason = REASON_DROP_MALFORMED;
+		return report(c, h, h->ep->identity, f->peer, reason, is_drop(reason));
 	case REASON_ALLOW_RULE:
 	case REASON_ALLOW_OPEN:
 	case REASON_ALLOW_HOST:
@@ -1527,8 +1599,11 @@ static __always_inline int deliver(struct __sk_buff *skb, struct pkt *p, struct 
 }
 
 /* QUOTE_MAX bounds what a rejection quotes of the packet it refuses:
- * its IP header (with IPv6 extension headers) and 8 bytes of L4 header,
- * which is all the pod's stack reads to find the socket. */
+ * its IP header (with IPv6 extension headers) and its L4 header up to
+ * the checksum: the pod's stack reads the first 8 bytes to find the
+ * socket, and a packet whose checksum is still to be computed
+ * (CHECKSUM_PARTIAL, as a pod's TCP segments leave its veth) cannot be
+ * cut short of its checksum field. */
 #define QUOTE_MAX 128
 
 static __always_inline __u16 csum_fold(__u64 s)
@@ -1545,9 +1620,9 @@ static __always_inline __u16 csum_fold(__u64 s)
  * itself becomes the answer, quoting its own headers, and goes back into
  * the pod through its host veth's peer, past to_pod: it answers the pod's
  * own packet. Its own function: it needs a stack of its own. */
-__noinline int reject(struct __sk_buff *skb, __u32 l4_off, __u32 family)
+__noinline int reject(struct __sk_buff *skb, __u32 l4_off, __u32 family, __u32 proto)
 {
-	__u32 qlen = l4_off - ETH_HLEN + 8, iplen = family == 4 ? 20 : 40, w, hdr[5] = {};
+	__u32 qlen = l4_off - ETH_HLEN + (proto == IPPROTO_TCP ? 20 : proto == IPPROTO_SCTP ? 12 : 8), iplen = family == 4 ? 20 : 40, w, hdr[5] = {};
 	__u8 mac[12], icmp[8] = {};
 	__u64 sum = 0;
 
@@ -1638,6 +1713,43 @@ static __always_inline int pass(struct pkt *p)
 	return TC_ACT_OK;
 }
 
+/* hairpin takes a pod's packet to itself through a frontend (its own
+ * Service), which from_pod allowed as its egress, through its ingress
+ * and back into it. The pod's kernel drops a packet from its own address
+ * arriving on its interface, and would answer one to its own address
+ * inside, never back through its interface. So a forward packet arrives
+ * from the frontend's address (with the client's port: the backend sees
+ * the frontend as its client) and the backend's answer, addressed there,
+ * leaves the pod, and is turned back into the pod's address before the
+ * pod's own check as the client (which gives it the frontend's address
+ * as its source). The ingress check knows its peer as the pod itself: the
+ * entry it creates says so (CT_F_HAIRPIN). */
+static __always_inline int hairpin(struct pctx *c, struct hook_ep *h, struct flow *f, int reason)
+{
+	struct pkt *p = c->p;
+	struct hook_ep self = { .ifindex = h->ifindex, .ep = h->ep, .scope = SCOPE_INGRESS };
+	int reply = reason == REASON_ALLOW_REPLY;
+	__u8 mac[12];
+
+	if (reply ? rewrite(c->skb, p, 1, (struct addr16 *)p->saddr, p->dport)
+		  : rewrite(c->skb, p, 0, (struct addr16 *)p->orig_addr, p->sport))
+		return TC_ACT_SHOT;
+	hook_open(&self);
+	__builtin_memset(f, 0, sizeof(*f));
+	f->peer = reply ? ID_ANY : h->ep->identity;
+	c->hairpin = !reply;
+	reason = check(c, &self, reply, f);
+	if (reason == CHECK_STACK)
+		return pass(p); /* the client's flow is gone: as handle() does */
+	if (is_drop(reason))
+		return TC_ACT_SHOT;
+	pass(p);
+	if (bpf_skb_load_bytes(c->skb, 0, mac, 12) || bpf_skb_store_bytes(c->skb, 0, mac + 6, 6, 0) ||
+	    bpf_skb_store_bytes(c->skb, 6, mac, 6, 0))
+		return TC_ACT_SHOT;
+	return bpf_redirect_peer(h->ifindex, 0);
+}
+
 static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 {
 	struct pkt p = {};
@@ -1685,9 +1797,12 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	c.now = bpf_ktime_get_coarse_ns();
 	reason = check(&c, &h, 0, &f);
 	if (reason == REASON_DROP_NO_BACKEND)
-		return reject(skb, p.l4_off, p.family);
+		return reject(skb, p.l4_off, p.family, p.proto);
 	if (is_drop(reason))
 		return TC_ACT_SHOT;
+	if (scope == SCOPE_EGRESS &&
+	    ((p.xlated == 1 && !__builtin_memcmp(p.saddr, p.daddr, 16)) || (f.flags & CT_F_HAIRPIN)))
+		return hairpin(&c, &h, &f, reason);
 	if (scope == SCOPE_INGRESS || (f.flags & CT_F_ROUTED))
 		return pass(&p);
 

@@ -173,6 +173,7 @@ struct ct_key {
 #define CT_F_ROUTED (1 << 6) /* the flow's far end was no local pod: from_pod leaves it to routing */
 #define CT_F_SVC_ORIG (1 << 7)  /* keyed by a pod's tuple to a frontend: nat_* is the backend */
 #define CT_F_SVC_REPLY (1 << 8) /* keyed by the translated tuple: nat_* is the frontend replies come from */
+#define CT_F_HAIRPIN (1 << 9)   /* a pod's flow to itself through a frontend, admitted by its ingress: peer is the pod */
 
 struct ct_value {
 	__u64 expires; /* bpf_ktime_get_coarse_ns() deadline */

@@ -90,6 +90,9 @@ type Datapath struct {
 	// bpf_ktime_get_coarse_ns). nil: always 0.
 	Now func() time.Duration
 
+	// hairpinFlow: the last check's flow is a hairpin one (ctHairpin).
+	hairpinFlow bool
+
 	ct       map[ctKey]*ctEntry
 	frags    map[fragKey][2]uint16
 	services map[Frontend]svcEntry
@@ -144,6 +147,7 @@ const (
 	ctFinFwd      = 1 << 3
 	ctFinRev      = 1 << 4
 	ctHost        = 1 << 5
+	ctHairpin     = 1 << 9 // a pod's flow to itself through a frontend: its peer is the pod
 )
 
 type ctEntry struct {
@@ -210,7 +214,7 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 	if res == parseFragUnknown {
 		return Verdict{Reason: DropFrag}
 	}
-	v := Verdict{Reason: d.check(&p, scope, ep, scope == Ingress && ingressIfindex == 0, false)}
+	v := Verdict{Reason: d.check(&p, scope, ep, scope == Ingress && ingressIfindex == 0, false, false)}
 	defer func() { out.Src, out.Dst, out.SrcPort, out.DstPort = p.saddr, p.daddr, p.sport, p.dport }()
 	if v.Reason.Drop() {
 		return v
@@ -218,6 +222,9 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 	if scope == Ingress {
 		d.pass(&p)
 		return v
+	}
+	if (p.xlated == 1 && p.saddr == p.daddr) || d.hairpinFlow {
+		return d.hairpin(&p, ep, ifindex, v)
 	}
 	// A packet for a local pod is checked against its ingress here and
 	// handed to it, unless it is a reply to a flow that never left a
@@ -233,7 +240,7 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 		d.pass(&p)
 		return v
 	}
-	in := d.check(&p, Ingress, dst, false, v.Reason == AllowReply)
+	in := d.check(&p, Ingress, dst, false, v.Reason == AllowReply, false)
 	if in == toStack {
 		d.pass(&p)
 		return v
@@ -295,6 +302,9 @@ func found(k ctKey, ct *ctEntry) flow {
 	if f.hostFlow {
 		f.peer, f.peerKnown = identity.Host, true
 	}
+	if ct.flags&ctHairpin != 0 {
+		f.peer, f.peerKnown = ct.peer, true
+	}
 	return f
 }
 
@@ -302,9 +312,13 @@ func found(k ctKey, ct *ctEntry) flow {
 // steps: conntrack says what the packet is to its flow, a Service's
 // address is translated, policy decides, and the verdict says what
 // conntrack keeps.
-func (d *Datapath) check(p *pkt, scope Scope, ep Endpoint, fromHost, noNew bool) Reason {
+func (d *Datapath) check(p *pkt, scope Scope, ep Endpoint, fromHost, noNew, hairpin bool) Reason {
 	var x svcPick
+	d.hairpinFlow = false
 	st, f := d.ctLookup(p, scope, ep.Slot)
+	if hairpin && !f.peerKnown {
+		f.peer, f.peerKnown = ep.Identity, true
+	}
 	st = d.translate(p, scope, st, &f, &x)
 	reason := d.policyCheck(p, scope, ep.Identity, fromHost, noNew, st, &f)
 	switch reason {
@@ -312,17 +326,30 @@ func (d *Datapath) check(p *pkt, scope Scope, ep Endpoint, fromHost, noNew bool)
 		delete(d.ct, f.key)
 	case AllowEstablished, AllowReply:
 		f.ct.touch(p, reason == AllowReply)
+		d.hairpinFlow = f.ct.flags&ctHairpin != 0
 		// An allowed reply of a translated flow comes from the frontend
 		// the client sent to.
 		if reason == AllowReply && f.ct.nat != nil && !f.ct.nat.orig {
 			p.rewriteSrc(f.ct.nat.addr, f.ct.nat.port)
+		}
+	case AllowRelated:
+		// An ICMP error about a translated flow, on its way to the
+		// client, names the frontend where it named the backend.
+		if scope == Ingress && f.key.scope == Egress && f.ct.nat != nil && !f.ct.nat.orig && hasPorts(p.innerProto) {
+			if p.saddr == p.innerDaddr {
+				p.saddr = f.ct.nat.addr
+			}
+			p.innerDaddr, p.innerDport = f.ct.nat.addr, f.ct.nat.port
 		}
 	case AllowRule, AllowOpen, AllowHost:
 		nct := &ctEntry{rev: d.Rev, subject: ep.Identity, peer: d.peer(p, scope, fromHost, &f)}
 		if reason == AllowHost {
 			nct.flags = ctHost
 		}
-		if p.xlated == 1 {
+		if hairpin {
+			nct.flags |= ctHairpin
+		}
+		if p.xlated == 1 && !hairpin {
 			nct.nat = &natInfo{addr: p.origAddr, port: p.origPort}
 		}
 		nct.touch(p, false)

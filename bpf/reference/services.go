@@ -183,20 +183,14 @@ func (p *pkt) rewriteDst(a [16]byte, port uint16) {
 	if p.xlated == 0 {
 		p.xlated, p.origAddr, p.origPort = 1, p.daddr, p.dport
 	}
-	p.daddr = a
-	if !p.fragLater {
-		p.dport = port
-	}
+	p.daddr, p.dport = a, port
 }
 
 func (p *pkt) rewriteSrc(a [16]byte, port uint16) {
 	if p.xlated == 0 {
 		p.xlated, p.origAddr, p.origPort = 2, p.saddr, p.sport
 	}
-	p.saddr = a
-	if !p.fragLater {
-		p.sport = port
-	}
+	p.saddr, p.sport = a, port
 }
 
 func hasPorts(proto uint8) bool { return proto == protoTCP || proto == protoUDP || proto == protoSCTP }
@@ -210,4 +204,29 @@ func (d *Datapath) AgeAffinity(age time.Duration) {
 		a.lastUsed -= age
 		d.affinity[k] = a
 	}
+}
+
+// hairpin takes a pod's packet to itself through its own Service, allowed
+// as its egress, through its ingress and back into it: a forward packet
+// comes from the frontend's address (and the client's port), the answer
+// to it goes back to the pod's own address before the pod's check as the
+// client, which gives it the frontend's address as its source. The
+// ingress check's peer is the pod itself.
+func (d *Datapath) hairpin(p *pkt, ep Endpoint, ifindex int, v Verdict) Verdict {
+	reply := v.Reason == AllowReply
+	if reply {
+		p.rewriteDst(p.saddr, p.dport)
+	} else {
+		p.rewriteSrc(p.origAddr, p.sport)
+	}
+	in := d.check(p, Ingress, ep, false, reply, !reply)
+	if in == toStack {
+		d.pass(p)
+		return v
+	}
+	if !in.Drop() {
+		d.pass(p)
+	}
+	v.To, v.Ingress = ifindex, in
+	return v
 }
