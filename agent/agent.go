@@ -1,6 +1,7 @@
 // Package agent is idcni's node agent: it watches Pods, Namespaces,
-// NetworkPolicies and Nodes through shared informers, turns pods into
-// identities and policies into rules, and keeps the datapath's maps equal to
+// NetworkPolicies, Nodes, Services and EndpointSlices through shared
+// informers, turns pods into identities, policies into rules and Services
+// into frontends with backends, and keeps the datapath's maps equal to
 // that desired state. The plugin registers local endpoints with it over a
 // unix socket, and the tools send manual overrides the same way.
 package agent
@@ -125,6 +126,7 @@ type Agent struct {
 
 	// Owned by the writer loop (processNext) once Run started.
 	st        *nodeState
+	svc       *serviceSync // nil only for maps without a service half (never the datapath)
 	endpoints *endpointRegistry
 	// links is the host's links, against which the registry is checked
 	// (endpointaudit.go); nil skips the checks.
@@ -260,6 +262,14 @@ func newAgent(cfg Config, client kubernetes.Interface, load func() (*bpf.Datapat
 			return fail(fmt.Errorf("watch %s: %w", kind, err))
 		}
 		a.synced = append(a.synced, inf.HasSynced)
+	}
+	// The datapath's service map, or the fake's in unit tests.
+	svcMaps, _ := a.maps.(serviceMaps)
+	if a.dp != nil {
+		svcMaps = datapathServices{a.dp}
+	}
+	if err := a.watchServices(svcMaps); err != nil {
+		return fail(err)
 	}
 	a.announcedBy, a.announcedPod = map[string]map[string]announced{}, map[string]announced{}
 	if cfg.AnnounceNamespace != "" {

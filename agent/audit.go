@@ -32,6 +32,11 @@ func (a *Agent) audit() error {
 	if err := a.auditNFT(); err != nil {
 		a.log.Warn("nftables table audit", "err", err)
 	}
+	// The service map keeps its own account, and its drift revokes no
+	// flow: translation decides where a new flow goes, not whether.
+	if err := a.auditServices(); err != nil {
+		return err
+	}
 	s := a.st
 	drift := map[string]int{}
 	ipc, err := a.maps.IPCache()

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"maps"
 	"net/netip"
+	"slices"
 
 	"github.com/idcni/idcni/bpf"
 	"github.com/idcni/idcni/identity"
@@ -18,9 +19,11 @@ type fakeMaps struct {
 	eps      map[int]bpf.Endpoint
 	pol      map[policy.Key]*policy.Entry
 	flags    map[identity.ID]policy.IdentityFlags
+	svc      map[svcFrontend]svcValue
 	rev      uint32
 	polCap   int
 	ipcCap   int
+	svcCap   int
 	ops      []string
 	failNext error // returned by the next write
 }
@@ -29,7 +32,8 @@ func newFakeMaps() *fakeMaps {
 	return &fakeMaps{
 		ipc: map[netip.Prefix]identity.ID{}, eps: map[int]bpf.Endpoint{},
 		pol: map[policy.Key]*policy.Entry{}, flags: map[identity.ID]policy.IdentityFlags{},
-		polCap: 65536, ipcCap: 65536,
+		svc:    map[svcFrontend]svcValue{},
+		polCap: 65536, ipcCap: 65536, svcCap: 65536,
 	}
 }
 
@@ -148,3 +152,25 @@ func (f *fakeMaps) subjects() map[identity.ID]int {
 	}
 	return out
 }
+
+func (f *fakeMaps) PutService(fe svcFrontend, v svcValue) error {
+	if _, ok := f.svc[fe]; !ok && len(f.svc) >= f.svcCap {
+		return fmt.Errorf("write service %v: %w", fe, bpf.ErrMapFull)
+	}
+	if err := f.write("service put " + fe.String()); err != nil {
+		return err
+	}
+	v.Backends = slices.Clone(v.Backends)
+	f.svc[fe] = v
+	return nil
+}
+
+func (f *fakeMaps) DeleteService(fe svcFrontend) error {
+	if err := f.write("service delete " + fe.String()); err != nil {
+		return err
+	}
+	delete(f.svc, fe)
+	return nil
+}
+
+func (f *fakeMaps) Services() (map[svcFrontend]svcValue, error) { return maps.Clone(f.svc), nil }

@@ -41,6 +41,7 @@ type metrics struct {
 	masquerade       prometheus.Gauge
 	attachRepairs    prometheus.Counter
 	unattached       prometheus.Gauge
+	svc              *serviceMetrics // nil without a service map
 }
 
 func newMetrics(a *Agent) *metrics {

@@ -37,10 +37,11 @@ const (
 	kindAudit                     // compare the maps with what was written
 	kindRetry                     // flush what an earlier flush could not write
 	kindAnnounce                  // name: another node's announcement ConfigMap
+	kindService                   // ns/name: a Service, for itself and its EndpointSlices
 )
 
 func (k kind) String() string {
-	return [...]string{"", "pod", "namespace", "networkpolicy", "node", "endpoint", "manual", "audit", "retry", "announcement"}[k]
+	return [...]string{"", "pod", "namespace", "networkpolicy", "node", "endpoint", "manual", "audit", "retry", "announcement", "service"}[k]
 }
 
 // key is one item of the work queue. Informer and API handlers only add
@@ -152,7 +153,7 @@ func (a *Agent) processNext() bool {
 	}
 	a.queue.Forget(k)
 	a.held = append(a.held, waiters...)
-	if a.st.dirty() || len(a.held) > 0 {
+	if a.st.dirty() || a.svc.isDirty() || len(a.held) > 0 {
 		if a.dirtySince.IsZero() {
 			a.dirtySince = time.Now()
 		}
@@ -186,6 +187,8 @@ func (a *Agent) sync(k key) error {
 		return nil
 	case kindAnnounce:
 		return a.syncAnnouncement(k.name)
+	case kindService:
+		return a.syncService(k.namespace, k.name)
 	}
 	return fmt.Errorf("unknown key %v", k)
 }
@@ -714,6 +717,9 @@ func (a *Agent) resync() error {
 	if err := a.st.adopt(a.maps); err != nil {
 		return fmt.Errorf("read the maps: %w", err)
 	}
+	if err := a.resyncServices(); err != nil {
+		return err
+	}
 	nps, err := a.policies.List(labels.Everything())
 	if err != nil {
 		return err
@@ -782,6 +788,7 @@ func (a *Agent) releaseGonePods(pods []*corev1.Pod) {
 // in, and schedules a retry for what could not be written.
 func (a *Agent) flush() error {
 	start := time.Now()
+	a.flushServices()
 	st, err := a.st.flush(a.maps, a.subjectRules)
 	if err != nil {
 		// What was written is no longer certain: read it back and

@@ -97,18 +97,29 @@ func newAgentEnv(t testing.TB) *agentEnv {
 // start (a restart to add them would load the programs again).
 func newAgentEnvArgs(t testing.TB, extra ...string) *agentEnv {
 	t.Helper()
-	return newAgentEnvBin(t, buildAgent(t), extra...)
+	return newAgentEnvWith(t, buildAgent(t), kube.Options{}, nil, extra...)
 }
 
 // newAgentEnvBin is newAgentEnvArgs with the agent binary bin: another
 // build's, for the tests of upgrades.
 func newAgentEnvBin(t testing.TB, bin string, extra ...string) *agentEnv {
 	t.Helper()
+	return newAgentEnvWith(t, bin, kube.Options{}, nil, extra...)
+}
+
+// newAgentEnvWith is newAgentEnvBin with the apiserver's options and
+// more of the plugin's configuration.
+func newAgentEnvWith(t testing.TB, bin string, ko kube.Options, plugin map[string]any, extra ...string) *agentEnv {
+	t.Helper()
 	cnitest.RequireRoot(t)
-	c := kube.Start(t, kube.Options{})
+	c := kube.Start(t, ko)
 	dir := t.TempDir()
 	socket := filepath.Join(dir, "agent.sock")
-	env := cnitest.New(t, cnitest.Options{Plugin: map[string]any{"agentSocket": socket, "agentRequired": true}})
+	conf := map[string]any{"agentSocket": socket, "agentRequired": true}
+	for k, v := range plugin {
+		conf[k] = v
+	}
+	env := cnitest.New(t, cnitest.Options{Plugin: conf})
 	e := &agentEnv{Env: env, kube: c, node: "node-" + cnitest.RandHex(6), state: filepath.Join(dir, "state.db")}
 	ctx := context.Background()
 	_, err := c.Client.CoreV1().Nodes().Create(ctx, envNode(e.node, env), metav1.CreateOptions{})
