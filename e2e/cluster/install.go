@@ -24,7 +24,8 @@ func (c *Cluster) buildImages(ctx context.Context) ([]string, error) {
 	}
 	defer logf.Close()
 	var stdout bytes.Buffer
-	cmd := exec.CommandContext(ctx, goCmd(), "run", "./e2e/image", "-out", out)
+	cmd := exec.CommandContext(ctx, goCmd(), "run", "./e2e/image", "-out", out,
+		"-coredns", c.bins.CoreDNS, "-coredns-tag", c.bins.corednsTag())
 	cmd.Dir = c.Root
 	cmd.Stdout, cmd.Stderr = &stdout, logf
 	if err := cmd.Run(); err != nil {
