@@ -57,6 +57,27 @@ func (c *Cluster) importImages(ctx context.Context, n *Node, paths []string) err
 	return nil
 }
 
+// ImportImages imports image tarballs into every node's containerd, for a
+// running cluster (one Load returned, too): images that Up did not import,
+// such as the upstream suites' agnhost.
+func (c *Cluster) ImportImages(ctx context.Context, paths ...string) error {
+	if c.bins == nil {
+		return fmt.Errorf("cluster %s: no nsenter on this host", c.Name)
+	}
+	if c.bins.Ctr == "" {
+		// A loaded cluster knows only the tools its commands need.
+		ctr, err := lookPath("ctr")
+		if err != nil {
+			return err
+		}
+		c.bins.Ctr = ctr
+	}
+	c.mu.Lock()
+	nodes := append([]*Node(nil), c.Nodes...)
+	c.mu.Unlock()
+	return forNodes(nodes, func(n *Node) error { return c.importImages(ctx, n, paths) })
+}
+
 // agentNamespace and agentDaemonSet are where manifests/idcni.yaml puts the
 // agent.
 const (
