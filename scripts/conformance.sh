@@ -127,7 +127,11 @@ else
 		-kube-proxy "${KUBE_PROXY_MODE:-iptables}" -images "$tarball")
 	say "cluster $name up in $(($(now) - up_start))s"
 fi
-kubeconfig=$(sed -n 's/^export KUBECONFIG=//p' <<<"$exports")
+# KUBECONFIG, and PATH with the cluster's kubectl (the framework runs it to
+# log a failure's context).
+KUBECONFIG=""
+eval "$exports"
+kubeconfig=$KUBECONFIG
 [[ -n $kubeconfig ]] || {
 	say "no kubeconfig from idcni-cluster up: $exports"
 	exit 1
