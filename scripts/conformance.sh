@@ -98,7 +98,7 @@ if modprobe sctp 2>/dev/null || [[ -e /proc/net/sctp ]]; then
 	skip=""
 	say "the kernel has SCTP: the SCTP specs run too"
 else
-	skip_reason="SCTP: this kernel has no sctp module (modprobe sctp failed), so [Feature:SCTPConnectivity] is skipped"
+	skip_reason="SCTP: no sctp in this kernel (modprobe sctp failed and there is no /proc/net/sctp), so [Feature:SCTPConnectivity] is skipped"
 	say "$skip_reason"
 fi
 
