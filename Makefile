@@ -13,7 +13,7 @@ CNI_PLUGINS := github.com/containernetworking/plugins/plugins
 # Fuzzing the datapath for real (the seed corpus runs in `make test`).
 FUZZTIME ?= 10m
 
-.PHONY: all deps build generate check-generate test unit lint bench bench-agent-scale fuzz demo demo-netns clean kube cluster cluster-down
+.PHONY: all deps build generate check-generate test unit lint bench bench-agent-scale fuzz demo demo-netns clean kube cluster cluster-down conformance
 
 all: build
 
@@ -73,15 +73,24 @@ demo-netns: deps build
 	./scripts/demo.sh
 
 # A real Kubernetes (etcd, kube-apiserver, controller-manager, scheduler,
-# and NODES kubelet nodes with containerd, default 3; TOPOLOGY=routed puts
+# and NODES kubelet nodes with containerd, kube-proxy and CoreDNS, default
+# 3; KUBE_PROXY_MODE=nftables|none changes kube-proxy; TOPOLOGY=routed puts
 # the last node behind a router) with idcni installed from
 # manifests/idcni.yaml; eval "$$(make -s cluster)" to use kubectl on it.
-# NODES and TOPOLOGY reach TestCluster (make test) too.
+# NODES, TOPOLOGY and KUBE_PROXY_MODE reach TestCluster (make test) too.
 cluster: deps
 	@./scripts/cluster.sh up
 
 cluster-down:
 	@./scripts/cluster.sh down
+
+# The upstream NetworkPolicy conformance specs ([Feature:NetworkPolicy] of
+# k8s.io/kubernetes test/e2e/network/netpol, the cluster's release) on a
+# cluster of their own (or IDCNI_CLUSTER's), taken down after; NODES and
+# KUBE_PROXY_MODE as for make cluster. Summary and JUnit in
+# _output/conformance. Not part of make test yet: see README.
+conformance: deps
+	@./scripts/conformance.sh
 
 clean:
 	rm -rf $(BIN)

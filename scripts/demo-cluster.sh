@@ -2,7 +2,10 @@
 # The seed walkthrough on a real single-node Kubernetes: the kubelet runs the
 # idcni plugin for every pod, idcni-agent runs as the DaemonSet from
 # manifests/idcni.yaml, and every step is a kubectl command an operator would
-# type. Then the same story with NetworkPolicy objects only. The cluster is
+# type. Then the same story with NetworkPolicy objects only, and last a
+# Service reached by its DNS name under an egress policy that allows only
+# kube-dns and the Service's backends (it needs idcni's translation of
+# ClusterIPs: kube-proxy's DNAT comes after idcni's egress decision). The cluster is
 # this run's own (scripts/cluster.sh, IDCNI_CLUSTER=demo-*) and is removed on
 # exit, failed or not.
 set -euo pipefail
@@ -123,6 +126,66 @@ else
 	sleep 3
 	expect "frontend relabelled app=other on $node -> db on $other" blocked "$(tcp frontend "$db" 5432)"
 fi
+
+bold "Step 7: a Service by its DNS name, under an egress policy"
+say "kube-proxy and CoreDNS run on the cluster: web is reached as web.idcni-svc.svc.cluster.local"
+kubectl create namespace idcni-svc >/dev/null
+svcpod() { # svcpod NAME LABEL COMMAND...
+	local name=$1 label=$2
+	shift 2
+	kubectl -n idcni-svc run "$name" --image=idcni/test:dev --image-pull-policy=Never --labels="app=$label" \
+		--overrides='{"apiVersion":"v1","spec":{"terminationGracePeriodSeconds":1}}' --command -- "$@" >/dev/null
+}
+svcpod web web nc -ll -p 8080 -e cat
+svcpod admin admin nc -ll -p 8080 -e cat
+svcpod shop shop sleep 3600
+show kubectl -n idcni-svc expose pod web --port=80 --target-port=8080
+show kubectl -n idcni-svc expose pod admin --port=80 --target-port=8080
+kubectl -n idcni-svc wait --for=condition=Ready pod/web pod/admin pod/shop --timeout=120s >/dev/null
+show kubectl -n idcni-svc get pods,services -o wide
+resolve() { # resolve POD NAME -> the first address of NAME, or nothing
+	kubectl -n idcni-svc exec "$1" -- nslookup "$2" 2>/dev/null | sed -n '/^Name:/,$ s/^Address: *\([0-9.]*\)$/\1/p' | head -1
+}
+svctcp() { # svctcp POD SERVICE -> ok | blocked | no-dns
+	local ip
+	ip=$(resolve "$1" "$2.idcni-svc.svc.cluster.local")
+	[ -n "$ip" ] || { echo no-dns; return; }
+	if kubectl -n idcni-svc exec "$1" -- sh -c "echo hi | nc -w 2 $ip 80" 2>/dev/null | grep -q hi; then echo ok; else echo blocked; fi
+}
+web_ip=$(kubectl -n idcni-svc get service web -o jsonpath='{.spec.clusterIP}')
+expect "web.idcni-svc.svc.cluster.local resolves to web's ClusterIP" "$web_ip" "$(resolve shop web.idcni-svc.svc.cluster.local)"
+expect "shop -> web by name, no policy" ok "$(svctcp shop web)"
+expect "shop -> admin by name, no policy" ok "$(svctcp shop admin)"
+say "egress for shop: DNS to kube-dns on 53, and web's pods on 8080; nothing else"
+show kubectl apply -f - <<-'EOF'
+	apiVersion: networking.k8s.io/v1
+	kind: NetworkPolicy
+	metadata:
+	  name: shop-egress
+	  namespace: idcni-svc
+	spec:
+	  podSelector:
+	    matchLabels: {app: shop}
+	  policyTypes: [Egress]
+	  egress:
+	    - to:
+	        - namespaceSelector:
+	            matchLabels: {kubernetes.io/metadata.name: kube-system}
+	          podSelector:
+	            matchLabels: {k8s-app: kube-dns}
+	      ports:
+	        - {protocol: UDP, port: 53}
+	        - {protocol: TCP, port: 53}
+	    - to:
+	        - podSelector:
+	            matchLabels: {app: web}
+	      ports:
+	        - {protocol: TCP, port: 8080}
+	EOF
+sleep 3
+say "the policy names pods, the client dials Services: idcni judges the backend behind each ClusterIP"
+expect "shop -> web by name (DNS allowed, web's pods allowed)" ok "$(svctcp shop web)"
+expect "shop -> admin by name (admin's pods not allowed)" blocked "$(svctcp shop admin)"
 
 if [ $failed -ne 0 ]; then
 	echo "demo: some steps did not behave as the walkthrough says" >&2

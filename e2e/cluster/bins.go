@@ -25,8 +25,12 @@ import (
 type binaries struct {
 	APIServer, Kubelet, Kubectl  string
 	ControllerManager, Scheduler string
-	Etcd                         string
-	Containerd, Ctr, Runc        string
+	KubeProxy                    string
+	// CoreDNS is built from e2e/tools/coredns at CoreDNSVersion, for the
+	// image the cluster's DNS runs.
+	CoreDNS, CoreDNSVersion string
+	Etcd                    string
+	Containerd, Ctr, Runc   string
 	// Bridge is the upstream bridge CNI plugin, for the baseline of the
 	// pod start-up measurement.
 	Bridge string
@@ -58,6 +62,10 @@ func findBinaries(root string, log io.Writer) (*binaries, error) {
 	}
 	b.ControllerManager = filepath.Join(ctrlDir, "kube-controller-manager")
 	b.Scheduler = filepath.Join(ctrlDir, "kube-scheduler")
+	b.KubeProxy = filepath.Join(ctrlDir, "kube-proxy")
+	if b.CoreDNS, b.CoreDNSVersion, err = corednsBinary(root, log); err != nil {
+		return nil, err
+	}
 	if b.Etcd, err = kube.Etcd(); err != nil {
 		return nil, err
 	}
@@ -142,12 +150,13 @@ func ensureDebianPackages(log io.Writer, cmds map[string]string) error {
 // daemonset controller to create their pods and, since 1.12, the default
 // scheduler to bind them; the controller-manager also creates every
 // namespace's default ServiceAccount and publishes kube-root-ca.crt, which
-// every pod's token volume mounts.
-var controlCmds = []string{"kube-controller-manager", "kube-scheduler"}
+// every pod's token volume mounts. kube-proxy runs on every node, for
+// Services.
+var controlCmds = []string{"kube-controller-manager", "kube-scheduler", "kube-proxy"}
 
 // controlRecipe changes when the build command changes in a way the stamp
-// cannot see.
-const controlRecipe = "1"
+// cannot see (2: kube-proxy joined).
+const controlRecipe = "2"
 
 // controlBinaries returns a directory with kube-controller-manager and
 // kube-scheduler: kubeDir when scripts/build-kube.sh put them there too,
@@ -284,6 +293,84 @@ func bridgePlugin(root string, log io.Writer) (string, error) {
 	}
 	return bin, nil
 }
+
+// corednsBinary builds CoreDNS from the module e2e/tools/coredns (see its
+// main.go: CoreDNS with the plugins the cluster's Corefile uses) into a
+// cache directory named by its version and the module's checksum, and
+// returns the binary and CoreDNS's version. A lock serialises concurrent
+// builders; the binary is renamed into place whole.
+func corednsBinary(root string, log io.Writer) (bin, version string, err error) {
+	mod := filepath.Join(root, "e2e", "tools", "coredns")
+	gomod, err := os.ReadFile(filepath.Join(mod, "go.mod"))
+	if err != nil {
+		return "", "", fmt.Errorf("read the CoreDNS module: %w", err)
+	}
+	gosum, err := os.ReadFile(filepath.Join(mod, "go.sum"))
+	if err != nil {
+		return "", "", fmt.Errorf("read the CoreDNS module: %w", err)
+	}
+	main, err := os.ReadFile(filepath.Join(mod, "main.go"))
+	if err != nil {
+		return "", "", fmt.Errorf("read the CoreDNS module: %w", err)
+	}
+	m := regexp.MustCompile(`github\.com/coredns/coredns (v\d+\.\d+\.\d+)\b`).FindSubmatch(gomod)
+	if m == nil {
+		return "", "", errors.New("cannot read the github.com/coredns/coredns release from e2e/tools/coredns/go.mod")
+	}
+	version = string(m[1])
+	goVersion, err := exec.Command(goCmd(), "env", "GOVERSION").Output()
+	if err != nil {
+		return "", "", fmt.Errorf("go env GOVERSION: %w", err)
+	}
+	h := sha256.New()
+	for _, b := range [][]byte{gomod, gosum, main, goVersion} {
+		h.Write(b)
+		h.Write([]byte{0})
+	}
+	cache, err := os.UserCacheDir()
+	if err != nil {
+		return "", "", fmt.Errorf("no cache directory for CoreDNS: %w", err)
+	}
+	dest := filepath.Join(cache, "idcni", "coredns", version+"-"+hex.EncodeToString(h.Sum(nil))[:12])
+	bin = filepath.Join(dest, "coredns")
+	if isExecutable(bin) {
+		return bin, version, nil
+	}
+	if err := os.MkdirAll(dest, 0o755); err != nil {
+		return "", "", err
+	}
+	lock, err := os.OpenFile(filepath.Join(dest, ".lock"), os.O_CREATE|os.O_RDWR, 0o644)
+	if err != nil {
+		return "", "", err
+	}
+	defer lock.Close()
+	if err := syscall.Flock(int(lock.Fd()), syscall.LOCK_EX); err != nil {
+		return "", "", fmt.Errorf("lock %s: %w", dest, err)
+	}
+	if isExecutable(bin) {
+		return bin, version, nil
+	}
+	fmt.Fprintf(log, "cluster: building CoreDNS %s into %s\n", version, dest)
+	start := time.Now()
+	tmp := bin + ".tmp"
+	cmd := exec.Command(goCmd(), "build", "-mod=readonly", "-trimpath", "-ldflags", "-s -w", "-o", tmp, ".")
+	cmd.Dir = mod
+	// Static: the image has no libc.
+	cmd.Env = append(os.Environ(), "CGO_ENABLED=0", "GOFLAGS=")
+	if out, err := cmd.CombinedOutput(); err != nil {
+		os.Remove(tmp)
+		return "", "", fmt.Errorf("go build CoreDNS %s: %w\n%s", version, err, tail(out, 20))
+	}
+	if err := os.Rename(tmp, bin); err != nil {
+		return "", "", err
+	}
+	fmt.Fprintf(log, "cluster: built CoreDNS in %s\n", time.Since(start).Round(time.Second))
+	return bin, version, nil
+}
+
+// corednsTag is the image reference the cluster's CoreDNS runs from: its
+// release, under the project's own name, since it is not upstream's image.
+func (b *binaries) corednsTag() string { return "docker.io/idcni/coredns:" + b.CoreDNSVersion }
 
 // goCmd is the go command: from PATH, else the project's /usr/local/go.
 func goCmd() string {

@@ -69,6 +69,12 @@ type Options struct {
 	// Topology is TopologyFlat (empty: every node on one segment) or
 	// TopologyRouted (the last node behind a router; needs two nodes).
 	Topology string
+	// KubeProxyMode is how every node's kube-proxy runs: KubeProxyIPTables
+	// (empty), KubeProxyNFTables, or KubeProxyNone for none at all.
+	KubeProxyMode string
+	// Images are more image tarballs to import into every node (agnhost for
+	// the conformance specs, say): no registry exists to pull them from.
+	Images []string
 }
 
 // Cluster is a running cluster.
@@ -88,11 +94,13 @@ type Cluster struct {
 	// leave while daemons are polled.
 	mu     sync.Mutex
 	images []string // the image tarballs, imported into joining nodes
-	bins   *binaries
-	pki    *certs
-	procs  []*daemon
-	log    io.Writer
-	phase  time.Time
+	// kubeProxyMode is Options.KubeProxyMode, for nodes that join later.
+	kubeProxyMode string
+	bins          *binaries
+	pki           *certs
+	procs         []*daemon
+	log           io.Writer
+	phase         time.Time
 }
 
 // Timing is how long one phase of Up took.
@@ -126,6 +134,17 @@ func Up(ctx context.Context, opts Options) (*Cluster, error) {
 	if opts.Topology == "" {
 		opts.Topology = TopologyFlat
 	}
+	if opts.KubeProxyMode == "" {
+		opts.KubeProxyMode = KubeProxyIPTables
+	}
+	if err := checkKubeProxyMode(opts.KubeProxyMode); err != nil {
+		return nil, err
+	}
+	for _, p := range opts.Images {
+		if !isFile(p) {
+			return nil, fmt.Errorf("image tarball %s: not a file", p)
+		}
+	}
 	switch {
 	case opts.Nodes < 1 || opts.Nodes > 16:
 		return nil, fmt.Errorf("%d nodes: want 1 to 16", opts.Nodes)
@@ -144,11 +163,14 @@ func Up(ctx context.Context, opts Options) (*Cluster, error) {
 	if _, err := os.Stat(opts.Manifest); err != nil {
 		return nil, fmt.Errorf("idcni manifest: %w", err)
 	}
-	c := &Cluster{Root: root, persistent: opts.Persistent, log: opts.Log, phase: time.Now()}
+	c := &Cluster{Root: root, persistent: opts.Persistent, log: opts.Log, phase: time.Now(), kubeProxyMode: opts.KubeProxyMode}
 
 	// Binaries first, outside the timeout: a cold build takes minutes and
 	// is not the cluster's start-up.
 	if c.bins, err = findBinaries(root, opts.Log); err != nil {
+		return nil, err
+	}
+	if err := kubeProxyTools(opts.KubeProxyMode, opts.Log); err != nil {
 		return nil, err
 	}
 	c.mark("binaries")
@@ -309,7 +331,7 @@ func (c *Cluster) start(ctx context.Context, opts Options) error {
 	if err := c.startScheduler(); err != nil {
 		return err
 	}
-	c.images = <-images
+	c.images = append(<-images, opts.Images...)
 	if err := <-imagesErr; err != nil {
 		return err
 	}
@@ -354,6 +376,13 @@ func (c *Cluster) start(ctx context.Context, opts Options) error {
 		}
 	}
 	c.mark("other nodes registered")
+	// Services work once the kube-proxies run; CoreDNS needs them (its
+	// client reaches the apiserver through the kubernetes Service).
+	for _, n := range c.Nodes {
+		if err := c.startKubeProxy(n); err != nil {
+			return err
+		}
+	}
 	if err := c.installIdcni(ctx, opts.Manifest); err != nil {
 		return err
 	}
@@ -368,6 +397,10 @@ func (c *Cluster) start(ctx context.Context, opts Options) error {
 		return err
 	}
 	c.mark("idcni installed, nodes Ready")
+	if err := c.installDNS(ctx); err != nil {
+		return err
+	}
+	c.mark("kube-proxy, CoreDNS ready")
 	// The launcher of a lasting cluster is only its creator: from now on
 	// the namespace holder alone says whether it lives.
 	if c.persistent {

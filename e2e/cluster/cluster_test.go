@@ -83,11 +83,11 @@ func TestCluster(t *testing.T) {
 	})
 }
 
-// options are the cluster's from the environment: NODES (default 3) and
-// TOPOLOGY (flat or routed).
+// options are the cluster's from the environment: NODES (default 3),
+// TOPOLOGY (flat or routed) and KUBE_PROXY_MODE (iptables, nftables, none).
 func options(t testing.TB) cluster.Options {
 	t.Helper()
-	opts := cluster.Options{Log: logWriter{t}, Topology: os.Getenv("TOPOLOGY")}
+	opts := cluster.Options{Log: logWriter{t}, Topology: os.Getenv("TOPOLOGY"), KubeProxyMode: os.Getenv("KUBE_PROXY_MODE")}
 	if v := os.Getenv("NODES"); v != "" {
 		n, err := strconv.Atoi(v)
 		if err != nil || n < 1 {

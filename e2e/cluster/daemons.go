@@ -17,8 +17,8 @@ import (
 // cluster or anything on the host.
 const apiPort = 6443
 
-// serviceCIDR is never routed: no kube-proxy runs, and nothing here talks
-// to a ClusterIP.
+// serviceCIDR is the Services' range: kube-proxy on every node translates
+// it (services.go); it is never routed between nodes.
 const serviceCIDR = "10.96.0.0/16"
 
 // clusterCIDR is the pods' range: the controller-manager gives each Node a
@@ -35,6 +35,7 @@ type certs struct {
 	saKey, saPub                        string
 	admin, adminNode                    string // admin kubeconfigs: from the host, on the node
 	controllerManager, scheduler        string
+	kubeProxy                           string // issued when the first kube-proxy starts
 }
 
 // makePKI issues the cluster's certificates and kubeconfigs, and every
@@ -208,9 +209,11 @@ func (c *Cluster) startAPIServer() error {
 		"--service-cluster-ip-range="+serviceCIDR,
 		"--authorization-mode=Node,RBAC",
 		"--enable-admission-plugins=NodeRestriction",
-		// Nothing would serve the kubernetes Service's endpoints (no
-		// kube-proxy); the agent is told the apiserver's address instead.
-		"--endpoint-reconciler-type=none",
+		// The kubernetes Service's endpoint is the advertised address, so
+		// pods (CoreDNS's client) reach the apiserver at 10.96.0.1 through
+		// kube-proxy. The agent is told the address itself: it must run
+		// before any Service works.
+		"--endpoint-reconciler-type=lease",
 		"--allow-privileged=true",
 		"--kubelet-client-certificate="+p.kubeletClientCert,
 		"--kubelet-client-key="+p.kubeletClientKey,
@@ -360,10 +363,12 @@ evictionHard:
 # Faster status reports: the node turns Ready a few seconds after the
 # agent writes the CNI configuration instead of up to 10 s later.
 nodeStatusUpdateFrequency: 4s
-clusterDomain: cluster.local
+# The kube-dns Service (services.go): every pod's resolv.conf names it.
+clusterDomain: %s
+clusterDNS: [%s]
 serializeImagePulls: false
 `, q(n.IP.String()), q(n.kubeletCert), q(n.kubeletKey), q(p.ca.CertFile), q("unix://"+n.ContainerdSocket()),
-		q("/"+n.Cgroup()), q(filepath.Join(n.dir(), "kubelet", "volume-plugins")))
+		q("/"+n.Cgroup()), q(filepath.Join(n.dir(), "kubelet", "volume-plugins")), q(ClusterDomain), q(DNSServiceIP))
 }
 
 func (c *Cluster) startKubelet(n *Node) error {

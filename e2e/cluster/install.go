@@ -24,7 +24,8 @@ func (c *Cluster) buildImages(ctx context.Context) ([]string, error) {
 	}
 	defer logf.Close()
 	var stdout bytes.Buffer
-	cmd := exec.CommandContext(ctx, goCmd(), "run", "./e2e/image", "-out", out)
+	cmd := exec.CommandContext(ctx, goCmd(), "run", "./e2e/image", "-out", out,
+		"-coredns", c.bins.CoreDNS, "-coredns-tag", c.bins.corednsTag())
 	cmd.Dir = c.Root
 	cmd.Stdout, cmd.Stderr = &stdout, logf
 	if err := cmd.Run(); err != nil {
@@ -54,6 +55,27 @@ func (c *Cluster) importImages(ctx context.Context, n *Node, paths []string) err
 		}
 	}
 	return nil
+}
+
+// ImportImages imports image tarballs into every node's containerd, for a
+// running cluster (one Load returned, too): images that Up did not import,
+// such as the upstream suites' agnhost.
+func (c *Cluster) ImportImages(ctx context.Context, paths ...string) error {
+	if c.bins == nil {
+		return fmt.Errorf("cluster %s: no nsenter on this host", c.Name)
+	}
+	if c.bins.Ctr == "" {
+		// A loaded cluster knows only the tools its commands need.
+		ctr, err := lookPath("ctr")
+		if err != nil {
+			return err
+		}
+		c.bins.Ctr = ctr
+	}
+	c.mu.Lock()
+	nodes := append([]*Node(nil), c.Nodes...)
+	c.mu.Unlock()
+	return forNodes(nodes, func(n *Node) error { return c.importImages(ctx, n, paths) })
 }
 
 // agentNamespace and agentDaemonSet are where manifests/idcni.yaml puts the

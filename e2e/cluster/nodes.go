@@ -378,7 +378,10 @@ func (c *Cluster) startNode(ctx context.Context, n *Node, images []string) error
 	if err := c.importImages(ctx, n, images); err != nil {
 		return err
 	}
-	return c.startKubelet(n)
+	if err := c.startKubelet(n); err != nil {
+		return err
+	}
+	return c.startKubeProxy(n)
 }
 
 // forNodes runs f for every node at once (containerd's image import and

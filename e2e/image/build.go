@@ -59,7 +59,7 @@ const pausePackage = "./e2e/image/pause"
 // refused. The optional ones are linked when this busybox has them.
 var (
 	busyboxRequired = []string{"sh", "ping", "nc", "sleep", "wget"}
-	busyboxOptional = []string{"ip", "cat", "echo", "hostname", "httpd", "ls", "ps", "timeout", "true"}
+	busyboxOptional = []string{"ip", "cat", "echo", "hostname", "httpd", "ls", "nslookup", "ps", "timeout", "true"}
 )
 
 // epoch is the modification time of every file and the creation time of
@@ -79,6 +79,15 @@ type builder struct {
 	// log receives progress; the command prints only tarball paths on
 	// stdout so scripts can read them.
 	log io.Writer
+	// prebuilt are the binaries and tags of the images made of one binary
+	// built elsewhere (another module), by image name: coredns, agnhost.
+	prebuilt map[string]prebuilt
+}
+
+// prebuilt is a static binary built outside this module and the tag its
+// image gets.
+type prebuilt struct {
+	bin, tag string
 }
 
 // spec is one image the command can build.
@@ -92,6 +101,38 @@ var specs = []spec{
 	{"agent", AgentTag, (*builder).agentImage},
 	{"test", TestTag, (*builder).testImage},
 	{"pause", PauseTag, (*builder).pauseImage},
+}
+
+// prebuiltSpecs are built only when their binary is given (-coredns,
+// -agnhost): their sources are other modules (e2e/tools/coredns,
+// e2e/conformance), built by their users, and their tags are the users'
+// too (the upstream suite wants agnhost under upstream's exact name).
+var prebuiltSpecs = map[string]struct {
+	entrypoint []string
+	title      string
+}{
+	// The cluster's DNS; the Corefile comes from a ConfigMap.
+	"coredns": {[]string{"/coredns"}, "CoreDNS with the plugins of the local cluster's Corefile"},
+	// The upstream e2e suites' Swiss army knife: servers run /agnhost
+	// porter, clients /agnhost connect, each named in the pod's command.
+	"agnhost": {[]string{"/agnhost"}, "agnhost from k8s.io/kubernetes/test/images/agnhost"},
+}
+
+// prebuiltImage is an image of one static binary at its root.
+func (b *builder) prebuiltImage(name string) (v1.Image, error) {
+	p := b.prebuilt[name]
+	f, err := binaryFile(p.bin, name)
+	if err != nil {
+		return nil, err
+	}
+	s := prebuiltSpecs[name]
+	// agnhost's porter and netexec write nothing to disk, but some of its
+	// modes want /tmp.
+	files := []file{f, {name: "tmp", mode: 0o1777, dir: true}}
+	return image(files, func(c *v1.Config) {
+		c.Entrypoint = s.entrypoint
+		c.Labels = map[string]string{"org.opencontainers.image.title": name, "org.opencontainers.image.description": s.title}
+	})
 }
 
 // write builds s and writes its tarball to out/<name>.tar, returning the

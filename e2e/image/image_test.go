@@ -322,17 +322,27 @@ func waitTimeout(cmd *exec.Cmd, d time.Duration) error {
 }
 
 func TestChoose(t *testing.T) {
-	for only, want := range map[string][]string{
-		"":                  {"agent", "test", "pause"},
-		"pause,agent":       {"agent", "pause"},
-		" test ":            {"test"},
-		"agent,test,pause,": nil, // empty name: error
-		"registry":          nil,
+	pre := map[string]prebuilt{"agnhost": {bin: "/x/agnhost", tag: "registry.k8s.io/e2e-test-images/agnhost:2.63.0"}}
+	for _, c := range []struct {
+		only string
+		pre  map[string]prebuilt
+		want []string
+	}{
+		{"", nil, []string{"agent", "test", "pause"}},
+		{"pause,agent", nil, []string{"agent", "pause"}},
+		{" test ", nil, []string{"test"}},
+		{"agent,test,pause,", nil, nil}, // empty name: error
+		{"registry", nil, nil},
+		// Images of a prebuilt binary only when it is given, then last.
+		{"", pre, []string{"agent", "test", "pause", "agnhost"}},
+		{"agnhost,pause", pre, []string{"pause", "agnhost"}},
+		{"agnhost", nil, nil},
+		{"coredns", pre, nil},
 	} {
-		got, err := choose(only)
-		if want == nil {
+		got, err := choose(c.only, c.pre)
+		if c.want == nil {
 			if err == nil {
-				t.Errorf("-only %q: no error", only)
+				t.Errorf("-only %q with %v: no error", c.only, c.pre)
 			}
 			continue
 		}
@@ -340,8 +350,8 @@ func TestChoose(t *testing.T) {
 		for _, s := range got {
 			names = append(names, s.name)
 		}
-		if err != nil || !slices.Equal(names, want) {
-			t.Errorf("-only %q: %v %v, want %v", only, names, err, want)
+		if err != nil || !slices.Equal(names, c.want) {
+			t.Errorf("-only %q with %v: %v %v, want %v", c.only, c.pre, names, err, c.want)
 		}
 	}
 }

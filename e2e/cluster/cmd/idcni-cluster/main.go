@@ -1,7 +1,9 @@
 // Command idcni-cluster runs a real multi-node Kubernetes with idcni
 // installed on this machine (package e2e/cluster), for `make cluster`:
 //
-//	idcni-cluster up [-name dev] [-manifest FILE] [-nodes 3] [-topology flat|routed]   start it (a no-op when it runs) and print the exports
+//	idcni-cluster up [-name dev] [-manifest FILE] [-nodes 3] [-topology flat|routed] [-kube-proxy iptables|nftables|none] [-images TAR,...]
+//	                                               start it (a no-op when it runs) and print the exports
+//	idcni-cluster import [-name dev] TAR...        import image tarballs into every node's containerd
 //	idcni-cluster down [-name dev] [-all]          remove it (-all: every cluster) and check nothing is left
 //	idcni-cluster list                             the clusters on this host
 //	idcni-cluster bench [-name dev] [-pods 50] [-parallel N]  pod creation to Ready, idcni against the bridge plugin
@@ -20,6 +22,7 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
+	"strings"
 	"syscall"
 	"time"
 
@@ -34,10 +37,12 @@ func main() {
 }
 
 func usage(w io.Writer) {
-	fmt.Fprintln(w, `usage: idcni-cluster up|down|list|bench [flags]
-  up     [-name dev] [-manifest FILE] [-nodes 3] [-topology flat|routed]
+	fmt.Fprintln(w, `usage: idcni-cluster up|down|list|bench|import [flags]
+  up     [-name dev] [-manifest FILE] [-nodes 3] [-topology flat|routed] [-kube-proxy iptables|nftables|none] [-images TAR,...]
                                        start the cluster (no-op if it runs); prints exports on stdout
-                                       (routed: the last node behind a router, on a subnet of its own)
+                                       (routed: the last node behind a router, on a subnet of its own;
+                                       -images: more image tarballs for every node)
+  import [-name dev] TAR...            import image tarballs into every node of a running cluster
   down   [-name dev] [-all]            remove the cluster (-all: every cluster on the host)
   list                                 clusters on this host
   bench  [-name dev] [-pods 50] [-parallel N]  pod creation to Ready with idcni and with the bridge plugin
@@ -56,6 +61,8 @@ func run(args []string, stdout, stderr io.Writer) error {
 	all := fl.Bool("all", false, "down: every cluster on this host, including other runs' stale ones")
 	nodes := fl.Int("nodes", 3, "up: kubelet nodes (the first runs the control plane too)")
 	topology := fl.String("topology", cluster.TopologyFlat, "up: flat (one segment) or routed (the last node behind a router)")
+	kubeProxy := fl.String("kube-proxy", cluster.KubeProxyIPTables, "up: kube-proxy's mode on every node: iptables, nftables or none")
+	images := fl.String("images", "", "up: comma-separated image tarballs to import into every node too")
 	pods := fl.Int("pods", 50, "bench: pods per network")
 	parallel := fl.Int("parallel", 0, "bench: pods at most on their way to Ready at once (default: all, a burst; 1: one after the other)")
 	if err := fl.Parse(args[1:]); err != nil {
@@ -64,9 +71,26 @@ func run(args []string, stdout, stderr io.Writer) error {
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()
 
+	if args[0] != "import" && fl.NArg() > 0 {
+		return fmt.Errorf("%s takes no arguments, got %v", args[0], fl.Args())
+	}
 	switch args[0] {
 	case "up":
-		return up(ctx, cluster.Options{Name: *name, Persistent: true, Manifest: *manifest, Log: stderr, Nodes: *nodes, Topology: *topology}, stdout, stderr)
+		var extra []string
+		if *images != "" {
+			extra = strings.Split(*images, ",")
+		}
+		return up(ctx, cluster.Options{Name: *name, Persistent: true, Manifest: *manifest, Log: stderr, Nodes: *nodes, Topology: *topology,
+			KubeProxyMode: *kubeProxy, Images: extra}, stdout, stderr)
+	case "import":
+		if fl.NArg() == 0 {
+			return errors.New("import: name the image tarballs")
+		}
+		c, err := cluster.Load(*name)
+		if err != nil {
+			return err
+		}
+		return c.ImportImages(ctx, fl.Args()...)
 	case "down":
 		return down(*name, *all, stderr)
 	case "list":
