@@ -69,6 +69,10 @@ type Options struct {
 	// Topology is TopologyFlat (empty: every node on one segment) or
 	// TopologyRouted (the last node behind a router; needs two nodes).
 	Topology string
+	// ExtraImages are image tarballs imported into every node next to the
+	// checkout's, before idcni is installed: another build's agent (the
+	// upgrade test installs an older one from Manifest).
+	ExtraImages []string
 }
 
 // Cluster is a running cluster.
@@ -309,7 +313,7 @@ func (c *Cluster) start(ctx context.Context, opts Options) error {
 	if err := c.startScheduler(); err != nil {
 		return err
 	}
-	c.images = <-images
+	c.images = append(<-images, opts.ExtraImages...)
 	if err := <-imagesErr; err != nil {
 		return err
 	}
