@@ -61,11 +61,12 @@ func TestRollingUpgrade(t *testing.T) {
 			t.Fatal(err)
 		}
 	}
-	ctx, cancel := context.WithTimeout(context.Background(), 25*time.Minute)
-	defer cancel()
-
+	// Bounds on waiting, generous for a machine shared with other
+	// builds: nothing here is a measured figure.
+	buildCtx, cancelBuild := context.WithTimeout(context.Background(), 30*time.Minute)
+	defer cancelBuild()
 	start := time.Now()
-	old, err := cluster.BuildOld(ctx, root, from, t.TempDir(), logWriter{t})
+	old, err := cluster.BuildOld(buildCtx, root, from, t.TempDir(), logWriter{t})
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -76,7 +77,10 @@ func TestRollingUpgrade(t *testing.T) {
 		opts.Nodes = 2
 	}
 	opts.Manifest, opts.ExtraImages = old.Manifest, []string{old.Tarball}
+	opts.Timeout = 20 * time.Minute
 	c := upWith(t, opts)
+	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Minute)
+	defer cancel()
 	if len(c.Nodes) < 2 {
 		t.Fatalf("%d nodes: the upgrade test needs 2 (NODES=2)", len(c.Nodes))
 	}
