@@ -202,6 +202,10 @@ func startStream(pair string, from *podNet, to netip.AddrPort, interval time.Dur
 	writerDone := make(chan struct{})
 	go func() {
 		defer close(writerDone)
+		// The echoes still on the way once the writer stops get ten
+		// seconds: a bound on waiting, not a figure. It also wakes a
+		// reader that already has them all.
+		defer func() { _ = c.SetReadDeadline(time.Now().Add(10 * time.Second)) }()
 		tick := time.NewTicker(interval)
 		defer tick.Stop()
 		var buf [8]byte
@@ -220,27 +224,25 @@ func startStream(pair string, from *podNet, to netip.AddrPort, interval time.Dur
 	}()
 	go func() {
 		defer close(s.done)
+		// complete tells whether the writer is done and every message it
+		// sent came back.
+		complete := func() bool {
+			select {
+			case <-writerDone:
+				return s.Echoed >= sent.Load()
+			default:
+				return false
+			}
+		}
 		var buf [8]byte
 		var want uint64
 		last := time.Now()
-		for {
-			select {
-			case <-writerDone:
-				// Once the writer stops, every echo still on the way
-				// gets ten seconds: a bound on waiting, not a figure.
-				if s.Echoed >= sent.Load() {
-					s.Sent = sent.Load()
-					s.LostSegs, _ = lostSegments(c)
-					return
-				}
-				_ = c.SetReadDeadline(time.Now().Add(10 * time.Second))
-			default:
-			}
+		for !complete() {
 			if _, err := io.ReadFull(c, buf[:]); err != nil {
-				s.Sent = sent.Load()
-				s.Error = err.Error()
-				s.LostSegs, _ = lostSegments(c)
-				return
+				if !complete() {
+					s.Error = err.Error()
+				}
+				break
 			}
 			now := time.Now()
 			s.MaxStall = max(s.MaxStall, float64(now.Sub(last))/float64(time.Millisecond))
@@ -251,6 +253,12 @@ func startStream(pair string, from *podNet, to netip.AddrPort, interval time.Dur
 			}
 			want++
 			s.Echoed++
+		}
+		s.Sent = sent.Load()
+		if lost, err := lostSegments(c); err == nil {
+			s.LostSegs = lost
+		} else if s.Error == "" {
+			s.Error = err.Error()
 		}
 	}()
 	return s, nil
