@@ -414,13 +414,17 @@ type attachSampler struct {
 	pods   []*podAttach
 	maxGap time.Duration
 	done   chan error
+	// rounds counts the rounds of samples taken, for a test of the
+	// sampler to wait on instead of sleeping.
+	rounds atomic.Int64
 }
 
-// sampleAttachments starts sampling pods on node until stop is closed.
-func sampleAttachments(node *cluster.Node, pods []*podNet, interval time.Duration, stop <-chan struct{}) *attachSampler {
+// sampleAttachments starts sampling the host veths of pods, in the netns
+// of the node called node (netnsPath), until stop is closed.
+func sampleAttachments(node, netnsPath string, pods []*podNet, interval time.Duration, stop <-chan struct{}) *attachSampler {
 	s := &attachSampler{done: make(chan error, 1)}
 	for _, p := range pods {
-		s.pods = append(s.pods, &podAttach{Pod: p.name, Node: node.Name, HostIf: p.hostIf, seen: map[string]bool{}})
+		s.pods = append(s.pods, &podAttach{Pod: p.name, Node: node, HostIf: p.hostIf, seen: map[string]bool{}})
 	}
 	ready := make(chan error, 1)
 	go func() {
@@ -428,7 +432,7 @@ func sampleAttachments(node *cluster.Node, pods []*podNet, interval time.Duratio
 		// goroutine ends; the runtime then ends the thread rather than
 		// reuse it in the wrong namespace.
 		runtime.LockOSThread()
-		f, err := os.Open(node.NetnsPath())
+		f, err := os.Open(netnsPath)
 		if err != nil {
 			ready <- err
 			return
@@ -436,13 +440,13 @@ func sampleAttachments(node *cluster.Node, pods []*podNet, interval time.Duratio
 		err = unix.Setns(int(f.Fd()), unix.CLONE_NEWNET)
 		f.Close()
 		if err != nil {
-			ready <- fmt.Errorf("enter the netns of node %s: %w", node.Name, err)
+			ready <- fmt.Errorf("enter the netns of node %s: %w", node, err)
 			return
 		}
 		for _, p := range s.pods {
 			l, err := netlink.LinkByName(p.HostIf)
 			if err != nil {
-				ready <- fmt.Errorf("host veth %s of pod %s on %s: %w", p.HostIf, p.Pod, node.Name, err)
+				ready <- fmt.Errorf("host veth %s of pod %s on %s: %w", p.HostIf, p.Pod, node, err)
 				return
 			}
 			p.ifindex = l.Attrs().Index
@@ -460,6 +464,7 @@ func sampleAttachments(node *cluster.Node, pods []*podNet, interval time.Duratio
 			for _, p := range s.pods {
 				p.sample(now)
 			}
+			s.rounds.Add(1)
 			select {
 			case <-stop:
 				end := time.Now()

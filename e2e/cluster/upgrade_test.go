@@ -209,7 +209,7 @@ spec:
 				on = append(on, pods[s.name])
 			}
 		}
-		samplers = append(samplers, sampleAttachments(n, on, 20*time.Millisecond, stop))
+		samplers = append(samplers, sampleAttachments(n.Name, n.NetnsPath(), on, 20*time.Millisecond, stop))
 	}
 	var streams []*stream
 	var conns []*connStream
