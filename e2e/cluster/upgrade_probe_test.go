@@ -2,6 +2,7 @@ package cluster_test
 
 import (
 	"encoding/binary"
+	"errors"
 	"fmt"
 	"io"
 	"net"
@@ -63,19 +64,59 @@ func openPodNet(node *cluster.Node, namespace, name string, ip netip.Addr) (*pod
 	return nil, fmt.Errorf("node %s has no complete CNI record of pod %s/%s (%d records)", node.Name, namespace, name, len(recs))
 }
 
-// dial connects from inside the pod's netns: the socket is made there and
-// stays there, whichever thread uses it afterwards.
+// dial connects from the pod: the socket is made inside the pod's netns,
+// where it stays whichever thread uses it, and connects from outside, so
+// no thread is held in the netns while a SYN waits for its answer (a
+// denied one never gets any).
 func (p *podNet) dial(to netip.AddrPort, timeout time.Duration) (*net.TCPConn, error) {
-	var c net.Conn
-	err := p.netns.Do(func(ns.NetNS) error {
+	var fd int
+	if err := p.netns.Do(func(ns.NetNS) error {
 		var err error
-		c, err = net.DialTimeout("tcp4", to.String(), timeout)
+		fd, err = unix.Socket(unix.AF_INET, unix.SOCK_STREAM|unix.SOCK_NONBLOCK|unix.SOCK_CLOEXEC, 0)
 		return err
-	})
+	}); err != nil {
+		return nil, fmt.Errorf("socket in the netns of %s: %w", p.name, err)
+	}
+	f := os.NewFile(uintptr(fd), "tcp")
+	defer f.Close() // FileConn holds a duplicate
+	sa := &unix.SockaddrInet4{Port: int(to.Port()), Addr: to.Addr().As4()}
+	if err := unix.Connect(fd, sa); err != nil && !errors.Is(err, unix.EINPROGRESS) {
+		return nil, fmt.Errorf("connect to %s: %w", to, err)
+	}
+	fc, err := net.FileConn(f)
 	if err != nil {
 		return nil, err
 	}
-	return c.(*net.TCPConn), nil
+	c := fc.(*net.TCPConn)
+	rc, err := c.SyscallConn()
+	if err != nil {
+		c.Close()
+		return nil, err
+	}
+	// Writable means the handshake ended: connected, or SO_ERROR says
+	// why not.
+	_ = c.SetWriteDeadline(time.Now().Add(timeout))
+	var connErr error
+	err = rc.Write(func(fd uintptr) bool {
+		if v, err := unix.GetsockoptInt(int(fd), unix.SOL_SOCKET, unix.SO_ERROR); err != nil || v != 0 {
+			connErr = err
+			if v != 0 {
+				connErr = unix.Errno(v)
+			}
+			return true
+		}
+		_, err := unix.Getpeername(int(fd))
+		return !errors.Is(err, unix.ENOTCONN)
+	})
+	if err == nil {
+		err = connErr
+	}
+	if err != nil {
+		c.Close()
+		return nil, fmt.Errorf("connect to %s: %w", to, err)
+	}
+	_ = c.SetWriteDeadline(time.Time{})
+	return c, nil
 }
 
 func (p *podNet) listen(port uint16) (net.Listener, error) {
@@ -306,12 +347,12 @@ type connStream struct {
 
 // Dial timeouts. An allowed connection whose SYN is dropped once
 // connects at the retransmission a second later, and is counted as lost
-// segments, not failed; a denied SYN is dropped every time, so its dial
-// only has to outlast a delivered SYN's answer, well under the first
-// retransmission.
+// segments, not failed. A denied dial waits as long, so that a SYN the
+// server's node delivers is counted even when a loaded machine answers it
+// late; its retransmission is one more packet to deny.
 const (
 	allowedDialTimeout = 5 * time.Second
-	deniedDialTimeout  = 500 * time.Millisecond
+	deniedDialTimeout  = 3 * time.Second
 )
 
 func startConnStream(pair, kind string, from *podNet, to netip.AddrPort, sameNode bool, interval time.Duration, stop <-chan struct{}) *connStream {
