@@ -72,8 +72,10 @@ type Options struct {
 	// KubeProxyMode is how every node's kube-proxy runs: KubeProxyIPTables
 	// (empty), KubeProxyNFTables, or KubeProxyNone for none at all.
 	KubeProxyMode string
-	// Images are more image tarballs to import into every node (agnhost for
-	// the conformance specs, say): no registry exists to pull them from.
+	// Images are more image tarballs to import into every node before
+	// idcni is installed (agnhost for the conformance specs, another
+	// build's agent for the upgrade test): no registry exists to pull
+	// them from.
 	Images []string
 }
 

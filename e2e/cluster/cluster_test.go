@@ -102,6 +102,12 @@ func options(t testing.TB) cluster.Options {
 // which is checked for leftovers and timed.
 func up(t testing.TB) *cluster.Cluster {
 	t.Helper()
+	return upWith(t, options(t))
+}
+
+// upWith is up with options of the caller's.
+func upWith(t testing.TB, opts cluster.Options) *cluster.Cluster {
+	t.Helper()
 	if testing.Short() {
 		t.Skip("-short: a real Kubernetes cluster takes minutes")
 	}
@@ -121,7 +127,7 @@ func up(t testing.TB) *cluster.Cluster {
 	// tables must not change.
 	chainsBefore := kubeChains(t)
 	start := time.Now()
-	c, err := cluster.Up(context.Background(), options(t))
+	c, err := cluster.Up(context.Background(), opts)
 	if err != nil {
 		if errors.Is(err, cluster.ErrNotRoot) {
 			t.Skip(err)
