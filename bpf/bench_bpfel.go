@@ -151,11 +151,13 @@ const (
 	benchMapIpcache           = "ipcache"
 	benchMapLocalPods         = "local_pods"
 	benchMapPolicy            = "policy"
+	benchMapRemoteCidrs       = "remote_cidrs"
 	benchMapStats             = "stats"
 	benchProgBenchBumpOnly    = "bench_bump_only"
 	benchProgBenchExpireOnly  = "bench_expire_only"
 	benchProgBenchNewFlow     = "bench_new_flow"
 	benchProgBenchNewFlowWarm = "bench_new_flow_warm"
+	benchProgFromNet          = "from_net"
 	benchProgFromPod          = "from_pod"
 	benchProgToPod            = "to_pod"
 	benchVarUnusedEpState     = "unused_ep_state"
@@ -213,6 +215,7 @@ type benchProgramSpecs struct {
 	BenchExpireOnly  *ebpf.ProgramSpec `ebpf:"bench_expire_only"`
 	BenchNewFlow     *ebpf.ProgramSpec `ebpf:"bench_new_flow"`
 	BenchNewFlowWarm *ebpf.ProgramSpec `ebpf:"bench_new_flow_warm"`
+	FromNet          *ebpf.ProgramSpec `ebpf:"from_net"`
 	FromPod          *ebpf.ProgramSpec `ebpf:"from_pod"`
 	ToPod            *ebpf.ProgramSpec `ebpf:"to_pod"`
 }
@@ -221,20 +224,21 @@ type benchProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type benchMapSpecs struct {
-	Config     *ebpf.MapSpec `ebpf:"config"`
-	Conntrack  *ebpf.MapSpec `ebpf:"conntrack"`
-	Counters   *ebpf.MapSpec `ebpf:"counters"`
-	CtTables   *ebpf.MapSpec `ebpf:"ct_tables"`
-	Endpoints  *ebpf.MapSpec `ebpf:"endpoints"`
-	EpStates   *ebpf.MapSpec `ebpf:"ep_states"`
-	EventLoss  *ebpf.MapSpec `ebpf:"event_loss"`
-	Events     *ebpf.MapSpec `ebpf:"events"`
-	Fragments  *ebpf.MapSpec `ebpf:"fragments"`
-	Identities *ebpf.MapSpec `ebpf:"identities"`
-	Ipcache    *ebpf.MapSpec `ebpf:"ipcache"`
-	LocalPods  *ebpf.MapSpec `ebpf:"local_pods"`
-	Policy     *ebpf.MapSpec `ebpf:"policy"`
-	Stats      *ebpf.MapSpec `ebpf:"stats"`
+	Config      *ebpf.MapSpec `ebpf:"config"`
+	Conntrack   *ebpf.MapSpec `ebpf:"conntrack"`
+	Counters    *ebpf.MapSpec `ebpf:"counters"`
+	CtTables    *ebpf.MapSpec `ebpf:"ct_tables"`
+	Endpoints   *ebpf.MapSpec `ebpf:"endpoints"`
+	EpStates    *ebpf.MapSpec `ebpf:"ep_states"`
+	EventLoss   *ebpf.MapSpec `ebpf:"event_loss"`
+	Events      *ebpf.MapSpec `ebpf:"events"`
+	Fragments   *ebpf.MapSpec `ebpf:"fragments"`
+	Identities  *ebpf.MapSpec `ebpf:"identities"`
+	Ipcache     *ebpf.MapSpec `ebpf:"ipcache"`
+	LocalPods   *ebpf.MapSpec `ebpf:"local_pods"`
+	Policy      *ebpf.MapSpec `ebpf:"policy"`
+	RemoteCidrs *ebpf.MapSpec `ebpf:"remote_cidrs"`
+	Stats       *ebpf.MapSpec `ebpf:"stats"`
 }
 
 // benchVariableSpecs contains global variables before they are loaded into the kernel.
@@ -270,20 +274,21 @@ func (o *benchObjects) Close() error {
 //
 // It can be passed to loadBenchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type benchMaps struct {
-	Config     *ebpf.Map `ebpf:"config"`
-	Conntrack  *ebpf.Map `ebpf:"conntrack"`
-	Counters   *ebpf.Map `ebpf:"counters"`
-	CtTables   *ebpf.Map `ebpf:"ct_tables"`
-	Endpoints  *ebpf.Map `ebpf:"endpoints"`
-	EpStates   *ebpf.Map `ebpf:"ep_states"`
-	EventLoss  *ebpf.Map `ebpf:"event_loss"`
-	Events     *ebpf.Map `ebpf:"events"`
-	Fragments  *ebpf.Map `ebpf:"fragments"`
-	Identities *ebpf.Map `ebpf:"identities"`
-	Ipcache    *ebpf.Map `ebpf:"ipcache"`
-	LocalPods  *ebpf.Map `ebpf:"local_pods"`
-	Policy     *ebpf.Map `ebpf:"policy"`
-	Stats      *ebpf.Map `ebpf:"stats"`
+	Config      *ebpf.Map `ebpf:"config"`
+	Conntrack   *ebpf.Map `ebpf:"conntrack"`
+	Counters    *ebpf.Map `ebpf:"counters"`
+	CtTables    *ebpf.Map `ebpf:"ct_tables"`
+	Endpoints   *ebpf.Map `ebpf:"endpoints"`
+	EpStates    *ebpf.Map `ebpf:"ep_states"`
+	EventLoss   *ebpf.Map `ebpf:"event_loss"`
+	Events      *ebpf.Map `ebpf:"events"`
+	Fragments   *ebpf.Map `ebpf:"fragments"`
+	Identities  *ebpf.Map `ebpf:"identities"`
+	Ipcache     *ebpf.Map `ebpf:"ipcache"`
+	LocalPods   *ebpf.Map `ebpf:"local_pods"`
+	Policy      *ebpf.Map `ebpf:"policy"`
+	RemoteCidrs *ebpf.Map `ebpf:"remote_cidrs"`
+	Stats       *ebpf.Map `ebpf:"stats"`
 }
 
 func (m *benchMaps) Close() error {
@@ -301,6 +306,7 @@ func (m *benchMaps) Close() error {
 		m.Ipcache,
 		m.LocalPods,
 		m.Policy,
+		m.RemoteCidrs,
 		m.Stats,
 	)
 }
@@ -326,6 +332,7 @@ type benchPrograms struct {
 	BenchExpireOnly  *ebpf.Program `ebpf:"bench_expire_only"`
 	BenchNewFlow     *ebpf.Program `ebpf:"bench_new_flow"`
 	BenchNewFlowWarm *ebpf.Program `ebpf:"bench_new_flow_warm"`
+	FromNet          *ebpf.Program `ebpf:"from_net"`
 	FromPod          *ebpf.Program `ebpf:"from_pod"`
 	ToPod            *ebpf.Program `ebpf:"to_pod"`
 }
@@ -336,6 +343,7 @@ func (p *benchPrograms) Close() error {
 		p.BenchExpireOnly,
 		p.BenchNewFlow,
 		p.BenchNewFlowWarm,
+		p.FromNet,
 		p.FromPod,
 		p.ToPod,
 	)

@@ -22,6 +22,7 @@ var ErrNotLoaded = errors.New("datapath not loaded: the idcni CNI plugin loads i
 const (
 	progFromPod = "from_pod"
 	progToPod   = "to_pod"
+	progFromNet = "from_net"
 )
 
 // Options tune Load. Zero values mean defaults.
@@ -141,7 +142,7 @@ func (d *Datapath) openPinned(opts Options) error {
 	if err != nil {
 		return err
 	}
-	progs := map[string]**ebpf.Program{progFromPod: &d.objs.FromPod, progToPod: &d.objs.ToPod}
+	progs := map[string]**ebpf.Program{progFromPod: &d.objs.FromPod, progToPod: &d.objs.ToPod, progFromNet: &d.objs.FromNet}
 	for name, dst := range progs {
 		p, err := ebpf.LoadPinnedProgram(filepath.Join(d.root, "progs", name), nil)
 		if errors.Is(err, os.ErrNotExist) {
@@ -197,6 +198,7 @@ func (d *Datapath) mapFields() map[string]**ebpf.Map {
 		"endpoints": &m.Endpoints, "events": &m.Events, "fragments": &m.Fragments,
 		"identities": &m.Identities, "ipcache": &m.Ipcache, "local_pods": &m.LocalPods, "policy": &m.Policy,
 		"stats": &m.Stats, "ct_tables": &m.CtTables, "ep_states": &m.EpStates, "event_loss": &m.EventLoss,
+		"remote_cidrs": &m.RemoteCidrs,
 	}
 }
 
@@ -242,7 +244,7 @@ func (d *Datapath) load(opts Options) error {
 		d.Close()
 		return fmt.Errorf("create program pin directory: %w", err)
 	}
-	for name, p := range map[string]*ebpf.Program{progFromPod: d.objs.FromPod, progToPod: d.objs.ToPod} {
+	for name, p := range map[string]*ebpf.Program{progFromPod: d.objs.FromPod, progToPod: d.objs.ToPod, progFromNet: d.objs.FromNet} {
 		if err := repin(p, filepath.Join(d.root, "progs", name)); err != nil {
 			d.Close()
 			return err
