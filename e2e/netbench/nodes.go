@@ -287,11 +287,33 @@ func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) erro
 		if err := n.ip(ctx, route...); err != nil {
 			return err
 		}
+		// The fast path as the agent sets it up: the peer's pod range in
+		// remote_cidrs, from_net on the device its route names.
+		dev, other := "up0", "idcni_vxlan"
+		if strings.HasSuffix(c, "vxlan") {
+			dev, other = other, dev
+		}
+		var ranges []netip.Prefix
+		if idcni {
+			ranges = []netip.Prefix{peer.pods}
+		}
+		if err := n.dp.SetRemoteCIDRs(ranges); err != nil {
+			return err
+		}
 		err := inNode(n.path, func() error {
-			if idcni {
-				return n.dp.Attach(n.pod.hostIf)
+			if err := n.dp.DetachNet(other); err != nil {
+				return err
 			}
-			return n.dp.Detach(n.pod.hostIf)
+			if !idcni {
+				if err := n.dp.DetachNet(dev); err != nil {
+					return err
+				}
+				return n.dp.Detach(n.pod.hostIf)
+			}
+			if err := n.dp.AttachNet(dev); err != nil {
+				return err
+			}
+			return n.dp.Attach(n.pod.hostIf)
 		})
 		if err != nil {
 			return err
@@ -316,9 +338,28 @@ func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) erro
 }
 
 // measureCross runs one workload and checks the path: the programs of
-// both nodes counted packets (idcni) or none (bare), and node A's tunnel
-// sent packets (vxlan) or none (direct).
+// both nodes counted packets (idcni) or none (bare), node A's tunnel
+// sent packets (vxlan) or none (direct), and the nodes' IP forwarding
+// forwarded the pods' packets (bare) or next to none of them (idcni, the
+// fast path: a few may take the stack while a neighbour resolves).
 func measureCross(ctx context.Context, c string, m metric, w workload, a, b *benchNode) (float64, error) {
+	forwarded := func() (uint64, error) {
+		var sum uint64
+		for _, n := range []*benchNode{a, b} {
+			if err := inNode(n.path, func() error {
+				v, err := forwDatagrams()
+				sum += v
+				return err
+			}); err != nil {
+				return 0, err
+			}
+		}
+		return sum, nil
+	}
+	f0, err := forwarded()
+	if err != nil {
+		return 0, err
+	}
 	count := func() (passed uint64, tunnel uint64, err error) {
 		for _, n := range []*benchNode{a, b} {
 			cs, err := n.dp.Counters()
@@ -362,7 +403,42 @@ func measureCross(ctx context.Context, c string, m metric, w workload, a, b *ben
 	if vx := strings.HasSuffix(c, "vxlan"); vx != (t1-t0 > 100) {
 		return 0, fmt.Errorf("%s: node A's idcni_vxlan sent %d packets: the path is not what the configuration says", c, t1-t0)
 	}
+	f1, err := forwarded()
+	if err != nil {
+		return 0, err
+	}
+	if idcni := strings.HasPrefix(c, "idcni"); idcni == (f1-f0 > 100) {
+		return 0, fmt.Errorf("%s: the nodes' IP forwarding forwarded %d packets: the fast path is not what the configuration says", c, f1-f0)
+	}
 	return s.Value, nil
+}
+
+// forwDatagrams is the calling thread's network namespace's count of IP
+// packets forwarded (Ip: ForwDatagrams in /proc/net/snmp).
+func forwDatagrams() (uint64, error) {
+	raw, err := os.ReadFile("/proc/thread-self/net/snmp")
+	if err != nil {
+		return 0, err
+	}
+	var names []string
+	for line := range strings.Lines(string(raw)) {
+		fields := strings.Fields(line)
+		if len(fields) == 0 || fields[0] != "Ip:" {
+			continue
+		}
+		if names == nil {
+			names = fields
+			continue
+		}
+		for i, name := range names {
+			if name == "ForwDatagrams" && i < len(fields) {
+				var v uint64
+				_, err := fmt.Sscan(fields[i], &v)
+				return v, err
+			}
+		}
+	}
+	return 0, errors.New("/proc/net/snmp has no Ip: ForwDatagrams")
 }
 
 func printCross(out io.Writer, o *options, configs []string, samples map[string][]float64) {
