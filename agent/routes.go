@@ -186,6 +186,9 @@ type nodeRouter struct {
 	conflicts map[netip.Prefix]string
 	// tunnel is the vxlan device's index as last made, 0 without one.
 	tunnel int
+	// installed are the routes in place after the last sync, sorted:
+	// what the fast path (fastpath.go) is made of.
+	installed []nodeRoute
 }
 
 func newNodeRouter(t routeTable, log *slog.Logger, m *metrics, mode RoutingMode, port uint16) *nodeRouter {
@@ -407,6 +410,7 @@ func (r *nodeRouter) sync(peers []peerNode, self selfNode) error {
 		}
 	}
 	r.tunnel = tunnel
+	r.installed = sortedRoutes(want)
 	for dst, why := range missing {
 		if r.missing[dst] != why {
 			r.log.Warn(why, "podCIDR", dst)

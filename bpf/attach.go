@@ -494,3 +494,23 @@ func AttachedLinks(root string) ([]string, error) {
 	}
 	return out, nil
 }
+
+// RemoveNetFilters removes idcni's legacy from_net filters from every
+// link. tcx attachments of from_net go with the pins (Unpin); legacy
+// filters hold their program on the uplink until removed, so
+// `--uninstall` calls this before removing the pins.
+func RemoveNetFilters() error {
+	links, err := listLinks()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, l := range links {
+		if f := findLegacy(l.Attrs().Index, netHook); f != nil {
+			if err := netlink.FilterDel(f); err != nil {
+				errs = append(errs, fmt.Errorf("remove from_net filter of %s: %w", l.Attrs().Name, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
+}
