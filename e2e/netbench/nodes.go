@@ -39,6 +39,13 @@ import (
 //   - idcni-vxlan: the programs and identities of idcni-direct over the
 //     tunnel of bare-vxlan.
 //
+// The idcni configurations run with the fast path as the agent sets it up
+// (agent/fastpath.go: the peer's pod range in remote_cidrs, from_net on
+// the device its route names), so neither node forwards the pods'
+// packets; with -stack, idcni-direct-stack and idcni-vxlan-stack run the
+// same programs without it, through both nodes' forwarding, as before
+// the fast path.
+//
 // The pods' MTU is 1450 in all four, as the agent's CNI config gives
 // them in auto and vxlan mode (uplink 1500 less 50), so direct and VXLAN
 // move the same segments. The tunnel is made here with ip(8), not by the
@@ -179,6 +186,9 @@ func crossNode(ctx context.Context, o *options, binDir, tmp, suffix string, cl *
 	logf("nodes: client %s on %s (underlay %s) -> server %s:%d on %s (underlay %s)", a.pod.addr, a.name, a.underlay, b.pod.addr, o.port, b.name, b.underlay)
 
 	configs := []string{"bare-direct", "idcni-direct", "bare-vxlan", "idcni-vxlan"}
+	if o.stackPath {
+		configs = append(configs, "idcni-direct-stack", "idcni-vxlan-stack")
+	}
 	w := workload{
 		clientNS: a.pod.nsPath, serverNS: b.pod.nsPath,
 		server: netip.AddrPortFrom(b.pod.addr, uint16(o.port)),
@@ -278,10 +288,11 @@ func nameCrossPods(a, b *benchNode) error {
 // rule allows is refused (bare) or dropped (idcni).
 func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) error {
 	idcni := strings.HasPrefix(c, "idcni")
+	fast := idcni && !strings.HasSuffix(c, "-stack")
 	for _, pair := range [][2]*benchNode{{a, b}, {b, a}} {
 		n, peer := pair[0], pair[1]
 		route := []string{"route", "replace", peer.pods.String(), "via", peer.underlay.String(), "dev", "up0"}
-		if strings.HasSuffix(c, "vxlan") {
+		if strings.Contains(c, "vxlan") {
 			route = []string{"route", "replace", peer.pods.String(), "via", peer.underlay.String(), "dev", "idcni_vxlan", "onlink"}
 		}
 		if err := n.ip(ctx, route...); err != nil {
@@ -290,11 +301,11 @@ func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) erro
 		// The fast path as the agent sets it up: the peer's pod range in
 		// remote_cidrs, from_net on the device its route names.
 		dev, other := "up0", "idcni_vxlan"
-		if strings.HasSuffix(c, "vxlan") {
+		if strings.Contains(c, "vxlan") {
 			dev, other = other, dev
 		}
 		var ranges []netip.Prefix
-		if idcni {
+		if fast {
 			ranges = []netip.Prefix{peer.pods}
 		}
 		if err := n.dp.SetRemoteCIDRs(ranges); err != nil {
@@ -304,10 +315,12 @@ func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) erro
 			if err := n.dp.DetachNet(other); err != nil {
 				return err
 			}
-			if !idcni {
+			if !fast {
 				if err := n.dp.DetachNet(dev); err != nil {
 					return err
 				}
+			}
+			if !idcni {
 				return n.dp.Detach(n.pod.hostIf)
 			}
 			if err := n.dp.AttachNet(dev); err != nil {
@@ -400,14 +413,14 @@ func measureCross(ctx context.Context, c string, m metric, w workload, a, b *ben
 	if idcni := strings.HasPrefix(c, "idcni"); idcni != (p1 > p0) {
 		return 0, fmt.Errorf("%s: the datapaths passed %d packets: the programs are not where the configuration says", c, p1-p0)
 	}
-	if vx := strings.HasSuffix(c, "vxlan"); vx != (t1-t0 > 100) {
+	if vx := strings.Contains(c, "vxlan"); vx != (t1-t0 > 100) {
 		return 0, fmt.Errorf("%s: node A's idcni_vxlan sent %d packets: the path is not what the configuration says", c, t1-t0)
 	}
 	f1, err := forwarded()
 	if err != nil {
 		return 0, err
 	}
-	if idcni := strings.HasPrefix(c, "idcni"); idcni == (f1-f0 > 100) {
+	if fast := strings.HasPrefix(c, "idcni") && !strings.HasSuffix(c, "-stack"); fast == (f1-f0 > 100) {
 		return 0, fmt.Errorf("%s: the nodes' IP forwarding forwarded %d packets: the fast path is not what the configuration says", c, f1-f0)
 	}
 	return s.Value, nil
@@ -450,7 +463,7 @@ func printCross(out io.Writer, o *options, configs []string, samples map[string]
 	fmt.Fprintln(out)
 	for _, c := range configs {
 		fmt.Fprintf(out, "%-13s", c)
-		bare := strings.Replace(c, "idcni", "bare", 1)
+		bare := strings.TrimSuffix(strings.Replace(c, "idcni", "bare", 1), "-stack")
 		for _, m := range o.metrics {
 			v := samples[c+" "+m.name]
 			med := median(v)
