@@ -48,7 +48,7 @@ func (f *fakeFastDP) DetachNet(name string) error {
 }
 
 func (f *fakeFastDP) AttachedNetIndex(idx int) (bool, error) { return f.attached[idx], nil }
-func (f *fakeFastDP) NetLinks() ([]string, error)           { return slices.Clone(f.pinned), nil }
+func (f *fakeFastDP) NetLinks() ([]string, error)            { return slices.Clone(f.pinned), nil }
 func (f *fakeFastDP) Lock() (func(), error)                  { return func() {}, nil }
 func (f *fakeFastDP) ReopenPrograms() error                  { return nil }
 
