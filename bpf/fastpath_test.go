@@ -133,7 +133,11 @@ func TestFromNet(t *testing.T) {
 		{"allowed", pkttest.Packet{Src: remote4, Dst: ipB, Proto: pkttest.TCP, SrcPort: 5000, DstPort: 80, TCPFlags: pkttest.SYN}.Frame(), ReasonAllowRule, true},
 		{"established", pkttest.Packet{Src: remote4, Dst: ipB, Proto: pkttest.TCP, SrcPort: 5000, DstPort: 80, TCPFlags: pkttest.ACK}.Frame(), ReasonAllowEstablished, true},
 		{"no rule", pkttest.Packet{Src: remote4, Dst: ipB, Proto: pkttest.TCP, SrcPort: 5000, DstPort: 81, TCPFlags: pkttest.SYN}.Frame(), ReasonDropNoRule, false},
-		{"IPv6", pkttest.Packet{Src: remote6, Dst: ip6A, Proto: pkttest.UDP, SrcPort: 5000, DstPort: 53}.Frame(), ReasonAllowRule, true},
+		{"IPv6", pkttest.Packet{Src: remote6, Dst: ip6A, Proto: pkttest.TCP, SrcPort: 5000, DstPort: 22, TCPFlags: pkttest.SYN}.Frame(), ReasonAllowRule, true},
+		// Not a bare SYN, of no known flow: maybe a reply the node must
+		// translate back; the stack's, then to_pod's.
+		{"new UDP", pkttest.Packet{Src: remote6, Dst: ip6A, Proto: pkttest.UDP, SrcPort: 5000, DstPort: 53}.Frame(), noCheck, false},
+		{"unknown SYN-ACK", pkttest.Packet{Src: remote4, Dst: ipB, Proto: pkttest.TCP, SrcPort: 80, DstPort: 6000, TCPFlags: pkttest.SYN | pkttest.ACK}.Frame(), noCheck, false},
 		{"from the world", pkttest.Packet{Src: netip.MustParseAddr("8.8.8.8"), Dst: ipB, Proto: pkttest.TCP, SrcPort: 5000, DstPort: 80, TCPFlags: pkttest.SYN}.Frame(), noCheck, false},
 		{"to no local pod", pkttest.Packet{Src: remote4, Dst: netip.MustParseAddr("10.13.0.99"), Proto: pkttest.TCP, SrcPort: 5000, DstPort: 80, TCPFlags: pkttest.SYN}.Frame(), noCheck, false},
 		{"ttl 1", pkttest.Packet{Src: remote4, Dst: ipB, Proto: pkttest.TCP, SrcPort: 5001, DstPort: 80, TCPFlags: pkttest.SYN, HopLimit: 1}.Frame(), noCheck, false},
@@ -149,5 +153,28 @@ func TestFromNet(t *testing.T) {
 	o := s.sendFull(pkttest.Packet{Src: ipB, Dst: remote4, Proto: pkttest.TCP, SrcPort: 80, DstPort: 5000, TCPFlags: pkttest.SYN | pkttest.ACK}.Frame(), ScopeEgress, s.b, 0)
 	if o.reason != ReasonAllowReply || !o.forwarded {
 		t.Errorf("B's SYN-ACK to %s: got %s, want reply, forwarded", remote4, o)
+	}
+}
+
+// A's connection to a Service address the node translates to a pod on
+// another node: the node's stack sends it (the address is no pod range),
+// and the backend's replies, which carry the backend's address, must go
+// to the stack to be translated back. from_net leaves them there, and
+// to_pod then finds them the replies of A's flow.
+func TestFromNetLeavesServiceRepliesToTheStack(t *testing.T) {
+	s := newRemoteSeed(t)
+	vip := netip.MustParseAddr("10.96.0.10")
+	o := s.sendFull(pkttest.Packet{Src: ipA, Dst: vip, Proto: pkttest.TCP, SrcPort: 41000, DstPort: 80, TCPFlags: pkttest.SYN}.Frame(), ScopeEgress, s.a, 0)
+	if o.forwarded || o.reason != ReasonAllowRule {
+		t.Fatalf("A's SYN to the Service address: got %s, want rule, to the stack", o)
+	}
+	for _, flags := range []uint8{pkttest.SYN | pkttest.ACK, pkttest.ACK} {
+		n := s.sendNet(pkttest.Packet{Src: remote4, Dst: ipA, Proto: pkttest.TCP, SrcPort: 80, DstPort: 41000, TCPFlags: flags}.Frame())
+		if n.ingress != noCheck {
+			t.Fatalf("the backend's reply (flags %#x) untranslated: from_net %s, want left to the stack", flags, n)
+		}
+	}
+	if r := s.send(pkttest.Packet{Src: vip, Dst: ipA, Proto: pkttest.TCP, SrcPort: 80, DstPort: 41000, TCPFlags: pkttest.SYN | pkttest.ACK}.Frame(), ScopeIngress, s.a, 999); r != ReasonAllowReply {
+		t.Fatalf("the reply translated back, at to_pod: %s, want reply", r)
 	}
 }

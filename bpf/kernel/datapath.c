@@ -1414,9 +1414,13 @@ int to_pod(struct __sk_buff *skb)
  * other nodes (the uplink, idcni_vxlan). A packet from another node's pod
  * to a pod here is checked against that pod's ingress exactly as its
  * to_pod would and handed to it directly: the other half of
- * forward_remote. Anything else (the node's own traffic, a Service's,
- * the world's, what the datapath cannot parse) goes on untouched, to the
- * stack and, for a pod, its to_pod. */
+ * forward_remote. Only a bare SYN may start a flow here: any other
+ * packet conntrack does not know may be the reply to a Service address
+ * the local pod dialled, which this node translated on the way out and
+ * only its stack can translate back, so it goes there (and to to_pod
+ * after), as from_pod's local delivery does with such replies. Anything
+ * else (the node's own traffic, a NodePort's, the world's, what the
+ * datapath cannot parse) goes on untouched. */
 SEC("tc")
 int from_net(struct __sk_buff *skb)
 {
@@ -1442,7 +1446,9 @@ int from_net(struct __sk_buff *skb)
 	c.cfg = bpf_map_lookup_elem(&config, &zero);
 	c.rev = c.cfg ? c.cfg->rev : 0;
 	c.now = bpf_ktime_get_coarse_ns();
-	reason = check(&c, &dh, 0, &df);
+	reason = check(&c, &dh, !bare_syn(&p), &df);
+	if (reason == CHECK_STACK)
+		return TC_ACT_OK;
 	if (is_drop(reason))
 		return TC_ACT_SHOT;
 	pass(&p);

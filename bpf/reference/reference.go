@@ -254,7 +254,10 @@ func (v NetVerdict) Delivered() bool { return v.To != 0 && !v.Ingress.Drop() }
 // ProcessNet decides one frame at from_net, on a device that carries
 // routes to other nodes: a packet from another node's pod to a pod here
 // is checked against that pod's ingress as its to_pod would and handed
-// to it; anything else is left to the stack, unparsed or not.
+// to it; anything else is left to the stack, unparsed or not. Only a bare
+// SYN starts a flow there: another packet of no known flow may be a
+// reply the node must translate back (a Service's), which only the stack
+// can.
 func (d *Datapath) ProcessNet(frame []byte) NetVerdict {
 	var p pkt
 	if d.parse(frame, &p) != parseOK || p.ttl <= 1 {
@@ -268,7 +271,12 @@ func (d *Datapath) ProcessNet(frame []byte) NetVerdict {
 	if !ok {
 		return NetVerdict{}
 	}
-	v := NetVerdict{To: to, Ingress: d.check(&p, Ingress, dst, false, false)}
+	bareSYN := p.proto == protoTCP && p.tcpFlags&(tcpSYN|tcpACK) == tcpSYN
+	in := d.check(&p, Ingress, dst, false, !bareSYN)
+	if in == toStack {
+		return NetVerdict{}
+	}
+	v := NetVerdict{To: to, Ingress: in}
 	if !v.Ingress.Drop() {
 		d.pass(&p)
 	}
