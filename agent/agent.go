@@ -198,6 +198,9 @@ func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
 	}
 	// Made when off too: it undoes what an earlier run with it on left.
 	a.fast = newFastPath(a.dp, a.links, a.log, cfg.FastPath && cfg.NodeRoutes)
+	if a.routes != nil {
+		a.routes.releasing = a.fast.sync
+	}
 	if cfg.Masquerade || cfg.TunnelPort != 0 {
 		a.nft = newNFTable()
 		a.metrics.registerNFT(a.nft)

@@ -149,3 +149,43 @@ func TestFastPathAudit(t *testing.T) {
 		t.Fatalf("a second audit repaired %d again", n)
 	}
 }
+
+// A route to another node's pods that goes (or moves) leaves the fast
+// path first: with the range still in remote_cidrs and its route gone,
+// from_pod would send its packets by whatever route is left.
+func TestFastPathLetsGoBeforeARouteGoes(t *testing.T) {
+	fr := newFakeRoutes(connectedNet{Prefix: netip.MustParsePrefix("192.0.2.0/24"), Addr: netip.MustParseAddr("192.0.2.10"), LinkIndex: 2, MTU: 1500})
+	r := newNodeRouter(fr, slog.New(slog.DiscardHandler), nil, RoutingDirect, 0)
+	var seen [][]netip.Prefix
+	r.releasing = func(kept []nodeRoute) error {
+		var dsts []netip.Prefix
+		for _, k := range kept {
+			dsts = append(dsts, k.Dst)
+		}
+		// What the table still holds when the fast path is told.
+		if len(fr.routes()) != 2 {
+			t.Errorf("told to let go with %d routes left in the table, want both still there", len(fr.routes()))
+		}
+		seen = append(seen, dsts)
+		return nil
+	}
+	peer := func(name, cidr, addr string) peerNode {
+		return peerNode{name: name, cidrs: []netip.Prefix{netip.MustParsePrefix(cidr)}, addrs: []netip.Addr{netip.MustParseAddr(addr)}}
+	}
+	self := selfNode{cidrs: []netip.Prefix{netip.MustParsePrefix("10.9.0.0/24")}, addrs: []netip.Addr{netip.MustParseAddr("192.0.2.10")}, internal: []netip.Addr{netip.MustParseAddr("192.0.2.10")}}
+	if err := r.sync([]peerNode{peer("a", "10.1.0.0/24", "192.0.2.1"), peer("b", "10.2.0.0/24", "192.0.2.2")}, self); err != nil {
+		t.Fatal(err)
+	}
+	if len(r.installed) != 2 || seen != nil {
+		t.Fatalf("after the first sync: installed %v, told %v", r.installed, seen)
+	}
+	if err := r.sync([]peerNode{peer("a", "10.1.0.0/24", "192.0.2.1")}, self); err != nil {
+		t.Fatal(err)
+	}
+	if want := [][]netip.Prefix{{netip.MustParsePrefix("10.1.0.0/24")}}; !slices.EqualFunc(seen, want, slices.Equal) {
+		t.Fatalf("told %v before node b's route went, want %v", seen, want)
+	}
+	if len(fr.routes()) != 1 || len(r.installed) != 1 {
+		t.Fatalf("after node b went: table %v, installed %v", fr.routes(), r.installed)
+	}
+}
