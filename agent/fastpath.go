@@ -94,6 +94,12 @@ func (f *fastPath) sync(routes []nodeRoute) error {
 		if !ok {
 			continue // gone since the routes were made; the next sync knows
 		}
+		if f.devices[idx] == l.Name {
+			// On it since the last sync: the audit checks it is still
+			// there, a Node event need not.
+			devices[idx] = l.Name
+			continue
+		}
 		if err := f.attach(l.Name); err != nil {
 			errs = append(errs, fmt.Errorf("fast path: %w", err))
 			continue
