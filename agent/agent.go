@@ -90,7 +90,12 @@ type Config struct {
 	// for direct routing only (the flags refuse it otherwise; a tunnel
 	// asked for anyway uses DefaultTunnelPort).
 	TunnelPort uint16
-	Logger     *slog.Logger
+	// FastPath lets traffic between this node's pods and other nodes'
+	// skip the node's forwarding and netfilter (fastpath.go), on the
+	// routes NodeRoutes makes; off, the datapath's fast path is emptied
+	// and from_net detached.
+	FastPath bool
+	Logger   *slog.Logger
 }
 
 // Agent is one node's agent.
@@ -144,6 +149,9 @@ type Agent struct {
 	// routes programs the routes to other nodes' pod CIDRs; nil when
 	// Config.NodeRoutes is off. Owned by the writer loop.
 	routes *nodeRouter
+	// fast keeps the fast path to other nodes' pods equal to the routes
+	// in place; nil in unit tests. Owned by the writer loop.
+	fast *fastPath
 	// announcer announces new local pods' addresses; nil when
 	// Config.AnnouncePods is off. announcements is the other nodes'
 	// announcements, which the writer loop indexes by ConfigMap and by
@@ -190,6 +198,11 @@ func New(cfg Config, client kubernetes.Interface) (*Agent, error) {
 	a.links = netlinkLinks{}
 	if cfg.NodeRoutes {
 		a.routes = newNodeRouter(netlinkRoutes{}, a.log, a.metrics, cfg.RoutingMode, cfg.TunnelPort)
+	}
+	// Made when off too: it undoes what an earlier run with it on left.
+	a.fast = newFastPath(a.dp, a.links, a.log, cfg.FastPath && cfg.NodeRoutes)
+	if a.routes != nil {
+		a.routes.releasing = a.fast.sync
 	}
 	if cfg.Masquerade || cfg.TunnelPort != 0 {
 		a.nft = newNFTable()

@@ -46,6 +46,10 @@ func (a *Agent) auditAttachments() {
 			"pod", ep.PodNamespace+"/"+ep.PodName, "container", short(ep.ContainerID), "hostIfName", l.Name, "ifindex", ep.HostIfIndex)
 	}
 	a.metrics.unattached.Set(float64(unattached))
+	if a.fast != nil {
+		repaired, _ := a.fast.audit()
+		a.metrics.attachRepairs.Add(float64(repaired))
+	}
 }
 
 // reattach attaches the programs pinned now to ifname under the root lock,

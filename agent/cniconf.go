@@ -13,6 +13,8 @@ import (
 	apierrors "k8s.io/apimachinery/pkg/api/errors"
 	"k8s.io/apimachinery/pkg/runtime"
 	"k8s.io/apimachinery/pkg/types"
+
+	"github.com/idcni/idcni/bpf"
 )
 
 // WriteCNIConf writes the plugin's conflist into the CNI config directory,
@@ -248,6 +250,7 @@ func Uninstall(confDir, confName, bpfRoot string) error {
 			errs = append(errs, err)
 		}
 	}
-	errs = append(errs, removePins(bpfRoot))
+	// Legacy from_net filters on the uplinks do not go with the pins.
+	errs = append(errs, bpf.RemoveNetFilters(), removePins(bpfRoot))
 	return errors.Join(errs...)
 }

@@ -287,7 +287,7 @@ func (a *Agent) syncNodes() error {
 // syncRoutes makes the routes to other nodes' pod CIDRs follow the Nodes.
 func (a *Agent) syncRoutes() error {
 	if a.routes == nil {
-		return nil
+		return a.syncFastPath(nil)
 	}
 	nodes, local, err := a.nodesAndLocalCIDRs()
 	if err != nil {
@@ -299,7 +299,17 @@ func (a *Agent) syncRoutes() error {
 			self.addrs, self.internal = hostAddrs(n), internalIPs(n)
 		}
 	}
-	return a.routes.sync(peerNodes(nodes, a.cfg.NodeName), self)
+	err = a.routes.sync(peerNodes(nodes, a.cfg.NodeName), self)
+	return errors.Join(err, a.syncFastPath(a.routes.installed))
+}
+
+// syncFastPath makes the fast path that of the routes in place: it
+// follows them, never decides peers of its own.
+func (a *Agent) syncFastPath(routes []nodeRoute) error {
+	if a.fast == nil {
+		return nil
+	}
+	return a.fast.sync(routes)
 }
 
 // nodesAndLocalCIDRs returns every Node and this node's pod CIDRs, what

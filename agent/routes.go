@@ -186,6 +186,12 @@ type nodeRouter struct {
 	conflicts map[netip.Prefix]string
 	// tunnel is the vxlan device's index as last made, 0 without one.
 	tunnel int
+	// installed are the routes in place after the last sync, sorted:
+	// what the fast path (fastpath.go) is made of.
+	installed []nodeRoute
+	// releasing, when set, is told the installed routes that stay before
+	// sync removes or changes any other.
+	releasing func(kept []nodeRoute) error
 }
 
 func newNodeRouter(t routeTable, log *slog.Logger, m *metrics, mode RoutingMode, port uint16) *nodeRouter {
@@ -358,6 +364,21 @@ func (r *nodeRouter) sync(peers []peerNode, self selfNode) error {
 	if err != nil {
 		return errors.Join(append(errs, fmt.Errorf("node routes: %w", err))...)
 	}
+	// Before a route goes or changes, what uses it lets go: the fast
+	// path would otherwise send its destination's packets by whatever
+	// route is left (a default route, past the masquerade).
+	if r.releasing != nil {
+		var kept []nodeRoute
+		for _, i := range r.installed {
+			if w, ok := want[i.Dst]; ok && w == i && slices.Contains(have, i) {
+				kept = append(kept, i)
+			}
+		}
+		if len(kept) != len(r.installed) {
+			errs = append(errs, r.releasing(kept))
+			r.installed = kept
+		}
+	}
 	// The agent's route to each wanted destination; any other route of
 	// its protocol goes.
 	owned := map[netip.Prefix]nodeRoute{}
@@ -407,6 +428,7 @@ func (r *nodeRouter) sync(peers []peerNode, self selfNode) error {
 		}
 	}
 	r.tunnel = tunnel
+	r.installed = sortedRoutes(want)
 	for dst, why := range missing {
 		if r.missing[dst] != why {
 			r.log.Warn(why, "podCIDR", dst)

@@ -58,7 +58,16 @@ var hooks = []hook{
 	{"egress", ebpf.AttachTCXEgress, netlink.HANDLE_MIN_EGRESS, func(d *Datapath) *ebpf.Program { return d.objs.ToPod }, progToPod},
 }
 
+// netHook is from_net on a device that carries routes to other nodes. Its
+// links are pinned apart from the pods' (<root>/netlinks/<ifname>): they
+// are not pods, so what lists attached pods (GC, --uninstall's refusal)
+// does not see them.
+var netHook = hook{"net", ebpf.AttachTCXIngress, netlink.HANDLE_MIN_INGRESS, func(d *Datapath) *ebpf.Program { return d.objs.FromNet }, progFromNet}
+
 func (d *Datapath) linkPin(ifname, suffix string) string {
+	if suffix == netHook.suffix {
+		return filepath.Join(d.root, "netlinks", ifname)
+	}
 	return filepath.Join(d.root, "links", ifname+"_"+suffix)
 }
 
@@ -66,25 +75,37 @@ func (d *Datapath) linkPin(ifname, suffix string) string {
 // host veth ifname. It is idempotent: an existing attachment is moved to the
 // current programs in place, with no moment without a program.
 func (d *Datapath) Attach(ifname string) error {
+	return d.attach(ifname, hooks)
+}
+
+// AttachNet puts from_net on the TC ingress of ifname, a device that
+// carries routes to other nodes' pods (the uplink, idcni_vxlan): packets
+// from their pods to pods here are checked and delivered without the
+// node's forwarding. Idempotent like Attach.
+func (d *Datapath) AttachNet(ifname string) error {
+	return d.attach(ifname, []hook{netHook})
+}
+
+func (d *Datapath) attach(ifname string, hs []hook) error {
 	l, err := netlink.LinkByName(ifname)
 	if err != nil {
 		return fmt.Errorf("attach to %s: %w", ifname, err)
 	}
 	ifindex := l.Attrs().Index
 	if d.mode != AttachLegacy {
-		err := d.attachTCX(ifname, ifindex)
+		err := d.attachTCX(ifname, ifindex, hs)
 		if err == nil || d.mode == AttachTCX || !errors.Is(err, ebpf.ErrNotSupported) {
 			return err
 		}
 	}
-	return d.attachLegacy(ifname, ifindex)
+	return d.attachLegacy(ifname, ifindex, hs)
 }
 
-func (d *Datapath) attachTCX(ifname string, ifindex int) error {
-	if err := os.MkdirAll(filepath.Join(d.root, "links"), 0o700); err != nil {
-		return fmt.Errorf("create link pin directory: %w", err)
-	}
-	for _, h := range hooks {
+func (d *Datapath) attachTCX(ifname string, ifindex int, hs []hook) error {
+	for _, h := range hs {
+		if err := os.MkdirAll(filepath.Dir(d.linkPin(ifname, h.suffix)), 0o700); err != nil {
+			return fmt.Errorf("create link pin directory: %w", err)
+		}
 		pin := d.linkPin(ifname, h.suffix)
 		if l, err := link.LoadPinnedLink(pin, nil); err == nil {
 			info, ierr := l.Info()
@@ -113,7 +134,7 @@ func (d *Datapath) attachTCX(ifname string, ifindex int) error {
 	return nil
 }
 
-func (d *Datapath) attachLegacy(ifname string, ifindex int) error {
+func (d *Datapath) attachLegacy(ifname string, ifindex int, hs []hook) error {
 	qdisc := &netlink.GenericQdisc{
 		QdiscAttrs: netlink.QdiscAttrs{LinkIndex: ifindex, Handle: netlink.MakeHandle(0xffff, 0), Parent: netlink.HANDLE_CLSACT},
 		QdiscType:  "clsact",
@@ -121,7 +142,7 @@ func (d *Datapath) attachLegacy(ifname string, ifindex int) error {
 	if err := netlink.QdiscReplace(qdisc); err != nil {
 		return fmt.Errorf("add clsact qdisc to %s: %w", ifname, err)
 	}
-	for _, h := range hooks {
+	for _, h := range hs {
 		if err := netlink.FilterReplace(legacyFilter(ifindex, h, h.prog(d))); err != nil {
 			return fmt.Errorf("attach cls_bpf %s to %s: %w", h.suffix, ifname, err)
 		}
@@ -142,8 +163,18 @@ func legacyFilter(ifindex int, h hook, p *ebpf.Program) *netlink.BpfFilter {
 // Detach removes the programs from ifname. It succeeds when nothing is
 // attached and when the interface is already gone.
 func (d *Datapath) Detach(ifname string) error {
+	return d.detach(ifname, hooks)
+}
+
+// DetachNet removes from_net from ifname; like Detach, it succeeds when
+// nothing is attached and when the device is gone.
+func (d *Datapath) DetachNet(ifname string) error {
+	return d.detach(ifname, []hook{netHook})
+}
+
+func (d *Datapath) detach(ifname string, hs []hook) error {
 	var errs []error
-	for _, h := range hooks {
+	for _, h := range hs {
 		pin := d.linkPin(ifname, h.suffix)
 		l, err := link.LoadPinnedLink(pin, nil)
 		if err == nil {
@@ -155,7 +186,7 @@ func (d *Datapath) Detach(ifname string) error {
 		}
 	}
 	if l, err := netlink.LinkByName(ifname); err == nil {
-		for _, h := range hooks {
+		for _, h := range hs {
 			if f := findLegacy(l.Attrs().Index, h); f != nil {
 				errs = append(errs, netlink.FilterDel(f))
 			}
@@ -271,12 +302,36 @@ func (d *Datapath) replaceAttachments() error {
 			}
 		}
 	}
+	nets, err := d.NetLinks()
+	if err != nil {
+		return err
+	}
+	for _, ifname := range nets {
+		l, err := link.LoadPinnedLink(d.linkPin(ifname, netHook.suffix), nil)
+		if err != nil {
+			continue
+		}
+		if info, err := l.Info(); err == nil && info.TCX() != nil && info.TCX().Ifindex == 0 {
+			_ = l.Unpin()
+			l.Close()
+			continue
+		}
+		if d.objs.FromNet == nil {
+			l.Close()
+			continue // a handle of a build without from_net (a migration's undo)
+		}
+		err = l.Update(d.objs.FromNet)
+		l.Close()
+		if err != nil {
+			return fmt.Errorf("move tcx from_net of %s to the new program: %w", ifname, err)
+		}
+	}
 	links, err := listLinks()
 	if err != nil {
 		return err
 	}
 	for _, l := range links {
-		for _, h := range hooks {
+		for _, h := range append(hooks[:len(hooks):len(hooks)], netHook) {
 			if h.prog(d) == nil || findLegacy(l.Attrs().Index, h) == nil {
 				continue
 			}
@@ -313,7 +368,7 @@ func listLinks() ([]netlink.Link, error) {
 // its load to its last re-pin, and attach before letting go.
 func (d *Datapath) ReopenPrograms() error {
 	fresh := map[string]*ebpf.Program{}
-	for _, name := range []string{progFromPod, progToPod} {
+	for _, name := range []string{progFromPod, progToPod, progFromNet} {
 		p, err := ebpf.LoadPinnedProgram(filepath.Join(d.root, "progs", name), nil)
 		if err != nil {
 			for _, q := range fresh {
@@ -325,7 +380,8 @@ func (d *Datapath) ReopenPrograms() error {
 	}
 	d.objs.FromPod.Close()
 	d.objs.ToPod.Close()
-	d.objs.FromPod, d.objs.ToPod = fresh[progFromPod], fresh[progToPod]
+	d.objs.FromNet.Close()
+	d.objs.FromPod, d.objs.ToPod, d.objs.FromNet = fresh[progFromPod], fresh[progToPod], fresh[progFromNet]
 	return nil
 }
 
@@ -342,8 +398,37 @@ func (d *Datapath) AttachedIndex(ifindex int) (bool, error) {
 // ifindex where the kernel does not run this handle's program, by tcx or
 // cls_bpf: empty when both run it.
 func (d *Datapath) MissingHooks(ifindex int) ([]string, error) {
+	return d.missingHooks(ifindex, hooks)
+}
+
+// AttachedNetIndex reports whether this handle's from_net is attached to
+// the link at ifindex, asking the kernel like AttachedIndex.
+func (d *Datapath) AttachedNetIndex(ifindex int) (bool, error) {
+	missing, err := d.missingHooks(ifindex, []hook{netHook})
+	return err == nil && len(missing) == 0, err
+}
+
+// NetLinks lists the devices from_net is pinned on under the root (tcx),
+// whether or not they still exist: what the agent detaches when a device
+// no longer carries routes to other nodes, or on --fast-path=false.
+func (d *Datapath) NetLinks() ([]string, error) {
+	entries, err := os.ReadDir(filepath.Join(d.root, "netlinks"))
+	if errors.Is(err, os.ErrNotExist) {
+		return nil, nil
+	}
+	if err != nil {
+		return nil, fmt.Errorf("list from_net link pins: %w", err)
+	}
+	out := make([]string, 0, len(entries))
+	for _, e := range entries {
+		out = append(out, e.Name())
+	}
+	return out, nil
+}
+
+func (d *Datapath) missingHooks(ifindex int, hs []hook) ([]string, error) {
 	var missing []string
-	for _, h := range hooks {
+	for _, h := range hs {
 		info, err := h.prog(d).Info()
 		if err != nil {
 			return nil, fmt.Errorf("program info: %w", err)
@@ -428,4 +513,24 @@ func AttachedLinks(root string) ([]string, error) {
 		}
 	}
 	return out, nil
+}
+
+// RemoveNetFilters removes idcni's legacy from_net filters from every
+// link. tcx attachments of from_net go with the pins (Unpin); legacy
+// filters hold their program on the uplink until removed, so
+// `--uninstall` calls this before removing the pins.
+func RemoveNetFilters() error {
+	links, err := listLinks()
+	if err != nil {
+		return err
+	}
+	var errs []error
+	for _, l := range links {
+		if f := findLegacy(l.Attrs().Index, netHook); f != nil {
+			if err := netlink.FilterDel(f); err != nil {
+				errs = append(errs, fmt.Errorf("remove from_net filter of %s: %w", l.Attrs().Name, err))
+			}
+		}
+	}
+	return errors.Join(errs...)
 }

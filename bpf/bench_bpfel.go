@@ -201,6 +201,7 @@ const (
 	benchMapIpcache           = "ipcache"
 	benchMapLocalPods         = "local_pods"
 	benchMapPolicy            = "policy"
+	benchMapRemoteCidrs       = "remote_cidrs"
 	benchMapServices          = "services"
 	benchMapStats             = "stats"
 	benchProgBenchBumpOnly    = "bench_bump_only"
@@ -209,6 +210,7 @@ const (
 	benchProgBenchNewFlowWarm = "bench_new_flow_warm"
 	benchProgBenchRestoreOnly = "bench_restore_only"
 	benchProgBenchService     = "bench_service"
+	benchProgFromNet          = "from_net"
 	benchProgFromPod          = "from_pod"
 	benchProgToPod            = "to_pod"
 	benchVarSaved             = "saved"
@@ -269,6 +271,7 @@ type benchProgramSpecs struct {
 	BenchNewFlowWarm *ebpf.ProgramSpec `ebpf:"bench_new_flow_warm"`
 	BenchRestoreOnly *ebpf.ProgramSpec `ebpf:"bench_restore_only"`
 	BenchService     *ebpf.ProgramSpec `ebpf:"bench_service"`
+	FromNet          *ebpf.ProgramSpec `ebpf:"from_net"`
 	FromPod          *ebpf.ProgramSpec `ebpf:"from_pod"`
 	ToPod            *ebpf.ProgramSpec `ebpf:"to_pod"`
 }
@@ -277,23 +280,24 @@ type benchProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type benchMapSpecs struct {
-	Affinity   *ebpf.MapSpec `ebpf:"affinity"`
-	Backends   *ebpf.MapSpec `ebpf:"backends"`
-	Config     *ebpf.MapSpec `ebpf:"config"`
-	Conntrack  *ebpf.MapSpec `ebpf:"conntrack"`
-	Counters   *ebpf.MapSpec `ebpf:"counters"`
-	CtTables   *ebpf.MapSpec `ebpf:"ct_tables"`
-	Endpoints  *ebpf.MapSpec `ebpf:"endpoints"`
-	EpStates   *ebpf.MapSpec `ebpf:"ep_states"`
-	EventLoss  *ebpf.MapSpec `ebpf:"event_loss"`
-	Events     *ebpf.MapSpec `ebpf:"events"`
-	Fragments  *ebpf.MapSpec `ebpf:"fragments"`
-	Identities *ebpf.MapSpec `ebpf:"identities"`
-	Ipcache    *ebpf.MapSpec `ebpf:"ipcache"`
-	LocalPods  *ebpf.MapSpec `ebpf:"local_pods"`
-	Policy     *ebpf.MapSpec `ebpf:"policy"`
-	Services   *ebpf.MapSpec `ebpf:"services"`
-	Stats      *ebpf.MapSpec `ebpf:"stats"`
+	Affinity    *ebpf.MapSpec `ebpf:"affinity"`
+	Backends    *ebpf.MapSpec `ebpf:"backends"`
+	Config      *ebpf.MapSpec `ebpf:"config"`
+	Conntrack   *ebpf.MapSpec `ebpf:"conntrack"`
+	Counters    *ebpf.MapSpec `ebpf:"counters"`
+	CtTables    *ebpf.MapSpec `ebpf:"ct_tables"`
+	Endpoints   *ebpf.MapSpec `ebpf:"endpoints"`
+	EpStates    *ebpf.MapSpec `ebpf:"ep_states"`
+	EventLoss   *ebpf.MapSpec `ebpf:"event_loss"`
+	Events      *ebpf.MapSpec `ebpf:"events"`
+	Fragments   *ebpf.MapSpec `ebpf:"fragments"`
+	Identities  *ebpf.MapSpec `ebpf:"identities"`
+	Ipcache     *ebpf.MapSpec `ebpf:"ipcache"`
+	LocalPods   *ebpf.MapSpec `ebpf:"local_pods"`
+	Policy      *ebpf.MapSpec `ebpf:"policy"`
+	RemoteCidrs *ebpf.MapSpec `ebpf:"remote_cidrs"`
+	Services    *ebpf.MapSpec `ebpf:"services"`
+	Stats       *ebpf.MapSpec `ebpf:"stats"`
 }
 
 // benchVariableSpecs contains global variables before they are loaded into the kernel.
@@ -330,23 +334,24 @@ func (o *benchObjects) Close() error {
 //
 // It can be passed to loadBenchObjects or ebpf.CollectionSpec.LoadAndAssign.
 type benchMaps struct {
-	Affinity   *ebpf.Map `ebpf:"affinity"`
-	Backends   *ebpf.Map `ebpf:"backends"`
-	Config     *ebpf.Map `ebpf:"config"`
-	Conntrack  *ebpf.Map `ebpf:"conntrack"`
-	Counters   *ebpf.Map `ebpf:"counters"`
-	CtTables   *ebpf.Map `ebpf:"ct_tables"`
-	Endpoints  *ebpf.Map `ebpf:"endpoints"`
-	EpStates   *ebpf.Map `ebpf:"ep_states"`
-	EventLoss  *ebpf.Map `ebpf:"event_loss"`
-	Events     *ebpf.Map `ebpf:"events"`
-	Fragments  *ebpf.Map `ebpf:"fragments"`
-	Identities *ebpf.Map `ebpf:"identities"`
-	Ipcache    *ebpf.Map `ebpf:"ipcache"`
-	LocalPods  *ebpf.Map `ebpf:"local_pods"`
-	Policy     *ebpf.Map `ebpf:"policy"`
-	Services   *ebpf.Map `ebpf:"services"`
-	Stats      *ebpf.Map `ebpf:"stats"`
+	Affinity    *ebpf.Map `ebpf:"affinity"`
+	Backends    *ebpf.Map `ebpf:"backends"`
+	Config      *ebpf.Map `ebpf:"config"`
+	Conntrack   *ebpf.Map `ebpf:"conntrack"`
+	Counters    *ebpf.Map `ebpf:"counters"`
+	CtTables    *ebpf.Map `ebpf:"ct_tables"`
+	Endpoints   *ebpf.Map `ebpf:"endpoints"`
+	EpStates    *ebpf.Map `ebpf:"ep_states"`
+	EventLoss   *ebpf.Map `ebpf:"event_loss"`
+	Events      *ebpf.Map `ebpf:"events"`
+	Fragments   *ebpf.Map `ebpf:"fragments"`
+	Identities  *ebpf.Map `ebpf:"identities"`
+	Ipcache     *ebpf.Map `ebpf:"ipcache"`
+	LocalPods   *ebpf.Map `ebpf:"local_pods"`
+	Policy      *ebpf.Map `ebpf:"policy"`
+	RemoteCidrs *ebpf.Map `ebpf:"remote_cidrs"`
+	Services    *ebpf.Map `ebpf:"services"`
+	Stats       *ebpf.Map `ebpf:"stats"`
 }
 
 func (m *benchMaps) Close() error {
@@ -366,6 +371,7 @@ func (m *benchMaps) Close() error {
 		m.Ipcache,
 		m.LocalPods,
 		m.Policy,
+		m.RemoteCidrs,
 		m.Services,
 		m.Stats,
 	)
@@ -395,6 +401,7 @@ type benchPrograms struct {
 	BenchNewFlowWarm *ebpf.Program `ebpf:"bench_new_flow_warm"`
 	BenchRestoreOnly *ebpf.Program `ebpf:"bench_restore_only"`
 	BenchService     *ebpf.Program `ebpf:"bench_service"`
+	FromNet          *ebpf.Program `ebpf:"from_net"`
 	FromPod          *ebpf.Program `ebpf:"from_pod"`
 	ToPod            *ebpf.Program `ebpf:"to_pod"`
 }
@@ -407,6 +414,7 @@ func (p *benchPrograms) Close() error {
 		p.BenchNewFlowWarm,
 		p.BenchRestoreOnly,
 		p.BenchService,
+		p.FromNet,
 		p.FromPod,
 		p.ToPod,
 	)

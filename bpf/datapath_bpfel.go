@@ -260,8 +260,10 @@ const (
 	datapathMapIpcache        = "ipcache"
 	datapathMapLocalPods      = "local_pods"
 	datapathMapPolicy         = "policy"
+	datapathMapRemoteCidrs    = "remote_cidrs"
 	datapathMapServices       = "services"
 	datapathMapStats          = "stats"
+	datapathProgFromNet       = "from_net"
 	datapathProgFromPod       = "from_pod"
 	datapathProgToPod         = "to_pod"
 	datapathVarUnusedEpState  = "unused_ep_state"
@@ -315,6 +317,7 @@ type datapathSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathProgramSpecs struct {
+	FromNet *ebpf.ProgramSpec `ebpf:"from_net"`
 	FromPod *ebpf.ProgramSpec `ebpf:"from_pod"`
 	ToPod   *ebpf.ProgramSpec `ebpf:"to_pod"`
 }
@@ -323,23 +326,24 @@ type datapathProgramSpecs struct {
 //
 // It can be passed ebpf.CollectionSpec.Assign.
 type datapathMapSpecs struct {
-	Affinity   *ebpf.MapSpec `ebpf:"affinity"`
-	Backends   *ebpf.MapSpec `ebpf:"backends"`
-	Config     *ebpf.MapSpec `ebpf:"config"`
-	Conntrack  *ebpf.MapSpec `ebpf:"conntrack"`
-	Counters   *ebpf.MapSpec `ebpf:"counters"`
-	CtTables   *ebpf.MapSpec `ebpf:"ct_tables"`
-	Endpoints  *ebpf.MapSpec `ebpf:"endpoints"`
-	EpStates   *ebpf.MapSpec `ebpf:"ep_states"`
-	EventLoss  *ebpf.MapSpec `ebpf:"event_loss"`
-	Events     *ebpf.MapSpec `ebpf:"events"`
-	Fragments  *ebpf.MapSpec `ebpf:"fragments"`
-	Identities *ebpf.MapSpec `ebpf:"identities"`
-	Ipcache    *ebpf.MapSpec `ebpf:"ipcache"`
-	LocalPods  *ebpf.MapSpec `ebpf:"local_pods"`
-	Policy     *ebpf.MapSpec `ebpf:"policy"`
-	Services   *ebpf.MapSpec `ebpf:"services"`
-	Stats      *ebpf.MapSpec `ebpf:"stats"`
+	Affinity    *ebpf.MapSpec `ebpf:"affinity"`
+	Backends    *ebpf.MapSpec `ebpf:"backends"`
+	Config      *ebpf.MapSpec `ebpf:"config"`
+	Conntrack   *ebpf.MapSpec `ebpf:"conntrack"`
+	Counters    *ebpf.MapSpec `ebpf:"counters"`
+	CtTables    *ebpf.MapSpec `ebpf:"ct_tables"`
+	Endpoints   *ebpf.MapSpec `ebpf:"endpoints"`
+	EpStates    *ebpf.MapSpec `ebpf:"ep_states"`
+	EventLoss   *ebpf.MapSpec `ebpf:"event_loss"`
+	Events      *ebpf.MapSpec `ebpf:"events"`
+	Fragments   *ebpf.MapSpec `ebpf:"fragments"`
+	Identities  *ebpf.MapSpec `ebpf:"identities"`
+	Ipcache     *ebpf.MapSpec `ebpf:"ipcache"`
+	LocalPods   *ebpf.MapSpec `ebpf:"local_pods"`
+	Policy      *ebpf.MapSpec `ebpf:"policy"`
+	RemoteCidrs *ebpf.MapSpec `ebpf:"remote_cidrs"`
+	Services    *ebpf.MapSpec `ebpf:"services"`
+	Stats       *ebpf.MapSpec `ebpf:"stats"`
 }
 
 // datapathVariableSpecs contains global variables before they are loaded into the kernel.
@@ -375,23 +379,24 @@ func (o *datapathObjects) Close() error {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathMaps struct {
-	Affinity   *ebpf.Map `ebpf:"affinity"`
-	Backends   *ebpf.Map `ebpf:"backends"`
-	Config     *ebpf.Map `ebpf:"config"`
-	Conntrack  *ebpf.Map `ebpf:"conntrack"`
-	Counters   *ebpf.Map `ebpf:"counters"`
-	CtTables   *ebpf.Map `ebpf:"ct_tables"`
-	Endpoints  *ebpf.Map `ebpf:"endpoints"`
-	EpStates   *ebpf.Map `ebpf:"ep_states"`
-	EventLoss  *ebpf.Map `ebpf:"event_loss"`
-	Events     *ebpf.Map `ebpf:"events"`
-	Fragments  *ebpf.Map `ebpf:"fragments"`
-	Identities *ebpf.Map `ebpf:"identities"`
-	Ipcache    *ebpf.Map `ebpf:"ipcache"`
-	LocalPods  *ebpf.Map `ebpf:"local_pods"`
-	Policy     *ebpf.Map `ebpf:"policy"`
-	Services   *ebpf.Map `ebpf:"services"`
-	Stats      *ebpf.Map `ebpf:"stats"`
+	Affinity    *ebpf.Map `ebpf:"affinity"`
+	Backends    *ebpf.Map `ebpf:"backends"`
+	Config      *ebpf.Map `ebpf:"config"`
+	Conntrack   *ebpf.Map `ebpf:"conntrack"`
+	Counters    *ebpf.Map `ebpf:"counters"`
+	CtTables    *ebpf.Map `ebpf:"ct_tables"`
+	Endpoints   *ebpf.Map `ebpf:"endpoints"`
+	EpStates    *ebpf.Map `ebpf:"ep_states"`
+	EventLoss   *ebpf.Map `ebpf:"event_loss"`
+	Events      *ebpf.Map `ebpf:"events"`
+	Fragments   *ebpf.Map `ebpf:"fragments"`
+	Identities  *ebpf.Map `ebpf:"identities"`
+	Ipcache     *ebpf.Map `ebpf:"ipcache"`
+	LocalPods   *ebpf.Map `ebpf:"local_pods"`
+	Policy      *ebpf.Map `ebpf:"policy"`
+	RemoteCidrs *ebpf.Map `ebpf:"remote_cidrs"`
+	Services    *ebpf.Map `ebpf:"services"`
+	Stats       *ebpf.Map `ebpf:"stats"`
 }
 
 func (m *datapathMaps) Close() error {
@@ -411,6 +416,7 @@ func (m *datapathMaps) Close() error {
 		m.Ipcache,
 		m.LocalPods,
 		m.Policy,
+		m.RemoteCidrs,
 		m.Services,
 		m.Stats,
 	)
@@ -433,12 +439,14 @@ type datapathVariables struct {
 //
 // It can be passed to loadDatapathObjects or ebpf.CollectionSpec.LoadAndAssign.
 type datapathPrograms struct {
+	FromNet *ebpf.Program `ebpf:"from_net"`
 	FromPod *ebpf.Program `ebpf:"from_pod"`
 	ToPod   *ebpf.Program `ebpf:"to_pod"`
 }
 
 func (p *datapathPrograms) Close() error {
 	return _DatapathClose(
+		p.FromNet,
 		p.FromPod,
 		p.ToPod,
 	)

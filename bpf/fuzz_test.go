@@ -52,6 +52,10 @@ func FuzzDatapath(f *testing.F) {
 	p.ipcache(netip.MustParsePrefix("10.20.7.1/32"), identity.ID(6))
 	p.ipcache(netip.MustParsePrefix("10.20.7.2/32"), identity.Host)
 	p.ipcache(netip.MustParsePrefix("fd20::7:1/128"), identity.ID(6))
+	// Other nodes' pod ranges: routed in the test netns (the FIB sends
+	// their packets out itself), and one that is not (the stack's).
+	p.remote(netip.MustParsePrefix("10.30.0.0/16"), netip.MustParsePrefix("fd30::/64"), netip.MustParsePrefix("10.31.0.0/16"))
+	p.ipcache(netip.MustParsePrefix("10.30.1.5/32"), 70001)
 	fixed := p.ref
 	byslot, err := p.d.conntrackTables()
 	if err != nil {
@@ -64,7 +68,7 @@ func FuzzDatapath(f *testing.F) {
 		p.t = t
 		resetKernel(t, p.d, tables)
 		p.ref = reference.New()
-		p.ref.Endpoints, p.ref.IPCache, p.ref.Local = fixed.Endpoints, fixed.IPCache, fixed.Local
+		p.ref.Endpoints, p.ref.IPCache, p.ref.Local, p.ref.Remote = fixed.Endpoints, fixed.IPCache, fixed.Local, fixed.Remote
 		in := &fuzzInput{b: data}
 		set := in.policySet()
 		p.policy(set)
@@ -83,6 +87,13 @@ func FuzzDatapath(f *testing.F) {
 				continue
 			}
 			frame := in.frame()
+			if op%16 == 8 {
+				// from_net, on the uplink: what other nodes send
+				if !refused(frame) {
+					p.sendNet(frame)
+				}
+				continue
+			}
 			scope := Scope(op & 1)
 			ifindex := eps[int(op>>1)%len(eps)]
 			ingress := []int{0, eps[0], eps[1], eps[2], 999}[int(op>>4)%5]
@@ -147,7 +158,8 @@ func (in *fuzzInput) byte() byte {
 func pick[T any](in *fuzzInput, xs ...T) T { return xs[int(in.byte())%len(xs)] }
 
 // The addresses crafted packets use, by family: pods (local and routed),
-// another node (remote-node), this node (host), prefixes, the world, and
+// another node (remote-node), this node (host), prefixes, the world,
+// other nodes' pods (the fast path's remote ranges, one unrouted), and
 // for IPv6 the link-scoped and unspecified addresses neighbour discovery
 // uses.
 var (
@@ -155,12 +167,13 @@ var (
 		netip.MustParseAddr("10.13.0.2"), netip.MustParseAddr("10.13.0.3"), netip.MustParseAddr("10.13.0.4"),
 		netip.MustParseAddr("10.20.5.5"), netip.MustParseAddr("10.20.9.9"), netip.MustParseAddr("8.8.8.8"),
 		netip.MustParseAddr("10.20.7.1"), netip.MustParseAddr("10.20.7.2"),
+		netip.MustParseAddr("10.30.1.5"), netip.MustParseAddr("10.30.2.2"), netip.MustParseAddr("10.31.0.7"),
 	}
 	fuzzAddrs6 = []netip.Addr{
 		netip.MustParseAddr("fd13::2"), netip.MustParseAddr("fd13::3"), netip.MustParseAddr("fd13::4"),
 		netip.MustParseAddr("fd20::9"), netip.MustParseAddr("2001:db8::1"), netip.MustParseAddr("fd20::7:1"),
 		netip.MustParseAddr("fe80::2"), netip.MustParseAddr("ff02::1"), netip.MustParseAddr("ff02::1:ff00:3"),
-		netip.MustParseAddr("::"),
+		netip.MustParseAddr("::"), netip.MustParseAddr("fd30::5"),
 	}
 	fuzzAddrs = append(slices.Clone(fuzzAddrs4), fuzzAddrs6...)
 	// Service frontends, which crafted packets go to too.

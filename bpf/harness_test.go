@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"os"
 	"runtime"
 	"testing"
 	"time"
@@ -54,6 +55,10 @@ func newTestNet(t testing.TB, links int) *testNet {
 			}
 			n.ifindex = append(n.ifindex, got.Attrs().Index)
 		}
+		if err := setupUplink(); err != nil {
+			ready <- fmt.Errorf("uplink of the test netns: %w", err)
+			return
+		}
 		ready <- nil
 		for f := range n.calls {
 			f()
@@ -64,6 +69,89 @@ func newTestNet(t testing.TB, links int) *testNet {
 	}
 	t.Cleanup(func() { close(n.calls) })
 	return n
+}
+
+// The test netns routes other nodes' pod ranges (fibRoutes) through up0
+// to a next hop with a permanent neighbour entry, forwarding on: the
+// answer bpf_fib_lookup gives from_pod under BPF_PROG_TEST_RUN, which
+// runs it against the caller's netns. A remote range outside fibRoutes
+// has no route there (there is no default route either), and the FIB
+// leaves its packets to the stack. All of it stays in the private netns.
+var (
+	fibRoutes  = []netip.Prefix{netip.MustParsePrefix("10.30.0.0/16"), netip.MustParsePrefix("fd30::/64")}
+	nextHopMAC = net.HardwareAddr{0x02, 0xcc, 0, 0, 0, 2}
+	uplinkMAC  = net.HardwareAddr{0x02, 0xcc, 0, 0, 0, 1}
+)
+
+// uplinkMTU is up0's: the FIB sends a larger packet to the stack.
+const uplinkMTU = 1500
+
+func setupUplink() error {
+	for _, f := range []string{"/proc/sys/net/ipv4/conf/all/forwarding", "/proc/sys/net/ipv6/conf/all/forwarding"} {
+		if err := os.WriteFile(f, []byte("1"), 0o644); err != nil {
+			return err
+		}
+	}
+	up := &netlink.Veth{LinkAttrs: netlink.LinkAttrs{Name: "up0", HardwareAddr: uplinkMAC, MTU: uplinkMTU}, PeerName: "upp"}
+	if err := netlink.LinkAdd(up); err != nil {
+		return err
+	}
+	links, err := netlink.LinkList()
+	if err != nil {
+		return err
+	}
+	for _, l := range links {
+		if err := netlink.LinkSetUp(l); err != nil {
+			return err
+		}
+	}
+	l, err := netlink.LinkByName("up0")
+	if err != nil {
+		return err
+	}
+	idx := l.Attrs().Index
+	for _, a := range []struct{ local, via string }{{"192.0.2.1/24", "192.0.2.2"}, {"2001:db8:ff::1/64", "2001:db8:ff::2"}} {
+		addr, err := netlink.ParseAddr(a.local)
+		if err != nil {
+			return err
+		}
+		addr.Flags = unix.IFA_F_NODAD
+		if err := netlink.AddrAdd(l, addr); err != nil {
+			return err
+		}
+		via := net.ParseIP(a.via)
+		family := netlink.FAMILY_V4
+		if via.To4() == nil {
+			family = netlink.FAMILY_V6
+		}
+		if err := netlink.NeighSet(&netlink.Neigh{LinkIndex: idx, Family: family, State: netlink.NUD_PERMANENT, IP: via, HardwareAddr: nextHopMAC}); err != nil {
+			return err
+		}
+		for _, r := range fibRoutes {
+			if r.Addr().Is4() != (family == netlink.FAMILY_V4) {
+				continue
+			}
+			dst := &net.IPNet{IP: r.Addr().AsSlice(), Mask: net.CIDRMask(r.Bits(), r.Addr().BitLen())}
+			if err := netlink.RouteAdd(&netlink.Route{LinkIndex: idx, Dst: dst, Gw: via}); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
+}
+
+// fibRouted reports whether the test netns's FIB sends a frame for dst
+// out of up0 itself: routed, and within up0's MTU.
+func fibRouted(frame []byte, dst netip.Addr) bool {
+	if len(frame)-14 > uplinkMTU {
+		return false
+	}
+	for _, r := range fibRoutes {
+		if r.Contains(dst) {
+			return true
+		}
+	}
+	return false
 }
 
 // do runs f on the namespace's thread.
@@ -338,7 +426,8 @@ func (p *pair) sendFull(frame []byte, scope Scope, ifindex, ingressIfindex int) 
 		want.ingress = Reason(v.Ingress)
 	}
 	want.delivered = v.Delivered()
-	if got.reason != want.reason || got.ingress != want.ingress || got.delivered != want.delivered {
+	want.forwarded = v.Forward && fibRouted(frame, frameDst(frame))
+	if got.reason != want.reason || got.ingress != want.ingress || got.delivered != want.delivered || got.forwarded != want.forwarded {
 		p.t.Fatalf("datapath says %s, reference says %s for %s packet on ifindex %d (from %d):\n% x", got, want, scope, ifindex, ingressIfindex, frame)
 	}
 	if !got.reason.Drop() && got.reason != ReasonAllowNonIP && got.reason != ReasonAllowND && (got.ingress == noCheck || !got.ingress.Drop()) {
@@ -426,6 +515,7 @@ type outcome struct {
 	// to it, noCheck when it made none.
 	ingress   Reason
 	delivered bool // handed to the local pod (TC_ACT_REDIRECT)
+	forwarded bool // sent to another node's pod past the stack (TC_ACT_REDIRECT)
 	out       []byte
 }
 
@@ -433,6 +523,9 @@ const noCheck Reason = 255
 
 func (o outcome) String() string {
 	if o.ingress == noCheck {
+		if o.forwarded {
+			return o.reason.String() + ", forwarded past the stack"
+		}
 		return o.reason.String()
 	}
 	return fmt.Sprintf("%s, then %s at the local pod (delivered %t)", o.reason, o.ingress, o.delivered)
@@ -490,9 +583,128 @@ func (p *pair) exec(frame []byte, scope Scope, ifindex, ingressIfindex int) (out
 	case o.ingress != noCheck:
 		wantRet = tcActRedirect
 		o.delivered = true
+	case ret == tcActRedirect && scope == ScopeEgress:
+		// from_pod's fast path to another node's pod: no second check
+		wantRet = tcActRedirect
+		o.forwarded = true
 	}
 	if ret != wantRet {
 		return o, fmt.Errorf("program returned %d but counted %s", int32(ret), o)
+	}
+	return o, nil
+}
+
+// frameDst is the destination address of an IPv4 or IPv6 frame, invalid
+// for anything else.
+func frameDst(frame []byte) netip.Addr {
+	if len(frame) < 14 {
+		return netip.Addr{}
+	}
+	switch binary.BigEndian.Uint16(frame[12:14]) {
+	case 0x0800:
+		if len(frame) >= 14+20 {
+			return netip.AddrFrom4([4]byte(frame[30:34]))
+		}
+	case 0x86dd:
+		if len(frame) >= 14+40 {
+			return netip.AddrFrom16([16]byte(frame[38:54]))
+		}
+	}
+	return netip.Addr{}
+}
+
+// remote makes pfx another node's pod range in both implementations.
+func (p *pair) remote(pfx ...netip.Prefix) {
+	p.t.Helper()
+	if err := p.d.SetRemoteCIDRs(pfx); err != nil {
+		p.t.Fatal(err)
+	}
+	p.ref.Remote = pfx
+}
+
+// netOutcome is what one run of from_net did.
+type netOutcome struct {
+	// ingress is the local pod's ingress check, noCheck when from_net
+	// left the frame to the stack.
+	ingress   Reason
+	delivered bool
+	out       []byte
+}
+
+func (o netOutcome) String() string {
+	if o.ingress == noCheck {
+		return "left to the stack"
+	}
+	return fmt.Sprintf("%s at the local pod (delivered %t)", o.ingress, o.delivered)
+}
+
+// sendNet runs frame through from_net, as arrived on the uplink, in both
+// implementations and fails the test when they disagree.
+func (p *pair) sendNet(frame []byte) netOutcome {
+	p.t.Helper()
+	got, err := p.execNet(frame)
+	if err != nil {
+		p.t.Fatal(err)
+	}
+	v := p.ref.ProcessNet(frame)
+	want := netOutcome{ingress: noCheck}
+	if v.To != 0 {
+		want.ingress, want.delivered = Reason(v.Ingress), v.Delivered()
+	}
+	if got.ingress != want.ingress || got.delivered != want.delivered {
+		p.t.Fatalf("from_net says %s, reference says %s:\n% x", got, want, frame)
+	}
+	return got
+}
+
+// execNet runs from_net on the test netns's uplink and reads what it did
+// from its return value and the counters.
+func (p *pair) execNet(frame []byte) (netOutcome, error) {
+	o := netOutcome{ingress: noCheck}
+	if refused(frame) {
+		return o, errRefused
+	}
+	before, err := p.d.Counters()
+	if err != nil {
+		return o, err
+	}
+	var ret uint32
+	var runErr error
+	p.net.do(func() {
+		l, err := netlink.LinkByName("up0")
+		if err != nil {
+			runErr = err
+			return
+		}
+		ret, _, runErr = testRun(p.d.objs.FromNet, frame, l.Attrs().Index, l.Attrs().Index, 1, &o.out)
+	})
+	if runErr != nil {
+		return o, runErr
+	}
+	after, err := p.d.Counters()
+	if err != nil {
+		return o, err
+	}
+	for k, c := range after {
+		if c.Packets != before[k].Packets {
+			if k.Scope != ScopeIngress || o.ingress != noCheck {
+				return o, fmt.Errorf("from_net counted %s at scope %d", k.Reason, k.Scope)
+			}
+			o.ingress = k.Reason
+		}
+	}
+	const tcActRedirect = 7
+	wantRet := uint32(0)
+	switch {
+	case o.ingress == noCheck:
+	case o.ingress.Drop():
+		wantRet = 2
+	default:
+		wantRet = tcActRedirect
+		o.delivered = true
+	}
+	if ret != wantRet {
+		return o, fmt.Errorf("from_net returned %d but counted %s", int32(ret), o)
 	}
 	return o, nil
 }

@@ -46,9 +46,11 @@ map identities: Hash key 4 value 4 max 65536 flags 0x0
 map ipcache: LPMTrie key 20 value 8 max 65536 flags 0x1
 map local_pods: Hash key 16 value 16 max 16384 flags 0x0
 map policy: Hash key 12 value 100 max 65536 flags 0x0
+map remote_cidrs: LPMTrie key 20 value 4 max 16384 flags 0x1
 map services: Hash key 20 value 16 max 65536 flags 0x0
 map stats: PerCPUArray key 4 value 8 max 4 flags 0x0
-prog from_pod: SchedCLS maps affinity,backends,config,counters,ct_tables,endpoints,ep_states,event_loss,events,fragments,identities,ipcache,local_pods,policy,services,stats
+prog from_net: SchedCLS maps affinity,config,counters,ct_tables,endpoints,ep_states,event_loss,events,fragments,identities,ipcache,local_pods,policy,remote_cidrs,stats
+prog from_pod: SchedCLS maps affinity,backends,config,counters,ct_tables,endpoints,ep_states,event_loss,events,fragments,identities,ipcache,local_pods,policy,remote_cidrs,services,stats
 prog to_pod: SchedCLS maps affinity,config,counters,ct_tables,endpoints,ep_states,event_loss,events,fragments,identities,ipcache,local_pods,policy,stats
 `,
 }

@@ -23,6 +23,7 @@ var ErrNotLoaded = errors.New("datapath not loaded: the idcni CNI plugin loads i
 const (
 	progFromPod = "from_pod"
 	progToPod   = "to_pod"
+	progFromNet = "from_net"
 )
 
 // Options tune Load. Zero values mean defaults.
@@ -216,6 +217,7 @@ func (d *Datapath) mapFields() map[string]**ebpf.Map {
 		"identities": &m.Identities, "ipcache": &m.Ipcache, "local_pods": &m.LocalPods, "policy": &m.Policy,
 		"stats": &m.Stats, "ct_tables": &m.CtTables, "ep_states": &m.EpStates, "event_loss": &m.EventLoss,
 		"services": &m.Services, "backends": &m.Backends, "affinity": &m.Affinity,
+		"remote_cidrs": &m.RemoteCidrs,
 	}
 }
 

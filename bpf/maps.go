@@ -7,6 +7,7 @@ import (
 	"net"
 	"net/netip"
 	"path/filepath"
+	"slices"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -435,4 +436,62 @@ func (d *Datapath) updateConfig(change func(*datapathConfig)) error {
 // CLIs) around read-modify-write sequences such as ApplyPolicy.
 func (d *Datapath) Lock() (unlock func(), err error) {
 	return lockDir(d.root)
+}
+
+// SetRemoteCIDRs makes the remote_cidrs map hold exactly want: other
+// nodes' pod ranges, between whose pods and this node's the datapath
+// skips the node's forwarding (from_pod's fast path, from_net). Entries
+// not in want are removed first, so a range that moved to this node stops
+// being sent away before anything else changes; an empty want turns the
+// fast path off.
+func (d *Datapath) SetRemoteCIDRs(want []netip.Prefix) error {
+	keep := map[netip.Prefix]bool{}
+	for _, p := range want {
+		if !p.IsValid() || p != p.Masked() {
+			return fmt.Errorf("remote pod range %s: not a network prefix", p)
+		}
+		keep[p] = true
+	}
+	have, err := d.RemoteCIDRs()
+	if err != nil {
+		return err
+	}
+	for _, p := range have {
+		if keep[p] {
+			delete(keep, p)
+			continue
+		}
+		k := ipcacheKey(p)
+		if err := d.objs.RemoteCidrs.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete remote pod range %s: %w", p, err)
+		}
+	}
+	for p := range keep {
+		k := ipcacheKey(p)
+		if err := d.objs.RemoteCidrs.Update(&k, uint32(1), ebpf.UpdateAny); err != nil {
+			return fmt.Errorf("write remote pod range %s: %w", p, mapFull(err, "remote_cidrs"))
+		}
+	}
+	return nil
+}
+
+// RemoteCIDRs lists the remote_cidrs map, sorted.
+func (d *Datapath) RemoteCIDRs() ([]netip.Prefix, error) {
+	var out []netip.Prefix
+	var k datapathIpcacheKey
+	var v uint32
+	it := d.objs.RemoteCidrs.Iterate()
+	for it.Next(&k, &v) {
+		out = append(out, prefixFromKey(k))
+	}
+	if err := it.Err(); err != nil {
+		return nil, fmt.Errorf("list remote pod ranges: %w", err)
+	}
+	slices.SortFunc(out, func(a, b netip.Prefix) int {
+		if c := a.Addr().Compare(b.Addr()); c != 0 {
+			return c
+		}
+		return a.Bits() - b.Bits()
+	})
+	return out, nil
 }

@@ -73,7 +73,15 @@ type mapLayout struct {
 // size here is what lets a build of the older layout take the pins back.
 // Leave a map out when dropping its tail would change what an entry means:
 // a rollback then refuses before touching anything.
-var optionalTails = map[string]uint32{}
+var optionalTails = map[string]uint32{
+	// Layout 2 appended the Service translation (nat_addr, nat_port) to
+	// conntrack's values. A layout-1 build taking the pins back keeps
+	// every flow to a pod address; a flow through a ClusterIP loses its
+	// translation, and its next packet goes to the frontend's address,
+	// where kube-proxy (if any) has no record of it.
+	"conntrack":       32,
+	"ct_tables/inner": 32,
+}
 
 // build is what this build knows of layouts: its own version, the
 // optional tails of its maps' values and its converters. Tests stand in

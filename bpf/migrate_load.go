@@ -16,7 +16,7 @@ import (
 
 // progFields are the programs pinned under <root>/progs, by pin name.
 func (d *Datapath) progFields() map[string]**ebpf.Program {
-	return map[string]**ebpf.Program{progFromPod: &d.objs.FromPod, progToPod: &d.objs.ToPod}
+	return map[string]**ebpf.Program{progFromPod: &d.objs.FromPod, progToPod: &d.objs.ToPod, progFromNet: &d.objs.FromNet}
 }
 
 // agentMigrates is what a build that must not migrate tells the operator.

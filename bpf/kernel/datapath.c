@@ -50,6 +50,9 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 #define EVENTS_WINDOW (1 * NSEC)
 #define EVENTS_PER_WINDOW 256
 #define MAX_ENDPOINTS 16384
+/* linux/socket.h's, which the bpf target cannot include */
+#define AF_INET_ 2
+#define AF_INET6_ 10
 
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
@@ -78,6 +81,20 @@ struct {
 	__uint(max_entries, 16384);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
 } local_pods SEC(".maps");
+
+/* Other nodes' pod ranges (IPv4-mapped like the ipcache), written by
+ * the agent from the Nodes it routes to. Traffic between a local pod and
+ * one of these skips the node's forwarding and netfilter in both
+ * directions (from_pod's forward_remote, from_net); anything else, such
+ * as a pod's traffic leaving the cluster, keeps going through the stack. */
+struct {
+	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
+	__type(key, struct ipcache_key);
+	__type(value, __u32);
+	__uint(max_entries, 16384);
+	__uint(map_flags, BPF_F_NO_PREALLOC);
+	__uint(pinning, LIBBPF_PIN_BY_NAME);
+} remote_cidrs SEC(".maps");
 
 struct {
 	__uint(type, BPF_MAP_TYPE_HASH);
@@ -1571,16 +1588,15 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
 	}
 }
 
-/* deliver hands a packet from_pod allowed straight to the local pod behind
- * lp, past the node's routing and the pod's own to_pod (whose check from_pod
- * made): as routing would, it rewrites the Ethernet addresses and counts
- * the hop. The helpers write only those bytes: a direct packet write would
- * make the verifier unclone every packet's head first, which is what the
- * pull in parse() avoids. */
-static __always_inline int deliver(struct __sk_buff *skb, struct pkt *p, struct local_pod *lp)
+/* hop rewrites the Ethernet addresses to mac (destination, then source)
+ * and counts the hop in the TTL or hop limit, as the node's routing would
+ * for a packet it forwards. The helpers write only those bytes: a direct
+ * packet write would make the verifier unclone every packet's head first,
+ * which is what the pull in parse() avoids. */
+static __always_inline int hop(struct __sk_buff *skb, struct pkt *p, const __u8 *mac)
 {
-	if (bpf_skb_store_bytes(skb, 0, lp->mac, 12, 0))
-		return TC_ACT_SHOT;
+	if (mac && bpf_skb_store_bytes(skb, 0, mac, 12, 0))
+		return -1;
 	if (p->family == 4) {
 		__u16 old = bpf_htons((__u16)p->ttl << 8 | p->proto);
 		__u16 new = bpf_htons((__u16)(p->ttl - 1) << 8 | p->proto);
@@ -1588,13 +1604,23 @@ static __always_inline int deliver(struct __sk_buff *skb, struct pkt *p, struct 
 
 		if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old, new, 2) ||
 		    bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, ttl), &ttl, 1, 0))
-			return TC_ACT_SHOT;
+			return -1;
 	} else {
 		__u8 hops = p->ttl - 1;
 
 		if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct ipv6hdr, hop_limit), &hops, 1, 0))
-			return TC_ACT_SHOT;
+			return -1;
 	}
+	return 0;
+}
+
+/* deliver hands a packet allowed into the local pod behind lp straight to
+ * it, past the node's routing and the pod's own to_pod (whose check the
+ * caller made). */
+static __always_inline int deliver(struct __sk_buff *skb, struct pkt *p, struct local_pod *lp)
+{
+	if (hop(skb, p, lp->mac))
+		return TC_ACT_SHOT;
 	return bpf_redirect_peer(lp->ifindex, 0);
 }
 
@@ -1750,6 +1776,75 @@ static __always_inline int hairpin(struct pctx *c, struct hook_ep *h, struct flo
 	return bpf_redirect_peer(h->ifindex, 0);
 }
 
+/* remote_pod reports whether addr is in another node's pod range. */
+static __always_inline int remote_pod(const __u32 *addr)
+{
+	struct ipcache_key k = { .prefixlen = 128 };
+
+	__builtin_memcpy(k.addr, addr, 16);
+	return bpf_map_lookup_elem(&remote_cidrs, &k) != NULL;
+}
+
+/* forward_remote sends a packet a local pod sent, and its own egress
+ * allowed, to another node's pod the way the node's routing would (its
+ * FIB, its neighbours, the path MTU, one hop off the TTL) but without the
+ * forwarding path and netfilter; from_net on the other node takes it in
+ * the same way, so netfilter sees neither direction of such a flow and
+ * never meets a reply of a flow it did not see start (kube-proxy drops
+ * those as INVALID). Whatever the FIB does not answer plainly (forwarding
+ * off, no route, a packet over the MTU, an unreachable or blackhole
+ * route) goes to the stack, which answers with the ICMP errors those
+ * need. Not inlined: its lookup's parameters would not fit the stack
+ * from_pod has left. */
+static __noinline int forward_remote(struct __sk_buff *skb, struct pkt *p, __u32 ifindex)
+{
+	struct bpf_fib_lookup fib = { .ifindex = ifindex, .l4_protocol = p->proto };
+	__u32 mtu = 0;
+	long ret;
+
+	if (p->family == 4) {
+		fib.family = AF_INET_;
+		fib.ipv4_src = p->saddr[3];
+		fib.ipv4_dst = p->daddr[3];
+	} else {
+		fib.family = AF_INET6_;
+		__builtin_memcpy(fib.ipv6_src, p->saddr, 16);
+		__builtin_memcpy(fib.ipv6_dst, p->daddr, 16);
+	}
+	/* The lookup checks the path MTU against the packet's length; a GSO
+	 * packet is checked segment by segment against the device's instead,
+	 * as the stack's forwarding does. */
+	if (!skb->gso_size)
+		fib.tot_len = skb->len - ETH_HLEN;
+	ret = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
+	if (ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH)
+		return TC_ACT_OK;
+	if (!fib.tot_len && bpf_check_mtu(skb, fib.ifindex, &mtu, 0, BPF_MTU_CHK_SEGS) != BPF_MTU_CHK_RET_SUCCESS)
+		return TC_ACT_OK;
+	if (hop(skb, p, NULL))
+		return TC_ACT_SHOT;
+	/* No neighbour entry yet: the kernel resolves it for this packet,
+	 * looking the route up again (only until the entry exists, so the
+	 * nexthop is not kept on the stack). */
+	if (ret == BPF_FIB_LKUP_RET_NO_NEIGH)
+		return bpf_redirect_neigh(fib.ifindex, NULL, 0, 0);
+	if (bpf_skb_store_bytes(skb, 0, fib.dmac, 6, 0) || bpf_skb_store_bytes(skb, 6, fib.smac, 6, 0))
+		return TC_ACT_SHOT;
+	return bpf_redirect(fib.ifindex, 0);
+}
+
+/* routed passes a packet from_pod allowed and routing is to take: past
+ * the node's forwarding when it goes to another node's pod, to the stack
+ * otherwise (a pod's traffic leaving the cluster, to the node, or a hop
+ * limit routing has to refuse). */
+static __always_inline int routed(struct __sk_buff *skb, struct pkt *p, __u32 ifindex)
+{
+	pass(p);
+	if (p->ttl <= 1 || !remote_pod(p->daddr))
+		return TC_ACT_OK;
+	return forward_remote(skb, p, ifindex);
+}
+
 static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 {
 	struct pkt p = {};
@@ -1803,8 +1898,10 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	if (scope == SCOPE_EGRESS &&
 	    ((p.xlated == 1 && !__builtin_memcmp(p.saddr, p.daddr, 16)) || (f.flags & CT_F_HAIRPIN)))
 		return hairpin(&c, &h, &f, reason);
-	if (scope == SCOPE_INGRESS || (f.flags & CT_F_ROUTED))
+	if (scope == SCOPE_INGRESS)
 		return pass(&p);
+	if (f.flags & CT_F_ROUTED)
+		return routed(skb, &p, h.ifindex);
 
 	/* A packet for a pod on this node goes to it directly, checked here
 	 * against that pod's ingress as its to_pod would. Routing it through
@@ -1814,7 +1911,9 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	 * that, so it goes there, and to_pod checks it after. So does a
 	 * packet whose hop limit routing would have to refuse. */
 	lp = f.lp ? f.lp : bpf_map_lookup_elem(&local_pods, p.daddr);
-	if (!lp || lp->ifindex == h.ifindex || p.ttl <= 1)
+	if (!lp)
+		return routed(skb, &p, h.ifindex);
+	if (lp->ifindex == h.ifindex || p.ttl <= 1)
 		return pass(&p);
 	ifindex = lp->ifindex;
 	dh.ifindex = ifindex;
@@ -1842,4 +1941,49 @@ SEC("tc")
 int to_pod(struct __sk_buff *skb)
 {
 	return handle(skb, SCOPE_INGRESS);
+}
+
+/* from_net runs on the TC ingress of the devices that carry routes to
+ * other nodes (the uplink, idcni_vxlan). A packet from another node's pod
+ * to a pod here is checked against that pod's ingress exactly as its
+ * to_pod would and handed to it directly: the other half of
+ * forward_remote. Only a bare SYN may start a flow here: any other
+ * packet conntrack does not know may be the reply to a Service address
+ * the local pod dialled, which this node translated on the way out and
+ * only its stack can translate back, so it goes there (and to to_pod
+ * after), as from_pod's local delivery does with such replies. Anything
+ * else (the node's own traffic, a NodePort's, the world's, what the
+ * datapath cannot parse) goes on untouched. */
+SEC("tc")
+int from_net(struct __sk_buff *skb)
+{
+	struct pkt p = {};
+	struct hook_ep dh = { .scope = SCOPE_INGRESS };
+	struct pctx c = { .skb = skb, .p = &p };
+	struct flow df = {};
+	struct local_pod *lp;
+	__u32 zero = 0, ifindex;
+	int reason;
+
+	if (parse(skb, &p) != PARSE_OK || p.ttl <= 1)
+		return TC_ACT_OK;
+	lp = bpf_map_lookup_elem(&local_pods, p.daddr);
+	if (!lp || !remote_pod(p.saddr))
+		return TC_ACT_OK;
+	ifindex = lp->ifindex;
+	dh.ifindex = ifindex;
+	dh.ep = bpf_map_lookup_elem(&endpoints, &ifindex);
+	if (!dh.ep)
+		return TC_ACT_OK;
+	hook_open(&dh);
+	c.cfg = bpf_map_lookup_elem(&config, &zero);
+	c.rev = c.cfg ? c.cfg->rev : 0;
+	c.now = bpf_ktime_get_coarse_ns();
+	reason = check(&c, &dh, !bare_syn(&p), &df);
+	if (reason == CHECK_STACK)
+		return TC_ACT_OK;
+	if (is_drop(reason))
+		return TC_ACT_SHOT;
+	pass(&p);
+	return deliver(skb, &p, lp);
 }

@@ -78,7 +78,11 @@ type Datapath struct {
 	IPCache   map[netip.Prefix]identity.ID
 	// Local names the pods on this node that from_pod delivers to
 	// itself, by address: the host veth of each (the local_pods map).
-	Local  map[netip.Addr]int
+	Local map[netip.Addr]int
+	// Remote are other nodes' pod ranges (the remote_cidrs map): from_pod
+	// hands packets for them to the FIB past the node's forwarding, and
+	// from_net takes packets from them in.
+	Remote []netip.Prefix
 	Policy *policy.Set
 	// Rev is the policy revision; conntrack entries remember theirs.
 	Rev uint32
@@ -183,6 +187,10 @@ type Verdict struct {
 	// any Service translation (IPv4 as IPv4-mapped IPv6).
 	Src, Dst         [16]byte
 	SrcPort, DstPort uint16
+	// Forward: from_pod handed the frame to the node's FIB for another
+	// node's pod, to send it out itself (one hop off its TTL) when the
+	// FIB names a next hop, to the stack when it does not.
+	Forward bool
 }
 
 // Delivered reports whether from_pod handed the frame to a local pod itself,
@@ -231,7 +239,12 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 	// local pod (the node translated it: only the stack can undo that),
 	// or routing would refuse its hop limit.
 	to, ok := d.Local[netip.AddrFrom16(p.daddr).Unmap()]
-	if !ok || to == ifindex || p.ttl <= 1 {
+	if !ok {
+		d.pass(&p)
+		v.Forward = p.ttl > 1 && d.remote(p.daddr)
+		return v
+	}
+	if to == ifindex || p.ttl <= 1 {
 		d.pass(&p)
 		return v
 	}
@@ -250,6 +263,61 @@ func (d *Datapath) Process(frame []byte, scope Scope, ifindex, ingressIfindex in
 	}
 	v.To, v.Ingress = to, in
 	return v
+}
+
+// NetVerdict is what from_net did with a frame.
+type NetVerdict struct {
+	// To is the host veth of the local pod from_net checked the frame
+	// for, 0 when it left the frame to the stack untouched.
+	To int
+	// Ingress is that pod's ingress check.
+	Ingress Reason
+}
+
+// Delivered reports whether from_net handed the frame to the local pod.
+func (v NetVerdict) Delivered() bool { return v.To != 0 && !v.Ingress.Drop() }
+
+// ProcessNet decides one frame at from_net, on a device that carries
+// routes to other nodes: a packet from another node's pod to a pod here
+// is checked against that pod's ingress as its to_pod would and handed
+// to it; anything else is left to the stack, unparsed or not. Only a bare
+// SYN starts a flow there: another packet of no known flow may be a
+// reply the node must translate back (a Service's), which only the stack
+// can.
+func (d *Datapath) ProcessNet(frame []byte) NetVerdict {
+	var p pkt
+	if d.parse(frame, &p) != parseOK || p.ttl <= 1 {
+		return NetVerdict{}
+	}
+	to, ok := d.Local[netip.AddrFrom16(p.daddr).Unmap()]
+	if !ok || !d.remote(p.saddr) {
+		return NetVerdict{}
+	}
+	dst, ok := d.Endpoints[to]
+	if !ok {
+		return NetVerdict{}
+	}
+	bareSYN := p.proto == protoTCP && p.tcpFlags&(tcpSYN|tcpACK) == tcpSYN
+	in := d.check(&p, Ingress, dst, false, !bareSYN, false)
+	if in == toStack {
+		return NetVerdict{}
+	}
+	v := NetVerdict{To: to, Ingress: in}
+	if !v.Ingress.Drop() {
+		d.pass(&p)
+	}
+	return v
+}
+
+// remote reports whether addr is in another node's pod range.
+func (d *Datapath) remote(addr [16]byte) bool {
+	a := netip.AddrFrom16(addr).Unmap()
+	for _, r := range d.Remote {
+		if r.Contains(a) {
+			return true
+		}
+	}
+	return false
 }
 
 // sourceOK is the spoof check: the pod's own address, or for neighbour

@@ -47,6 +47,7 @@ type options struct {
 	profile    bool
 	configs    map[string]bool
 	nodes      bool
+	stackPath  bool
 }
 
 func main() {
@@ -93,6 +94,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.StringVar(&o.pin, "pin", "same", "where the client and server threads run: same (both on CPU 0), split (client on CPU 0, server on CPU 1) or none")
 	fs.BoolVar(&o.profile, "profile", true, "after the rounds, run each workload once more per idcni configuration with BPF run-time statistics on (reported apart, not in the medians)")
 	fs.BoolVar(&o.nodes, "nodes", false, "instead: two pods on two nodes (network namespaces joined by a veth), bare and idcni, routed directly and through VXLAN (bare-direct, idcni-direct, bare-vxlan, idcni-vxlan); no CNI latency part")
+	fs.BoolVar(&o.stackPath, "stack", false, "with -nodes: also idcni-direct-stack and idcni-vxlan-stack, the idcni configurations without the fast path (both nodes forward the pods' packets)")
 	configs := fs.String("configs", "bare,idcni,idcni-routed,iptables", "comma-separated configurations to measure (ratios need bare)")
 	fs.StringVar(&o.metricsArg, "metrics", "rr,crr,stream", "comma-separated workloads: rr, crr, stream")
 	fs.Usage = func() {

@@ -39,6 +39,13 @@ import (
 //   - idcni-vxlan: the programs and identities of idcni-direct over the
 //     tunnel of bare-vxlan.
 //
+// The idcni configurations run with the fast path as the agent sets it up
+// (agent/fastpath.go: the peer's pod range in remote_cidrs, from_net on
+// the device its route names), so neither node forwards the pods'
+// packets; with -stack, idcni-direct-stack and idcni-vxlan-stack run the
+// same programs without it, through both nodes' forwarding, as before
+// the fast path.
+//
 // The pods' MTU is 1450 in all four, as the agent's CNI config gives
 // them in auto and vxlan mode (uplink 1500 less 50), so direct and VXLAN
 // move the same segments. The tunnel is made here with ip(8), not by the
@@ -179,6 +186,9 @@ func crossNode(ctx context.Context, o *options, binDir, tmp, suffix string, cl *
 	logf("nodes: client %s on %s (underlay %s) -> server %s:%d on %s (underlay %s)", a.pod.addr, a.name, a.underlay, b.pod.addr, o.port, b.name, b.underlay)
 
 	configs := []string{"bare-direct", "idcni-direct", "bare-vxlan", "idcni-vxlan"}
+	if o.stackPath {
+		configs = append(configs, "idcni-direct-stack", "idcni-vxlan-stack")
+	}
 	w := workload{
 		clientNS: a.pod.nsPath, serverNS: b.pod.nsPath,
 		server: netip.AddrPortFrom(b.pod.addr, uint16(o.port)),
@@ -278,20 +288,45 @@ func nameCrossPods(a, b *benchNode) error {
 // rule allows is refused (bare) or dropped (idcni).
 func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) error {
 	idcni := strings.HasPrefix(c, "idcni")
+	fast := idcni && !strings.HasSuffix(c, "-stack")
 	for _, pair := range [][2]*benchNode{{a, b}, {b, a}} {
 		n, peer := pair[0], pair[1]
 		route := []string{"route", "replace", peer.pods.String(), "via", peer.underlay.String(), "dev", "up0"}
-		if strings.HasSuffix(c, "vxlan") {
+		if strings.Contains(c, "vxlan") {
 			route = []string{"route", "replace", peer.pods.String(), "via", peer.underlay.String(), "dev", "idcni_vxlan", "onlink"}
 		}
 		if err := n.ip(ctx, route...); err != nil {
 			return err
 		}
+		// The fast path as the agent sets it up: the peer's pod range in
+		// remote_cidrs, from_net on the device its route names.
+		dev, other := "up0", "idcni_vxlan"
+		if strings.Contains(c, "vxlan") {
+			dev, other = other, dev
+		}
+		var ranges []netip.Prefix
+		if fast {
+			ranges = []netip.Prefix{peer.pods}
+		}
+		if err := n.dp.SetRemoteCIDRs(ranges); err != nil {
+			return err
+		}
 		err := inNode(n.path, func() error {
-			if idcni {
-				return n.dp.Attach(n.pod.hostIf)
+			if err := n.dp.DetachNet(other); err != nil {
+				return err
 			}
-			return n.dp.Detach(n.pod.hostIf)
+			if !fast {
+				if err := n.dp.DetachNet(dev); err != nil {
+					return err
+				}
+			}
+			if !idcni {
+				return n.dp.Detach(n.pod.hostIf)
+			}
+			if err := n.dp.AttachNet(dev); err != nil {
+				return err
+			}
+			return n.dp.Attach(n.pod.hostIf)
 		})
 		if err != nil {
 			return err
@@ -316,9 +351,28 @@ func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) erro
 }
 
 // measureCross runs one workload and checks the path: the programs of
-// both nodes counted packets (idcni) or none (bare), and node A's tunnel
-// sent packets (vxlan) or none (direct).
+// both nodes counted packets (idcni) or none (bare), node A's tunnel
+// sent packets (vxlan) or none (direct), and the nodes' IP forwarding
+// forwarded the pods' packets (bare) or next to none of them (idcni, the
+// fast path: a few may take the stack while a neighbour resolves).
 func measureCross(ctx context.Context, c string, m metric, w workload, a, b *benchNode) (float64, error) {
+	forwarded := func() (uint64, error) {
+		var sum uint64
+		for _, n := range []*benchNode{a, b} {
+			if err := inNode(n.path, func() error {
+				v, err := forwDatagrams()
+				sum += v
+				return err
+			}); err != nil {
+				return 0, err
+			}
+		}
+		return sum, nil
+	}
+	f0, err := forwarded()
+	if err != nil {
+		return 0, err
+	}
 	count := func() (passed uint64, tunnel uint64, err error) {
 		for _, n := range []*benchNode{a, b} {
 			cs, err := n.dp.Counters()
@@ -359,10 +413,45 @@ func measureCross(ctx context.Context, c string, m metric, w workload, a, b *ben
 	if idcni := strings.HasPrefix(c, "idcni"); idcni != (p1 > p0) {
 		return 0, fmt.Errorf("%s: the datapaths passed %d packets: the programs are not where the configuration says", c, p1-p0)
 	}
-	if vx := strings.HasSuffix(c, "vxlan"); vx != (t1-t0 > 100) {
+	if vx := strings.Contains(c, "vxlan"); vx != (t1-t0 > 100) {
 		return 0, fmt.Errorf("%s: node A's idcni_vxlan sent %d packets: the path is not what the configuration says", c, t1-t0)
 	}
+	f1, err := forwarded()
+	if err != nil {
+		return 0, err
+	}
+	if fast := strings.HasPrefix(c, "idcni") && !strings.HasSuffix(c, "-stack"); fast == (f1-f0 > 100) {
+		return 0, fmt.Errorf("%s: the nodes' IP forwarding forwarded %d packets: the fast path is not what the configuration says", c, f1-f0)
+	}
 	return s.Value, nil
+}
+
+// forwDatagrams is the calling thread's network namespace's count of IP
+// packets forwarded (Ip: ForwDatagrams in /proc/net/snmp).
+func forwDatagrams() (uint64, error) {
+	raw, err := os.ReadFile("/proc/thread-self/net/snmp")
+	if err != nil {
+		return 0, err
+	}
+	var names []string
+	for line := range strings.Lines(string(raw)) {
+		fields := strings.Fields(line)
+		if len(fields) == 0 || fields[0] != "Ip:" {
+			continue
+		}
+		if names == nil {
+			names = fields
+			continue
+		}
+		for i, name := range names {
+			if name == "ForwDatagrams" && i < len(fields) {
+				var v uint64
+				_, err := fmt.Sscan(fields[i], &v)
+				return v, err
+			}
+		}
+	}
+	return 0, errors.New("/proc/net/snmp has no Ip: ForwDatagrams")
 }
 
 func printCross(out io.Writer, o *options, configs []string, samples map[string][]float64) {
@@ -374,7 +463,7 @@ func printCross(out io.Writer, o *options, configs []string, samples map[string]
 	fmt.Fprintln(out)
 	for _, c := range configs {
 		fmt.Fprintf(out, "%-13s", c)
-		bare := strings.Replace(c, "idcni", "bare", 1)
+		bare := strings.TrimSuffix(strings.Replace(c, "idcni", "bare", 1), "-stack")
 		for _, m := range o.metrics {
 			v := samples[c+" "+m.name]
 			med := median(v)

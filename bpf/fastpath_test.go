@@ -1,0 +1,180 @@
+package bpf
+
+import (
+	"bytes"
+	"encoding/binary"
+	"net/netip"
+	"testing"
+
+	"github.com/idcni/idcni/identity"
+	"github.com/idcni/idcni/internal/pkttest"
+	"github.com/idcni/idcni/policy"
+)
+
+// Other nodes' pod ranges in the fast path's tests: remote4 and remote6
+// are routed in the test netns (fibRoutes), unrouted4 is not.
+var (
+	remote4   = netip.MustParseAddr("10.30.1.5")
+	remote6   = netip.MustParseAddr("fd30::5")
+	unrouted4 = netip.MustParseAddr("10.31.0.7")
+)
+
+// newRemoteSeed is the walkthrough's pods, local, with other nodes' pods
+// in the ipcache as world (no identity of their own), and A allowed to
+// and from the world.
+func newRemoteSeed(t *testing.T) *seed {
+	s := newLocalSeed(t)
+	s.remote(netip.MustParsePrefix("10.30.0.0/16"), netip.MustParsePrefix("fd30::/64"), netip.MustParsePrefix("10.31.0.0/16"))
+	s.policy(aWithWorld())
+	return s
+}
+
+func aWithWorld(rules ...policy.Rule) *policy.Set {
+	return &policy.Set{Rules: append([]policy.Rule{
+		{Subject: idA, Direction: policy.Egress, Peer: identity.World, Action: policy.Allow},
+		{Subject: idA, Direction: policy.Ingress, Peer: identity.World, Action: policy.Allow},
+	}, rules...)}
+}
+
+// hopped is frame as routing forwards it: one off the TTL or hop limit
+// (the IPv4 checksum updated), the Ethernet addresses aside.
+func hopped(frame []byte) []byte {
+	want := append([]byte{}, frame...)
+	if binary.BigEndian.Uint16(frame[12:14]) == 0x0800 {
+		want[14+8]--
+		binary.BigEndian.PutUint16(want[14+10:], 0)
+		binary.BigEndian.PutUint16(want[14+10:], ipv4Checksum(want[14:34]))
+	} else {
+		want[14+7]--
+	}
+	return want
+}
+
+// A local pod's packet for another node's pod goes out through the FIB's
+// next hop, past the node's forwarding, with the Ethernet header and hop
+// count forwarding would give it; the reply comes in through from_net.
+func TestFastPathToRemotePods(t *testing.T) {
+	s := newRemoteSeed(t)
+	for _, pkt := range []pkttest.Packet{
+		{Src: ipA, Dst: remote4, Proto: pkttest.TCP, SrcPort: 40000, DstPort: 80, TCPFlags: pkttest.SYN},
+		{Src: ip6A, Dst: remote6, Proto: pkttest.UDP, SrcPort: 40000, DstPort: 53, HopLimit: 9},
+	} {
+		frame := pkt.Frame()
+		o := s.sendFull(frame, ScopeEgress, s.a, 0)
+		if !o.forwarded || o.reason != ReasonAllowRule {
+			t.Fatalf("%s -> %s: got %s, want rule, forwarded past the stack", pkt.Src, pkt.Dst, o)
+		}
+		if !bytes.Equal(o.out[0:6], nextHopMAC) || !bytes.Equal(o.out[6:12], uplinkMAC) {
+			t.Fatalf("%s -> %s: sent with Ethernet addresses %x -> %x, want the FIB's %s -> %s", pkt.Src, pkt.Dst, o.out[6:12], o.out[0:6], uplinkMAC, nextHopMAC)
+		}
+		if want := hopped(frame); !bytes.Equal(o.out[12:], want[12:]) {
+			t.Fatalf("%s -> %s: sent\n% x\nwant\n% x", pkt.Src, pkt.Dst, o.out[12:], want[12:])
+		}
+	}
+	// The SYN-ACK from the remote pod, through from_net, as a reply.
+	back := pkttest.Packet{Src: remote4, Dst: ipA, Proto: pkttest.TCP, SrcPort: 80, DstPort: 40000, TCPFlags: pkttest.SYN | pkttest.ACK}.Frame()
+	o := s.sendNet(back)
+	if !o.delivered || o.ingress != ReasonAllowReply {
+		t.Fatalf("SYN-ACK from %s: from_net %s, want reply, delivered", remote4, o)
+	}
+	if !bytes.Equal(o.out[0:6], podMAC(s.a)) || !bytes.Equal(o.out[6:12], hostMAC(s.a)) {
+		t.Fatalf("SYN-ACK delivered with Ethernet addresses %x -> %x, want %s -> %s", o.out[6:12], o.out[0:6], hostMAC(s.a), podMAC(s.a))
+	}
+	if want := hopped(back); !bytes.Equal(o.out[12:], want[12:]) {
+		t.Fatalf("SYN-ACK delivered\n% x\nwant\n% x", o.out[12:], want[12:])
+	}
+}
+
+// What the fast path must leave to the stack, it does: a destination in
+// no other node's range (the world: masquerade's), a remote range the
+// FIB has no route for, a hop limit running out, a packet over the path
+// MTU (the stack answers with "fragmentation needed"). A drop by the
+// pod's egress is a drop.
+func TestFastPathLeavesTheRestToTheStack(t *testing.T) {
+	s := newRemoteSeed(t)
+	for _, c := range []struct {
+		name string
+		pkt  pkttest.Packet
+	}{
+		{"outside the cluster", pkttest.Packet{Src: ipA, Dst: netip.MustParseAddr("8.8.8.8"), Proto: pkttest.UDP, SrcPort: 4000, DstPort: 53}},
+		{"no route", pkttest.Packet{Src: ipA, Dst: unrouted4, Proto: pkttest.UDP, SrcPort: 4000, DstPort: 53}},
+		{"ttl 1", pkttest.Packet{Src: ipA, Dst: remote4, Proto: pkttest.UDP, SrcPort: 4001, DstPort: 53, HopLimit: 1}},
+		{"over the MTU", pkttest.Packet{Src: ipA, Dst: remote4, Proto: pkttest.UDP, SrcPort: 4002, DstPort: 53, Payload: make([]byte, uplinkMTU)}},
+		{"over the MTU, IPv6", pkttest.Packet{Src: ip6A, Dst: remote6, Proto: pkttest.UDP, SrcPort: 4002, DstPort: 53, Payload: make([]byte, uplinkMTU)}},
+	} {
+		o := s.sendFull(c.pkt.Frame(), ScopeEgress, s.a, 0)
+		if o.forwarded || o.reason.Drop() {
+			t.Errorf("%s: got %s, want passed to the stack", c.name, o)
+		}
+	}
+	s.policy(&policy.Set{})
+	o := s.sendFull(pkttest.Packet{Src: ipA, Dst: remote4, Proto: pkttest.UDP, SrcPort: 4003, DstPort: 53}.Frame(), ScopeEgress, s.a, 0)
+	if o.forwarded || o.reason != ReasonDropNoRule {
+		t.Errorf("a pod whose egress allows nothing, to a remote pod: got %s, want no-rule", o)
+	}
+}
+
+// from_net decides a remote pod's packet by the local pod's ingress, as
+// to_pod would, and leaves everything else untouched: a source in no
+// other node's range (the world, another node itself), a destination that
+// is no local pod, what it cannot parse.
+func TestFromNet(t *testing.T) {
+	s := newRemoteSeed(t)
+	s.policy(aWithWorld(
+		policy.Rule{Subject: idB, Direction: policy.Ingress, Peer: identity.World, Proto: policy.ProtoTCP, Ports: policy.PortRange{Lo: 80, Hi: 80}, Action: policy.Allow},
+		policy.Rule{Subject: idB, Direction: policy.Egress, Peer: identity.World, Action: policy.Allow},
+	))
+	for _, c := range []struct {
+		name      string
+		frame     []byte
+		ingress   Reason
+		delivered bool
+	}{
+		{"allowed", pkttest.Packet{Src: remote4, Dst: ipB, Proto: pkttest.TCP, SrcPort: 5000, DstPort: 80, TCPFlags: pkttest.SYN}.Frame(), ReasonAllowRule, true},
+		{"established", pkttest.Packet{Src: remote4, Dst: ipB, Proto: pkttest.TCP, SrcPort: 5000, DstPort: 80, TCPFlags: pkttest.ACK}.Frame(), ReasonAllowEstablished, true},
+		{"no rule", pkttest.Packet{Src: remote4, Dst: ipB, Proto: pkttest.TCP, SrcPort: 5000, DstPort: 81, TCPFlags: pkttest.SYN}.Frame(), ReasonDropNoRule, false},
+		{"IPv6", pkttest.Packet{Src: remote6, Dst: ip6A, Proto: pkttest.TCP, SrcPort: 5000, DstPort: 22, TCPFlags: pkttest.SYN}.Frame(), ReasonAllowRule, true},
+		// Not a bare SYN, of no known flow: maybe a reply the node must
+		// translate back; the stack's, then to_pod's.
+		{"new UDP", pkttest.Packet{Src: remote6, Dst: ip6A, Proto: pkttest.UDP, SrcPort: 5000, DstPort: 53}.Frame(), noCheck, false},
+		{"unknown SYN-ACK", pkttest.Packet{Src: remote4, Dst: ipB, Proto: pkttest.TCP, SrcPort: 80, DstPort: 6000, TCPFlags: pkttest.SYN | pkttest.ACK}.Frame(), noCheck, false},
+		{"from the world", pkttest.Packet{Src: netip.MustParseAddr("8.8.8.8"), Dst: ipB, Proto: pkttest.TCP, SrcPort: 5000, DstPort: 80, TCPFlags: pkttest.SYN}.Frame(), noCheck, false},
+		{"to no local pod", pkttest.Packet{Src: remote4, Dst: netip.MustParseAddr("10.13.0.99"), Proto: pkttest.TCP, SrcPort: 5000, DstPort: 80, TCPFlags: pkttest.SYN}.Frame(), noCheck, false},
+		{"ttl 1", pkttest.Packet{Src: remote4, Dst: ipB, Proto: pkttest.TCP, SrcPort: 5001, DstPort: 80, TCPFlags: pkttest.SYN, HopLimit: 1}.Frame(), noCheck, false},
+		{"malformed", pkttest.Packet{Src: remote4, Dst: ipB, Proto: pkttest.TCP, SrcPort: 5000, DstPort: 80, L4: []byte{1, 2, 3}}.Frame(), noCheck, false},
+		{"not IP", append(make([]byte, 12), 0x08, 0x06, 0, 1, 8, 0, 6, 4, 0, 1), noCheck, false},
+	} {
+		o := s.sendNet(c.frame)
+		if o.ingress != c.ingress || o.delivered != c.delivered {
+			t.Errorf("%s: from_net %s, want %s (delivered %t)", c.name, o, c.ingress, c.delivered)
+		}
+	}
+	// The pod's reply goes back the fast way.
+	o := s.sendFull(pkttest.Packet{Src: ipB, Dst: remote4, Proto: pkttest.TCP, SrcPort: 80, DstPort: 5000, TCPFlags: pkttest.SYN | pkttest.ACK}.Frame(), ScopeEgress, s.b, 0)
+	if o.reason != ReasonAllowReply || !o.forwarded {
+		t.Errorf("B's SYN-ACK to %s: got %s, want reply, forwarded", remote4, o)
+	}
+}
+
+// A's connection to a Service address the node translates to a pod on
+// another node: the node's stack sends it (the address is no pod range),
+// and the backend's replies, which carry the backend's address, must go
+// to the stack to be translated back. from_net leaves them there, and
+// to_pod then finds them the replies of A's flow.
+func TestFromNetLeavesServiceRepliesToTheStack(t *testing.T) {
+	s := newRemoteSeed(t)
+	vip := netip.MustParseAddr("10.96.0.10")
+	o := s.sendFull(pkttest.Packet{Src: ipA, Dst: vip, Proto: pkttest.TCP, SrcPort: 41000, DstPort: 80, TCPFlags: pkttest.SYN}.Frame(), ScopeEgress, s.a, 0)
+	if o.forwarded || o.reason != ReasonAllowRule {
+		t.Fatalf("A's SYN to the Service address: got %s, want rule, to the stack", o)
+	}
+	for _, flags := range []uint8{pkttest.SYN | pkttest.ACK, pkttest.ACK} {
+		n := s.sendNet(pkttest.Packet{Src: remote4, Dst: ipA, Proto: pkttest.TCP, SrcPort: 80, DstPort: 41000, TCPFlags: flags}.Frame())
+		if n.ingress != noCheck {
+			t.Fatalf("the backend's reply (flags %#x) untranslated: from_net %s, want left to the stack", flags, n)
+		}
+	}
+	if r := s.send(pkttest.Packet{Src: vip, Dst: ipA, Proto: pkttest.TCP, SrcPort: 80, DstPort: 41000, TCPFlags: pkttest.SYN | pkttest.ACK}.Frame(), ScopeIngress, s.a, 999); r != ReasonAllowReply {
+		t.Fatalf("the reply translated back, at to_pod: %s, want reply", r)
+	}
+}
