@@ -253,7 +253,7 @@ func TestLiveFlowSurvivesMigration(t *testing.T) {
 			b, hook := grown(true)
 			if tc.loseFlow {
 				lose := func(k, v []byte) ([]byte, []byte, bool, error) { return nil, nil, false, nil }
-				b.converters = map[convertKey]entryConverter{{"conntrack", 1, 2}: lose, {"ct_tables/inner", 1, 2}: lose}
+				b.converters = map[convertKey]entryConverter{{"conntrack", LayoutVersion, LayoutVersion + 1}: lose, {"ct_tables/inner", LayoutVersion, LayoutVersion + 1}: lose}
 			}
 			var up *Datapath
 			var err error

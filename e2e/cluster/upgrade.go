@@ -43,7 +43,12 @@ const devAgentImage = "idcni/agent:dev"
 // `const LayoutVersion` in bpf/layout.go: the last build whose pins have
 // the previous layout, the natural OLD of an upgrade test.
 func LayoutChangeParent(root string) (string, error) {
-	out, err := git(root, "log", "-1", "--format=%H", "-S", "const LayoutVersion", "--", "bpf/layout.go")
+	// -G, not -S: a new number changes the line, not how often the
+	// declaration occurs. Along the first parents, so that a layout
+	// change merged from a branch counts at its merge, whose first parent
+	// is the main line's last build of the old layout.
+	out, err := git(root, "log", "-1", "-s", "--first-parent", "--diff-merges=first-parent", "--format=%H",
+		"-G", "const LayoutVersion = ", "--", "bpf/layout.go")
 	if err != nil {
 		return "", err
 	}
@@ -51,7 +56,7 @@ func LayoutChangeParent(root string) (string, error) {
 	if change == "" {
 		return "", errors.New("no commit changed const LayoutVersion in bpf/layout.go")
 	}
-	parent, err := git(root, "rev-parse", "--verify", change+"^")
+	parent, err := git(root, "rev-parse", "--verify", change+"^1")
 	if err != nil {
 		return "", fmt.Errorf("parent of the layout change %s: %w", change, err)
 	}
