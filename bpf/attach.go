@@ -285,19 +285,7 @@ func (d *Datapath) replaceAttachments() error {
 			if h.prog(d) == nil {
 				continue // a handle of a build without this hook's program (a migration's undo)
 			}
-			l, err := link.LoadPinnedLink(d.linkPin(ifname, h.suffix), nil)
-			if err != nil {
-				continue
-			}
-			if info, err := l.Info(); err == nil && info.TCX() != nil && info.TCX().Ifindex == 0 {
-				// The veth is gone; its pin is all that is left.
-				_ = l.Unpin()
-				l.Close()
-				continue
-			}
-			err = l.Update(h.prog(d))
-			l.Close()
-			if err != nil {
+			if err := movePinnedLink(d.linkPin(ifname, h.suffix), h.prog(d)); err != nil {
 				return fmt.Errorf("move tcx %s of %s to the new program: %w", h.suffix, ifname, err)
 			}
 		}
@@ -307,22 +295,9 @@ func (d *Datapath) replaceAttachments() error {
 		return err
 	}
 	for _, ifname := range nets {
-		l, err := link.LoadPinnedLink(d.linkPin(ifname, netHook.suffix), nil)
-		if err != nil {
-			continue
-		}
-		if info, err := l.Info(); err == nil && info.TCX() != nil && info.TCX().Ifindex == 0 {
-			_ = l.Unpin()
-			l.Close()
-			continue
-		}
-		if d.objs.FromNet == nil {
-			l.Close()
-			continue // a handle of a build without from_net (a migration's undo)
-		}
-		err = l.Update(d.objs.FromNet)
-		l.Close()
-		if err != nil {
+		// FromNet is nil in a handle of a build without it (a
+		// migration's undo): the link stays as it is.
+		if err := movePinnedLink(d.linkPin(ifname, netHook.suffix), d.objs.FromNet); err != nil {
 			return fmt.Errorf("move tcx from_net of %s to the new program: %w", ifname, err)
 		}
 	}
@@ -341,6 +316,25 @@ func (d *Datapath) replaceAttachments() error {
 		}
 	}
 	return nil
+}
+
+// movePinnedLink moves the tcx link pinned at pin to p. A missing pin is
+// nothing to move; the pin of a link whose device is gone is all that is
+// left of it and goes; a nil p leaves a live link as it is.
+func movePinnedLink(pin string, p *ebpf.Program) error {
+	l, err := link.LoadPinnedLink(pin, nil)
+	if err != nil {
+		return nil
+	}
+	defer l.Close()
+	if info, err := l.Info(); err == nil && info.TCX() != nil && info.TCX().Ifindex == 0 {
+		_ = l.Unpin()
+		return nil
+	}
+	if p == nil {
+		return nil
+	}
+	return l.Update(p)
 }
 
 // listLinks lists every link, retrying when the kernel interrupts the dump
