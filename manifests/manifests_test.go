@@ -244,6 +244,25 @@ func TestDaemonSet(t *testing.T) {
 		t.Errorf("install-cni adds capabilities %v; copying files needs none", install.SecurityContext.Capabilities.Add)
 	}
 
+	// SYS_ADMIN in one container only, the short-lived migrate, which
+	// runs after install-cni so the plugin that meets the pins while
+	// they migrate is the build that understands both layouts.
+	migrate := container(t, spec.InitContainers, "migrate")
+	if want := []corev1.Capability{"BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"}; !slices.Equal(migrate.SecurityContext.Capabilities.Add, want) {
+		t.Errorf("migrate adds capabilities %v, want exactly %v", migrate.SecurityContext.Capabilities.Add, want)
+	}
+	if !slices.Equal(migrate.Command, []string{"/usr/bin/idcni-agent", "migrate"}) {
+		t.Errorf("migrate runs %q, want idcni-agent migrate", migrate.Command)
+	}
+	if i := slices.IndexFunc(spec.InitContainers, func(c corev1.Container) bool { return c.Name == "migrate" }); i != len(spec.InitContainers)-1 {
+		t.Errorf("migrate is init container %d of %d: it must run last, after install-cni", i+1, len(spec.InitContainers))
+	}
+	for _, c := range all {
+		if c.Name != "migrate" && slices.Contains(c.SecurityContext.Capabilities.Add, "SYS_ADMIN") {
+			t.Errorf("container %s adds SYS_ADMIN; only migrate may", c.Name)
+		}
+	}
+
 	// NODE_NAME from the downward API.
 	var nodeName bool
 	for _, e := range agent.Env {

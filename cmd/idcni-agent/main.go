@@ -57,6 +57,7 @@ func command() *cobra.Command {
 		podCIDRs   []string
 		noMasq     []string
 		mode       string
+		maps       mapFlags
 	)
 	cmd := &cobra.Command{
 		Use:   "idcni-agent",
@@ -89,6 +90,7 @@ re-created. --force does it anyway.`,
 		SilenceErrors: true,
 		Args:          cobra.NoArgs,
 		RunE: func(cmd *cobra.Command, _ []string) error {
+			cfg.BPFRoot, cfg.PolicyEntries, cfg.IPCacheEntries = maps.root, maps.policySize, maps.ipcacheSz
 			if os.Geteuid() != 0 {
 				return fmt.Errorf("must run as root: it loads BPF programs and writes pinned maps under %s", cfg.BPFRoot)
 			}
@@ -155,7 +157,7 @@ re-created. --force does it anyway.`,
 	f := cmd.Flags()
 	f.StringVar(&kubeconfig, "kubeconfig", os.Getenv("KUBECONFIG"), "kubeconfig file; empty means in-cluster config")
 	f.StringVar(&cfg.NodeName, "node-name", os.Getenv("NODE_NAME"), "this node's name (env NODE_NAME)")
-	f.StringVar(&cfg.BPFRoot, "bpf-root", bpf.RootFromEnv(), "bpffs directory the datapath is pinned under (env IDCNI_BPF_ROOT)")
+	maps.register(f)
 	f.StringVar(&cfg.StatePath, "state", envOr("IDCNI_STATE", store.DefaultPath), "state file: identities, manual overrides, local endpoints (env IDCNI_STATE)")
 	f.StringVar(&cfg.Socket, "socket", envOr("IDCNI_AGENT_SOCKET", api.DefaultSocket), "unix socket of the local API (env IDCNI_AGENT_SOCKET)")
 	f.StringVar(&cfg.MetricsAddr, "metrics-addr", ":9965", "address of /metrics, /healthz and /readyz; empty disables")
@@ -166,8 +168,6 @@ re-created. --force does it anyway.`,
 	f.StringSliceVar(&cfg.ChurnLabels, "churn-labels", nil, "pod labels left out of identities, churn and placement labels alike; the list replaces the default, so to extend it repeat the default and add (default: "+strings.Join(identity.DefaultChurnLabels(), ",")+")")
 	f.DurationVar(&cfg.Resync, "resync", 10*time.Minute, "informer resync period (a resync that changes nothing writes nothing)")
 	f.DurationVar(&cfg.AuditInterval, "audit-interval", 5*time.Minute, "how often to compare the maps with what the agent wrote, repairing and counting drift (idcni_audit_drift_total); 0 disables")
-	f.Uint32Var(&cfg.PolicyEntries, "policy-map-size", 0, "entries of the policy map (0: the datapath's default, 65536); only this node's pods' identities have entries. A NetworkPolicy that does not fit is refused alone, with a PolicyRefused Event. Maps pinned with another size are refused: remove the pins (--uninstall) to resize")
-	f.Uint32Var(&cfg.IPCacheEntries, "ipcache-size", 0, "entries of the ipcache (0: the datapath's default); it holds every pod and node address of the cluster and the ipBlock prefixes. Maps pinned with another size are refused: remove the pins (--uninstall) to resize")
 	f.StringSliceVar(&podCIDRs, "pod-cidr", nil, "this node's pod ranges, repeated or comma-separated, at most one per family, instead of its Node's spec.podCIDRs (for clusters whose kube-controller-manager does not run with --allocate-node-cidrs). Without either the agent writes no CNI config")
 	f.BoolVar(&cfg.NodeRoutes, "node-routes", true, "route every other node's pod CIDRs (routes of protocol 157), directly or through the VXLAN tunnel as --routing-mode says; off when something else routes pod CIDRs (the CNI config then keeps the template's MTU)")
 	f.StringVar(&mode, "routing-mode", string(agent.RoutingAuto), "how other nodes' pod CIDRs are reached: auto (directly through the node's InternalIP when it is on a connected subnet, through the VXLAN tunnel otherwise), direct (directly only: nodes elsewhere stay unreachable, counted in idcni_node_routes_missing) or vxlan (every other node through the tunnel). The pods' MTU in the CNI config is the uplink's less the tunnel overhead (50 bytes over IPv4, 70 over IPv6) in auto and vxlan, the uplink's in direct")
@@ -182,6 +182,7 @@ re-created. --force does it anyway.`,
 	f.StringVar(&logLevel, "log-level", "info", "debug, info, warn or error")
 	f.BoolVar(&logJSON, "log-json", false, "log JSON lines instead of text")
 	addInstallCNI(cmd)
+	cmd.AddCommand(migrateCommand())
 	// --version: the build and the pin layout it reads and writes.
 	cmd.Version = version.Build
 	cmd.SetVersionTemplate(version.String("idcni-agent") + "\n")
