@@ -45,8 +45,11 @@ lint:
 kube:
 	@./scripts/build-kube.sh >/dev/null
 
+# Then the upstream NetworkPolicy conformance specs on a two-node cluster of
+# their own (make conformance): two nodes put every spec's pods on both.
 test: deps check-generate lint build kube
 	IDCNI_E2E_BIN=$(BIN) $(GO) test -count=1 -timeout 60m ./...
+	NODES=2 ./scripts/conformance.sh
 
 bench: deps build
 	$(GO) test -run '^$$' -bench . -benchtime 2s -timeout 60m ./bpf/ ./identity/ ./policy/...
@@ -88,7 +91,7 @@ cluster-down:
 # k8s.io/kubernetes test/e2e/network/netpol, the cluster's release) on a
 # cluster of their own (or IDCNI_CLUSTER's), taken down after; NODES and
 # KUBE_PROXY_MODE as for make cluster. Summary and JUnit in
-# _output/conformance. Not part of make test yet: see README.
+# _output/conformance. make test runs it too, on two nodes.
 conformance: deps
 	@./scripts/conformance.sh
 
