@@ -468,42 +468,16 @@ func AttachedLinks(root string) ([]string, error) {
 	if root == "" {
 		root = DefaultRoot
 	}
-	seen := map[string]bool{}
-	var out []string
-	add := func(name string) {
-		if !seen[name] {
-			seen[name] = true
-			out = append(out, name)
-		}
-	}
-	entries, err := os.ReadDir(filepath.Join(root, "links"))
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("list link pins under %s: %w", root, err)
-	}
-	for _, e := range entries {
-		l, err := link.LoadPinnedLink(filepath.Join(root, "links", e.Name()), nil)
-		if err != nil {
-			continue
-		}
-		info, err := l.Info()
-		l.Close()
-		if err != nil || info.TCX() == nil || info.TCX().Ifindex == 0 {
-			continue // the veth is gone; only its pin is left
-		}
-		// The pin's name, not a lookup of the ifindex: the caller may
-		// be in another network namespace than the veth.
-		name, _, _ := strings.Cut(e.Name(), "_")
-		add(name)
-	}
-	links, err := listLinks()
+	all, err := attachments(root)
 	if err != nil {
 		return nil, err
 	}
-	for _, l := range links {
-		for _, h := range hooks {
-			if findLegacy(l.Attrs().Index, h) != nil {
-				add(l.Attrs().Name)
-			}
+	seen := map[string]bool{}
+	var out []string
+	for _, a := range all {
+		if a.pod && !a.gone && !seen[a.device] {
+			seen[a.device] = true
+			out = append(out, a.device)
 		}
 	}
 	return out, nil

@@ -14,8 +14,6 @@ import (
 	"sort"
 
 	"github.com/cilium/ebpf"
-	"github.com/cilium/ebpf/link"
-	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 )
 
@@ -792,41 +790,17 @@ func repinMap(m *ebpf.Map, path string) error {
 	return nil
 }
 
-// attachedPrograms is every program idcni has attached now, by id: at
-// tcx links pinned under root and in idcni's legacy filters.
+// attachedPrograms is every program idcni has attached now, by id, with
+// where.
 func attachedPrograms(root string) (map[ebpf.ProgramID]string, error) {
-	out := map[ebpf.ProgramID]string{}
-	entries, err := os.ReadDir(filepath.Join(root, "links"))
-	if err != nil && !errors.Is(err, os.ErrNotExist) {
-		return nil, fmt.Errorf("list link pins under %s: %w", root, err)
-	}
-	for _, e := range entries {
-		l, err := link.LoadPinnedLink(filepath.Join(root, "links", e.Name()), nil)
-		if err != nil {
-			continue
-		}
-		info, err := l.Info()
-		l.Close()
-		if err == nil && info.TCX() != nil && info.TCX().Ifindex != 0 {
-			out[info.Program] = "tcx link " + e.Name()
-		}
-	}
-	links, err := listLinks()
+	all, err := attachments(root)
 	if err != nil {
 		return nil, err
 	}
-	for _, l := range links {
-		filters := []netlink.Filter{}
-		for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
-			fs, err := netlink.FilterList(l, parent)
-			if err == nil {
-				filters = append(filters, fs...)
-			}
-		}
-		for _, f := range filters {
-			if bf, ok := f.(*netlink.BpfFilter); ok && len(bf.Name) > len(legacyFilterPrefix) && bf.Name[:len(legacyFilterPrefix)] == legacyFilterPrefix {
-				out[ebpf.ProgramID(bf.Id)] = "cls_bpf filter on " + l.Attrs().Name
-			}
+	out := map[ebpf.ProgramID]string{}
+	for _, a := range all {
+		if !a.gone {
+			out[a.prog] = a.String()
 		}
 	}
 	return out, nil

@@ -3,10 +3,7 @@ package bpf
 import (
 	"errors"
 	"fmt"
-	"io/fs"
 	"log/slog"
-	"path/filepath"
-	"strings"
 
 	"github.com/cilium/ebpf"
 	"github.com/cilium/ebpf/link"
@@ -36,58 +33,34 @@ func detachForeign(root string, ours []*ebpf.Program, log *slog.Logger) error {
 			own[id] = true
 		}
 	}
-	var errs []error
-	walkErr := filepath.WalkDir(root, func(path string, e fs.DirEntry, err error) error {
-		if err != nil {
-			return nil // a directory that went meanwhile: nothing to detach there
-		}
-		if e.IsDir() {
-			if path != root && e.Name() == "progs" {
-				return filepath.SkipDir
-			}
-			return nil
-		}
-		l, err := link.LoadPinnedLink(path, nil)
-		if err != nil {
-			return nil // a map, a program or the descriptor
-		}
-		defer l.Close()
-		info, err := l.Info()
-		if err != nil || own[info.Program] {
-			return nil
-		}
-		if err := l.Unpin(); err != nil {
-			errs = append(errs, fmt.Errorf("unpin %s: %w", path, err))
-			return nil
-		}
-		log.Warn("detached a program this build does not have: its packets take the stack and the pods' programs", "link", path, "program", info.Program)
-		return nil
-	})
-	if walkErr != nil {
-		errs = append(errs, walkErr)
-	}
-	links, err := listLinks()
+	all, err := attachments(root)
 	if err != nil {
-		return errors.Join(append(errs, err)...)
+		return err
 	}
-	for _, l := range links {
-		for _, parent := range []uint32{netlink.HANDLE_MIN_INGRESS, netlink.HANDLE_MIN_EGRESS} {
-			filters, err := netlink.FilterList(l, parent)
-			if err != nil {
+	var errs []error
+	for _, a := range all {
+		if own[a.prog] {
+			continue
+		}
+		if a.filter != nil {
+			if err := netlink.FilterDel(a.filter); err != nil {
+				errs = append(errs, fmt.Errorf("delete %s: %w", a, err))
 				continue
 			}
-			for _, f := range filters {
-				bf, ok := f.(*netlink.BpfFilter)
-				if !ok || !strings.HasPrefix(bf.Name, legacyFilterPrefix) || own[ebpf.ProgramID(bf.Id)] {
-					continue
-				}
-				if err := netlink.FilterDel(f); err != nil {
-					errs = append(errs, fmt.Errorf("delete cls_bpf %s on %s: %w", bf.Name, l.Attrs().Name, err))
-					continue
-				}
-				log.Warn("deleted a cls_bpf filter of a program this build does not have", "filter", bf.Name, "link", l.Attrs().Name)
-			}
+			log.Warn("deleted a cls_bpf filter of a program this build does not have", "filter", a.filter.Name, "link", a.onLink)
+			continue
 		}
+		l, err := link.LoadPinnedLink(a.pin, nil)
+		if err != nil {
+			continue // unpinned meanwhile
+		}
+		err = l.Unpin()
+		l.Close()
+		if err != nil {
+			errs = append(errs, fmt.Errorf("unpin %s: %w", a.pin, err))
+			continue
+		}
+		log.Warn("detached a program this build does not have: its packets take the stack and the pods' programs", "link", a.pin, "program", a.prog)
 	}
 	return errors.Join(errs...)
 }
