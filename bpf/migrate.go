@@ -2,6 +2,7 @@ package bpf
 
 import (
 	"bytes"
+	"encoding/binary"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -61,6 +62,10 @@ type mapLayout struct {
 	// set", so a build that knows only the first OptionalFrom bytes may
 	// cut the rest.
 	OptionalFrom uint32 `json:"optionalFrom,omitempty"`
+	// OptionalEntriesFrom, when not zero, is for an array the first index
+	// a build of an older, smaller array may drop: entries of statistics
+	// added after it, which that build does not count.
+	OptionalEntriesFrom uint32 `json:"optionalEntriesFrom,omitempty"`
 }
 
 // optionalTails is, per pinned map, the value size of the oldest layout
@@ -81,16 +86,29 @@ var optionalTails = map[string]uint32{
 	"ct_tables/inner": 32,
 }
 
+// optionalEntries is, per pinned array, its size in the oldest layout
+// whose readers may drop the entries past it (mapLayout.OptionalEntriesFrom):
+// arrays of statistics indexed by a reason, where an older build does not
+// know the newer reasons. Without it an array that shrinks on a rollback
+// refuses before touching anything. (Layout-1 builds never read it: a82db2e
+// copies every index and fails on the first one past its size.)
+var optionalEntries = map[string]uint32{
+	// Layout 2 added the reason no-backend (REASON_MAX 16 to 17).
+	"counters":   32,
+	"event_loss": 32,
+}
+
 // build is what this build knows of layouts: its own version, the
 // optional tails of its maps' values and its converters. Tests stand in
 // for builds of other layouts with their own.
 type build struct {
 	version    int
 	tails      map[string]uint32
+	entries    map[string]uint32
 	converters map[convertKey]entryConverter
 }
 
-var thisBuild = build{version: LayoutVersion, tails: optionalTails, converters: converters}
+var thisBuild = build{version: LayoutVersion, tails: optionalTails, entries: optionalEntries, converters: converters}
 
 // entryConverter turns one entry of a map of another layout into this
 // layout's entry; ok false drops the entry.
@@ -122,6 +140,7 @@ func (b build) descriptorOf(spec *ebpf.CollectionSpec, progs []string) *pinDescr
 		}
 		l := describeLayout(m.Type, m.KeySize, m.ValueSize, m.MaxEntries, m.Flags)
 		l.OptionalFrom = b.tails[name]
+		l.OptionalEntriesFrom = b.entries[name]
 		if m.InnerMap != nil {
 			in := describeLayout(m.InnerMap.Type, m.InnerMap.KeySize, m.InnerMap.ValueSize, m.InnerMap.MaxEntries, m.InnerMap.Flags)
 			in.OptionalFrom = b.tails[name+"/inner"]
@@ -268,11 +287,11 @@ func (b build) planMove(name, path string, want *ebpf.MapSpec, old *ebpf.Map, de
 		mv.conv = conv
 		return mv, nil
 	}
-	optional := uint32(0)
+	have := describeLayout(old.Type(), old.KeySize(), old.ValueSize(), old.MaxEntries(), old.Flags())
 	if pinned != nil {
-		optional = pinned.OptionalFrom
+		have.OptionalFrom, have.OptionalEntriesFrom = pinned.OptionalFrom, pinned.OptionalEntriesFrom
 	}
-	if err := genericCopyable(old.Type(), old.KeySize(), old.ValueSize(), old.Flags(), optional, want); err != nil {
+	if err := genericCopyable(have, want); err != nil {
 		return nil, fmt.Errorf("%w: pinned map %s (layout %d) has %s; this build (layout %d) wants %s (%w), and %v",
 			ErrLayoutMismatch, path, from, describeMap(old.Type(), old.KeySize(), old.ValueSize(), old.MaxEntries(), old.Flags()),
 			b.version, describeMap(want.Type, want.KeySize, want.ValueSize, want.MaxEntries, want.Flags), want.Compatible(old), err)
@@ -282,18 +301,26 @@ func (b build) planMove(name, path string, want *ebpf.MapSpec, old *ebpf.Map, de
 
 // genericCopyable says why the generic copy cannot carry a map of this
 // shape into want, if it cannot.
-func genericCopyable(typ ebpf.MapType, key, value, flags, optionalFrom uint32, want *ebpf.MapSpec) error {
+func genericCopyable(have mapLayout, want *ebpf.MapSpec) error {
 	switch {
-	case typ != want.Type:
+	case ebpf.MapType(have.Type) != want.Type:
 		return fmt.Errorf("its type changed, which needs a converter this build does not have")
-	case key != want.KeySize:
+	case have.KeySize != want.KeySize:
 		return fmt.Errorf("its key changed, which needs a converter this build does not have")
-	case flags != want.Flags:
+	case have.Flags != want.Flags:
 		return fmt.Errorf("its flags changed, which needs a converter this build does not have")
-	case value > want.ValueSize && (optionalFrom == 0 || optionalFrom > want.ValueSize):
-		return fmt.Errorf("cutting its value to %d bytes would drop fields the pins do not declare optional (optional from byte %d)", want.ValueSize, optionalFrom)
+	case have.ValueSize > want.ValueSize && (have.OptionalFrom == 0 || have.OptionalFrom > want.ValueSize):
+		return fmt.Errorf("cutting its value to %d bytes would drop fields the pins do not declare optional (optional from byte %d)", want.ValueSize, have.OptionalFrom)
+	case isArray(want.Type) && have.MaxEntries > want.MaxEntries && (have.OptionalEntriesFrom == 0 || have.OptionalEntriesFrom > want.MaxEntries):
+		return fmt.Errorf("shrinking the array to %d entries would drop entries the pins do not declare optional (optional from index %d)", want.MaxEntries, have.OptionalEntriesFrom)
 	}
 	return nil
+}
+
+// pastEnd reports whether key, an array index, is past the end of the
+// array dst: an entry planMove let go (mapLayout.OptionalEntriesFrom).
+func pastEnd(dst *ebpf.Map, key []byte) bool {
+	return isArray(dst.Type()) && len(key) == 4 && binary.NativeEndian.Uint32(key) >= dst.MaxEntries()
 }
 
 // planInner decides how the inner maps of the map of maps old are carried
@@ -320,7 +347,7 @@ func (b build) planInner(name string, want *ebpf.MapSpec, old *ebpf.Map, pinned 
 		im.conv = conv
 		return im, nil
 	}
-	if err := genericCopyable(ebpf.MapType(have.Type), have.KeySize, have.ValueSize, have.Flags, have.OptionalFrom, w); err != nil {
+	if err := genericCopyable(*have, w); err != nil {
 		return nil, fmt.Errorf("%w: the inner maps of pinned map %s (layout %d) have %s; this build (layout %d) wants %s, and %v",
 			ErrLayoutMismatch, name, from, describeMap(ebpf.MapType(have.Type), have.KeySize, have.ValueSize, have.MaxEntries, have.Flags),
 			b.version, describeMap(w.Type, w.KeySize, w.ValueSize, w.MaxEntries, w.Flags), err)
@@ -432,6 +459,9 @@ func copyEntries(src, dst *ebpf.Map, conv entryConverter, onlyMissing bool) erro
 			if !ok {
 				continue
 			}
+		}
+		if pastEnd(dst, k) {
+			continue
 		}
 		outK, outV = append(outK, resize(k, dst.KeySize())), append(outV, resize(v, dst.ValueSize()))
 	}
@@ -550,6 +580,9 @@ func copyPerCPU(src, dst *ebpf.Map, onlyMissing bool) error {
 	val := perCPUValues(src.ValueSize()).Interface()
 	it := src.Iterate()
 	for it.Next(key, val) {
+		if pastEnd(dst, key) {
+			continue
+		}
 		if err := dst.Update(resize(key, dst.KeySize()), resizePerCPU(reflect.ValueOf(val), dst.ValueSize()), flag); err != nil {
 			if onlyMissing && errors.Is(err, ebpf.ErrKeyExist) {
 				continue

@@ -30,8 +30,13 @@ import (
 // declared optional so that layout 1 may take the pins back. The
 // programs stay this build's: they read the first bytes of each value,
 // which the verifier allows in a wider value.
+// It also counts two more reasons: counters grows by 2 entries, which
+// layout 1 may drop when the tails are declared.
 // ctValueSize is this build's conntrack value, which grown widens by 8.
 var ctValueSize = uint32(binary.Size(datapathCtValue{}))
+
+// countersSize is this build's counters array, which grown lengthens by 2.
+const countersSize = uint32(reasonMax) * 2
 
 // addedMap is the map grown's layout adds.
 const addedMap = "grown_added"
@@ -40,8 +45,10 @@ func grown(tails bool) (*build, func(*ebpf.CollectionSpec)) {
 	b := &build{version: LayoutVersion + 1}
 	if tails {
 		b.tails = map[string]uint32{"conntrack": ctValueSize, "ct_tables/inner": ctValueSize, "endpoints": uint32(binary.Size(datapathEndpoint{}))}
+		b.entries = map[string]uint32{"counters": countersSize}
 	}
 	return b, func(spec *ebpf.CollectionSpec) {
+		spec.Maps["counters"].MaxEntries += 2
 		spec.Maps["conntrack"].ValueSize += 8
 		spec.Maps["ct_tables"].InnerMap.ValueSize += 8
 		spec.Maps["endpoints"].ValueSize += 8
@@ -297,6 +304,22 @@ func TestMigrateCarriesEveryEntryAndTheFlow(t *testing.T) {
 			s.pair.d = up
 			flowGoesOn(t, s, syn)
 
+			// A count of a reason only layout 2 has, which layout 1
+			// must drop to take the pins back.
+			counters, err := ebpf.LoadPinnedMap(filepath.Join(root, "counters"), nil)
+			if err != nil {
+				t.Fatal(err)
+			}
+			defer counters.Close()
+			if counters.MaxEntries() != countersSize+2 {
+				t.Fatalf("pinned counters has %d entries after the migration, want %d", counters.MaxEntries(), countersSize+2)
+			}
+			val := perCPUValues(counters.ValueSize())
+			val.Index(0).Index(0).SetUint(7)
+			if err := counters.Update(countersSize+1, val.Interface(), ebpf.UpdateAny); err != nil {
+				t.Fatal(err)
+			}
+
 			// Back to layout 1, this build as it is.
 			mid := dumpPins(t, root)
 			var down *Datapath
@@ -307,6 +330,11 @@ func TestMigrateCarriesEveryEntryAndTheFlow(t *testing.T) {
 			t.Cleanup(func() { down.Close() })
 			if got := valueSize(t, root, "conntrack"); got != ctValueSize {
 				t.Fatalf("pinned conntrack value is %d bytes after the rollback, want %d", got, ctValueSize)
+			}
+			if c, err := ebpf.LoadPinnedMap(filepath.Join(root, "counters"), nil); err != nil || c.MaxEntries() != countersSize {
+				t.Fatalf("pinned counters after the rollback: %v, %v; want %d entries", c, err, countersSize)
+			} else {
+				c.Close()
 			}
 			if _, err := os.Stat(filepath.Join(root, addedMap)); !errors.Is(err, os.ErrNotExist) {
 				t.Fatalf("the map only layout 2 has is still pinned after the rollback, with no program using it: %v", err)
@@ -371,6 +399,43 @@ func TestRollbackRefusesWhatItWouldLose(t *testing.T) {
 	sameEntries(t, before, dumpPins(t, root))
 	if !attachedTo(t, s, up) {
 		t.Fatal("the refused rollback moved the attachments")
+	}
+	s.pair.d = up
+	flowGoesOn(t, s, syn)
+}
+
+// TestRollbackRefusesToDropUndeclaredEntries: an array that shrinks on a
+// rollback (counters of reasons the older build does not have) is cut
+// only when the pins declare the entries past its size optional;
+// otherwise the rollback refuses when it plans, naming the map, before it
+// creates anything (a82db2e, which does not plan this, failed half way
+// through its copy instead).
+func TestRollbackRefusesToDropUndeclaredEntries(t *testing.T) {
+	s, syn := flowSeed(t, AttachTCX)
+	root := s.d.Root()
+	b, hook := grown(true)
+	b.entries = nil
+	var up *Datapath
+	var err error
+	s.net.do(func() {
+		up, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX, build: b, specHook: hook})
+	})
+	if err != nil {
+		t.Fatalf("migrate up: %v", err)
+	}
+	t.Cleanup(func() { up.Close() })
+	ids := pinIDs(t, root)
+	s.net.do(func() { _, err = Load(Options{Root: root, Replace: true, Attach: AttachTCX}) })
+	if err == nil {
+		t.Fatal("the rollback cut counters whose extra entries the pins do not declare optional")
+	}
+	for _, want := range []string{"counters", "shrinking the array", "nothing was changed"} {
+		if !strings.Contains(err.Error(), want) {
+			t.Errorf("refusal does not say %q: %v", want, err)
+		}
+	}
+	if got := pinIDs(t, root); !reflect.DeepEqual(got, ids) {
+		t.Fatalf("the refused rollback changed the pins:\nbefore %v\nafter  %v", ids, got)
 	}
 	s.pair.d = up
 	flowGoesOn(t, s, syn)
