@@ -242,14 +242,25 @@ spec:
 		}
 	}
 	time.Sleep(hold)
-	rolls = append(rolls, k.rollAgents("back", func() {
-		k.run("-n", "idcni-system", "rollout", "undo", "daemonset/idcni-agent")
-	}))
-	k.wantAgentImage(old.Image)
-	for node, sum := range k.pluginSums() {
-		if sum != oldPlugin[node] {
-			t.Errorf("node %s: the plugin is not the old build's after the roll back (sha256 %s, old %s)", node, sum, oldPlugin[node])
+	undo := func() { k.run("-n", "idcni-system", "rollout", "undo", "daemonset/idcni-agent") }
+	back := k.rollAgentsOrRefusal("back", old.Image, undo)
+	rolls = append(rolls, back)
+	if back.Refused == "" {
+		k.wantAgentImage(old.Image)
+		for node, sum := range k.pluginSums() {
+			if sum != oldPlugin[node] {
+				t.Errorf("node %s: the plugin is not the old build's after the roll back (sha256 %s, old %s)", node, sum, oldPlugin[node])
+			}
 		}
+	} else {
+		// The issue allows an old build to refuse pins it cannot take,
+		// if it changes nothing and says so: the traffic figures below
+		// show whether the newer pins and programs stayed in force.
+		// Then forward again, as an operator would.
+		t.Logf("roll back refused by %s (the pins and programs of this build stayed in force): %s", old.Describe, back.Refused)
+		time.Sleep(hold)
+		rolls = append(rolls, k.rollAgents("forward-again", undo))
+		k.wantAgentImage("idcni/agent:dev")
 	}
 	time.Sleep(hold)
 	stopAll()
@@ -387,6 +398,69 @@ func (r *upgradeReport) log(t *testing.T, path string) {
 type roll struct {
 	Name    string  `json:"name"`
 	Seconds float64 `json:"seconds"`
+	// Refused is the line in which the target build's agent refused the
+	// node's pins, saying nothing was changed; empty when it rolled.
+	Refused string `json:"refused,omitempty"`
+}
+
+// refusalMark is what an idcni agent's migration says when it fails: the
+// old pins and programs stay in force.
+const refusalMark = "nothing was changed"
+
+// rollAgentsOrRefusal is rollAgents for a roll to image that may be
+// refused: it ends when the rollout completes, or when an agent of image
+// has failed twice in a row with refusalMark in its last run's log (one
+// failure could be a race a retry gets past; twice the same is the
+// build's answer).
+func (k *kctl) rollAgentsOrRefusal(name, image string, do func()) roll {
+	k.t.Helper()
+	start := time.Now()
+	do()
+	for {
+		if _, err := k.c.Kubectl(k.ctx, "-n", "idcni-system", "rollout", "status", "daemonset/idcni-agent", "--timeout=2s"); err == nil {
+			r := roll{Name: name, Seconds: time.Since(start).Seconds()}
+			k.t.Logf("roll %s: %.1fs", name, r.Seconds)
+			return r
+		}
+		if line := k.refusal(image); line != "" {
+			r := roll{Name: name, Seconds: time.Since(start).Seconds(), Refused: line}
+			k.t.Logf("roll %s refused after %.1fs: %s", name, r.Seconds, line)
+			return r
+		}
+		select {
+		case <-k.ctx.Done():
+			k.t.Fatalf("roll %s: neither rolled nor refused: %v", name, k.ctx.Err())
+		case <-time.After(time.Second):
+		}
+	}
+}
+
+// refusal returns the refusing log line of an agent pod of image whose
+// container (the migrate init container or the agent) failed at least
+// twice, the last time with refusalMark.
+func (k *kctl) refusal(image string) string {
+	pods, err := k.c.Client.CoreV1().Pods("idcni-system").List(k.ctx, metav1.ListOptions{LabelSelector: "app.kubernetes.io/name=idcni-agent"})
+	if err != nil {
+		return ""
+	}
+	for _, p := range pods.Items {
+		for _, st := range append(p.Status.InitContainerStatuses, p.Status.ContainerStatuses...) {
+			// The runtime may report the image with its registry.
+			if !strings.HasSuffix(st.Image, image) || st.RestartCount < 2 {
+				continue
+			}
+			out, err := k.c.Client.CoreV1().Pods("idcni-system").GetLogs(p.Name, &corev1.PodLogOptions{Container: st.Name, Previous: true}).DoRaw(k.ctx)
+			if err != nil {
+				continue
+			}
+			for _, line := range strings.Split(string(out), "\n") {
+				if strings.Contains(line, refusalMark) {
+					return fmt.Sprintf("%s on %s, container %s (%d restarts): %s", p.Name, p.Spec.NodeName, st.Name, st.RestartCount, line)
+				}
+			}
+		}
+	}
+	return ""
 }
 
 func (k *kctl) rollAgents(name string, do func()) roll {
