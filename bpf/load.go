@@ -63,7 +63,8 @@ type Datapath struct {
 	cfgMu sync.Mutex
 	// svcMu serialises this handle's Service writes: a frontend's id and
 	// backend slots are read-modify-written (see PutService).
-	svcMu sync.Mutex
+	svcMu  sync.Mutex
+	svcIDs *serviceIDs
 	// ctTable is the embedded object's conntrack table, the template of
 	// every pod's (AddConntrackTable), kept from the parse that opened d.
 	ctTable *ebpf.MapSpec

@@ -4,7 +4,6 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
-	"slices"
 
 	"github.com/cilium/ebpf"
 	"golang.org/x/sys/unix"
@@ -123,6 +122,7 @@ func (d *Datapath) PutService(fe ServiceFrontend, s Service) error {
 		_ = d.deleteBackends(old.Id, old.Count, n)
 		return fmt.Errorf("write service %s: %w", fe, mapFull(err, "services"))
 	}
+	d.setServiceID(v.Id, true)
 	return d.deleteBackends(old.Id, n, old.Count)
 }
 
@@ -146,32 +146,65 @@ func (d *Datapath) deleteBackends(id, from, to uint32) error {
 	return nil
 }
 
-// freeServiceID is the lowest id no frontend has. Ids start at 1, so a
-// zero value never names a frontend.
-func (d *Datapath) freeServiceID() (uint32, error) {
-	var used []uint32
+// serviceIDs are the ids the frontends of one services map hold, read
+// from the map once and kept by this handle's writes: a new frontend then
+// costs no walk of the map (with 10,000 Services, writing them one by one
+// took minutes when each took one). Hold svcMu.
+type serviceIDs struct {
+	of   *ebpf.Map // the map they were read from: a Refresh or migration replaces it
+	used map[uint32]bool
+	low  uint32 // no id under low is free
+}
+
+// ids returns d's serviceIDs, reading the map when the cache is not of
+// the map d writes now.
+func (d *Datapath) ids() (*serviceIDs, error) {
+	if d.svcIDs != nil && d.svcIDs.of == d.objs.Services {
+		return d.svcIDs, nil
+	}
+	ids := &serviceIDs{of: d.objs.Services, used: map[uint32]bool{}, low: 1}
 	var k datapathSvcKey
 	var v datapathSvcValue
 	it := d.objs.Services.Iterate()
 	for it.Next(&k, &v) {
-		used = append(used, v.Id)
+		ids.used[v.Id] = true
 	}
 	if err := it.Err(); err != nil {
-		return 0, fmt.Errorf("list services: %w", err)
+		return nil, fmt.Errorf("list services: %w", err)
 	}
-	if len(used) >= int(d.objs.Services.MaxEntries()) {
-		return 0, fmt.Errorf("services %w: %d frontends (remove frontends)", ErrMapFull, len(used))
+	d.svcIDs = ids
+	return ids, nil
+}
+
+// freeServiceID is the lowest id no frontend has. Ids start at 1, so a
+// zero value never names a frontend. Take it (take) once the frontend is
+// written.
+func (d *Datapath) freeServiceID() (uint32, error) {
+	ids, err := d.ids()
+	if err != nil {
+		return 0, err
 	}
-	slices.Sort(used)
-	id := uint32(1)
-	for _, u := range used {
-		if u == id {
-			id++
-		} else if u > id {
-			break
-		}
+	if len(ids.used) >= int(d.objs.Services.MaxEntries()) {
+		return 0, fmt.Errorf("services %w: %d frontends (remove frontends)", ErrMapFull, len(ids.used))
 	}
-	return id, nil
+	for ids.used[ids.low] {
+		ids.low++
+	}
+	return ids.low, nil
+}
+
+// setServiceID records that a frontend holds id (used) or let it go.
+func (d *Datapath) setServiceID(id uint32, used bool) {
+	ids := d.svcIDs
+	if ids == nil || ids.of != d.objs.Services {
+		return // read afresh on the next new frontend
+	}
+	if used {
+		ids.used[id] = true
+		return
+	}
+	delete(ids.used, id)
+	ids.low = min(ids.low, id)
 }
 
 // DeleteService removes fe: the frontend first, so no new flow picks a
@@ -192,6 +225,7 @@ func (d *Datapath) DeleteService(fe ServiceFrontend) error {
 	if err := d.objs.Services.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete service %s: %w", fe, err)
 	}
+	d.setServiceID(v.Id, false)
 	if err := d.deleteBackends(v.Id, 0, v.Count); err != nil {
 		return fmt.Errorf("service %s: %w", fe, err)
 	}

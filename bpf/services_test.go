@@ -177,3 +177,87 @@ func backendSlots(t *testing.T, d *Datapath, id uint32) int {
 	}
 	return n
 }
+
+// TestServiceIDsStayUnique writes frontends, deletes some and writes
+// others, through two handles in turn (an agent restarting): every
+// frontend in the map must hold an id of its own, and a freed id is
+// taken again first.
+func TestServiceIDsStayUnique(t *testing.T) {
+	d := loadTest(t, Options{})
+	fe := func(i int) ServiceFrontend {
+		return ServiceFrontend{Addr: netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)}), Port: 80, Proto: unix.IPPROTO_TCP}
+	}
+	svc := Service{Backends: []ServiceBackend{{Addr: netip.MustParseAddr("10.0.0.1"), Port: 8080}}}
+	put := func(d *Datapath, i int) {
+		t.Helper()
+		if err := d.PutService(fe(i), svc); err != nil {
+			t.Fatal(err)
+		}
+	}
+	for i := range 300 {
+		put(d, i)
+	}
+	for _, i := range []int{7, 100, 299} {
+		if err := d.DeleteService(fe(i)); err != nil {
+			t.Fatal(err)
+		}
+	}
+	put(d, 1000)
+	if id := serviceID(t, d, fe(1000)); id != 8 {
+		t.Errorf("the first new frontend after freeing ids 8, 101 and 300 got id %d, want 8", id)
+	}
+	// A second handle on the same pins reads the ids from the map.
+	d2, err := Load(Options{Root: d.Root()})
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer d2.Close()
+	put(d2, 1001)
+	put(d2, 1002)
+	put(d2, 1003)
+	if id := serviceID(t, d2, fe(1003)); id != 301 {
+		t.Errorf("the third new frontend of a second handle got id %d, want 301 (101 and 300 free first)", id)
+	}
+	seen := map[uint32]ServiceFrontend{}
+	var k datapathSvcKey
+	var v datapathSvcValue
+	it := d2.objs.Services.Iterate()
+	for it.Next(&k, &v) {
+		if other, dup := seen[v.Id]; dup {
+			t.Errorf("id %d is held by two frontends (%v and key %+v)", v.Id, other, k)
+		}
+		seen[v.Id] = ServiceFrontend{}
+	}
+	if err := it.Err(); err != nil {
+		t.Fatal(err)
+	}
+	if len(seen) != 301 {
+		t.Errorf("%d frontends in the map, want 301", len(seen))
+	}
+}
+
+// BenchmarkPutServiceNew writes b.N new frontends, up to 50,000 in the map:
+// the cost of one new frontend, whatever the map holds.
+func BenchmarkPutServiceNew(b *testing.B) {
+	d := loadTest(b, Options{})
+	svc := Service{Backends: []ServiceBackend{{Addr: netip.MustParseAddr("10.0.0.1"), Port: 8080}}}
+	const wrap = 50_000 // under the map's 65,536
+	fe := func(i int) ServiceFrontend {
+		return ServiceFrontend{Addr: netip.AddrFrom4([4]byte{10, 96, byte(i >> 8), byte(i)}), Port: uint16(80 + i>>16), Proto: unix.IPPROTO_TCP}
+	}
+	b.ResetTimer()
+	for i := range b.N {
+		if i > 0 && i%wrap == 0 {
+			b.StopTimer()
+			for j := range wrap {
+				if err := d.DeleteService(fe(j)); err != nil {
+					b.Fatal(err)
+				}
+			}
+			b.StartTimer()
+		}
+		if err := d.PutService(fe(i%wrap), svc); err != nil {
+			b.Fatal(err)
+		}
+	}
+}
