@@ -101,9 +101,6 @@ func BuildOld(ctx context.Context, root, commit, dir string, log io.Writer) (*Ol
 		return nil, fmt.Errorf("the manifest of %s names no image %s to replace", b.Commit, devAgentImage)
 	}
 	manifest = bytes.ReplaceAll(manifest, []byte("image: "+devAgentImage), []byte("image: "+b.Image))
-	if manifest, err = withMigrateCapability(manifest); err != nil {
-		return nil, fmt.Errorf("the manifest of %s: %w", b.Commit, err)
-	}
 	b.Manifest = filepath.Join(dir, "idcni.yaml")
 	if err := os.WriteFile(b.Manifest, manifest, 0o644); err != nil {
 		return nil, err
@@ -168,21 +165,4 @@ func (n *Node) HostPath(path string) string {
 		path = "/run/" + rest
 	}
 	return filepath.Join(fmt.Sprintf("/proc/%d/root", n.Holder.PID), path)
-}
-
-// withMigrateCapability gives the agent of a build older than the migrate
-// init container CAP_SYS_ADMIN, as README's Upgrading section tells an
-// operator to before rolling back to one: that agent migrates the pins
-// itself, and carrying the pods' conntrack tables between layouts opens
-// them by id, which the kernel allows only with CAP_SYS_ADMIN. A manifest
-// with the migrate init container is returned as it is.
-func withMigrateCapability(manifest []byte) ([]byte, error) {
-	if bytes.Contains(manifest, []byte("idcni-agent, migrate]")) {
-		return manifest, nil
-	}
-	perfmon := []byte("\n                - PERFMON\n")
-	if bytes.Count(manifest, perfmon) != 1 {
-		return nil, fmt.Errorf("no single PERFMON line in the agent's capabilities to add SYS_ADMIN after")
-	}
-	return bytes.Replace(manifest, perfmon, []byte("\n                - PERFMON\n                - SYS_ADMIN\n"), 1), nil
 }
