@@ -196,22 +196,7 @@ func iptablesServices(k kpChains, p svcPlan) string {
 	fmt.Fprintf(&sb, "-A %s -m comment --comment \"kubernetes service nodeports; NOTE: this must be the last rule in this chain\" -m addrtype --dst-type LOCAL -j %s\n",
 		k.services(), k.nodeports())
 	for i := range p.n {
-		e := p.service(i)
-		fmt.Fprintf(&sb, "-A %s ! -s %s -d %s/32 -p tcp -m comment --comment \"%s cluster IP\" -m tcp --dport %d -j %s\n",
-			k.svc(e), p.cluster, e.cip, e.name, e.port, k.markMasq())
-		for j, b := range e.backends {
-			left := len(e.backends) - j
-			if left > 1 {
-				fmt.Fprintf(&sb, "-A %s -m comment --comment \"%s -> %s\" -m statistic --mode random --probability %.10f -j %s\n",
-					k.svc(e), e.name, b, 1/float64(left), k.sep(e, b))
-			} else {
-				fmt.Fprintf(&sb, "-A %s -m comment --comment \"%s -> %s\" -j %s\n", k.svc(e), e.name, b, k.sep(e, b))
-			}
-		}
-		for _, b := range e.backends {
-			fmt.Fprintf(&sb, "-A %s -s %s/32 -m comment --comment %s -j %s\n", k.sep(e, b), b.Addr(), e.name, k.markMasq())
-			fmt.Fprintf(&sb, "-A %s -p tcp -m comment --comment %s -m tcp -j DNAT --to-destination %s\n", k.sep(e, b), e.name, b)
-		}
+		writeIptablesService(&sb, k, p, p.service(i))
 	}
 	fmt.Fprintf(&sb, "-A %s -j MARK --set-xmark %s/%s\n", k.markMasq(), svcMark, svcMark)
 	fmt.Fprintf(&sb, "-A %s -m mark ! --mark %s/%s -j RETURN\n", k.postrouting(), svcMark, svcMark)
@@ -219,6 +204,25 @@ func iptablesServices(k kpChains, p svcPlan) string {
 	fmt.Fprintf(&sb, "-A %s -m comment --comment \"kubernetes service traffic requiring SNAT\" -j MASQUERADE --random-fully\n", k.postrouting())
 	sb.WriteString("COMMIT\n")
 	return sb.String()
+}
+
+// writeIptablesService writes one Service's KUBE-SVC and KUBE-SEP chains.
+func writeIptablesService(sb *strings.Builder, k kpChains, p svcPlan, e svcEntry) {
+	fmt.Fprintf(sb, "-A %s ! -s %s -d %s/32 -p tcp -m comment --comment \"%s cluster IP\" -m tcp --dport %d -j %s\n",
+		k.svc(e), p.cluster, e.cip, e.name, e.port, k.markMasq())
+	for j, b := range e.backends {
+		left := len(e.backends) - j
+		if left > 1 {
+			fmt.Fprintf(sb, "-A %s -m comment --comment \"%s -> %s\" -m statistic --mode random --probability %.10f -j %s\n",
+				k.svc(e), e.name, b, 1/float64(left), k.sep(e, b))
+		} else {
+			fmt.Fprintf(sb, "-A %s -m comment --comment \"%s -> %s\" -j %s\n", k.svc(e), e.name, b, k.sep(e, b))
+		}
+	}
+	for _, b := range e.backends {
+		fmt.Fprintf(sb, "-A %s -s %s/32 -m comment --comment %s -j %s\n", k.sep(e, b), b.Addr(), e.name, k.markMasq())
+		fmt.Fprintf(sb, "-A %s -p tcp -m comment --comment %s -m tcp -j DNAT --to-destination %s\n", k.sep(e, b), e.name, b)
+	}
 }
 
 // iptablesServicesRemoval flushes and deletes every chain of the run in
