@@ -8,6 +8,7 @@ import (
 	"errors"
 	"fmt"
 	"net/netip"
+	"os/exec"
 	"path/filepath"
 	"strings"
 	"time"
@@ -891,6 +892,9 @@ func (b *bench) svcCheck(ctx context.Context, c config, before svcBefore, rec sa
 // services runs -services: for each Service count, every configuration,
 // round after round in rotating order.
 func (b *bench) services(ctx context.Context, w workload, suffix string, cl *cleanups, rep *report) error {
+	if _, err := exec.LookPath("nft"); err != nil && b.o.svcConfigs["kube-proxy-nftables"] {
+		return errors.New("nft not found in PATH: kube-proxy-nftables needs it (apt-get install nftables, or leave it out of -configs)")
+	}
 	if err := b.svcSetup(ctx, suffix, cl); err != nil {
 		return err
 	}
