@@ -112,7 +112,13 @@ type bench struct {
 }
 
 // isIdcni reports whether c runs idcni's programs.
-func (c config) isIdcni() bool { return c.Name == "idcni" || c.Name == "idcni-routed" }
+func (c config) isIdcni() bool {
+	switch c.Name {
+	case "idcni", "idcni-routed", "idcni-podip", "idcni-clusterip":
+		return true
+	}
+	return false
+}
 
 // setIdentities names the two pods as endpointctl add would: endpoint
 // entry of the host veth and ipcache entry of the address.

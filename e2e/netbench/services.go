@@ -947,6 +947,17 @@ func (b *bench) services(ctx context.Context, w workload, suffix string, cl *cle
 				}
 			}
 		}
+		if b.o.profile {
+			var cs []config
+			for _, name := range names {
+				cs = append(cs, config{Name: name, Rules: 10, Services: n})
+			}
+			rows, err := b.profile(ctx, cs, w, b.bpfRoot)
+			if err != nil {
+				return err
+			}
+			rep.Profile = append(rep.Profile, rows...)
+		}
 	}
 	rep.RulesLoadMS = st.loadedMS
 	return errors.Join(b.svcRemoveIptables(), b.svcRemoveNft(), b.svcClearMap())
