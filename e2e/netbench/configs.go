@@ -33,11 +33,16 @@ const (
 
 // config is one way of running the same two pods.
 type config struct {
-	Name  string `json:"name"` // bare, idcni, idcni-routed, iptables
+	Name  string `json:"name"` // bare, idcni, idcni-routed, iptables; with -services: see services.go
 	Rules int    `json:"rules"`
+	// Services is the number of Services of a -services configuration.
+	Services int `json:"services,omitempty"`
 }
 
 func (c config) String() string {
+	if c.Services > 0 {
+		return fmt.Sprintf("%s/%d", c.Name, c.Services)
+	}
 	if c.Rules == 0 {
 		return c.Name
 	}
@@ -101,10 +106,19 @@ type bench struct {
 	// locals are the pods' local pod entries as the plugin wrote them:
 	// idcni keeps them (direct delivery), idcni-routed removes them.
 	locals map[netip.Addr]bpf.LocalPod
+	// svc is the -services run's state (services.go).
+	svc     *svcState
+	bpfRoot string
 }
 
 // isIdcni reports whether c runs idcni's programs.
-func (c config) isIdcni() bool { return c.Name == "idcni" || c.Name == "idcni-routed" }
+func (c config) isIdcni() bool {
+	switch c.Name {
+	case "idcni", "idcni-routed", "idcni-podip", "idcni-clusterip":
+		return true
+	}
+	return false
+}
 
 // setIdentities names the two pods as endpointctl add would: endpoint
 // entry of the host veth and ipcache entry of the address.
@@ -433,15 +447,20 @@ func prefixNet(p netip.Prefix) *net.IPNet {
 // filterTableState says whether nft's "table ip filter" exists and whether
 // it is empty: no rules, and every base chain with policy accept.
 func filterTableState(ctx context.Context) (exists, empty bool) {
-	out, err := runCmd(ctx, "", "nft", "list", "table", "ip", "filter")
+	return nftTableState(ctx, "filter")
+}
+
+// nftTableState is filterTableState for any "table ip NAME".
+func nftTableState(ctx context.Context, name string) (exists, empty bool) {
+	out, err := runCmd(ctx, "", "nft", "list", "table", "ip", name)
 	if err != nil {
 		return false, true
 	}
 	for l := range strings.SplitSeq(out, "\n") {
 		l = strings.TrimSpace(l)
 		switch {
-		case l == "", l == "}", strings.HasPrefix(l, "table ip filter"), strings.HasPrefix(l, "chain ") && strings.HasSuffix(l, "{"):
-		case strings.HasPrefix(l, "type filter hook") && strings.HasSuffix(l, "policy accept;"):
+		case l == "", l == "}", strings.HasPrefix(l, "table ip "+name), strings.HasPrefix(l, "chain ") && strings.HasSuffix(l, "{"):
+		case strings.HasPrefix(l, "type "+name+" hook") && strings.HasSuffix(l, "policy accept;"):
 		default:
 			return true, false
 		}

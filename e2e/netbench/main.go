@@ -48,6 +48,8 @@ type options struct {
 	configs    map[string]bool
 	nodes      bool
 	stackPath  bool
+	services   []int           // -services: Service counts
+	svcConfigs map[string]bool // the -services configurations to run
 }
 
 func main() {
@@ -95,6 +97,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.BoolVar(&o.profile, "profile", true, "after the rounds, run each workload once more per idcni configuration with BPF run-time statistics on (reported apart, not in the medians)")
 	fs.BoolVar(&o.nodes, "nodes", false, "instead: two pods on two nodes (network namespaces joined by a veth), bare and idcni, routed directly and through VXLAN (bare-direct, idcni-direct, bare-vxlan, idcni-vxlan); no CNI latency part")
 	fs.BoolVar(&o.stackPath, "stack", false, "with -nodes: also idcni-direct-stack and idcni-vxlan-stack, the idcni configurations without the fast path (both nodes forward the pods' packets)")
+	services := fs.String("services", "", "instead: `N,N,...` Services (e.g. 10,1000,10000): for each count, idcni to the pod IP, idcni through a ClusterIP, and kube-proxy's iptables and nftables rules through the ClusterIP (idcni-podip, idcni-clusterip, kube-proxy-iptables, kube-proxy-nftables); no CNI latency part")
 	configs := fs.String("configs", "bare,idcni,idcni-routed,iptables", "comma-separated configurations to measure (ratios need bare)")
 	fs.StringVar(&o.metricsArg, "metrics", "rr,crr,stream", "comma-separated workloads: rr, crr, stream")
 	fs.Usage = func() {
@@ -139,6 +142,36 @@ func parseFlags(args []string) (*options, error) {
 			o.rules = append(o.rules, n)
 		}
 	}
+	configsSet := false
+	fs.Visit(func(f *flag.Flag) { configsSet = configsSet || f.Name == "configs" })
+	if *services != "" {
+		if o.nodes {
+			return nil, errors.New("-services and -nodes are two different runs: pick one")
+		}
+		svcs, err := parseServices(*services)
+		if err != nil {
+			return nil, err
+		}
+		o.services = svcs
+		o.svcConfigs = map[string]bool{}
+		for _, n := range svcConfigs {
+			o.svcConfigs[n] = !configsSet
+		}
+		if configsSet {
+			for s := range strings.SplitSeq(*configs, ",") {
+				s = strings.TrimSpace(s)
+				if _, ok := o.svcConfigs[s]; !ok {
+					return nil, fmt.Errorf("-configs: with -services, want some of %s, not %q", strings.Join(svcConfigs, ", "), s)
+				}
+				o.svcConfigs[s] = true
+			}
+		}
+		if o.port > 65533 {
+			return nil, errors.New("-port must be 1-65533 with -services (idcni-podip dials the port 2 above it)")
+		}
+		o.skipCNI = true
+		*configs = "bare"
+	}
 	o.configs = map[string]bool{}
 	for s := range strings.SplitSeq(*configs, ",") {
 		s = strings.TrimSpace(s)
@@ -155,6 +188,24 @@ func parseFlags(args []string) (*options, error) {
 		o.metrics = append(o.metrics, m)
 	}
 	return o, nil
+}
+
+// parseServices reads -services: distinct Service counts, in the order
+// given.
+func parseServices(arg string) ([]int, error) {
+	var out []int
+	seen := map[int]bool{}
+	for s := range strings.SplitSeq(arg, ",") {
+		n, err := strconv.Atoi(strings.TrimSpace(s))
+		if err != nil || n < 1 || n > maxServices {
+			return nil, fmt.Errorf("-services: %q is not a Service count 1-%d", s, maxServices)
+		}
+		if !seen[n] {
+			seen[n] = true
+			out = append(out, n)
+		}
+	}
+	return out, nil
 }
 
 // interruptible returns a context cancelled by the first SIGINT or SIGTERM.

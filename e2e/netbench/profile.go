@@ -68,7 +68,13 @@ func (b *bench) profile(ctx context.Context, configs []config, w workload, root 
 		if !c.isIdcni() {
 			continue
 		}
-		if _, err := b.enter(ctx, c); err != nil {
+		cw := w
+		if c.Services > 0 {
+			if _, err := b.svcEnter(ctx, c); err != nil {
+				return nil, err
+			}
+			cw = b.svcWorkload(c, w)
+		} else if _, err := b.enter(ctx, c); err != nil {
 			return nil, err
 		}
 		for _, m := range b.o.metrics {
@@ -76,7 +82,7 @@ func (b *bench) profile(ctx context.Context, configs []config, w workload, root 
 			if err != nil {
 				return nil, err
 			}
-			s, err := m.run(ctx, w)
+			s, err := m.run(ctx, cw)
 			if err != nil {
 				return nil, fmt.Errorf("profile %s %s: %w", c, m.name, err)
 			}
@@ -104,7 +110,7 @@ func (b *bench) profile(ctx context.Context, configs []config, w workload, root 
 			}
 			r.BPFShare = float64(from.ns+to.ns) / float64(s.Elapsed.Nanoseconds())
 			rows = append(rows, r)
-			logf("profile %-12s %-6s %.4g %s: %.1f program runs/%s at %.0f/%.0f ns (from_pod/to_pod), %.2f%% of the time in programs",
+			logf("profile %-21s %-6s %.4g %s: %.1f program runs/%s at %.0f/%.0f ns (from_pod/to_pod), %.2f%% of the time in programs",
 				c, m.name, s.Value, m.unit, r.RunsPerOp, opName(m.name), r.FromPodNS, r.ToPodNS, 100*r.BPFShare)
 		}
 	}

@@ -34,7 +34,10 @@ type report struct {
 	Summary        []summaryRow       `json:"summary,omitempty"`
 	Profile        []profileRow       `json:"profile,omitempty"`
 	CNI            *cniReport         `json:"cni,omitempty"`
-	metrics        []metric
+	// RulesLoadMS is how long the last load of each -services step's
+	// Services took: idcni's map, iptables-restore, nft -f.
+	RulesLoadMS map[string]float64 `json:"rules_load_ms,omitempty"`
+	metrics     []metric
 }
 
 type hostInfo struct {
@@ -60,6 +63,10 @@ type params struct {
 	Network  string   `json:"network"`
 	Subnet   string   `json:"subnet"`
 	BPFRoot  string   `json:"bpf_root"`
+	// -services
+	Services   []int  `json:"services,omitempty"`
+	ClusterIPs string `json:"cluster_ips,omitempty"`
+	Backends   string `json:"other_backends,omitempty"`
 }
 
 type podInfo struct {
@@ -91,6 +98,9 @@ type summaryRow struct {
 	Min         float64   `json:"min"`
 	Max         float64   `json:"max"`
 	RatioToBare float64   `json:"ratio_to_bare"`
+	// RatioToPodIP is, for a -services configuration, its median over
+	// idcni-podip's with as many Services.
+	RatioToPodIP float64 `json:"ratio_to_podip,omitempty"`
 }
 
 type cniReport struct {
@@ -120,7 +130,7 @@ func newReport(o *options) *report {
 	if b, err := os.ReadFile("/proc/sys/net/netfilter/nf_conntrack_count"); err == nil {
 		r.Host.Conntrack0 = strings.TrimSpace(string(b))
 	}
-	r.Params = params{Duration: o.duration.String(), Warmup: o.warmup.String(), Count: o.count, Rules: o.rules, Port: o.port}
+	r.Params = params{Duration: o.duration.String(), Warmup: o.warmup.String(), Count: o.count, Rules: o.rules, Port: o.port, Services: o.services}
 	for _, m := range o.metrics {
 		r.Params.Metrics = append(r.Params.Metrics, m.name)
 	}
@@ -189,6 +199,26 @@ func (r *report) finish() {
 			r.Summary = append(r.Summary, row)
 		}
 	}
+	podip := map[string]float64{}
+	for _, c := range r.Configs {
+		if c.Name == "idcni-podip" {
+			for _, m := range r.metrics {
+				if s, ok := r.row(c.String(), m.name); ok {
+					podip[fmt.Sprintf("%d/%s", c.Services, m.name)] = s.Median
+				}
+			}
+		}
+	}
+	for i := range r.Summary {
+		s := &r.Summary[i]
+		for _, c := range r.Configs {
+			if c.Services > 0 && c.String() == s.Config {
+				if p := podip[fmt.Sprintf("%d/%s", c.Services, s.Metric)]; p > 0 {
+					s.RatioToPodIP = s.Median / p
+				}
+			}
+		}
+	}
 }
 
 func (r *report) row(config, metric string) (summaryRow, bool) {
@@ -219,7 +249,11 @@ func (r *report) print(out io.Writer) {
 	fmt.Fprintf(out, "load average at start %.2f %.2f %.2f, at end %.2f %.2f %.2f\n",
 		r.Host.LoadStart[0], r.Host.LoadStart[1], r.Host.LoadStart[2], r.Host.LoadEnd[0], r.Host.LoadEnd[1], r.Host.LoadEnd[2])
 	if len(r.Summary) > 0 {
-		fmt.Fprintf(out, "median of %d runs of %s (after %s warm-up); x = ratio to bare; [min-max]\n\n", r.Params.Count, r.Params.Duration, r.Params.Warmup)
+		base := "bare"
+		if len(r.Params.Services) > 0 {
+			base = "idcni-podip with as many Services"
+		}
+		fmt.Fprintf(out, "median of %d runs of %s (after %s warm-up); x = ratio to %s; [min-max]\n\n", r.Params.Count, r.Params.Duration, r.Params.Warmup, base)
 		tw := tabwriter.NewWriter(out, 0, 0, 2, ' ', 0)
 		fmt.Fprint(tw, "config")
 		for _, m := range r.metrics {
@@ -238,6 +272,9 @@ func (r *report) print(out io.Writer) {
 				if s.RatioToBare > 0 {
 					ratio = fmt.Sprintf("x%.3f", s.RatioToBare)
 				}
+				if s.RatioToPodIP > 0 {
+					ratio = fmt.Sprintf("x%.3f", s.RatioToPodIP)
+				}
 				fmt.Fprintf(tw, "\t%s %s\t[%s-%s]", formatValue(s.Median, s.Unit), ratio, formatValue(s.Min, s.Unit), formatValue(s.Max, s.Unit))
 			}
 			fmt.Fprintln(tw)
@@ -247,7 +284,11 @@ func (r *report) print(out io.Writer) {
 		for _, m := range r.metrics {
 			fmt.Fprintf(out, "  %-7s %s\n", m.name, m.desc)
 		}
-		fmt.Fprintf(out, "\ntarget: idcni >= %.2f x bare on every workload and rule count\n", target)
+		if len(r.Params.Services) > 0 {
+			r.printServiceTargets(out)
+		} else {
+			fmt.Fprintf(out, "\ntarget: idcni >= %.2f x bare on every workload and rule count\n", target)
+		}
 		for _, s := range r.Summary {
 			if strings.HasPrefix(s.Config, "idcni/") && s.RatioToBare > 0 {
 				verdict := "met"
@@ -309,6 +350,41 @@ func (r *report) noteSource(ctx context.Context, plugin string) {
 			if l != "" {
 				r.Host.GitDirty = append(r.Host.GitDirty, strings.TrimSpace(l))
 			}
+		}
+	}
+}
+
+// printServiceTargets says how the ClusterIP configurations fare against
+// issue 13's goal: idcni through a ClusterIP >= 0.95 x the pod IP on crr,
+// flat from the fewest Services to the most.
+func (r *report) printServiceTargets(out io.Writer) {
+	fmt.Fprintf(out, "\ntarget: idcni-clusterip crr >= %.2f x idcni-podip crr at every Service count, flat across counts\n", target)
+	var first, last float64
+	for _, s := range r.Summary {
+		if !strings.HasPrefix(s.Config, "idcni-clusterip/") || s.RatioToPodIP == 0 {
+			continue
+		}
+		verdict := ""
+		if s.Metric == "crr" {
+			verdict = "met"
+			if s.RatioToPodIP < target {
+				verdict = "MISSED"
+			}
+			if first == 0 {
+				first = s.Median
+			}
+			last = s.Median
+		}
+		fmt.Fprintf(out, "  %-24s %-7s x%.3f  %s\n", s.Config, s.Metric, s.RatioToPodIP, verdict)
+	}
+	if first > 0 && len(r.Params.Services) > 1 {
+		fmt.Fprintf(out, "  idcni-clusterip crr at %d Services over at %d: x%.3f\n",
+			r.Params.Services[len(r.Params.Services)-1], r.Params.Services[0], last/first)
+	}
+	fmt.Fprintln(out, "kube-proxy through the ClusterIP, against idcni-podip:")
+	for _, s := range r.Summary {
+		if strings.HasPrefix(s.Config, "kube-proxy-") && s.RatioToPodIP > 0 {
+			fmt.Fprintf(out, "  %-28s %-7s x%.3f\n", s.Config, s.Metric, s.RatioToPodIP)
 		}
 	}
 }

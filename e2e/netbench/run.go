@@ -173,7 +173,7 @@ func traffic(ctx context.Context, o *options, n *network, dp *bpf.Datapath, suff
 			return err
 		}
 	}
-	b := &bench{o: o, dp: dp, client: client, server: server, subnet: n.subnet, chain: "IDCNI-BENCH-" + strings.ToUpper(suffix)}
+	b := &bench{o: o, dp: dp, client: client, server: server, subnet: n.subnet, chain: "IDCNI-BENCH-" + strings.ToUpper(suffix), bpfRoot: n.bpfRoot}
 	b.jumpSpec = []string{"-s", n.subnet.String(), "-d", n.subnet.String(), "-j", b.chain}
 	b.noteFilterTable(ctx)
 	cl.push("iptables chain "+b.chain, b.removeIptables)
@@ -198,7 +198,6 @@ func traffic(ctx context.Context, o *options, n *network, dp *bpf.Datapath, suff
 			}
 		}
 	}
-	rep.Configs = configs
 	w := workload{
 		clientNS: client.nsPath, serverNS: server.nsPath,
 		server: netip.AddrPortFrom(server.addr, uint16(o.port)),
@@ -211,6 +210,10 @@ func traffic(ctx context.Context, o *options, n *network, dp *bpf.Datapath, suff
 	case "split":
 		w.clientCPU, w.serverCPU = 0, min(1, runtime.NumCPU()-1)
 	}
+	if len(o.services) > 0 {
+		return b.services(ctx, w, suffix, cl, rep)
+	}
+	rep.Configs = configs
 	total := o.count * len(configs) * len(o.metrics)
 	done := 0
 	for round := range o.count {
@@ -271,6 +274,12 @@ func (b *bench) measure(ctx context.Context, c config, m metric, w workload) (re
 			return rec, err
 		}
 	}
+	var svc0 svcBefore
+	if c.Services > 0 {
+		if svc0, err = b.svcBeforeRun(ctx, c); err != nil {
+			return rec, err
+		}
+	}
 	s, err := m.run(ctx, w)
 	if err != nil {
 		return rec, err
@@ -282,6 +291,25 @@ func (b *bench) measure(ctx context.Context, c config, m metric, w workload) (re
 	p1, d1, drops1, err := b.counters()
 	if err != nil {
 		return rec, err
+	}
+	if c.Services > 0 {
+		tx1, err := txPackets(b.server.hostIf)
+		if err != nil {
+			return rec, err
+		}
+		rec.Checks["datapath_passed_packets"] = p1 - p0
+		rec.Checks["datapath_dropped_packets"] = d1 - d0
+		if d1 != d0 {
+			why := map[string]uint64{}
+			for k, v := range drops1 {
+				if v > drops0[k] {
+					why[k] = v - drops0[k]
+				}
+			}
+			rec.Checks["datapath_drops_by_reason"] = why
+			logf("note: %s %s: the datapath dropped %d packets during the run: %v", c, m.name, d1-d0, why)
+		}
+		return rec, b.svcCheck(ctx, c, svc0, rec, p1-p0, tx1-tx0)
 	}
 	switch c.Name {
 	case "bare":

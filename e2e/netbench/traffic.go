@@ -48,6 +48,9 @@ type workload struct {
 	warmup, duration     time.Duration
 	clientCPU, serverCPU int    // -1: not pinned
 	sched                string // fifo, nice or none: see -sched
+	// listenPort is the server's port when the client dials another
+	// (a Service's port, translated to it on the way); 0: server's.
+	listenPort int
 }
 
 // tune pins the calling thread to cpu and sets its scheduling class. On
@@ -353,7 +356,11 @@ func (h *harness) startServer(w workload, once bool, serve func(fd int) error) (
 			ready <- err
 			return err
 		}
-		lfd, err := listen(int(w.server.Port()))
+		port := int(w.server.Port())
+		if w.listenPort != 0 {
+			port = w.listenPort
+		}
+		lfd, err := listen(port)
 		ready <- err
 		if err != nil {
 			return err

@@ -1,0 +1,169 @@
+package main
+
+import (
+	"net/netip"
+	"strings"
+	"testing"
+)
+
+func TestParseServicesFlags(t *testing.T) {
+	o, err := parseFlags([]string{"-services", "10, 1000,10000,10"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if want := []int{10, 1000, 10000}; len(o.services) != len(want) || o.services[0] != 10 || o.services[1] != 1000 || o.services[2] != 10000 {
+		t.Errorf("services %v, want %v", o.services, want)
+	}
+	for _, c := range svcConfigs {
+		if !o.svcConfigs[c] {
+			t.Errorf("%s not selected by default", c)
+		}
+	}
+	if !o.skipCNI {
+		t.Error("-services runs the CNI latency part")
+	}
+	o, err = parseFlags([]string{"-services", "10", "-configs", "idcni-podip,kube-proxy-nftables"})
+	if err != nil {
+		t.Fatal(err)
+	}
+	if !o.svcConfigs["idcni-podip"] || !o.svcConfigs["kube-proxy-nftables"] || o.svcConfigs["idcni-clusterip"] || o.svcConfigs["kube-proxy-iptables"] {
+		t.Errorf("configs %v", o.svcConfigs)
+	}
+	for _, bad := range [][]string{
+		{"-services", "0"},
+		{"-services", "16001"},
+		{"-services", "ten"},
+		{"-services", "10", "-configs", "iptables"},
+		{"-services", "10", "-nodes"},
+		{"-services", "10", "-port", "65534"},
+	} {
+		if _, err := parseFlags(bad); err == nil {
+			t.Errorf("%q accepted", bad)
+		}
+	}
+	if o, err := parseFlags(nil); err != nil || len(o.services) != 0 {
+		t.Errorf("default run: %v, services %v", err, o.services)
+	}
+}
+
+func testPlan(n int) svcPlan {
+	return svcPlan{
+		n: n, real: n / 2,
+		cips:     netip.MustParsePrefix("198.18.64.0/18"),
+		backends: netip.MustParsePrefix("198.19.64.0/18"),
+		cluster:  netip.MustParsePrefix("10.213.7.0/24"),
+		server:   netip.MustParseAddrPort("10.213.7.3:5001"),
+	}
+}
+
+func TestServicePlan(t *testing.T) {
+	p := testPlan(maxServices)
+	seen := map[netip.AddrPort]bool{}
+	for i := range p.n {
+		e := p.service(i)
+		fe := netip.AddrPortFrom(e.cip, e.port)
+		if seen[fe] || !p.cips.Contains(e.cip) || e.cip == p.cips.Addr() {
+			t.Fatalf("service %d: frontend %s repeated or outside %s", i, fe, p.cips)
+		}
+		seen[fe] = true
+		if len(e.backends) != 1 {
+			t.Fatalf("service %d: %d backends", i, len(e.backends))
+		}
+		if i == p.real {
+			if e.backends[0] != p.server || e.port != svcPort {
+				t.Errorf("the benchmark Service is %+v", e)
+			}
+		} else if !p.backends.Contains(e.backends[0].Addr()) {
+			t.Fatalf("service %d: backend %s outside %s", i, e.backends[0], p.backends)
+		}
+	}
+	// The benchmark Service's ClusterIP is the same at every count.
+	if a, b := testPlan(10).frontend(), testPlan(10000).frontend(); a != b {
+		t.Errorf("the benchmark frontend moves: %s at 10, %s at 10000", a, b)
+	}
+}
+
+func TestIptablesServices(t *testing.T) {
+	p := testPlan(5)
+	k := kpChains{prefix: "NBABCDEF"}
+	for _, c := range k.all(testPlan(maxServices)) {
+		if len(c) > 28 {
+			t.Fatalf("chain name %q is longer than iptables allows", c)
+		}
+	}
+	rules := iptablesServices(k, p)
+	count := func(s string) int { return strings.Count(rules, s) }
+	if got := count("-A NBABCDEF-SERVICES -d "); got != 5 {
+		t.Errorf("%d Service rules in SERVICES, want 5", got)
+	}
+	if !strings.Contains(rules, "--dst-type LOCAL -j NBABCDEF-NODEPORTS\n-A NBABCDEF-SVC-") {
+		t.Error("the NODEPORTS jump is not SERVICES' last rule")
+	}
+	if got := count("-j DNAT --to-destination"); got != 5 {
+		t.Errorf("%d DNAT rules, want 5", got)
+	}
+	if !strings.Contains(rules, "-j DNAT --to-destination 10.213.7.3:5001\n") {
+		t.Error("no DNAT to the server")
+	}
+	for _, j := range []string{"-A PREROUTING -d 198.18.64.0/18", "-A OUTPUT -d 198.18.64.0/18", "-A POSTROUTING -s 10.213.7.0/24"} {
+		if !strings.Contains(rules, j) {
+			t.Errorf("no %q", j)
+		}
+	}
+	if !strings.Contains(rules, "! -s 10.213.7.0/24 -d ") || count("-j NBABCDEF-MARK-MASQ") != 10 {
+		t.Error("KUBE-MARK-MASQ is not where kube-proxy puts it (outside the cluster range, and hairpin)")
+	}
+	if !strings.HasPrefix(rules, "*nat\n") || !strings.HasSuffix(rules, "COMMIT\n") {
+		t.Error("not one nat table transaction")
+	}
+	// Several endpoints: statistic with falling probabilities, the last
+	// one taken unconditionally.
+	e := svcEntry{name: "nb/x:p80", cip: netip.MustParseAddr("198.18.64.9"), port: 80, backends: []netip.AddrPort{
+		netip.MustParseAddrPort("10.1.0.1:80"), netip.MustParseAddrPort("10.1.0.2:80"), netip.MustParseAddrPort("10.1.0.3:80")}}
+	var sb strings.Builder
+	writeIptablesService(&sb, k, p, e)
+	got := sb.String()
+	for _, want := range []string{"--probability 0.3333333333 -j", "--probability 0.5000000000 -j"} {
+		if !strings.Contains(got, want) {
+			t.Errorf("no %q in\n%s", want, got)
+		}
+	}
+	if strings.Count(got, "statistic") != 2 {
+		t.Errorf("the last endpoint is not unconditional:\n%s", got)
+	}
+	removal := iptablesServicesRemoval(k, p)
+	if strings.Count(removal, "\n-X ") != len(k.all(p)) {
+		t.Errorf("removal does not delete every chain:\n%s", removal)
+	}
+}
+
+func TestNftServices(t *testing.T) {
+	p := testPlan(5)
+	text := nftServices("idcni-nb-abc", p)
+	for _, want := range []string{
+		"table ip idcni-nb-abc {",
+		"type ipv4_addr . inet_proto . inet_service : verdict",
+		"type nat hook prerouting priority dstnat; policy accept;",
+		"type nat hook output priority -100; policy accept;",
+		"type nat hook postrouting priority srcnat; policy accept;",
+		"ip daddr . meta l4proto . th dport vmap @service-ips",
+		"numgen random mod 1 vmap { 0 : goto endpoint-",
+		"meta l4proto tcp counter dnat to 10.213.7.3:5001",
+		"masquerade fully-random",
+		"add element ip idcni-nb-abc service-ips {",
+		"198.18.64.1 . tcp . 80 : goto service-",
+	} {
+		if !strings.Contains(text, want) {
+			t.Errorf("no %q in the table", want)
+		}
+	}
+	if got := strings.Count(text, "\tchain service-"); got != 5 {
+		t.Errorf("%d service chains, want 5", got)
+	}
+	if got := strings.Count(text, "\tchain endpoint-"); got != 5 {
+		t.Errorf("%d endpoint chains, want 5", got)
+	}
+	if got := strings.Count(text, "counter"); got != 1 {
+		t.Errorf("%d counters, want 1 (the benchmark Service's endpoint)", got)
+	}
+}
