@@ -9,11 +9,9 @@ import (
 	"fmt"
 	"net/netip"
 	"os/exec"
-	"path/filepath"
 	"strings"
 	"time"
 
-	"github.com/cilium/ebpf"
 	"github.com/vishvananda/netlink"
 	"golang.org/x/sys/unix"
 
@@ -494,75 +492,18 @@ func (b *bench) svcFill(n int) error {
 	return nil
 }
 
-// Layouts of the services and backends maps (struct svc_key, svc_value,
-// backend_key, backend in bpf/kernel/idcni.h); svcWriteFillers checks the
-// pinned maps' sizes and svcFill reads every entry back through bpf.
-type rawSvcKey struct {
-	Addr  [16]byte
-	Port  uint16
-	Proto uint8
-	Pad   uint8
-}
-
-type rawSvcValue struct{ ID, Count, AffinityTimeout, Pad uint32 }
-
-type rawBackendKey struct{ ID, Slot uint32 }
-
-type rawBackend struct {
-	Addr [16]byte
-	Port uint16
-	Pad  uint16
-}
-
-// svcWriteFillers writes the N-1 other Services straight into the pinned
-// maps, in two batches, with ids 2..N (the benchmark Service then takes
-// id 1 through PutService). PutService looks for the lowest free id by
-// reading the whole map, once per new frontend: 10,000 Services written
-// one by one from empty take minutes.
+// svcWriteFillers writes the N-1 other Services through the datapath's
+// API, as the agent does.
 func (b *bench) svcWriteFillers() error {
 	st := b.svc
-	svcs, err := ebpf.LoadPinnedMap(filepath.Join(b.bpfRoot, "services"), nil)
-	if err != nil {
-		return fmt.Errorf("open the services map: %w", err)
-	}
-	defer svcs.Close()
-	bes, err := ebpf.LoadPinnedMap(filepath.Join(b.bpfRoot, "backends"), nil)
-	if err != nil {
-		return fmt.Errorf("open the backends map: %w", err)
-	}
-	defer bes.Close()
-	if svcs.KeySize() != 20 || svcs.ValueSize() != 16 || bes.KeySize() != 8 || bes.ValueSize() != 20 {
-		return fmt.Errorf("services/backends maps have key/value sizes %d/%d and %d/%d, not the layout netbench writes (20/16, 8/20)",
-			svcs.KeySize(), svcs.ValueSize(), bes.KeySize(), bes.ValueSize())
-	}
-	var sk []rawSvcKey
-	var sv []rawSvcValue
-	var bk []rawBackendKey
-	var bv []rawBackend
-	id := uint32(2)
 	for i := range st.plan.n {
 		if i == st.plan.real {
 			continue
 		}
 		e := st.plan.service(i)
-		sk = append(sk, rawSvcKey{Addr: netip.AddrFrom16(e.cip.As16()).As16(), Port: e.port, Proto: unix.IPPROTO_TCP})
-		sv = append(sv, rawSvcValue{ID: id, Count: uint32(len(e.backends))})
-		for slot, be := range e.backends {
-			bk = append(bk, rawBackendKey{ID: id, Slot: uint32(slot)})
-			bv = append(bv, rawBackend{Addr: netip.AddrFrom16(be.Addr().As16()).As16(), Port: be.Port()})
+		if err := b.dp.PutService(frontendOf(e), serviceOf(e)); err != nil {
+			return fmt.Errorf("write Service %d of %d: %w", i, st.plan.n, err)
 		}
-		id++
-	}
-	if len(sk) == 0 {
-		return nil
-	}
-	// Backends first, as PutService does: no frontend names a slot
-	// that is not there.
-	if _, err := bes.BatchUpdate(bk, bv, nil); err != nil {
-		return fmt.Errorf("write %d backends: %w", len(bk), err)
-	}
-	if _, err := svcs.BatchUpdate(sk, sv, nil); err != nil {
-		return fmt.Errorf("write %d services: %w", len(sk), err)
 	}
 	return nil
 }
