@@ -245,8 +245,8 @@ func TestDaemonSet(t *testing.T) {
 	}
 
 	// SYS_ADMIN in one container only, the short-lived migrate, which
-	// runs after install-cni so the plugin that meets the pins while
-	// they migrate is the build that understands both layouts.
+	// runs first: a migration it refuses leaves the node as it was, the
+	// plugin included.
 	migrate := container(t, spec.InitContainers, "migrate")
 	if want := []corev1.Capability{"BPF", "NET_ADMIN", "PERFMON", "SYS_ADMIN"}; !slices.Equal(migrate.SecurityContext.Capabilities.Add, want) {
 		t.Errorf("migrate adds capabilities %v, want exactly %v", migrate.SecurityContext.Capabilities.Add, want)
@@ -254,8 +254,8 @@ func TestDaemonSet(t *testing.T) {
 	if !slices.Equal(migrate.Command, []string{"/usr/bin/idcni-agent", "migrate"}) {
 		t.Errorf("migrate runs %q, want idcni-agent migrate", migrate.Command)
 	}
-	if i := slices.IndexFunc(spec.InitContainers, func(c corev1.Container) bool { return c.Name == "migrate" }); i != len(spec.InitContainers)-1 {
-		t.Errorf("migrate is init container %d of %d: it must run last, after install-cni", i+1, len(spec.InitContainers))
+	if i := slices.IndexFunc(spec.InitContainers, func(c corev1.Container) bool { return c.Name == "migrate" }); i != 0 {
+		t.Errorf("migrate is init container %d of %d: it must run first, before install-cni", i+1, len(spec.InitContainers))
 	}
 	for _, c := range all {
 		if c.Name != "migrate" && slices.Contains(c.SecurityContext.Capabilities.Add, "SYS_ADMIN") {
