@@ -69,18 +69,24 @@ func runsPinnedPrograms(t *testing.T, e *agentEnv, what string, pods ...*kpod) {
 	t.Helper()
 	dp := e.Datapath(t)
 	for _, p := range pods {
-		host := cni.HostVethName(p.ContainerID, p.IfName)
-		l, err := netlink.LinkByName(host)
-		if err != nil {
-			t.Fatal(err)
-		}
-		missing, err := dp.MissingHooks(l.Attrs().Index)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if len(missing) > 0 {
-			t.Fatalf("%s: pod %s runs no current program at its %v hook", what, p.name, missing)
-		}
+		hooksRunPinned(t, dp, what, "pod "+p.name, cni.HostVethName(p.ContainerID, p.IfName))
+	}
+}
+
+// hooksRunPinned fails unless the kernel runs dp's pinned programs at both
+// hooks of the host veth host (who, in the message).
+func hooksRunPinned(t *testing.T, dp *bpf.Datapath, what, who, host string) {
+	t.Helper()
+	l, err := netlink.LinkByName(host)
+	if err != nil {
+		t.Fatal(err)
+	}
+	missing, err := dp.MissingHooks(l.Attrs().Index)
+	if err != nil {
+		t.Fatal(err)
+	}
+	if len(missing) > 0 {
+		t.Fatalf("%s: %s runs no current program at its %v hook", what, who, missing)
 	}
 }
 
@@ -207,17 +213,7 @@ func podsRunPinned(t *testing.T, e *cnitest.Env, what string, pods ...*cnitest.P
 	dp := e.Datapath(t)
 	for _, p := range pods {
 		host := cni.HostVethName(p.ContainerID, p.IfName)
-		l, err := netlink.LinkByName(host)
-		if err != nil {
-			t.Fatal(err)
-		}
-		missing, err := dp.MissingHooks(l.Attrs().Index)
-		if err != nil {
-			t.Fatal(err)
-		}
-		if len(missing) > 0 {
-			t.Fatalf("%s: host veth %s runs no current program at its %v hook", what, host, missing)
-		}
+		hooksRunPinned(t, dp, what, "host veth "+host, host)
 	}
 }
 

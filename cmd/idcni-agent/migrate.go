@@ -69,16 +69,13 @@ map that is not pinned by its id only for CAP_SYS_ADMIN). Use the agent's own
 			if err != nil {
 				return err
 			}
-			from, err := bpf.PinnedLayout(m.root)
-			if err != nil {
-				return err
-			}
 			dp, err := bpf.Load(bpf.Options{Root: m.root, Replace: true, PolicyEntries: m.policySize, IPCacheEntries: m.ipcacheSz, Logger: log})
 			if err != nil {
 				return fmt.Errorf("migrate the pins under %s: %w", m.root, err)
 			}
 			dp.Close()
-			log.Info("datapath is this build's", "root", m.root, "layout", bpf.LayoutVersion, "pinnedLayoutBefore", from)
+			// The load logged what it migrated, if anything.
+			log.Info("datapath is this build's", "root", m.root, "layout", bpf.LayoutVersion)
 			return nil
 		},
 	}

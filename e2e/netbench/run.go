@@ -224,13 +224,9 @@ func traffic(ctx context.Context, o *options, n *network, dp *bpf.Datapath, suff
 				return fmt.Errorf("enter %s: %w", c, err)
 			}
 			for _, m := range o.metrics {
-				rec, err := b.measure(ctx, c, m, w)
+				rec, err := b.sample(ctx, c, m, w, round, info)
 				if err != nil {
-					return fmt.Errorf("%s %s (round %d): %w", c, m.name, round+1, err)
-				}
-				rec.Round = round + 1
-				for k, v := range info {
-					rec.Checks[k] = v
+					return err
 				}
 				rep.Samples = append(rep.Samples, rec)
 				done++
@@ -251,6 +247,36 @@ func traffic(ctx context.Context, o *options, n *network, dp *bpf.Datapath, suff
 // measure runs one workload once and checks that the traffic went where the
 // configuration says: through the programs for idcni, through the chain's
 // last rule for iptables, past no program for bare.
+// sample is one measured window of round (from 0), with the
+// configuration's info among its checks.
+func (b *bench) sample(ctx context.Context, c config, m metric, w workload, round int, info map[string]any) (sampleRecord, error) {
+	rec, err := b.measure(ctx, c, m, w)
+	if err != nil {
+		return rec, fmt.Errorf("%s %s (round %d): %w", c, m.name, round+1, err)
+	}
+	rec.Round = round + 1
+	for k, v := range info {
+		rec.Checks[k] = v
+	}
+	return rec, nil
+}
+
+// noteDrops records and logs the packets the datapath dropped during a
+// window, by reason, when it dropped any.
+func noteDrops(rec sampleRecord, c config, m metric, n uint64, before, after map[string]uint64) {
+	if n == 0 {
+		return
+	}
+	why := map[string]uint64{}
+	for k, v := range after {
+		if v > before[k] {
+			why[k] = v - before[k]
+		}
+	}
+	rec.Checks["datapath_drops_by_reason"] = why
+	logf("note: %s %s: the datapath dropped %d packets during the run: %v", c, m.name, n, why)
+}
+
 func (b *bench) measure(ctx context.Context, c config, m metric, w workload) (rec sampleRecord, err error) {
 	rec = sampleRecord{Config: c.String(), Metric: m.name, Unit: m.unit, Checks: map[string]any{}}
 	rec.Load1 = loadavg()
@@ -299,16 +325,7 @@ func (b *bench) measure(ctx context.Context, c config, m metric, w workload) (re
 		}
 		rec.Checks["datapath_passed_packets"] = p1 - p0
 		rec.Checks["datapath_dropped_packets"] = d1 - d0
-		if d1 != d0 {
-			why := map[string]uint64{}
-			for k, v := range drops1 {
-				if v > drops0[k] {
-					why[k] = v - drops0[k]
-				}
-			}
-			rec.Checks["datapath_drops_by_reason"] = why
-			logf("note: %s %s: the datapath dropped %d packets during the run: %v", c, m.name, d1-d0, why)
-		}
+		noteDrops(rec, c, m, d1-d0, drops0, drops1)
 		return rec, b.svcCheck(ctx, c, svc0, rec, p1-p0, tx1-tx0)
 	}
 	switch c.Name {
@@ -332,16 +349,7 @@ func (b *bench) measure(ctx context.Context, c config, m metric, w workload) (re
 		if p1 == p0 {
 			return rec, errors.New("idcni: the datapath counted no packets: programs are not on the path")
 		}
-		if d1 != d0 {
-			why := map[string]uint64{}
-			for k, v := range drops1 {
-				if v > drops0[k] {
-					why[k] = v - drops0[k]
-				}
-			}
-			rec.Checks["datapath_drops_by_reason"] = why
-			logf("note: %s %s: the datapath dropped %d packets during the run: %v", c, m.name, d1-d0, why)
-		}
+		noteDrops(rec, c, m, d1-d0, drops0, drops1)
 	case "iptables":
 		hits1, err := b.realRuleHits(ctx)
 		if err != nil {

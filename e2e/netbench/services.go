@@ -874,13 +874,9 @@ func (b *bench) services(ctx context.Context, w workload, suffix string, cl *cle
 				}
 				cw := b.svcWorkload(c, w)
 				for _, m := range b.o.metrics {
-					rec, err := b.measure(ctx, c, m, cw)
+					rec, err := b.sample(ctx, c, m, cw, round, info)
 					if err != nil {
-						return fmt.Errorf("%s %s (round %d): %w", c, m.name, round+1, err)
-					}
-					rec.Round = round + 1
-					for k, v := range info {
-						rec.Checks[k] = v
+						return err
 					}
 					rep.Samples = append(rep.Samples, rec)
 					done++
