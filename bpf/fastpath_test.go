@@ -3,12 +3,15 @@ package bpf
 import (
 	"bytes"
 	"encoding/binary"
+	"net"
 	"net/netip"
 	"testing"
+	"time"
 
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/internal/pkttest"
 	"github.com/idcni/idcni/policy"
+	"github.com/vishvananda/netlink"
 )
 
 // Other nodes' pod ranges in the fast path's tests: remote4 and remote6
@@ -177,4 +180,97 @@ func TestFromNetLeavesServiceRepliesToTheStack(t *testing.T) {
 	if r := s.send(pkttest.Packet{Src: vip, Dst: ipA, Proto: pkttest.TCP, SrcPort: 80, DstPort: 41000, TCPFlags: pkttest.SYN | pkttest.ACK}.Frame(), ScopeIngress, s.a, 999); r != ReasonAllowReply {
 		t.Fatalf("the reply translated back, at to_pod: %s, want reply", r)
 	}
+}
+
+// A flow's packets after its first go out by the next hop the FIB gave
+// for the flow, kept in its conntrack entry, for about a second: a packet
+// larger than the one the path MTU was checked for asks the FIB again
+// (and goes to the stack when over it), and once the kept answer has aged,
+// a changed neighbour is followed.
+func TestFastPathKeepsTheNextHop(t *testing.T) {
+	s := newRemoteSeed(t)
+	pkt := pkttest.Packet{Src: ipA, Dst: remote4, Proto: pkttest.TCP, SrcPort: 40100, DstPort: 80, TCPFlags: pkttest.SYN}
+	send := func(p pkttest.Packet, dmac net.HardwareAddr) {
+		t.Helper()
+		frame := p.Frame()
+		o := s.sendFull(frame, ScopeEgress, s.a, 0)
+		if !o.forwarded || o.reason.Drop() {
+			t.Fatalf("%d bytes to %s: got %s, want forwarded past the stack", len(frame), p.Dst, o)
+		}
+		if !bytes.Equal(o.out[0:6], dmac) || !bytes.Equal(o.out[6:12], uplinkMAC) {
+			t.Fatalf("%d bytes to %s: sent with Ethernet addresses %x -> %x, want %s -> %s", len(frame), p.Dst, o.out[6:12], o.out[0:6], uplinkMAC, dmac)
+		}
+		if want := hopped(frame); !bytes.Equal(o.out[12:], want[12:]) {
+			t.Fatalf("%d bytes to %s: sent\n% x\nwant\n% x", len(frame), p.Dst, o.out[12:], want[12:])
+		}
+	}
+	send(pkt, nextHopMAC)
+	pkt.TCPFlags = pkttest.ACK
+	send(pkt, nextHopMAC)
+	var up0 int
+	s.net.do(func() {
+		if l, err := netlink.LinkByName("up0"); err == nil {
+			up0 = l.Attrs().Index
+		}
+	})
+	if nh := s.nexthop(t, remote4, 40100); nh.ifindex != up0 || !bytes.Equal(nh.dmac, nextHopMAC) || !bytes.Equal(nh.smac, uplinkMAC) || nh.maxLen != uint16(len(pkt.Frame())-14) {
+		t.Fatalf("flow's entry keeps next hop %+v, want ifindex %d, %s -> %s, checked for %d bytes", nh, up0, uplinkMAC, nextHopMAC, len(pkt.Frame())-14)
+	}
+	pkt.Payload = make([]byte, 200)
+	send(pkt, nextHopMAC) // larger: the FIB again, and the memo holds for it
+	if nh := s.nexthop(t, remote4, 40100); nh.maxLen != uint16(len(pkt.Frame())-14) {
+		t.Fatalf("after a larger packet the entry's next hop is checked for %d bytes, want %d", nh.maxLen, len(pkt.Frame())-14)
+	}
+	big := pkt
+	big.Payload = make([]byte, uplinkMTU)
+	if o := s.sendFull(big.Frame(), ScopeEgress, s.a, 0); o.forwarded || o.reason.Drop() {
+		t.Fatalf("a packet of the flow over the path MTU: got %s, want passed to the stack", o)
+	}
+
+	moved := net.HardwareAddr{0x02, 0xcc, 0, 0, 0, 9}
+	s.net.do(func() {
+		err := netlink.NeighSet(&netlink.Neigh{LinkIndex: up0, Family: netlink.FAMILY_V4, State: netlink.NUD_PERMANENT, IP: net.ParseIP("192.0.2.2"), HardwareAddr: moved})
+		if err != nil {
+			t.Errorf("move the next hop to %s: %v", moved, err)
+		}
+	})
+	time.Sleep(1100 * time.Millisecond) // NEXTHOP_FOR, and the coarse clock's tick
+	send(pkt, moved)
+}
+
+type nexthopMemo struct {
+	ifindex    int
+	dmac, smac net.HardwareAddr
+	maxLen     uint16
+}
+
+// nexthop is the next hop kept in the entry of the flow from A's port
+// sport to dst, as struct ct_nexthop lays it over the entry's nat_*.
+func (p *pair) nexthop(t *testing.T, dst netip.Addr, sport uint16) nexthopMemo {
+	t.Helper()
+	tables, err := p.d.conntrackTables()
+	if err != nil {
+		t.Fatal(err)
+	}
+	defer closeTables(tables)
+	var k datapathCtKey
+	var v datapathCtValue
+	for _, m := range tables {
+		it := m.Iterate()
+		for it.Next(&k, &v) {
+			if k.Daddr == addr16(dst) && k.Sport == sport {
+				return nexthopMemo{
+					ifindex: int(binary.LittleEndian.Uint32(v.NatAddr[0:4])),
+					dmac:    net.HardwareAddr(v.NatAddr[4:10]),
+					smac:    net.HardwareAddr(v.NatAddr[10:16]),
+					maxLen:  v.NatPort,
+				}
+			}
+		}
+		if err := it.Err(); err != nil {
+			t.Fatal(err)
+		}
+	}
+	t.Fatalf("no conntrack entry for the flow from port %d to %s", sport, dst)
+	return nexthopMemo{}
 }

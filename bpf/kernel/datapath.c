@@ -1592,18 +1592,29 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
  * and counts the hop in the TTL or hop limit, as the node's routing would
  * for a packet it forwards. The helpers write only those bytes: a direct
  * packet write would make the verifier unclone every packet's head first,
- * which is what the pull in parse() avoids. */
+ * which is what the pull in parse() avoids. An IPv4 header's TTL,
+ * protocol and checksum are adjacent: the checksum is updated here
+ * (RFC 1624) and the three written at once, one helper call, not two. */
 static __always_inline int hop(struct __sk_buff *skb, struct pkt *p, const __u8 *mac)
 {
 	if (mac && bpf_skb_store_bytes(skb, 0, mac, 12, 0))
 		return -1;
 	if (p->family == 4) {
-		__u16 old = bpf_htons((__u16)p->ttl << 8 | p->proto);
-		__u16 new = bpf_htons((__u16)(p->ttl - 1) << 8 | p->proto);
-		__u8 ttl = p->ttl - 1;
+		void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
+		struct iphdr *ip = data + ETH_HLEN;
+		__u16 w[2], old;
+		__u32 sum;
 
-		if (bpf_l3_csum_replace(skb, ETH_HLEN + offsetof(struct iphdr, check), old, new, 2) ||
-		    bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, ttl), &ttl, 1, 0))
+		if ((void *)(ip + 1) > end)
+			return -1;
+		__builtin_memcpy(&old, &ip->ttl, 2);
+		((__u8 *)w)[0] = ip->ttl - 1;
+		((__u8 *)w)[1] = ip->protocol;
+		sum = (__u16)~ip->check + (__u16)~old + w[0];
+		sum = (sum & 0xffff) + (sum >> 16);
+		sum = (sum & 0xffff) + (sum >> 16);
+		w[1] = ~sum;
+		if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, ttl), w, 4, 0))
 			return -1;
 	} else {
 		__u8 hops = p->ttl - 1;
@@ -1785,6 +1796,20 @@ static __always_inline int remote_pod(const __u32 *addr)
 	return bpf_map_lookup_elem(&remote_cidrs, &k) != NULL;
 }
 
+/* NEXTHOP_FOR is how long a flow's kept next hop (struct ct_nexthop)
+ * serves its packets before the FIB is asked again, in the units of
+ * ct_nexthop.asked (2^20 ns): about a second, so that a route or a
+ * neighbour that changes holds a flow's packets on its old way no longer
+ * than that. */
+#define NEXTHOP_FOR 1000
+
+static __always_inline __u16 dst_tag(const __u32 *a)
+{
+	__u32 x = a[0] ^ a[1] ^ a[2] ^ a[3];
+
+	return (x ^ (x >> 16)) | 1; /* never 0: an empty memo's */
+}
+
 /* forward_remote sends a packet a local pod sent, and its own egress
  * allowed, to another node's pod the way the node's routing would (its
  * FIB, its neighbours, the path MTU, one hop off the TTL) but without the
@@ -1794,14 +1819,33 @@ static __always_inline int remote_pod(const __u32 *addr)
  * those as INVALID). Whatever the FIB does not answer plainly (forwarding
  * off, no route, a packet over the MTU, an unreachable or blackhole
  * route) goes to the stack, which answers with the ICMP errors those
- * need. Not inlined: its lookup's parameters would not fit the stack
- * from_pod has left. */
-static __noinline int forward_remote(struct __sk_buff *skb, struct pkt *p, __u32 ifindex)
+ * need. The FIB's answer is kept in the flow's entry ct (NULL for a new
+ * flow; a translated flow's entry holds its translation instead), so the
+ * flow's next packets skip the lookup, which costs more than the whole
+ * policy decision: for packets no larger than the answer was checked for
+ * (a GSO packet's segments are checked against the device each time, as
+ * the stack's forwarding does), for NEXTHOP_FOR. Not inlined: its
+ * lookup's parameters would not fit the stack from_pod has left. */
+static __noinline int forward_remote(struct __sk_buff *skb, struct pkt *p, __u32 ifindex, struct ct_value *ct,
+				     __u64 now)
 {
 	struct bpf_fib_lookup fib = { .ifindex = ifindex, .l4_protocol = p->proto };
-	__u32 mtu = 0;
+	struct ct_nexthop *nh = NULL;
+	__u32 mtu = 0, len = skb->len - ETH_HLEN, asked = now >> 20;
+	__u16 tag = dst_tag(p->daddr);
+	__u8 mac[12];
 	long ret;
 
+	if (ct && !p->related && !(ct->flags & (CT_F_SVC_ORIG | CT_F_SVC_REPLY)))
+		nh = (struct ct_nexthop *)ct->nat_addr;
+	if (nh && nh->dst_tag == tag && asked - nh->asked < NEXTHOP_FOR && (skb->gso_size || len <= nh->max_len)) {
+		if (skb->gso_size &&
+		    bpf_check_mtu(skb, nh->ifindex, &mtu, 0, BPF_MTU_CHK_SEGS) != BPF_MTU_CHK_RET_SUCCESS)
+			return TC_ACT_OK;
+		if (hop(skb, p, nh->dmac))
+			return TC_ACT_SHOT;
+		return bpf_redirect(nh->ifindex, 0);
+	}
 	if (p->family == 4) {
 		fib.family = AF_INET_;
 		fib.ipv4_src = p->saddr[3];
@@ -1815,20 +1859,35 @@ static __noinline int forward_remote(struct __sk_buff *skb, struct pkt *p, __u32
 	 * packet is checked segment by segment against the device's instead,
 	 * as the stack's forwarding does. */
 	if (!skb->gso_size)
-		fib.tot_len = skb->len - ETH_HLEN;
+		fib.tot_len = len;
 	ret = bpf_fib_lookup(skb, &fib, sizeof(fib), 0);
 	if (ret != BPF_FIB_LKUP_RET_SUCCESS && ret != BPF_FIB_LKUP_RET_NO_NEIGH)
 		return TC_ACT_OK;
 	if (!fib.tot_len && bpf_check_mtu(skb, fib.ifindex, &mtu, 0, BPF_MTU_CHK_SEGS) != BPF_MTU_CHK_RET_SUCCESS)
 		return TC_ACT_OK;
-	if (hop(skb, p, NULL))
-		return TC_ACT_SHOT;
 	/* No neighbour entry yet: the kernel resolves it for this packet,
 	 * looking the route up again (only until the entry exists, so the
-	 * nexthop is not kept on the stack). */
-	if (ret == BPF_FIB_LKUP_RET_NO_NEIGH)
+	 * nexthop is not kept on the stack, nor in the flow's entry). */
+	if (ret == BPF_FIB_LKUP_RET_NO_NEIGH) {
+		if (hop(skb, p, NULL))
+			return TC_ACT_SHOT;
 		return bpf_redirect_neigh(fib.ifindex, NULL, 0, 0);
-	if (bpf_skb_store_bytes(skb, 0, fib.dmac, 6, 0) || bpf_skb_store_bytes(skb, 6, fib.smac, 6, 0))
+	}
+	__builtin_memcpy(mac, fib.dmac, 6);
+	__builtin_memcpy(mac + 6, fib.smac, 6);
+	if (nh) {
+		/* A later answer for a larger packet of the same flow raises
+		 * the size it holds for; a new one starts from this packet. */
+		if (nh->dst_tag != tag || nh->ifindex != fib.ifindex || asked - nh->asked >= NEXTHOP_FOR)
+			nh->max_len = 0;
+		if (!skb->gso_size && len > nh->max_len)
+			nh->max_len = len < 0xffff ? len : 0xffff;
+		__builtin_memcpy(nh->dmac, mac, 12);
+		nh->asked = asked;
+		nh->ifindex = fib.ifindex;
+		nh->dst_tag = tag;
+	}
+	if (hop(skb, p, mac))
 		return TC_ACT_SHOT;
 	return bpf_redirect(fib.ifindex, 0);
 }
@@ -1837,12 +1896,14 @@ static __noinline int forward_remote(struct __sk_buff *skb, struct pkt *p, __u32
  * the node's forwarding when it goes to another node's pod, to the stack
  * otherwise (a pod's traffic leaving the cluster, to the node, or a hop
  * limit routing has to refuse). */
-static __always_inline int routed(struct __sk_buff *skb, struct pkt *p, __u32 ifindex)
+static __always_inline int routed(struct pctx *c, struct flow *f, __u32 ifindex)
 {
+	struct pkt *p = c->p;
+
 	pass(p);
 	if (p->ttl <= 1 || !remote_pod(p->daddr))
 		return TC_ACT_OK;
-	return forward_remote(skb, p, ifindex);
+	return forward_remote(c->skb, p, ifindex, f->ct, c->now);
 }
 
 static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
@@ -1901,7 +1962,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	if (scope == SCOPE_INGRESS)
 		return pass(&p);
 	if (f.flags & CT_F_ROUTED)
-		return routed(skb, &p, h.ifindex);
+		return routed(&c, &f, h.ifindex);
 
 	/* A packet for a pod on this node goes to it directly, checked here
 	 * against that pod's ingress as its to_pod would. Routing it through
@@ -1912,7 +1973,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	 * packet whose hop limit routing would have to refuse. */
 	lp = f.lp ? f.lp : bpf_map_lookup_elem(&local_pods, p.daddr);
 	if (!lp)
-		return routed(skb, &p, h.ifindex);
+		return routed(&c, &f, h.ifindex);
 	if (lp->ifindex == h.ifindex || p.ttl <= 1)
 		return pass(&p);
 	ifindex = lp->ifindex;

@@ -188,11 +188,29 @@ struct ct_value {
 	 * CT_F_SVC_ORIG the entry is keyed by the tuple the pod sent (to a
 	 * frontend) and nat_addr:nat_port is the backend its packets go to;
 	 * with CT_F_SVC_REPLY it is keyed by the translated tuple and
-	 * nat_addr:nat_port is the frontend its replies come from. */
+	 * nat_addr:nat_port is the frontend its replies come from. On an
+	 * entry with neither, nat_* is the next hop from_pod's fast path last
+	 * asked the FIB for, as struct ct_nexthop (all zero: none yet). */
 	__u8 nat_addr[16];
 	__u16 nat_port; /* host byte order */
 	__u16 nat_pad;
 	__u32 nat_pad2;
+};
+
+/* ct_nexthop is how an untranslated entry's nat_* fields hold the FIB's
+ * answer for the flow's packets leaving a pod for another node's pod:
+ * the device and Ethernet header to send them with, the largest packet
+ * (L3 bytes) that answer was checked against the path MTU for, a tag of
+ * the destination it is for (an LRU table may hand the entry to another
+ * flow while a program still writes to it), and when it was asked
+ * (bpf_ktime_get_coarse_ns() >> 20, about milliseconds). */
+struct ct_nexthop {
+	__u32 ifindex;
+	__u8 dmac[6];
+	__u8 smac[6];
+	__u16 max_len;
+	__u16 dst_tag;
+	__u32 asked;
 };
 
 /* A Service frontend: ClusterIP (IPv4-mapped for IPv4), port, protocol. */

@@ -22,6 +22,7 @@ import (
 	"fmt"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -48,6 +49,7 @@ type options struct {
 	configs    map[string]bool
 	nodes      bool
 	stackPath  bool
+	cross      []string        // with -nodes and -configs: the configurations to measure, in order
 	services   []int           // -services: Service counts
 	svcConfigs map[string]bool // the -services configurations to run
 }
@@ -98,7 +100,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.BoolVar(&o.nodes, "nodes", false, "instead: two pods on two nodes (network namespaces joined by a veth), bare and idcni, routed directly and through VXLAN (bare-direct, idcni-direct, bare-vxlan, idcni-vxlan); no CNI latency part")
 	fs.BoolVar(&o.stackPath, "stack", false, "with -nodes: also idcni-direct-stack and idcni-vxlan-stack, the idcni configurations without the fast path (both nodes forward the pods' packets)")
 	services := fs.String("services", "", "instead: `N,N,...` Services (e.g. 10,1000,10000): for each count, idcni to the pod IP, idcni through a ClusterIP, and kube-proxy's iptables and nftables rules through the ClusterIP (idcni-podip, idcni-clusterip, kube-proxy-iptables, kube-proxy-nftables); no CNI latency part")
-	configs := fs.String("configs", "bare,idcni,idcni-routed,iptables", "comma-separated configurations to measure (ratios need bare)")
+	configs := fs.String("configs", "bare,idcni,idcni-routed,iptables", "comma-separated configurations to measure (ratios need bare; with -nodes, some of "+strings.Join(crossConfigs, ", ")+")")
 	fs.StringVar(&o.metricsArg, "metrics", "rr,crr,stream", "comma-separated workloads: rr, crr, stream")
 	fs.Usage = func() {
 		fmt.Fprintf(fs.Output(), "usage: go run ./e2e/netbench [flags]   (as root)\n\n"+
@@ -144,6 +146,16 @@ func parseFlags(args []string) (*options, error) {
 	}
 	configsSet := false
 	fs.Visit(func(f *flag.Flag) { configsSet = configsSet || f.Name == "configs" })
+	if o.nodes && configsSet {
+		for s := range strings.SplitSeq(*configs, ",") {
+			s = strings.TrimSpace(s)
+			if !slices.Contains(crossConfigs, s) {
+				return nil, fmt.Errorf("-configs: with -nodes, want some of %s, not %q", strings.Join(crossConfigs, ", "), s)
+			}
+			o.cross = append(o.cross, s)
+		}
+		*configs = "bare"
+	}
 	if *services != "" {
 		if o.nodes {
 			return nil, errors.New("-services and -nodes are two different runs: pick one")

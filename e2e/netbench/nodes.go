@@ -185,9 +185,12 @@ func crossNode(ctx context.Context, o *options, binDir, tmp, suffix string, cl *
 	}
 	logf("nodes: client %s on %s (underlay %s) -> server %s:%d on %s (underlay %s)", a.pod.addr, a.name, a.underlay, b.pod.addr, o.port, b.name, b.underlay)
 
-	configs := []string{"bare-direct", "idcni-direct", "bare-vxlan", "idcni-vxlan"}
+	configs := crossConfigs[:4]
 	if o.stackPath {
-		configs = append(configs, "idcni-direct-stack", "idcni-vxlan-stack")
+		configs = crossConfigs
+	}
+	if len(o.cross) > 0 {
+		configs = o.cross
 	}
 	w := workload{
 		clientNS: a.pod.nsPath, serverNS: b.pod.nsPath,
@@ -453,6 +456,9 @@ func forwDatagrams() (uint64, error) {
 	}
 	return 0, errors.New("/proc/net/snmp has no Ip: ForwDatagrams")
 }
+
+// crossConfigs are -nodes' configurations: the last two only with -stack.
+var crossConfigs = []string{"bare-direct", "idcni-direct", "bare-vxlan", "idcni-vxlan", "idcni-direct-stack", "idcni-vxlan-stack"}
 
 func printCross(out io.Writer, o *options, configs []string, samples map[string][]float64) {
 	fmt.Fprintf(out, "\nacross two nodes (pod MTU %d): median of %d runs of %s (after %s warm-up); x = ratio to the bare configuration of the same path; [min-max]\n\n", crossMTU, o.count, o.duration, o.warmup)
