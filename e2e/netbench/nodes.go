@@ -461,10 +461,10 @@ func forwDatagrams() (uint64, error) {
 var crossConfigs = []string{"bare-direct", "idcni-direct", "bare-vxlan", "idcni-vxlan", "idcni-direct-stack", "idcni-vxlan-stack"}
 
 func printCross(out io.Writer, o *options, configs []string, samples map[string][]float64) {
-	fmt.Fprintf(out, "\nacross two nodes (pod MTU %d): median of %d runs of %s (after %s warm-up); x = ratio to the bare configuration of the same path; [min-max]\n\n", crossMTU, o.count, o.duration, o.warmup)
+	fmt.Fprintf(out, "\nacross two nodes (pod MTU %d): median of %d runs of %s (after %s warm-up); x = ratio to the bare configuration of the same path (paired: the median of each round's ratio); [min-max]\n\n", crossMTU, o.count, o.duration, o.warmup)
 	fmt.Fprintf(out, "%-13s", "config")
 	for _, m := range o.metrics {
-		fmt.Fprintf(out, " %34s", m.name+" ("+m.unit+")")
+		fmt.Fprintf(out, " %50s", m.name+" ("+m.unit+")")
 	}
 	fmt.Fprintln(out)
 	for _, c := range configs {
@@ -475,9 +475,9 @@ func printCross(out io.Writer, o *options, configs []string, samples map[string]
 			med := median(v)
 			cell := fmt.Sprintf("%.4g [%.4g-%.4g]", med, slices.Min(v), slices.Max(v))
 			if c != bare {
-				cell += fmt.Sprintf(" %.3fx", med/median(samples[bare+" "+m.name]))
+				cell += fmt.Sprintf(" %.3fx (paired %.3fx)", med/median(samples[bare+" "+m.name]), paired(v, samples[bare+" "+m.name]))
 			}
-			fmt.Fprintf(out, " %34s", cell)
+			fmt.Fprintf(out, " %50s", cell)
 		}
 		fmt.Fprintln(out)
 	}

@@ -167,3 +167,21 @@ func TestNftServices(t *testing.T) {
 		t.Errorf("%d counters, want 1 (the benchmark Service's endpoint)", got)
 	}
 }
+
+// A round whose two windows fell in different speed bands moves the
+// ratio of medians but not the paired ratio.
+func TestPairedRatio(t *testing.T) {
+	// Three slow rounds of five for the baseline, two for the other: the
+	// band changed between round 2's windows.
+	base := []float64{9500, 9600, 9400, 14000, 14100}
+	v := []float64{9300, 13600, 9200, 13700, 13650}
+	if got := median(v) / median(base); got < 1.4 {
+		t.Fatalf("ratio of medians %.3f: the bands should push it over 1.4 in this example", got)
+	}
+	if got := paired(v, base); got < 0.978 || got > 0.98 {
+		t.Fatalf("paired ratio %.3f, want the unchanged rounds' own ratio (0.979)", got)
+	}
+	if got := paired(v[:2], base[:1]); got != v[0]/base[0] {
+		t.Fatalf("paired over unequal rounds: %.3f, want only the first round's", got)
+	}
+}
