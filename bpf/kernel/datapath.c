@@ -789,6 +789,10 @@ struct pctx {
 	/* A new Service flow's backend pick, to remember once the flow is
 	 * admitted (only one check of a packet translates) */
 	struct svc_pick pick;
+	/* An established translated flow's entry for the pod's tuple, when
+	 * the translated entry was asked (see translate): it takes the
+	 * revision stamp of the answer. */
+	struct ct_value *orig;
 	__u8 svc_new;    /* this packet was translated by a new pick */
 	__u8 orig_known; /* the pod's tuple had an entry, even a dead one */
 	__u8 hairpin;    /* the check is a pod's ingress for its own flow to itself */
@@ -1277,12 +1281,19 @@ static __always_inline enum ct_status ct_retrack(struct pctx *c, struct flow *f)
  * section 3). Only a pod's own packets are translated (from_pod's own
  * check): a packet of a flow that has its backend goes to it, and keeps
  * the entry that says so alive; a new flow to a frontend gets one.
- * Either way conntrack is asked again, for the translated tuple: its
- * entry is the flow's policy memo, and the one whose replies are
- * translated back (see check). A new pick whose translated tuple has a
- * flow (the table evicted the pod's tuple's entry) starts it again, as
- * new, so that both entries exist after it. Replies are not translated
- * here: their source changes only once they are allowed. */
+ * Conntrack is then asked again, for the translated tuple: its entry is
+ * the flow's policy memo, and the one whose replies are translated back
+ * (see check). A packet of an established flow skips that second lookup
+ * while the pod's entry answers for it: policy has not changed since the
+ * translated entry was last asked (the pod's entry carries the revision
+ * stamp of that answer, see check), the pod's entry did not need
+ * refreshing (so the translated one is refreshed at least as often, once
+ * a second or so), and the packet changes no TCP state (SYN, FIN, RST
+ * reach the translated entry, whose flags end the flow). A new pick whose
+ * translated tuple has a flow (the table evicted the pod's tuple's entry)
+ * starts it again, as new, so that both entries exist after it. Replies
+ * are not translated here: their source changes only once they are
+ * allowed. */
 static __always_inline enum ct_status translate(struct pctx *c, struct hook_ep *h, struct flow *f,
 						enum ct_status st)
 {
@@ -1291,11 +1302,18 @@ static __always_inline enum ct_status translate(struct pctx *c, struct hook_ep *
 	if (h->scope != SCOPE_EGRESS)
 		return st;
 	if (st == CT_ESTABLISHED) {
-		if (!(f->ct->flags & CT_F_SVC_ORIG))
+		struct ct_value *orig = f->ct;
+		__u64 expires = orig->expires;
+
+		if (!(orig->flags & CT_F_SVC_ORIG))
 			return st;
-		ct_touch(f->ct, p, c->now, 0);
-		if (rewrite(c->skb, p, 1, (struct addr16 *)f->ct->nat_addr, f->ct->nat_port))
+		ct_touch(orig, p, c->now, 0);
+		if (rewrite(c->skb, p, 1, (struct addr16 *)orig->nat_addr, orig->nat_port))
 			return CT_BROKEN;
+		if (orig->rev == c->rev && orig->expires == expires &&
+		    !(p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST))))
+			return CT_ESTABLISHED;
+		c->orig = orig;
 		return ct_retrack(c, f);
 	}
 	if (st != CT_NEW || p->related || p->frag_later || !has_ports(p->proto))
@@ -1551,6 +1569,7 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
 	int reason;
 
 	c->svc_new = 0; /* a pick is the check's that made it */
+	c->orig = NULL;
 	st = ct_lookup(c, h, f);
 	st = translate(c, h, f, st);
 	reason = policy_check(c, h, f, st, no_new);
@@ -1565,6 +1584,8 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
 		return report(c, h, h->ep->identity, f->peer, reason, 1);
 	case REASON_ALLOW_ESTABLISHED:
 	case REASON_ALLOW_REPLY:
+		if (c->orig)
+			c->orig->rev = c->rev;
 		ct_touch(f->ct, c->p, c->now, reason == REASON_ALLOW_REPLY);
 		f->flags = f->ct->flags;
 		if (reason == REASON_ALLOW_REPLY)
