@@ -789,10 +789,6 @@ struct pctx {
 	/* A new Service flow's backend pick, to remember once the flow is
 	 * admitted (only one check of a packet translates) */
 	struct svc_pick pick;
-	/* An established translated flow's entry for the pod's tuple, when
-	 * the translated entry was asked (see translate): it takes the
-	 * revision stamp of the answer. */
-	struct ct_value *orig;
 	__u8 svc_new;    /* this packet was translated by a new pick */
 	__u8 orig_known; /* the pod's tuple had an entry, even a dead one */
 	__u8 hairpin;    /* the check is a pod's ingress for its own flow to itself */
@@ -1284,12 +1280,11 @@ static __always_inline enum ct_status ct_retrack(struct pctx *c, struct flow *f)
  * Conntrack is then asked again, for the translated tuple: its entry is
  * the flow's policy memo, and the one whose replies are translated back
  * (see check). A packet of an established flow skips that second lookup
- * while the pod's entry answers for it: policy has not changed since the
- * translated entry was last asked (the pod's entry carries the revision
- * stamp of that answer, see check), the pod's entry did not need
- * refreshing (so the translated one is refreshed at least as often, once
- * a second or so), and the packet changes no TCP state (SYN, FIN, RST
- * reach the translated entry, whose flags end the flow). A new pick whose
+ * while the pod's entry can answer for it, which it then does, policy's
+ * revision stamp included: when the pod's entry did not need refreshing
+ * (so the translated one is refreshed at least as often, once a second or
+ * so) and the packet changes no TCP state (SYN, FIN, RST reach the
+ * translated entry, whose flags end the flow). A new pick whose
  * translated tuple has a flow (the table evicted the pod's tuple's entry)
  * starts it again, as new, so that both entries exist after it. Replies
  * are not translated here: their source changes only once they are
@@ -1310,10 +1305,8 @@ static __always_inline enum ct_status translate(struct pctx *c, struct hook_ep *
 		ct_touch(orig, p, c->now, 0);
 		if (rewrite(c->skb, p, 1, (struct addr16 *)orig->nat_addr, orig->nat_port))
 			return CT_BROKEN;
-		if (orig->rev == c->rev && orig->expires == expires &&
-		    !(p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST))))
+		if (orig->expires == expires && !(p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST))))
 			return CT_ESTABLISHED;
-		c->orig = orig;
 		return ct_retrack(c, f);
 	}
 	if (st != CT_NEW || p->related || p->frag_later || !has_ports(p->proto))
@@ -1569,7 +1562,6 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
 	int reason;
 
 	c->svc_new = 0; /* a pick is the check's that made it */
-	c->orig = NULL;
 	st = ct_lookup(c, h, f);
 	st = translate(c, h, f, st);
 	reason = policy_check(c, h, f, st, no_new);
@@ -1584,8 +1576,6 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
 		return report(c, h, h->ep->identity, f->peer, reason, 1);
 	case REASON_ALLOW_ESTABLISHED:
 	case REASON_ALLOW_REPLY:
-		if (c->orig)
-			c->orig->rev = c->rev;
 		ct_touch(f->ct, c->p, c->now, reason == REASON_ALLOW_REPLY);
 		f->flags = f->ct->flags;
 		if (reason == REASON_ALLOW_REPLY)
