@@ -63,8 +63,55 @@ func tupleOf(src netip.Addr, sport uint16, dst netip.Addr, dport uint16) tuple {
 // TCP and UDP, with checksums right throughout. Policy judges the backend:
 // an egress rule for B's identity and port 8080 admits it.
 func TestServiceTranslation(t *testing.T) {
+	eachSvcPath(t, false, func(t *testing.T, s *seed, c svcFlow, direct bool) {
+		s.policy(manual(policy.ManualRule{Action: policy.Allow, Src: idA, Dst: idB, Proto: c.policy, Ports: policy.PortRange{Lo: 8080, Hi: 8080}}))
+		be := tupleOf(c.a, 40000, c.b, 8080)
+		for i, flags := range []uint8{pkttest.SYN, pkttest.ACK} {
+			if c.proto == pkttest.UDP && i > 0 {
+				break
+			}
+			frame := pkttest.WithChecksums(c.pkt(flags).Frame())
+			o := s.sendFull(frame, ScopeEgress, s.a, 0)
+			want := []Reason{ReasonAllowRule, ReasonAllowEstablished}[i]
+			if o.reason != want || o.delivered != direct {
+				t.Fatalf("packet %d to the frontend: %s, want %s (delivered %t)", i, o, want, direct)
+			}
+			checkOut(t, "to the frontend", o.out, be)
+			if !direct {
+				if r := s.send(o.out, ScopeIngress, s.b, s.a); r.Drop() {
+					t.Fatalf("at B's to_pod: %s", r)
+				}
+			}
+		}
+		reply := pkttest.Packet{Src: c.b, Dst: c.a, Proto: c.proto, SrcPort: 8080, DstPort: 40000, TCPFlags: pkttest.SYN | pkttest.ACK, Payload: []byte("world")}
+		frame := pkttest.WithChecksums(reply.Frame())
+		var out []byte
+		if direct {
+			o := s.sendFull(frame, ScopeEgress, s.b, 0)
+			if o.ingress != ReasonAllowReply || !o.delivered {
+				t.Fatalf("reply from B delivered to A: %s", o)
+			}
+			out = o.out
+		} else {
+			o := s.sendFull(frame, ScopeIngress, s.a, s.b)
+			if o.reason != ReasonAllowReply {
+				t.Fatalf("reply at A's to_pod: %s", o)
+			}
+			out = o.out
+		}
+		checkOut(t, "reply", out, tupleOf(c.fe.Addr, c.fe.Port, c.a, 40000))
+	})
+}
+
+// eachSvcPath runs f for every Service flow (only TCP's with tcpOnly),
+// routed and delivered directly (both pods local), each in a seed of its
+// own with c's frontend and B behind it.
+func eachSvcPath(t *testing.T, tcpOnly bool, f func(t *testing.T, s *seed, c svcFlow, direct bool)) {
 	for _, direct := range []bool{false, true} {
 		for _, c := range svcFlows() {
+			if tcpOnly && c.proto != pkttest.TCP {
+				continue
+			}
 			name := c.name + " routed"
 			if direct {
 				name = c.name + " direct"
@@ -76,42 +123,7 @@ func TestServiceTranslation(t *testing.T) {
 					s.local(s.b, ipB, ip6B)
 				}
 				s.service(c.fe, Service{Backends: []ServiceBackend{{Addr: c.b, Port: 8080}}})
-				s.policy(manual(policy.ManualRule{Action: policy.Allow, Src: idA, Dst: idB, Proto: c.policy, Ports: policy.PortRange{Lo: 8080, Hi: 8080}}))
-				be := tupleOf(c.a, 40000, c.b, 8080)
-				for i, flags := range []uint8{pkttest.SYN, pkttest.ACK} {
-					if c.proto == pkttest.UDP && i > 0 {
-						break
-					}
-					frame := pkttest.WithChecksums(c.pkt(flags).Frame())
-					o := s.sendFull(frame, ScopeEgress, s.a, 0)
-					want := []Reason{ReasonAllowRule, ReasonAllowEstablished}[i]
-					if o.reason != want || o.delivered != direct {
-						t.Fatalf("packet %d to the frontend: %s, want %s (delivered %t)", i, o, want, direct)
-					}
-					checkOut(t, "to the frontend", o.out, be)
-					if !direct {
-						if r := s.send(o.out, ScopeIngress, s.b, s.a); r.Drop() {
-							t.Fatalf("at B's to_pod: %s", r)
-						}
-					}
-				}
-				reply := pkttest.Packet{Src: c.b, Dst: c.a, Proto: c.proto, SrcPort: 8080, DstPort: 40000, TCPFlags: pkttest.SYN | pkttest.ACK, Payload: []byte("world")}
-				frame := pkttest.WithChecksums(reply.Frame())
-				var out []byte
-				if direct {
-					o := s.sendFull(frame, ScopeEgress, s.b, 0)
-					if o.ingress != ReasonAllowReply || !o.delivered {
-						t.Fatalf("reply from B delivered to A: %s", o)
-					}
-					out = o.out
-				} else {
-					o := s.sendFull(frame, ScopeIngress, s.a, s.b)
-					if o.reason != ReasonAllowReply {
-						t.Fatalf("reply at A's to_pod: %s", o)
-					}
-					out = o.out
-				}
-				checkOut(t, "reply", out, tupleOf(c.fe.Addr, c.fe.Port, c.a, 40000))
+				f(t, s, c, direct)
 			})
 		}
 	}
@@ -466,93 +478,76 @@ func TestFlushConntrackForgetsFlowsToABackend(t *testing.T) {
 // translated one when B's replies are routed to A, the pod's own when B's
 // from_pod delivers them (it gives them the frontend's address first).
 func TestServiceEstablishedFlowFollowsPolicyAndCloses(t *testing.T) {
-	for _, direct := range []bool{false, true} {
-		for _, c := range svcFlows() {
-			if c.proto != pkttest.TCP {
-				continue
+	eachSvcPath(t, true, func(t *testing.T, s *seed, c svcFlow, direct bool) {
+		allow := manual(policy.ManualRule{Action: policy.Allow, Src: idA, Dst: idB, Proto: c.policy, Ports: policy.PortRange{Lo: 8080, Hi: 8080}})
+		s.policy(allow)
+		sport := uint16(40000)
+		fwd := func(flags uint8, want Reason) {
+			t.Helper()
+			pkt := c.pkt(flags)
+			pkt.SrcPort = sport
+			o := s.sendFull(pkttest.WithChecksums(pkt.Frame()), ScopeEgress, s.a, 0)
+			if o.reason != want {
+				t.Fatalf("A's packet (flags %#x) to the frontend: %s, want %s", flags, o, want)
 			}
-			name := c.name + " routed"
-			if direct {
-				name = c.name + " direct"
+			if !want.Drop() {
+				checkOut(t, "to the frontend", o.out, tupleOf(c.a, sport, c.b, 8080))
 			}
-			t.Run(name, func(t *testing.T) {
-				s := newSeed(t)
-				if direct {
-					s.local(s.a, ipA, ip6A)
-					s.local(s.b, ipB, ip6B)
-				}
-				s.service(c.fe, Service{Backends: []ServiceBackend{{Addr: c.b, Port: 8080}}})
-				allow := manual(policy.ManualRule{Action: policy.Allow, Src: idA, Dst: idB, Proto: c.policy, Ports: policy.PortRange{Lo: 8080, Hi: 8080}})
-				s.policy(allow)
-				sport := uint16(40000)
-				fwd := func(flags uint8, want Reason) {
-					t.Helper()
-					pkt := c.pkt(flags)
-					pkt.SrcPort = sport
-					o := s.sendFull(pkttest.WithChecksums(pkt.Frame()), ScopeEgress, s.a, 0)
-					if o.reason != want {
-						t.Fatalf("A's packet (flags %#x) to the frontend: %s, want %s", flags, o, want)
-					}
-					if !want.Drop() {
-						checkOut(t, "to the frontend", o.out, tupleOf(c.a, sport, c.b, 8080))
-					}
-				}
-				back := func(flags uint8) {
-					t.Helper()
-					reply := pkttest.WithChecksums(pkttest.Packet{Src: c.b, Dst: c.a, Proto: c.proto, SrcPort: 8080, DstPort: sport, TCPFlags: flags}.Frame())
-					var o outcome
-					if direct {
-						o = s.sendFull(reply, ScopeEgress, s.b, 0)
-						if o.ingress != ReasonAllowReply || !o.delivered {
-							t.Fatalf("B's reply (flags %#x) delivered to A: %s", flags, o)
-						}
-					} else if o = s.sendFull(reply, ScopeIngress, s.a, s.b); o.reason != ReasonAllowReply {
-						t.Fatalf("B's reply (flags %#x) at A's to_pod: %s", flags, o)
-					}
-					checkOut(t, "reply", o.out, tupleOf(c.fe.Addr, c.fe.Port, c.a, sport))
-				}
-				// the entry B's replies meet at A
-				replied := func() Flow {
-					t.Helper()
-					flows, err := s.d.Conntrack()
-					if err != nil {
-						t.Fatal(err)
-					}
-					dst, dport := c.b, uint16(8080)
-					if direct {
-						dst, dport = c.fe.Addr, c.fe.Port
-					}
-					for _, f := range flows {
-						if f.Scope == ScopeEgress && f.Src == c.a && f.SrcPort == sport && f.Dst == dst && f.DstPort == dport {
-							return f
-						}
-					}
-					t.Fatalf("no entry for %s:%d -> %s:%d in %+v", c.a, sport, dst, dport, flows)
-					return Flow{}
-				}
-				fwd(pkttest.SYN, ReasonAllowRule)
-				back(pkttest.SYN | pkttest.ACK)
-				for range 3 {
-					fwd(pkttest.ACK, ReasonAllowEstablished)
-				}
-				s.policy(manual(policy.ManualRule{Action: policy.Allow, Src: idA, Dst: identity.ID(4242), Proto: c.policy}))
-				fwd(pkttest.ACK, ReasonDropRevoked)
-
-				// Another flow, allowed, to its end.
-				s.policy(allow)
-				sport++
-				fwd(pkttest.SYN, ReasonAllowRule)
-				back(pkttest.SYN | pkttest.ACK)
-				fwd(pkttest.ACK, ReasonAllowEstablished)
-				fwd(pkttest.FIN|pkttest.ACK, ReasonAllowEstablished)
-				if f := replied(); f.Closing {
-					t.Fatalf("entry closing after A's FIN alone: %+v", f)
-				}
-				back(pkttest.FIN | pkttest.ACK)
-				if f := replied(); !f.Closing || f.Expires > 11*time.Second {
-					t.Fatalf("entry after both FINs: %+v, want closing within 10s", f)
-				}
-			})
 		}
-	}
+		back := func(flags uint8) {
+			t.Helper()
+			reply := pkttest.WithChecksums(pkttest.Packet{Src: c.b, Dst: c.a, Proto: c.proto, SrcPort: 8080, DstPort: sport, TCPFlags: flags}.Frame())
+			var o outcome
+			if direct {
+				o = s.sendFull(reply, ScopeEgress, s.b, 0)
+				if o.ingress != ReasonAllowReply || !o.delivered {
+					t.Fatalf("B's reply (flags %#x) delivered to A: %s", flags, o)
+				}
+			} else if o = s.sendFull(reply, ScopeIngress, s.a, s.b); o.reason != ReasonAllowReply {
+				t.Fatalf("B's reply (flags %#x) at A's to_pod: %s", flags, o)
+			}
+			checkOut(t, "reply", o.out, tupleOf(c.fe.Addr, c.fe.Port, c.a, sport))
+		}
+		// the entry B's replies meet at A
+		replied := func() Flow {
+			t.Helper()
+			flows, err := s.d.Conntrack()
+			if err != nil {
+				t.Fatal(err)
+			}
+			dst, dport := c.b, uint16(8080)
+			if direct {
+				dst, dport = c.fe.Addr, c.fe.Port
+			}
+			for _, f := range flows {
+				if f.Scope == ScopeEgress && f.Src == c.a && f.SrcPort == sport && f.Dst == dst && f.DstPort == dport {
+					return f
+				}
+			}
+			t.Fatalf("no entry for %s:%d -> %s:%d in %+v", c.a, sport, dst, dport, flows)
+			return Flow{}
+		}
+		fwd(pkttest.SYN, ReasonAllowRule)
+		back(pkttest.SYN | pkttest.ACK)
+		for range 3 {
+			fwd(pkttest.ACK, ReasonAllowEstablished)
+		}
+		s.policy(manual(policy.ManualRule{Action: policy.Allow, Src: idA, Dst: identity.ID(4242), Proto: c.policy}))
+		fwd(pkttest.ACK, ReasonDropRevoked)
+
+		// Another flow, allowed, to its end.
+		s.policy(allow)
+		sport++
+		fwd(pkttest.SYN, ReasonAllowRule)
+		back(pkttest.SYN | pkttest.ACK)
+		fwd(pkttest.ACK, ReasonAllowEstablished)
+		fwd(pkttest.FIN|pkttest.ACK, ReasonAllowEstablished)
+		if f := replied(); f.Closing {
+			t.Fatalf("entry closing after A's FIN alone: %+v", f)
+		}
+		back(pkttest.FIN | pkttest.ACK)
+		if f := replied(); !f.Closing || f.Expires > 11*time.Second {
+			t.Fatalf("entry after both FINs: %+v, want closing within 10s", f)
+		}
+	})
 }
