@@ -730,11 +730,34 @@ func maybeND(frame []byte) bool {
 	if len(frame) < 14+40 || frame[12] != 0x86 || frame[13] != 0xdd {
 		return false
 	}
-	switch next := frame[14+6]; next {
+	// ND may come after extension headers, a first fragment's included:
+	// the datapath reads through up to four (fragmented ND is the pod
+	// kernel's to drop, RFC 6980).
+	next, l4 := frame[14+6], 14+40
+	for range 4 {
+		if len(frame) < l4+8 {
+			break
+		}
+		switch next {
+		case 43, 60: // routing, destination options
+			next, l4 = frame[l4], l4+(int(frame[l4+1])+1)*8
+			continue
+		case 51: // authentication
+			next, l4 = frame[l4], l4+(int(frame[l4+1])+2)*4
+			continue
+		case 44: // fragment: only the first has the ICMPv6 header
+			if binary.BigEndian.Uint16(frame[l4+2:])&0xfff8 == 0 {
+				next, l4 = frame[l4], l4+8
+				continue
+			}
+		}
+		break
+	}
+	switch next {
 	case 0: // hop-by-hop options: MLD carries a router alert
 		return true
 	case 58:
-		return len(frame) > 14+40 && frame[14+40] >= 130 && frame[14+40] <= 143
+		return len(frame) > l4 && frame[l4] >= 130 && frame[l4] <= 143
 	}
 	return false
 }
