@@ -187,7 +187,8 @@ func (p *agentProc) startAnswering() {
 	p.startWait("agent answers on its socket", api.NewClient(p.socket).Answering)
 }
 
-func (p *agentProc) startWait(what string, cond func(context.Context) bool) {
+// launch starts the agent's process, its output appended to its log.
+func (p *agentProc) launch() {
 	p.t.Helper()
 	logf, err := os.OpenFile(p.log, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o600)
 	if err != nil {
@@ -200,7 +201,36 @@ func (p *agentProc) startWait(what string, cond func(context.Context) bool) {
 		p.t.Fatal(err)
 	}
 	logf.Close()
+}
+
+func (p *agentProc) startWait(what string, cond func(context.Context) bool) {
+	p.t.Helper()
+	p.launch()
 	waitFor(p.t, 60*time.Second, what, func() bool { return cond(context.Background()) })
+}
+
+// startOrExit starts the agent and waits until it is ready or has
+// exited, as an earlier build's agent does when it refuses the node's
+// pins; it reports whether the agent exited.
+func (p *agentProc) startOrExit() bool {
+	p.t.Helper()
+	p.launch()
+	ready := api.NewClient(p.socket).Running
+	deadline := time.Now().Add(60 * time.Second)
+	for {
+		var ws syscall.WaitStatus
+		if pid, err := syscall.Wait4(p.cmd.Process.Pid, &ws, syscall.WNOHANG, nil); err == nil && pid == p.cmd.Process.Pid {
+			p.cmd = nil // reaped here: stop has nothing to wait for
+			return true
+		}
+		if ready(context.Background()) {
+			return false
+		}
+		if time.Now().After(deadline) {
+			p.t.Fatalf("agent %s neither ready nor exited in 60s", p.bin)
+		}
+		time.Sleep(100 * time.Millisecond)
+	}
 }
 
 // kill9 kills the agent the hard way, as an OOM kill or a node hiccup would.

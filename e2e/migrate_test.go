@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/cilium/ebpf"
+	current "github.com/containernetworking/cni/pkg/types/100"
 	"github.com/vishvananda/netlink"
 	networkingv1 "k8s.io/api/networking/v1"
 	metav1 "k8s.io/apimachinery/pkg/apis/meta/v1"
@@ -23,13 +24,20 @@ import (
 	"github.com/idcni/idcni/identity"
 )
 
+// refusedRollback is what a build's agent says when it refuses another
+// layout's pins and leaves them as they were.
+const refusedRollback = "nothing was changed"
+
 // oldBin is the bin/ of `make build` at an earlier commit, the build an
 // upgrade starts from and a rollback returns to: IDCNI_MIGRATE_OLD_BIN.
-// Today's reference is d88275c, the last build of pin layout 1 without a
-// layout descriptor:
+// Today's reference is a82db2e, the last build of pin layout 1 (as in
+// TestRollingUpgrade). It refuses to take layout 2's pins back, changing
+// nothing (layout 2's counters have entries it has no index for): both
+// tests accept that refusal, which is what a rollback to it does, and go
+// on as the node would, on this build.
 //
-//	git worktree add /tmp/old-migrate d88275c && make -C /tmp/old-migrate build
-//	IDCNI_MIGRATE_OLD_BIN=/tmp/old-migrate/bin go test ./e2e -run TestAgentUpgradeAndRollback
+//	git worktree add /tmp/old-migrate a82db2e && make -C /tmp/old-migrate build
+//	IDCNI_MIGRATE_OLD_BIN=/tmp/old-migrate/bin go test ./e2e -run 'TestAgentUpgradeAndRollback|TestUpgradeAndRollbackWithAnEarlierBuild'
 func oldBin(t *testing.T) string {
 	t.Helper()
 	d := os.Getenv("IDCNI_MIGRATE_OLD_BIN")
@@ -126,8 +134,8 @@ func TestAgentUpgradeAndRollbackBetweenBuilds(t *testing.T) {
 	if !echoOK(conn) {
 		t.Fatal("established connection does not carry data")
 	}
-	if _, err := os.Stat(filepath.Join(e.BPFRoot, "pin_layout")); err == nil {
-		t.Fatal("the earlier build pinned a layout descriptor: IDCNI_MIGRATE_OLD_BIN is not a layout-1 build")
+	if l, err := bpf.PinnedLayout(e.BPFRoot); err != nil || l != 1 {
+		t.Fatalf("pins of the earlier build say layout %d (%v): IDCNI_MIGRATE_OLD_BIN is not a layout-1 build", l, err)
 	}
 
 	holds := func(what string) {
@@ -168,10 +176,28 @@ func TestAgentUpgradeAndRollbackBetweenBuilds(t *testing.T) {
 	late := e.newPod(t, "app", "late", map[string]string{"role": "client"})
 	eventually(t, "a pod added after the upgrade reaches the server", true, func() bool { return late.reach(server, 80) })
 
-	restart(filepath.Join(old, "idcni-agent"), "rollback to the earlier build")
-	e.CNI = cnitest.NewCNIConfig(old, e.CacheDir)
-	later := e.newPod(t, "app", "later", map[string]string{"role": "intruder"})
-	eventually(t, "a pod added after the rollback is denied", false, func() bool { return later.reach(server, 80) })
+	// The rollback: the earlier build takes the pins back, or refuses
+	// and changes nothing (then the node stays on this build's pins and
+	// programs, and this build's plugin).
+	ids := pinnedProgramIDs(t, e.BPFRoot)
+	e.agent.stop()
+	e.agent.bin = filepath.Join(old, "idcni-agent")
+	later := late
+	if e.agent.startOrExit() {
+		if log, _ := os.ReadFile(e.agent.log); !strings.Contains(string(log), refusedRollback) {
+			t.Fatalf("the earlier build's agent exited without saying it changed nothing:\n%s", grepLines(string(log), "level=ERROR"))
+		}
+		if now := pinnedProgramIDs(t, e.BPFRoot); !reflect.DeepEqual(now, ids) {
+			t.Fatalf("a refused rollback replaced the programs: %v, then %v", ids, now)
+		}
+		t.Log("the earlier build refused this build's pins and changed nothing")
+		holds("refused rollback")
+	} else {
+		holds("rollback to the earlier build")
+		e.CNI = cnitest.NewCNIConfig(old, e.CacheDir)
+		later = e.newPod(t, "app", "later", map[string]string{"role": "intruder"})
+		eventually(t, "a pod added after the rollback is denied", false, func() bool { return later.reach(server, 80) })
+	}
 
 	restart(buildAgent(t), "upgrade again")
 	runsPinnedPrograms(t, e, "upgrade again", late, later)
@@ -222,8 +248,10 @@ func podsRunPinned(t *testing.T, e *cnitest.Env, what string, pods ...*cnitest.P
 // it: it runs in a network namespace of its own (its start removes the
 // nftables table and routes of its own namespace) with a kubeconfig that
 // leads nowhere, so it never gets further than waiting for the API
-// server. The tcx links it moves are pinned in the shared bpffs.
-func startOldAgent(t *testing.T, old string, e *cnitest.Env) {
+// server. The tcx links it moves are pinned in the shared bpffs. It
+// reports whether the agent refused the pins, exiting with the line that
+// says it changed nothing.
+func startOldAgent(t *testing.T, old string, e *cnitest.Env) (refused bool) {
 	t.Helper()
 	dir := t.TempDir()
 	kubeconfig := filepath.Join(dir, "kubeconfig")
@@ -251,6 +279,9 @@ func startOldAgent(t *testing.T, old string, e *cnitest.Env) {
 	for {
 		select {
 		case err := <-exited:
+			if strings.Contains(out.String(), refusedRollback) {
+				return true
+			}
 			t.Fatalf("the earlier build's agent exited before it replaced the programs (%v):\n%s", err, out.String())
 		default:
 		}
@@ -266,6 +297,7 @@ func startOldAgent(t *testing.T, old string, e *cnitest.Env) {
 	}
 	// The programs are pinned last: its load is done.
 	stop()
+	return false
 }
 
 // TestUpgradeAndRollbackWithAnEarlierBuild goes between the earlier build
@@ -282,13 +314,11 @@ func TestUpgradeAndRollbackWithAnEarlierBuild(t *testing.T) {
 	newCNI := e.CNI
 	e.CNI = cnitest.NewCNIConfig(old, e.CacheDir)
 	p1, p2 := e.NewPod(t), e.NewPod(t)
-	e.MustAdd(t, p1)
-	e.MustAdd(t, p2)
+	r1, r2 := e.MustAdd(t, p1), e.MustAdd(t, p2)
 	t.Cleanup(func() { _ = e.Del(p1); _ = e.Del(p2) })
 	if l, err := bpf.PinnedLayout(e.BPFRoot); err != nil || l != 1 {
 		t.Fatalf("pins of the earlier build say layout %d (%v): IDCNI_MIGRATE_OLD_BIN is not a layout-1 build", l, err)
 	}
-	before := readPins(t, e)
 
 	upgrade := func(what string) {
 		t.Helper()
@@ -306,9 +336,9 @@ func TestUpgradeAndRollbackWithAnEarlierBuild(t *testing.T) {
 		}
 	}
 	upgrade("upgrade to this build")
-	if got := readPins(t, e); !reflect.DeepEqual(got, before) {
-		t.Fatalf("the upgrade changed the maps:\nbefore %+v\nafter  %+v", before, got)
-	}
+	// This build cannot read layout 1's maps (their sizes differ), so
+	// the earlier build's pods are looked for in what it carried over.
+	podsPinned(t, e, "after the upgrade", map[*cnitest.Pod]*current.Result{p1: r1, p2: r2})
 	podsRunPinned(t, e, "after the upgrade", p1, p2)
 
 	// This build's plugin on them: a new pod, and a pod of the earlier
@@ -323,24 +353,58 @@ func TestUpgradeAndRollbackWithAnEarlierBuild(t *testing.T) {
 	mid := readPins(t, e)
 	podsRunPinned(t, e, "this build's ADD after the upgrade", p2, p3)
 
-	startOldAgent(t, old, e)
-	if got := readPins(t, e); !reflect.DeepEqual(got, mid) {
-		t.Fatalf("the rollback changed the maps:\nbefore %+v\nafter  %+v", mid, got)
+	ids := pinnedProgramIDs(t, e.BPFRoot)
+	if startOldAgent(t, old, e) {
+		// Refused: nothing of this build's may have moved.
+		t.Log("the earlier build refused this build's pins and changed nothing")
+		if now := pinnedProgramIDs(t, e.BPFRoot); !reflect.DeepEqual(now, ids) {
+			t.Fatalf("a refused rollback replaced the programs: %v, then %v", ids, now)
+		}
+		if got := readPins(t, e); !reflect.DeepEqual(got, mid) {
+			t.Fatalf("a refused rollback changed the maps:\nbefore %+v\nafter  %+v", mid, got)
+		}
+		podsRunPinned(t, e, "after the refused rollback", p2, p3)
+		last := readPins(t, e)
+		upgrade("upgrade again")
+		if got := readPins(t, e); !reflect.DeepEqual(got, last) {
+			t.Fatalf("the second upgrade changed the maps:\nbefore %+v\nafter  %+v", last, got)
+		}
+		podsRunPinned(t, e, "after the second upgrade", p2, p3)
+		return
 	}
-	podsRunPinned(t, e, "after the rollback", p2, p3)
+	// Taken back: the earlier build's plugin on them, then this build's
+	// start again, which must carry everything over.
 	e.CNI = cnitest.NewCNIConfig(old, e.CacheDir)
 	p4 := e.NewPod(t)
-	e.MustAdd(t, p4)
+	r4 := e.MustAdd(t, p4)
 	t.Cleanup(func() { _ = e.Del(p4) })
 	if err := e.Del(p3); err != nil {
 		t.Fatalf("the earlier build's DEL of a pod this build added: %v", err)
 	}
-	podsRunPinned(t, e, "the earlier build's ADD after the rollback", p2, p4)
-
-	last := readPins(t, e)
 	upgrade("upgrade again")
-	if got := readPins(t, e); !reflect.DeepEqual(got, last) {
-		t.Fatalf("the second upgrade changed the maps:\nbefore %+v\nafter  %+v", last, got)
-	}
+	podsPinned(t, e, "after the second upgrade", map[*cnitest.Pod]*current.Result{p2: r2, p4: r4})
 	podsRunPinned(t, e, "after the second upgrade", p2, p4)
+}
+
+// podsPinned fails unless every pod has its endpoint (by host veth) and a
+// local pod entry for each of its addresses.
+func podsPinned(t *testing.T, e *cnitest.Env, what string, pods map[*cnitest.Pod]*current.Result) {
+	t.Helper()
+	got := readPins(t, e)
+	for p, r := range pods {
+		host := cni.HostVethName(p.ContainerID, p.IfName)
+		l, err := netlink.LinkByName(host)
+		if err != nil {
+			t.Fatalf("%s: %v", what, err)
+		}
+		if _, ok := got.endpoints[l.Attrs().Index]; !ok {
+			t.Fatalf("%s: no endpoint for %s (ifindex %d) in %+v", what, host, l.Attrs().Index, got.endpoints)
+		}
+		for _, ip := range r.IPs {
+			a, _ := netip.AddrFromSlice(ip.Address.IP)
+			if _, ok := got.local[a.Unmap()]; !ok {
+				t.Fatalf("%s: no local pod entry for %s (%s) in %+v", what, a, host, got.local)
+			}
+		}
+	}
 }
