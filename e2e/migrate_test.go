@@ -52,6 +52,16 @@ func oldBin(t *testing.T) string {
 	return d
 }
 
+// refusedKeptPrograms fails unless the programs pinned under root are
+// still ids, as a rollback the earlier build refused must leave them.
+func refusedKeptPrograms(t *testing.T, root string, ids map[string]ebpf.ProgramID) {
+	t.Helper()
+	if now := pinnedProgramIDs(t, root); !reflect.DeepEqual(now, ids) {
+		t.Fatalf("a refused rollback replaced the programs: %v, then %v", ids, now)
+	}
+	t.Log("the earlier build refused this build's pins and changed nothing")
+}
+
 // pinnedProgramIDs is the kernel id of each program pinned under root.
 func pinnedProgramIDs(t *testing.T, root string) map[string]ebpf.ProgramID {
 	t.Helper()
@@ -187,10 +197,7 @@ func TestAgentUpgradeAndRollbackBetweenBuilds(t *testing.T) {
 		if log, _ := os.ReadFile(e.agent.log); !strings.Contains(string(log), refusedRollback) {
 			t.Fatalf("the earlier build's agent exited without saying it changed nothing:\n%s", grepLines(string(log), "level=ERROR"))
 		}
-		if now := pinnedProgramIDs(t, e.BPFRoot); !reflect.DeepEqual(now, ids) {
-			t.Fatalf("a refused rollback replaced the programs: %v, then %v", ids, now)
-		}
-		t.Log("the earlier build refused this build's pins and changed nothing")
+		refusedKeptPrograms(t, e.BPFRoot, ids)
 		holds("refused rollback")
 	} else {
 		holds("rollback to the earlier build")
@@ -356,18 +363,14 @@ func TestUpgradeAndRollbackWithAnEarlierBuild(t *testing.T) {
 	ids := pinnedProgramIDs(t, e.BPFRoot)
 	if startOldAgent(t, old, e) {
 		// Refused: nothing of this build's may have moved.
-		t.Log("the earlier build refused this build's pins and changed nothing")
-		if now := pinnedProgramIDs(t, e.BPFRoot); !reflect.DeepEqual(now, ids) {
-			t.Fatalf("a refused rollback replaced the programs: %v, then %v", ids, now)
-		}
+		refusedKeptPrograms(t, e.BPFRoot, ids)
 		if got := readPins(t, e); !reflect.DeepEqual(got, mid) {
 			t.Fatalf("a refused rollback changed the maps:\nbefore %+v\nafter  %+v", mid, got)
 		}
 		podsRunPinned(t, e, "after the refused rollback", p2, p3)
-		last := readPins(t, e)
 		upgrade("upgrade again")
-		if got := readPins(t, e); !reflect.DeepEqual(got, last) {
-			t.Fatalf("the second upgrade changed the maps:\nbefore %+v\nafter  %+v", last, got)
+		if got := readPins(t, e); !reflect.DeepEqual(got, mid) {
+			t.Fatalf("the second upgrade changed the maps:\nbefore %+v\nafter  %+v", mid, got)
 		}
 		podsRunPinned(t, e, "after the second upgrade", p2, p3)
 		return

@@ -196,8 +196,7 @@ func (r *report) finish() {
 		r.CNI.AddP50, r.CNI.AddP99 = percentile(r.CNI.AddMS, 50), percentile(r.CNI.AddMS, 99)
 		r.CNI.DelP50, r.CNI.DelP99 = percentile(r.CNI.DelMS, 50), percentile(r.CNI.DelMS, 99)
 	}
-	bare := map[string]float64{}
-	bareSamples := map[string][]float64{}
+	bare := map[string]summaryRow{}
 	for _, c := range r.Configs {
 		for _, m := range r.metrics {
 			row := summaryRow{Config: c.String(), Metric: m.name, Unit: m.unit}
@@ -212,12 +211,11 @@ func (r *report) finish() {
 			row.Median = median(row.Samples)
 			row.Min, row.Max = slices.Min(row.Samples), slices.Max(row.Samples)
 			if c.Name == "bare" {
-				bare[m.name] = row.Median
-				bareSamples[m.name] = row.Samples
+				bare[m.name] = row
 			}
-			if bare[m.name] > 0 {
-				row.RatioToBare = row.Median / bare[m.name]
-				row.Paired = paired(row.Samples, bareSamples[m.name])
+			if b := bare[m.name]; b.Median > 0 {
+				row.RatioToBare = row.Median / b.Median
+				row.Paired = paired(row.Samples, b.Samples)
 			}
 			r.Summary = append(r.Summary, row)
 		}

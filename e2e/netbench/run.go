@@ -244,9 +244,6 @@ func traffic(ctx context.Context, o *options, n *network, dp *bpf.Datapath, suff
 	return b.removeIptables()
 }
 
-// measure runs one workload once and checks that the traffic went where the
-// configuration says: through the programs for idcni, through the chain's
-// last rule for iptables, past no program for bare.
 // sample is one measured window of round (from 0), with the
 // configuration's info among its checks.
 func (b *bench) sample(ctx context.Context, c config, m metric, w workload, round int, info map[string]any) (sampleRecord, error) {
@@ -277,6 +274,9 @@ func noteDrops(rec sampleRecord, c config, m metric, n uint64, before, after map
 	logf("note: %s %s: the datapath dropped %d packets during the run: %v", c, m.name, n, why)
 }
 
+// measure runs one workload once and checks that the traffic went where the
+// configuration says: through the programs for idcni, through the chain's
+// last rule for iptables, past no program for bare.
 func (b *bench) measure(ctx context.Context, c config, m metric, w workload) (rec sampleRecord, err error) {
 	rec = sampleRecord{Config: c.String(), Metric: m.name, Unit: m.unit, Checks: map[string]any{}}
 	rec.Load1 = loadavg()
