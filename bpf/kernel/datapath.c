@@ -769,6 +769,7 @@ struct hook_ep {
 	struct endpoint *ep; /* NULL: no endpoint behind this veth */
 	__u8 scope;
 	__u8 from_host; /* the node's own stack sent the packet */
+	__u8 from_net;  /* from_net took it in: it comes from another node's pod */
 };
 
 /* A new Service flow's backend: the frontend's id, the backend's slot,
@@ -926,7 +927,11 @@ static __always_inline int report(struct pctx *c, struct hook_ep *h, __u32 subje
 	return reason;
 }
 
-static __always_inline void ct_touch(struct ct_value *ct, struct pkt *p, __u64 now, int reply)
+/* ct_touch brings a flow's entry up to date with one of its packets: the
+ * flags it sets and the deadline they give. It reports whether it wrote
+ * the entry; a deadline moves only once it is CT_REFRESH_SLACK stale, so
+ * most packets of a busy flow write nothing. */
+static __always_inline int ct_touch(struct ct_value *ct, struct pkt *p, __u64 now, int reply)
 {
 	__u32 flags = ct->flags;
 	__u64 timeout = CT_TIMEOUT_OTHER, expires;
@@ -950,9 +955,13 @@ static __always_inline void ct_touch(struct ct_value *ct, struct pkt *p, __u64 n
 	if (flags != ct->flags) {
 		ct->flags = flags;
 		ct->expires = expires;
-	} else if (expires > ct->expires + CT_REFRESH_SLACK) {
-		ct->expires = expires;
+		return 1;
 	}
+	if (expires > ct->expires + CT_REFRESH_SLACK) {
+		ct->expires = expires;
+		return 1;
+	}
+	return 0;
 }
 
 /* ct_key_set fills k with a flow's tuple as conntrack keys it: from saddr
@@ -1028,7 +1037,7 @@ struct flow {
 	__u8 kscope;         /* the scope of that table's keys */
 	__u8 known;          /* the forward key had an entry, even a dead one */
 	__u8 deny_only;      /* 4 when the flow is the node's (CT_F_HOST): only deny rules hold */
-	__u8 pad;
+	__u8 touched;        /* translate() already brought ct up to date with this packet */
 	__u32 peer;          /* the other end's identity; ID_ANY until peer() asks */
 	__u32 flags;         /* the flow's conntrack flags after this packet */
 	struct local_pod *lp; /* for a new flow leaving a pod: the local pod it goes to */
@@ -1298,16 +1307,17 @@ static __always_inline enum ct_status translate(struct pctx *c, struct hook_ep *
 		return st;
 	if (st == CT_ESTABLISHED) {
 		struct ct_value *orig = f->ct;
-		__u64 expires = orig->expires;
+		int wrote;
 
 		if (!(orig->flags & CT_F_SVC_ORIG))
 			return st;
-		ct_touch(orig, p, c->now, 0);
+		wrote = ct_touch(orig, p, c->now, 0);
 		if (rewrite(c->skb, p, 1, (struct addr16 *)orig->nat_addr, orig->nat_port))
 			return CT_BROKEN;
-		if (orig->expires == expires && !(p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST))))
-			return CT_ESTABLISHED;
-		return ct_retrack(c, f);
+		if (wrote || (p->proto == IPPROTO_TCP && (p->tcp_flags & (TCP_SYN | TCP_FIN | TCP_RST))))
+			return ct_retrack(c, f);
+		f->touched = 1;
+		return CT_ESTABLISHED;
 	}
 	if (st != CT_NEW || p->related || p->frag_later || !has_ports(p->proto))
 		return st;
@@ -1459,7 +1469,7 @@ static __always_inline void ct_create(struct pctx *c, struct hook_ep *h, struct 
 		nct.flags = CT_F_HOST;
 	if (h->scope == SCOPE_EGRESS)
 		f->lp = bpf_map_lookup_elem(&local_pods, c->p->daddr);
-	if (h->scope == SCOPE_EGRESS ? !f->lp : !bpf_map_lookup_elem(&local_pods, c->p->saddr))
+	if (h->scope == SCOPE_EGRESS ? !f->lp : h->from_net || !bpf_map_lookup_elem(&local_pods, c->p->saddr))
 		nct.flags |= CT_F_ROUTED;
 	if (c->hairpin)
 		nct.flags |= CT_F_HAIRPIN;
@@ -1576,7 +1586,8 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
 		return report(c, h, h->ep->identity, f->peer, reason, 1);
 	case REASON_ALLOW_ESTABLISHED:
 	case REASON_ALLOW_REPLY:
-		ct_touch(f->ct, c->p, c->now, reason == REASON_ALLOW_REPLY);
+		if (!f->touched)
+			ct_touch(f->ct, c->p, c->now, reason == REASON_ALLOW_REPLY);
 		f->flags = f->ct->flags;
 		if (reason == REASON_ALLOW_REPLY)
 			reason = untranslate(c, f, reason);
@@ -1599,6 +1610,14 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
 	}
 }
 
+static __always_inline __u16 csum_fold(__u64 s)
+{
+	s = (s & 0xffffffff) + (s >> 32);
+	s = (s & 0xffff) + (s >> 16);
+	s = (s & 0xffff) + (s >> 16);
+	return ~s;
+}
+
 /* hop rewrites the Ethernet addresses to mac (destination, then source)
  * and counts the hop in the TTL or hop limit, as the node's routing would
  * for a packet it forwards. The helpers write only those bytes: a direct
@@ -1614,17 +1633,13 @@ static __always_inline int hop(struct __sk_buff *skb, struct pkt *p, const __u8 
 		void *data = (void *)(long)skb->data, *end = (void *)(long)skb->data_end;
 		struct iphdr *ip = data + ETH_HLEN;
 		__u16 w[2], old;
-		__u32 sum;
 
 		if ((void *)(ip + 1) > end)
 			return -1;
 		__builtin_memcpy(&old, &ip->ttl, 2);
 		((__u8 *)w)[0] = ip->ttl - 1;
 		((__u8 *)w)[1] = ip->protocol;
-		sum = (__u16)~ip->check + (__u16)~old + w[0];
-		sum = (sum & 0xffff) + (sum >> 16);
-		sum = (sum & 0xffff) + (sum >> 16);
-		w[1] = ~sum;
+		w[1] = csum_fold((__u16)~ip->check + (__u16)~old + w[0]);
 		if (bpf_skb_store_bytes(skb, ETH_HLEN + offsetof(struct iphdr, ttl), w, 4, 0))
 			return -1;
 	} else {
@@ -1653,14 +1668,6 @@ static __always_inline int deliver(struct __sk_buff *skb, struct pkt *p, struct 
  * (CHECKSUM_PARTIAL, as a pod's TCP segments leave its veth) cannot be
  * cut short of its checksum field. */
 #define QUOTE_MAX 128
-
-static __always_inline __u16 csum_fold(__u64 s)
-{
-	s = (s & 0xffffffff) + (s >> 32);
-	s = (s & 0xffff) + (s >> 16);
-	s = (s & 0xffff) + (s >> 16);
-	return ~s;
-}
 
 /* reject answers a new flow to a frontend without backends as kube-proxy
  * does: an ICMP port unreachable (ICMPv6 for IPv6) from the frontend,
@@ -2030,7 +2037,7 @@ SEC("tc")
 int from_net(struct __sk_buff *skb)
 {
 	struct pkt p = {};
-	struct hook_ep dh = { .scope = SCOPE_INGRESS };
+	struct hook_ep dh = { .scope = SCOPE_INGRESS, .from_net = 1 };
 	struct pctx c = { .skb = skb, .p = &p };
 	struct flow df = {};
 	struct local_pod *lp;
