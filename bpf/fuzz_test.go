@@ -110,13 +110,17 @@ func FuzzDatapath(f *testing.F) {
 
 // resetKernel empties the state one fuzz input leaves behind: the
 // conntrack tables the endpoints use (found once, at setup: listing the
-// slots costs more than a whole input) and the fragment table.
+// slots costs more than a whole input), the fragment table and the
+// service maps. d's record of the frontend ids in use goes with the
+// services map, or every input's frontends would stay counted until the
+// map looked full.
 func resetKernel(t *testing.T, d *Datapath, tables []*ebpf.Map) {
 	for _, m := range append(tables, d.objs.Fragments, d.objs.Services, d.objs.Backends, d.objs.Affinity) {
 		if err := clearMap(m); err != nil {
 			t.Fatal(err)
 		}
 	}
+	d.svcIDs = nil
 }
 
 func clearMap(m *ebpf.Map) error {
