@@ -25,7 +25,7 @@ import (
 // Across two nodes (-nodes): two network namespaces stand in for two
 // nodes, joined by a veth pair (the underlay, MTU 1500), each with its
 // own idcni datapath (own BPF root) and one pod, the client on node A and
-// the server on node B. Four configurations run the same pods:
+// the server on node B. Six configurations run the same pods:
 //
 //   - bare-direct: no programs; each node routes the other's pod range
 //     through the other's underlay address.
@@ -38,6 +38,11 @@ import (
 //     permanent neighbour and FDB entry, an onlink route).
 //   - idcni-vxlan: the programs and identities of idcni-direct over the
 //     tunnel of bare-vxlan.
+//   - iptables-direct, iptables-vxlan: no programs; each node's FORWARD
+//     chain jumps to a stateful allow-list of the same 10 rules, laid out
+//     as kube-router lays out a pod's firewall (iptablesRules): the
+//     kernel's own way of enforcing the policy on both nodes, the
+//     baseline that, unlike bare, also keeps state for every connection.
 //
 // The idcni configurations run with the fast path as the agent sets it up
 // (agent/fastpath.go: the peer's pod range in remote_cidrs, from_net on
@@ -46,7 +51,7 @@ import (
 // same programs without it, through both nodes' forwarding, as before
 // the fast path.
 //
-// The pods' MTU is 1450 in all four, as the agent's CNI config gives
+// The pods' MTU is 1450 in all of them, as the agent's CNI config gives
 // them in auto and vxlan mode (uplink 1500 less 50), so direct and VXLAN
 // move the same segments. The tunnel is made here with ip(8), not by the
 // agent (which needs an apiserver): its parameters are the agent's, and
@@ -185,7 +190,7 @@ func crossNode(ctx context.Context, o *options, binDir, tmp, suffix string, cl *
 	}
 	logf("nodes: client %s on %s (underlay %s) -> server %s:%d on %s (underlay %s)", a.pod.addr, a.name, a.underlay, b.pod.addr, o.port, b.name, b.underlay)
 
-	configs := crossConfigs[:4]
+	configs := crossConfigs[:6]
 	if o.stackPath {
 		configs = crossConfigs
 	}
@@ -218,7 +223,7 @@ func crossNode(ctx context.Context, o *options, binDir, tmp, suffix string, cl *
 				}
 				samples[c+" "+m.name] = append(samples[c+" "+m.name], v)
 				done++
-				logf("[%d/%d] round %d %-13s %-6s %12.4g %s  (load %.1f)", done, total, round+1, c, m.name, v, m.unit, loadavg())
+				logf("[%d/%d] round %d %-15s %-6s %12.4g %s  (load %.1f)", done, total, round+1, c, m.name, v, m.unit, loadavg())
 			}
 		}
 	}
@@ -291,9 +296,13 @@ func nameCrossPods(a, b *benchNode) error {
 // rule allows is refused (bare) or dropped (idcni).
 func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) error {
 	idcni := strings.HasPrefix(c, "idcni")
+	ipt := strings.HasPrefix(c, "iptables")
 	fast := idcni && !strings.HasSuffix(c, "-stack")
 	for _, pair := range [][2]*benchNode{{a, b}, {b, a}} {
 		n, peer := pair[0], pair[1]
+		if err := n.forwardFilter(ctx, ipt, iptablesRules(crossChain, 10, a.pod.addr, b.pod.addr, o.port)); err != nil {
+			return fmt.Errorf("iptables in %s: %w", n.name, err)
+		}
 		route := []string{"route", "replace", peer.pods.String(), "via", peer.underlay.String(), "dev", "up0"}
 		if strings.Contains(c, "vxlan") {
 			route = []string{"route", "replace", peer.pods.String(), "via", peer.underlay.String(), "dev", "idcni_vxlan", "onlink"}
@@ -344,7 +353,7 @@ func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) erro
 		return err
 	}
 	want := "refused"
-	if idcni {
+	if idcni || ipt {
 		want = "timeout"
 	}
 	if got != want {
@@ -416,6 +425,17 @@ func measureCross(ctx context.Context, c string, m metric, w workload, a, b *ben
 	if idcni := strings.HasPrefix(c, "idcni"); idcni != (p1 > p0) {
 		return 0, fmt.Errorf("%s: the datapaths passed %d packets: the programs are not where the configuration says", c, p1-p0)
 	}
+	if strings.HasPrefix(c, "iptables") {
+		for _, n := range []*benchNode{a, b} {
+			got, err := n.accepted(ctx)
+			if err != nil {
+				return 0, err
+			}
+			if got == 0 {
+				return 0, fmt.Errorf("%s: %s's FORWARD allow-list accepted no packet: the path is not what the configuration says", c, n.name)
+			}
+		}
+	}
 	if vx := strings.Contains(c, "vxlan"); vx != (t1-t0 > 100) {
 		return 0, fmt.Errorf("%s: node A's idcni_vxlan sent %d packets: the path is not what the configuration says", c, t1-t0)
 	}
@@ -458,18 +478,93 @@ func forwDatagrams() (uint64, error) {
 }
 
 // crossConfigs are -nodes' configurations: the last two only with -stack.
-var crossConfigs = []string{"bare-direct", "idcni-direct", "bare-vxlan", "idcni-vxlan", "idcni-direct-stack", "idcni-vxlan-stack"}
+var crossConfigs = []string{"bare-direct", "idcni-direct", "iptables-direct", "bare-vxlan", "idcni-vxlan", "iptables-vxlan", "idcni-direct-stack", "idcni-vxlan-stack"}
+
+// crossBare is the bare configuration of c's path: what c's ratio is to.
+func crossBare(c string) string {
+	if strings.Contains(c, "vxlan") {
+		return "bare-vxlan"
+	}
+	return "bare-direct"
+}
+
+// crossChain is the chain of the iptables configurations in each node's
+// netns, which is the run's own: nothing else is forwarded there.
+const crossChain = "IDNB-FWD"
+
+// forwardFilter makes the node's FORWARD chain jump to crossChain, filled
+// with rules (on), or takes the jump and the chain away (off, also when
+// they are not there). Either way the node's netfilter conntrack entries
+// go: each configuration starts as the previous one had never run.
+func (n *benchNode) forwardFilter(ctx context.Context, on bool, rules string) error {
+	ipt := func(stdin string, args ...string) (string, error) {
+		return runCmd(ctx, stdin, "ip", append([]string{"netns", "exec", n.name}, args...)...)
+	}
+	jump := []string{"FORWARD", "-j", crossChain}
+	if on {
+		if _, err := ipt(rules, "iptables-restore", "-w", "--noflush"); err != nil {
+			return err
+		}
+		if _, err := ipt("", append([]string{"iptables", "-w", "-C"}, jump...)...); err != nil {
+			if _, err := ipt("", append([]string{"iptables", "-w", "-I"}, jump...)...); err != nil {
+				return err
+			}
+		}
+	} else {
+		for range 100 { // every copy of the jump
+			if _, err := ipt("", append([]string{"iptables", "-w", "-D"}, jump...)...); err != nil {
+				break
+			}
+		}
+		if _, err := ipt("", "iptables", "-w", "-S", crossChain); err == nil {
+			if _, err := ipt("", "iptables", "-w", "-F", crossChain); err != nil {
+				return err
+			}
+			if _, err := ipt("", "iptables", "-w", "-X", crossChain); err != nil {
+				return err
+			}
+		}
+	}
+	return inNode(n.path, func() error {
+		if err := netlink.ConntrackTableFlush(netlink.ConntrackTable); err != nil {
+			return fmt.Errorf("flush conntrack: %w", err)
+		}
+		return nil
+	})
+}
+
+// accepted is how many packets the node's crossChain accepted so far (the
+// counters of its ACCEPT rules).
+func (n *benchNode) accepted(ctx context.Context) (uint64, error) {
+	out, err := runCmd(ctx, "", "ip", "netns", "exec", n.name, "iptables", "-w", "-S", crossChain, "-v")
+	if err != nil {
+		return 0, err
+	}
+	var sum uint64
+	for line := range strings.Lines(out) {
+		i := strings.Index(line, " -c ")
+		if i < 0 || !strings.Contains(line, "-j ACCEPT") {
+			continue
+		}
+		var pk, by uint64
+		if _, err := fmt.Sscanf(line[i:], " -c %d %d", &pk, &by); err != nil {
+			return 0, fmt.Errorf("counters of %q: %w", line, err)
+		}
+		sum += pk
+	}
+	return sum, nil
+}
 
 func printCross(out io.Writer, o *options, configs []string, samples map[string][]float64) {
 	fmt.Fprintf(out, "\nacross two nodes (pod MTU %d): median of %d runs of %s (after %s warm-up); x = ratio to the bare configuration of the same path (paired: the median of each round's ratio); [min-max]\n\n", crossMTU, o.count, o.duration, o.warmup)
-	fmt.Fprintf(out, "%-13s", "config")
+	fmt.Fprintf(out, "%-18s", "config")
 	for _, m := range o.metrics {
 		fmt.Fprintf(out, " %50s", m.name+" ("+m.unit+")")
 	}
 	fmt.Fprintln(out)
 	for _, c := range configs {
-		fmt.Fprintf(out, "%-13s", c)
-		bare := strings.TrimSuffix(strings.Replace(c, "idcni", "bare", 1), "-stack")
+		fmt.Fprintf(out, "%-18s", c)
+		bare := crossBare(c)
 		for _, m := range o.metrics {
 			v := samples[c+" "+m.name]
 			med := median(v)
