@@ -292,8 +292,9 @@ func nameCrossPods(a, b *benchNode) error {
 }
 
 // enterCross switches the pods to configuration c: programs attached or
-// not, routes directly or through the tunnel, then checks that a port no
-// rule allows is refused (bare) or dropped (idcni).
+// not, the nodes' iptables allow-list in place or not, routes directly
+// or through the tunnel, then checks that a port no rule allows is
+// refused (bare) or dropped (idcni, iptables).
 func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) error {
 	idcni := strings.HasPrefix(c, "idcni")
 	ipt := strings.HasPrefix(c, "iptables")
@@ -411,6 +412,15 @@ func measureCross(ctx context.Context, c string, m metric, w workload, a, b *ben
 	if err != nil {
 		return 0, err
 	}
+	ipt := strings.HasPrefix(c, "iptables")
+	var acc0 [2]uint64 // what the allow-lists of a and b accepted before
+	if ipt {
+		for i, n := range []*benchNode{a, b} {
+			if acc0[i], err = n.accepted(ctx); err != nil {
+				return 0, err
+			}
+		}
+	}
 	s, err := m.run(ctx, w)
 	if err != nil {
 		return 0, err
@@ -425,13 +435,13 @@ func measureCross(ctx context.Context, c string, m metric, w workload, a, b *ben
 	if idcni := strings.HasPrefix(c, "idcni"); idcni != (p1 > p0) {
 		return 0, fmt.Errorf("%s: the datapaths passed %d packets: the programs are not where the configuration says", c, p1-p0)
 	}
-	if strings.HasPrefix(c, "iptables") {
-		for _, n := range []*benchNode{a, b} {
+	if ipt {
+		for i, n := range []*benchNode{a, b} {
 			got, err := n.accepted(ctx)
 			if err != nil {
 				return 0, err
 			}
-			if got == 0 {
+			if got <= acc0[i] {
 				return 0, fmt.Errorf("%s: %s's FORWARD allow-list accepted no packet: the path is not what the configuration says", c, n.name)
 			}
 		}
