@@ -185,3 +185,20 @@ func TestPairedRatio(t *testing.T) {
 		t.Fatalf("paired over unequal rounds: %.3f, want only the first round's", got)
 	}
 }
+
+// The flatness line reads the paired ratios: a Service count that ran in
+// the slow band (both configurations slower) is no cost of Services.
+func TestServiceFlatnessIsPaired(t *testing.T) {
+	r := &report{
+		Params: params{Services: []int{10, 10000}},
+		Summary: []summaryRow{
+			{Config: "idcni-clusterip/10", Metric: "crr", Median: 14000, RatioToPodIP: 0.96, Paired: 0.96},
+			{Config: "idcni-clusterip/10000", Metric: "crr", Median: 9500, RatioToPodIP: 0.95, Paired: 0.955},
+		},
+	}
+	var out strings.Builder
+	r.printServiceTargets(&out)
+	if want := "paired ratio at 10000 Services over at 10: x0.995"; !strings.Contains(out.String(), want) {
+		t.Fatalf("report:\n%s\nwant a line with %q", out.String(), want)
+	}
+}
