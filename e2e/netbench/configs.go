@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"net/netip"
+	"slices"
 	"strings"
 	"time"
 
@@ -89,14 +90,13 @@ func idcniPolicy(n, serverPort int) *policy.Set {
 
 // bench holds what the configurations act on.
 type bench struct {
-	o        *options
-	dp       *bpf.Datapath
-	client   *pod
-	server   *pod
-	subnet   netip.Prefix
-	chain    string // iptables chain of this run
-	jumpSpec []string
-	ipt      bool // the jump and chain exist
+	o      *options
+	dp     *bpf.Datapath
+	client *pod
+	server *pod
+	subnet netip.Prefix
+	chain  fwdChain // iptables chain of this run
+	ipt    bool     // the jump and chain exist
 	// nftFilter: iptables is the nf_tables flavour and its filter table
 	// did not exist before the run. iptables-nft creates it with a
 	// FORWARD base chain and leaves it when the last rule goes; that
@@ -256,7 +256,7 @@ func (b *bench) enter(ctx context.Context, c config) (map[string]any, error) {
 		if err := b.installIptables(ctx, c.Rules); err != nil {
 			return nil, err
 		}
-		info["chain"] = b.chain
+		info["chain"] = b.chain.name
 		info["chain_rules"] = c.Rules + 2
 	default:
 		return nil, fmt.Errorf("unknown configuration %q", c.Name)
@@ -333,31 +333,17 @@ func iptablesRules(chain string, n int, client, server netip.Addr, port int) str
 // must not touch anybody else's forwarded traffic).
 func (b *bench) installIptables(ctx context.Context, n int) error {
 	b.ipt = true // from here on, cleanup has something to remove
-	rules := iptablesRules(b.chain, n, b.client.addr, b.server.addr, b.o.port)
-	// --noflush keeps every other chain; declaring ours flushes it first.
-	if _, err := runCmd(ctx, rules, "iptables-restore", "-w", "--noflush"); err != nil {
+	if err := b.chain.install(ctx, iptablesRules(b.chain.name, n, b.client.addr, b.server.addr, b.o.port)); err != nil {
 		return err
 	}
-	if _, err := runCmd(ctx, "", "iptables", append([]string{"-w", "-C", "FORWARD"}, b.jumpSpec...)...); err != nil {
-		if _, err := runCmd(ctx, "", "iptables", append([]string{"-w", "-I", "FORWARD", "1"}, b.jumpSpec...)...); err != nil {
-			return err
-		}
-	}
-	out, err := runCmd(ctx, "", "iptables", "-w", "-S", b.chain)
+	rules, err := b.chain.rules(ctx)
 	if err != nil {
 		return err
 	}
-	if got := strings.Count(out, "\n-A "+b.chain+" ") + btoi(strings.HasPrefix(out, "-A "+b.chain+" ")); got != n+2 {
-		return fmt.Errorf("chain %s has %d rules, want %d", b.chain, got, n+2)
+	if len(rules) != n+2 {
+		return fmt.Errorf("chain %s has %d rules, want %d", b.chain.name, len(rules), n+2)
 	}
 	return nil
-}
-
-func btoi(b bool) int {
-	if b {
-		return 1
-	}
-	return 0
 }
 
 // removeIptables deletes the jump and the chain. It is idempotent and uses
@@ -367,21 +353,8 @@ func (b *bench) removeIptables() error {
 		return nil
 	}
 	ctx := context.Background()
-	for range 100 { // every copy of the jump
-		if _, err := runCmd(ctx, "", "iptables", append([]string{"-w", "-D", "FORWARD"}, b.jumpSpec...)...); err != nil {
-			break
-		}
-	}
-	if _, err := runCmd(ctx, "", "iptables", "-w", "-S", b.chain); err == nil {
-		if _, err := runCmd(ctx, "", "iptables", "-w", "-F", b.chain); err != nil {
-			return err
-		}
-		if _, err := runCmd(ctx, "", "iptables", "-w", "-X", b.chain); err != nil {
-			return err
-		}
-	}
-	if _, err := runCmd(ctx, "", "iptables", append([]string{"-w", "-C", "FORWARD"}, b.jumpSpec...)...); err == nil {
-		return fmt.Errorf("the jump to %s is still in FORWARD", b.chain)
+	if err := b.chain.remove(ctx); err != nil {
+		return err
 	}
 	b.ipt = false
 	if err := b.dropEmptyFilterTable(ctx); err != nil {
@@ -393,28 +366,106 @@ func (b *bench) removeIptables() error {
 // realRuleHits reads the packet counter of the real rule (the last ACCEPT)
 // of the chain: packets that went through every filler before it.
 func (b *bench) realRuleHits(ctx context.Context) (uint64, error) {
-	out, err := runCmd(ctx, "", "iptables", "-w", "-S", b.chain, "-v")
+	rules, err := b.chain.rules(ctx)
 	if err != nil {
 		return 0, err
 	}
-	lines := strings.Split(strings.TrimSpace(out), "\n")
 	want := fmt.Sprintf("-d %s/32", b.server.addr)
-	for i := len(lines) - 1; i >= 0; i-- {
-		l := lines[i]
-		if !strings.Contains(l, want) || !strings.Contains(l, "-j ACCEPT") {
-			continue
+	for _, r := range slices.Backward(rules) {
+		if strings.Contains(r.spec, want) && r.accepts() {
+			return r.packets, nil
 		}
-		var pk, by uint64
-		idx := strings.Index(l, " -c ")
-		if idx < 0 {
-			return 0, fmt.Errorf("no counters in %q", l)
-		}
-		if _, err := fmt.Sscanf(l[idx:], " -c %d %d", &pk, &by); err != nil {
-			return 0, fmt.Errorf("counters of %q: %w", l, err)
-		}
-		return pk, nil
 	}
-	return 0, fmt.Errorf("no rule for %s in %s", b.server.addr, b.chain)
+	return 0, fmt.Errorf("no rule for %s in %s", b.server.addr, b.chain.name)
+}
+
+// fwdChain is an iptables chain the FORWARD chain jumps to: an iptables
+// configuration's allow-list, on the host or in a node's netns.
+type fwdChain struct {
+	name string
+	jump []string // the FORWARD rule that jumps to it, past "FORWARD"
+	// netns names the network namespace the chain is in; "" is the
+	// host's.
+	netns string
+}
+
+// iptables runs an iptables(8) command (or iptables-restore) where the
+// chain is.
+func (f fwdChain) iptables(ctx context.Context, stdin string, args ...string) (string, error) {
+	if f.netns == "" {
+		return runCmd(ctx, stdin, args[0], args[1:]...)
+	}
+	return runCmd(ctx, stdin, "ip", append([]string{"netns", "exec", f.netns}, args...)...)
+}
+
+// install fills the chain with rules (iptables-restore input declaring
+// it) and makes FORWARD jump to it, once.
+func (f fwdChain) install(ctx context.Context, rules string) error {
+	// --noflush keeps every other chain; declaring ours flushes it first.
+	if _, err := f.iptables(ctx, rules, "iptables-restore", "-w", "--noflush"); err != nil {
+		return err
+	}
+	if _, err := f.iptables(ctx, "", append([]string{"iptables", "-w", "-C", "FORWARD"}, f.jump...)...); err != nil {
+		if _, err := f.iptables(ctx, "", append([]string{"iptables", "-w", "-I", "FORWARD", "1"}, f.jump...)...); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// remove deletes every jump to the chain and the chain; it is
+// idempotent.
+func (f fwdChain) remove(ctx context.Context) error {
+	for range 100 { // every copy of the jump
+		if _, err := f.iptables(ctx, "", append([]string{"iptables", "-w", "-D", "FORWARD"}, f.jump...)...); err != nil {
+			break
+		}
+	}
+	if _, err := f.iptables(ctx, "", "iptables", "-w", "-S", f.name); err == nil {
+		if _, err := f.iptables(ctx, "", "iptables", "-w", "-F", f.name); err != nil {
+			return err
+		}
+		if _, err := f.iptables(ctx, "", "iptables", "-w", "-X", f.name); err != nil {
+			return err
+		}
+	}
+	if _, err := f.iptables(ctx, "", append([]string{"iptables", "-w", "-C", "FORWARD"}, f.jump...)...); err == nil {
+		return fmt.Errorf("the jump to %s is still in FORWARD", f.name)
+	}
+	return nil
+}
+
+// chainRule is one rule of a chain with its packet counter.
+type chainRule struct {
+	spec    string // as iptables -S prints it
+	packets uint64
+}
+
+func (r chainRule) accepts() bool { return strings.Contains(r.spec, "-j ACCEPT") }
+
+// rules lists the chain's rules, in order, with their packet counters.
+func (f fwdChain) rules(ctx context.Context) ([]chainRule, error) {
+	out, err := f.iptables(ctx, "", "iptables", "-w", "-S", f.name, "-v")
+	if err != nil {
+		return nil, err
+	}
+	var rules []chainRule
+	for line := range strings.Lines(out) {
+		if !strings.HasPrefix(line, "-A "+f.name+" ") {
+			continue // the chain's own declaration
+		}
+		r := chainRule{spec: strings.TrimSpace(line)}
+		i := strings.Index(line, " -c ")
+		if i < 0 {
+			return nil, fmt.Errorf("no counters in %q", r.spec)
+		}
+		var bytes uint64
+		if _, err := fmt.Sscanf(line[i:], " -c %d %d", &r.packets, &bytes); err != nil {
+			return nil, fmt.Errorf("counters of %q: %w", r.spec, err)
+		}
+		rules = append(rules, r)
+	}
+	return rules, nil
 }
 
 // ifindex returns the index of a host link.

@@ -499,41 +499,22 @@ func crossBare(c string) string {
 }
 
 // crossChain is the chain of the iptables configurations in each node's
-// netns, which is the run's own: nothing else is forwarded there.
+// netns.
 const crossChain = "IDNB-FWD"
 
-// forwardFilter makes the node's FORWARD chain jump to crossChain, filled
-// with rules (on), or takes the jump and the chain away (off, also when
-// they are not there). Either way the node's netfilter conntrack entries
-// go: each configuration starts as the previous one had never run.
+// forwardFilter puts the node's allow-list chain (crossChain) in place
+// with rules (on), or takes it away (off, also when it is not there).
+// Either way the node's netfilter conntrack entries go: each
+// configuration starts as if the previous one had never run.
 func (n *benchNode) forwardFilter(ctx context.Context, on bool, rules string) error {
-	ipt := func(stdin string, args ...string) (string, error) {
-		return runCmd(ctx, stdin, "ip", append([]string{"netns", "exec", n.name}, args...)...)
-	}
-	jump := []string{"FORWARD", "-j", crossChain}
+	var err error
 	if on {
-		if _, err := ipt(rules, "iptables-restore", "-w", "--noflush"); err != nil {
-			return err
-		}
-		if _, err := ipt("", append([]string{"iptables", "-w", "-C"}, jump...)...); err != nil {
-			if _, err := ipt("", append([]string{"iptables", "-w", "-I"}, jump...)...); err != nil {
-				return err
-			}
-		}
+		err = n.chain().install(ctx, rules)
 	} else {
-		for range 100 { // every copy of the jump
-			if _, err := ipt("", append([]string{"iptables", "-w", "-D"}, jump...)...); err != nil {
-				break
-			}
-		}
-		if _, err := ipt("", "iptables", "-w", "-S", crossChain); err == nil {
-			if _, err := ipt("", "iptables", "-w", "-F", crossChain); err != nil {
-				return err
-			}
-			if _, err := ipt("", "iptables", "-w", "-X", crossChain); err != nil {
-				return err
-			}
-		}
+		err = n.chain().remove(ctx)
+	}
+	if err != nil {
+		return err
 	}
 	return inNode(n.path, func() error {
 		if err := netlink.ConntrackTableFlush(netlink.ConntrackTable); err != nil {
@@ -543,24 +524,23 @@ func (n *benchNode) forwardFilter(ctx context.Context, on bool, rules string) er
 	})
 }
 
-// accepted is how many packets the node's crossChain accepted so far (the
-// counters of its ACCEPT rules).
+// chain is the node's allow-list chain, in its netns, which is the run's
+// own: FORWARD jumps to it for everything.
+func (n *benchNode) chain() fwdChain {
+	return fwdChain{name: crossChain, jump: []string{"-j", crossChain}, netns: n.name}
+}
+
+// accepted is how many packets the node's allow-list accepted so far.
 func (n *benchNode) accepted(ctx context.Context) (uint64, error) {
-	out, err := runCmd(ctx, "", "ip", "netns", "exec", n.name, "iptables", "-w", "-S", crossChain, "-v")
+	rules, err := n.chain().rules(ctx)
 	if err != nil {
 		return 0, err
 	}
 	var sum uint64
-	for line := range strings.Lines(out) {
-		i := strings.Index(line, " -c ")
-		if i < 0 || !strings.Contains(line, "-j ACCEPT") {
-			continue
+	for _, r := range rules {
+		if r.accepts() {
+			sum += r.packets
 		}
-		var pk, by uint64
-		if _, err := fmt.Sscanf(line[i:], " -c %d %d", &pk, &by); err != nil {
-			return 0, fmt.Errorf("counters of %q: %w", line, err)
-		}
-		sum += pk
 	}
 	return sum, nil
 }

@@ -173,10 +173,11 @@ func traffic(ctx context.Context, o *options, n *network, dp *bpf.Datapath, suff
 			return err
 		}
 	}
-	b := &bench{o: o, dp: dp, client: client, server: server, subnet: n.subnet, chain: "IDCNI-BENCH-" + strings.ToUpper(suffix), bpfRoot: n.bpfRoot}
-	b.jumpSpec = []string{"-s", n.subnet.String(), "-d", n.subnet.String(), "-j", b.chain}
+	chain := "IDCNI-BENCH-" + strings.ToUpper(suffix)
+	b := &bench{o: o, dp: dp, client: client, server: server, subnet: n.subnet, bpfRoot: n.bpfRoot,
+		chain: fwdChain{name: chain, jump: []string{"-s", n.subnet.String(), "-d", n.subnet.String(), "-j", chain}}}
 	b.noteFilterTable(ctx)
-	cl.push("iptables chain "+b.chain, b.removeIptables)
+	cl.push("iptables chain "+chain, b.removeIptables)
 	if err := b.setIdentities(); err != nil {
 		return err
 	}
