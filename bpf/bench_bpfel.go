@@ -166,6 +166,20 @@ type benchPolicyValue struct {
 	}
 }
 
+type benchRemoteRange struct {
+	_       structs.HostLayout
+	Present uint32
+	Nh      struct {
+		_       structs.HostLayout
+		Ifindex uint32
+		Dmac    [6]uint8
+		Smac    [6]uint8
+		MaxLen  uint16
+		Pad     uint16
+		Asked   uint32
+	}
+}
+
 type benchSvcKey struct {
 	_     structs.HostLayout
 	Addr  [16]uint8

@@ -209,6 +209,20 @@ const (
 	datapathReasonREASON_MAX               datapathReason = 17
 )
 
+type datapathRemoteRange struct {
+	_       structs.HostLayout
+	Present uint32
+	Nh      struct {
+		_       structs.HostLayout
+		Ifindex uint32
+		Dmac    [6]uint8
+		Smac    [6]uint8
+		MaxLen  uint16
+		Pad     uint16
+		Asked   uint32
+	}
+}
+
 type datapathScope uint32
 
 const (

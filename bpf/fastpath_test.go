@@ -182,11 +182,12 @@ func TestFromNetLeavesServiceRepliesToTheStack(t *testing.T) {
 	}
 }
 
-// A flow's packets after its first go out by the next hop the FIB gave
-// for the flow, kept in its conntrack entry, for about a second: a packet
-// larger than the one the path MTU was checked for asks the FIB again
-// (and goes to the stack when over it), and once the kept answer has aged,
-// a changed neighbour is followed.
+// Packets to another node's pod range go out by the next hop the FIB gave
+// for the range, kept in its remote_cidrs entry for about a second and
+// shared by every flow to the range: a packet larger than the one the
+// path MTU was checked for asks the FIB again (and goes to the stack when
+// over it), a new flow's first packet asks nothing, and once the kept
+// answer has aged, a changed neighbour is followed.
 func TestFastPathKeepsTheNextHop(t *testing.T) {
 	s := newRemoteSeed(t)
 	pkt := pkttest.Packet{Src: ipA, Dst: remote4, Proto: pkttest.TCP, SrcPort: 40100, DstPort: 80, TCPFlags: pkttest.SYN}
@@ -204,6 +205,9 @@ func TestFastPathKeepsTheNextHop(t *testing.T) {
 			t.Fatalf("%d bytes to %s: sent\n% x\nwant\n% x", len(frame), p.Dst, o.out[12:], want[12:])
 		}
 	}
+	if nh := s.nexthop(t, remote4); nh.ifindex != 0 {
+		t.Fatalf("a range the agent has just written keeps next hop %+v, want none", nh)
+	}
 	send(pkt, nextHopMAC)
 	pkt.TCPFlags = pkttest.ACK
 	send(pkt, nextHopMAC)
@@ -213,13 +217,13 @@ func TestFastPathKeepsTheNextHop(t *testing.T) {
 			up0 = l.Attrs().Index
 		}
 	})
-	if nh := s.nexthop(t, remote4, 40100); nh.ifindex != up0 || !bytes.Equal(nh.dmac, nextHopMAC) || !bytes.Equal(nh.smac, uplinkMAC) || nh.maxLen != uint16(len(pkt.Frame())-14) {
-		t.Fatalf("flow's entry keeps next hop %+v, want ifindex %d, %s -> %s, checked for %d bytes", nh, up0, uplinkMAC, nextHopMAC, len(pkt.Frame())-14)
+	if nh := s.nexthop(t, remote4); nh.ifindex != up0 || !bytes.Equal(nh.dmac, nextHopMAC) || !bytes.Equal(nh.smac, uplinkMAC) || nh.maxLen != uint16(len(pkt.Frame())-14) {
+		t.Fatalf("the range keeps next hop %+v, want ifindex %d, %s -> %s, checked for %d bytes", nh, up0, uplinkMAC, nextHopMAC, len(pkt.Frame())-14)
 	}
 	pkt.Payload = make([]byte, 200)
 	send(pkt, nextHopMAC) // larger: the FIB again, and the memo holds for it
-	if nh := s.nexthop(t, remote4, 40100); nh.maxLen != uint16(len(pkt.Frame())-14) {
-		t.Fatalf("after a larger packet the entry's next hop is checked for %d bytes, want %d", nh.maxLen, len(pkt.Frame())-14)
+	if nh := s.nexthop(t, remote4); nh.maxLen != uint16(len(pkt.Frame())-14) {
+		t.Fatalf("after a larger packet the range's next hop is checked for %d bytes, want %d", nh.maxLen, len(pkt.Frame())-14)
 	}
 	big := pkt
 	big.Payload = make([]byte, uplinkMTU)
@@ -234,8 +238,14 @@ func TestFastPathKeepsTheNextHop(t *testing.T) {
 			t.Errorf("move the next hop to %s: %v", moved, err)
 		}
 	})
+	// Another flow to the range, to another of its pods, within the
+	// second: it goes by the kept answer (the old neighbour) without
+	// asking the FIB, which would have named the moved one.
+	other := pkttest.Packet{Src: ipA, Dst: remote4.Next(), Proto: pkttest.TCP, SrcPort: 40200, DstPort: 80, TCPFlags: pkttest.SYN}
+	send(other, nextHopMAC)
 	time.Sleep(1100 * time.Millisecond) // NEXTHOP_FOR, and the coarse clock's tick
 	send(pkt, moved)
+	send(other, moved)
 }
 
 type nexthopMemo struct {
@@ -244,33 +254,14 @@ type nexthopMemo struct {
 	maxLen     uint16
 }
 
-// nexthop is the next hop kept in the entry of the flow from A's port
-// sport to dst, as struct ct_nexthop lays it over the entry's nat_*.
-func (p *pair) nexthop(t *testing.T, dst netip.Addr, sport uint16) nexthopMemo {
+// nexthop is the next hop kept in the remote_cidrs entry of the range
+// dst is in.
+func (p *pair) nexthop(t *testing.T, dst netip.Addr) nexthopMemo {
 	t.Helper()
-	tables, err := p.d.conntrackTables()
-	if err != nil {
-		t.Fatal(err)
+	k := ipcacheKey(netip.PrefixFrom(dst, dst.BitLen()))
+	var v datapathRemoteRange
+	if err := p.d.objs.RemoteCidrs.Lookup(&k, &v); err != nil {
+		t.Fatalf("the range of %s in remote_cidrs: %v", dst, err)
 	}
-	defer closeTables(tables)
-	var k datapathCtKey
-	var v datapathCtValue
-	for _, m := range tables {
-		it := m.Iterate()
-		for it.Next(&k, &v) {
-			if k.Daddr == addr16(dst) && k.Sport == sport {
-				return nexthopMemo{
-					ifindex: int(binary.LittleEndian.Uint32(v.NatAddr[0:4])),
-					dmac:    net.HardwareAddr(v.NatAddr[4:10]),
-					smac:    net.HardwareAddr(v.NatAddr[10:16]),
-					maxLen:  v.NatPort,
-				}
-			}
-		}
-		if err := it.Err(); err != nil {
-			t.Fatal(err)
-		}
-	}
-	t.Fatalf("no conntrack entry for the flow from port %d to %s", sport, dst)
-	return nexthopMemo{}
+	return nexthopMemo{ifindex: int(v.Nh.Ifindex), dmac: v.Nh.Dmac[:], smac: v.Nh.Smac[:], maxLen: v.Nh.MaxLen}
 }

@@ -468,7 +468,9 @@ func (d *Datapath) SetRemoteCIDRs(want []netip.Prefix) error {
 	}
 	for p := range keep {
 		k := ipcacheKey(p)
-		if err := d.objs.RemoteCidrs.Update(&k, uint32(1), ebpf.UpdateAny); err != nil {
+		// The datapath keeps the range's next hop in the rest of the
+		// value; a range written anew starts with none.
+		if err := d.objs.RemoteCidrs.Update(&k, datapathRemoteRange{Present: 1}, ebpf.UpdateAny); err != nil {
 			return fmt.Errorf("write remote pod range %s: %w", p, mapFull(err, "remote_cidrs"))
 		}
 	}
@@ -479,7 +481,7 @@ func (d *Datapath) SetRemoteCIDRs(want []netip.Prefix) error {
 func (d *Datapath) RemoteCIDRs() ([]netip.Prefix, error) {
 	var out []netip.Prefix
 	var k datapathIpcacheKey
-	var v uint32
+	var v datapathRemoteRange
 	it := d.objs.RemoteCidrs.Iterate()
 	for it.Next(&k, &v) {
 		out = append(out, prefixFromKey(k))

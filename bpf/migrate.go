@@ -84,6 +84,11 @@ var optionalTails = map[string]uint32{
 	// where kube-proxy (if any) has no record of it.
 	"conntrack":       32,
 	"ct_tables/inner": 32,
+	// Layout 3 appended the range's kept next hop (struct nexthop) to
+	// remote_cidrs' values, which were only the __u32 present. A build
+	// of layout 2 taking the pins back keeps every range; its flows ask
+	// the FIB again, as every new flow of that build does.
+	"remote_cidrs": 4,
 }
 
 // optionalEntries is, per pinned array, its size in the oldest layout

@@ -503,8 +503,8 @@ func TestPluginAndToolsLeaveMigrationToTheAgent(t *testing.T) {
 		"Open": func() error { d, err := Open(root); d.closeIfOpen(); return err },
 	} {
 		err := open()
-		if !errors.Is(err, ErrLayoutMismatch) || !strings.Contains(err.Error(), "idcni-agent of this build migrates them") || !strings.Contains(err.Error(), "pin layout 2") {
-			t.Errorf("%s of layout 1 on pins of layout 2: %v", what, err)
+		if !errors.Is(err, ErrLayoutMismatch) || !strings.Contains(err.Error(), "idcni-agent of this build migrates them") || !strings.Contains(err.Error(), fmt.Sprintf("pin layout %d", LayoutVersion+1)) {
+			t.Errorf("%s of this layout on pins of the next: %v", what, err)
 		}
 	}
 	if got := pinIDs(t, root); !reflect.DeepEqual(got, ids) {

@@ -90,7 +90,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_LPM_TRIE);
 	__type(key, struct ipcache_key);
-	__type(value, __u32);
+	__type(value, struct remote_range);
 	__uint(max_entries, 16384);
 	__uint(map_flags, BPF_F_NO_PREALLOC);
 	__uint(pinning, LIBBPF_PIN_BY_NAME);
@@ -1805,58 +1805,52 @@ static __always_inline int hairpin(struct pctx *c, struct hook_ep *h, struct flo
 	return bpf_redirect_peer(h->ifindex, 0);
 }
 
-/* remote_pod reports whether addr is in another node's pod range. */
-static __always_inline int remote_pod(const __u32 *addr)
+/* remote_range is the range of another node's pods addr is in, or NULL. */
+static __always_inline struct remote_range *remote_range(const __u32 *addr)
 {
 	struct ipcache_key k = { .prefixlen = 128 };
 
 	__builtin_memcpy(k.addr, addr, 16);
-	return bpf_map_lookup_elem(&remote_cidrs, &k) != NULL;
+	return bpf_map_lookup_elem(&remote_cidrs, &k);
 }
 
-/* NEXTHOP_FOR is how long a flow's kept next hop (struct ct_nexthop)
- * serves its packets before the FIB is asked again, in the units of
- * ct_nexthop.asked (2^20 ns): about a second, so that a route or a
- * neighbour that changes holds a flow's packets on its old way no longer
- * than that. */
+/* NEXTHOP_FOR is how long a range's kept next hop (struct nexthop) serves
+ * its packets before the FIB is asked again, in the units of
+ * nexthop.asked (2^20 ns): about a second, so that a route or a neighbour
+ * that changes holds the range's packets on its old way no longer than
+ * that. */
 #define NEXTHOP_FOR 1000
 
-static __always_inline __u16 dst_tag(const __u32 *a)
-{
-	__u32 x = a[0] ^ a[1] ^ a[2] ^ a[3];
-
-	return (x ^ (x >> 16)) | 1; /* never 0: an empty memo's */
-}
-
 /* forward_remote sends a packet a local pod sent, and its own egress
- * allowed, to another node's pod the way the node's routing would (its
- * FIB, its neighbours, the path MTU, one hop off the TTL) but without the
- * forwarding path and netfilter; from_net on the other node takes it in
- * the same way, so netfilter sees neither direction of such a flow and
- * never meets a reply of a flow it did not see start (kube-proxy drops
- * those as INVALID). Whatever the FIB does not answer plainly (forwarding
- * off, no route, a packet over the MTU, an unreachable or blackhole
- * route) goes to the stack, which answers with the ICMP errors those
- * need. The FIB's answer is kept in the flow's entry ct (NULL for a new
- * flow; a translated flow's entry holds its translation instead), so the
- * flow's next packets skip the lookup, which costs more than the whole
- * policy decision: for packets no larger than the answer was checked for
- * (a GSO packet's segments are checked against the device each time, as
- * the stack's forwarding does), for NEXTHOP_FOR. Not inlined: its
- * lookup's parameters would not fit the stack from_pod has left. */
-static __noinline int forward_remote(struct __sk_buff *skb, struct pkt *p, __u32 ifindex, struct ct_value *ct,
+ * allowed, to a pod of the other node's range r the way the node's
+ * routing would (its FIB, its neighbours, the path MTU, one hop off the
+ * TTL) but without the forwarding path and netfilter; from_net on the
+ * other node takes it in the same way, so netfilter sees neither
+ * direction of such a flow and never meets a reply of a flow it did not
+ * see start (kube-proxy drops those as INVALID). Whatever the FIB does not
+ * answer plainly (forwarding off, no route, a packet over the MTU, an
+ * unreachable or blackhole route) goes to the stack, which answers with
+ * the ICMP errors those need. The FIB's answer is kept in r, so the
+ * range's next packets, of this flow or any other, skip the lookup, which
+ * costs more than the whole policy decision: for packets no larger than
+ * the answer was checked for (a GSO packet's segments are checked against
+ * the device each time, as the stack's forwarding does), for
+ * NEXTHOP_FOR. The path MTU is the route's: a smaller one the node
+ * learned for one destination of the range (an ICMP "fragmentation
+ * needed" from the underlay) holds once the answer is asked again, within
+ * NEXTHOP_FOR. Two CPUs that ask at once may interleave their writes;
+ * both write the route's one answer. Not inlined: its lookup's parameters
+ * would not fit the stack from_pod has left. */
+static __noinline int forward_remote(struct __sk_buff *skb, struct pkt *p, __u32 ifindex, struct remote_range *r,
 				     __u64 now)
 {
 	struct bpf_fib_lookup fib = { .ifindex = ifindex, .l4_protocol = p->proto };
-	struct ct_nexthop *nh = NULL;
+	struct nexthop *nh = &r->nh;
 	__u32 mtu = 0, len = skb->len - ETH_HLEN, asked = now >> 20;
-	__u16 tag = dst_tag(p->daddr);
 	__u8 mac[12];
 	long ret;
 
-	if (ct && !p->related && !(ct->flags & (CT_F_SVC_ORIG | CT_F_SVC_REPLY)))
-		nh = (struct ct_nexthop *)ct->nat_addr;
-	if (nh && nh->dst_tag == tag && asked - nh->asked < NEXTHOP_FOR && (skb->gso_size || len <= nh->max_len)) {
+	if (nh->ifindex && asked - nh->asked < NEXTHOP_FOR && (skb->gso_size || len <= nh->max_len)) {
 		if (skb->gso_size &&
 		    bpf_check_mtu(skb, nh->ifindex, &mtu, 0, BPF_MTU_CHK_SEGS) != BPF_MTU_CHK_RET_SUCCESS)
 			return TC_ACT_OK;
@@ -1885,7 +1879,7 @@ static __noinline int forward_remote(struct __sk_buff *skb, struct pkt *p, __u32
 		return TC_ACT_OK;
 	/* No neighbour entry yet: the kernel resolves it for this packet,
 	 * looking the route up again (only until the entry exists, so the
-	 * nexthop is not kept on the stack, nor in the flow's entry). */
+	 * next hop is not kept on the stack, nor in the range's entry). */
 	if (ret == BPF_FIB_LKUP_RET_NO_NEIGH) {
 		if (hop(skb, p, NULL))
 			return TC_ACT_SHOT;
@@ -1893,18 +1887,15 @@ static __noinline int forward_remote(struct __sk_buff *skb, struct pkt *p, __u32
 	}
 	__builtin_memcpy(mac, fib.dmac, 6);
 	__builtin_memcpy(mac + 6, fib.smac, 6);
-	if (nh) {
-		/* A later answer for a larger packet of the same flow raises
-		 * the size it holds for; a new one starts from this packet. */
-		if (nh->dst_tag != tag || nh->ifindex != fib.ifindex || asked - nh->asked >= NEXTHOP_FOR)
-			nh->max_len = 0;
-		if (!skb->gso_size && len > nh->max_len)
-			nh->max_len = len < 0xffff ? len : 0xffff;
-		__builtin_memcpy(nh->dmac, mac, 12);
-		nh->asked = asked;
-		nh->ifindex = fib.ifindex;
-		nh->dst_tag = tag;
-	}
+	/* A later answer for a larger packet raises the size the kept one
+	 * holds for; a new one starts from this packet. */
+	if (nh->ifindex != fib.ifindex || asked - nh->asked >= NEXTHOP_FOR)
+		nh->max_len = 0;
+	if (!skb->gso_size && len > nh->max_len)
+		nh->max_len = len < 0xffff ? len : 0xffff;
+	__builtin_memcpy(nh->dmac, mac, 12);
+	nh->asked = asked;
+	nh->ifindex = fib.ifindex;
 	if (hop(skb, p, mac))
 		return TC_ACT_SHOT;
 	return bpf_redirect(fib.ifindex, 0);
@@ -1914,14 +1905,18 @@ static __noinline int forward_remote(struct __sk_buff *skb, struct pkt *p, __u32
  * the node's forwarding when it goes to another node's pod, to the stack
  * otherwise (a pod's traffic leaving the cluster, to the node, or a hop
  * limit routing has to refuse). */
-static __always_inline int routed(struct pctx *c, struct flow *f, __u32 ifindex)
+static __always_inline int routed(struct pctx *c, __u32 ifindex)
 {
 	struct pkt *p = c->p;
+	struct remote_range *r;
 
 	pass(p);
-	if (p->ttl <= 1 || !remote_pod(p->daddr))
+	if (p->ttl <= 1)
 		return TC_ACT_OK;
-	return forward_remote(c->skb, p, ifindex, f->ct, c->now);
+	r = remote_range(p->daddr);
+	if (!r)
+		return TC_ACT_OK;
+	return forward_remote(c->skb, p, ifindex, r, c->now);
 }
 
 static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
@@ -1980,7 +1975,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	if (scope == SCOPE_INGRESS)
 		return pass(&p);
 	if (f.flags & CT_F_ROUTED)
-		return routed(&c, &f, h.ifindex);
+		return routed(&c, h.ifindex);
 
 	/* A packet for a pod on this node goes to it directly, checked here
 	 * against that pod's ingress as its to_pod would. Routing it through
@@ -1991,7 +1986,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	 * packet whose hop limit routing would have to refuse. */
 	lp = f.lp ? f.lp : bpf_map_lookup_elem(&local_pods, p.daddr);
 	if (!lp)
-		return routed(&c, &f, h.ifindex);
+		return routed(&c, h.ifindex);
 	if (lp->ifindex == h.ifindex || p.ttl <= 1)
 		return pass(&p);
 	ifindex = lp->ifindex;
@@ -2047,7 +2042,7 @@ int from_net(struct __sk_buff *skb)
 	if (parse(skb, &p) != PARSE_OK || p.ttl <= 1)
 		return TC_ACT_OK;
 	lp = bpf_map_lookup_elem(&local_pods, p.daddr);
-	if (!lp || !remote_pod(p.saddr))
+	if (!lp || !remote_range(p.saddr))
 		return TC_ACT_OK;
 	ifindex = lp->ifindex;
 	dh.ifindex = ifindex;

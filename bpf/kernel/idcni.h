@@ -189,28 +189,38 @@ struct ct_value {
 	 * frontend) and nat_addr:nat_port is the backend its packets go to;
 	 * with CT_F_SVC_REPLY it is keyed by the translated tuple and
 	 * nat_addr:nat_port is the frontend its replies come from. On an
-	 * entry with neither, nat_* is the next hop from_pod's fast path last
-	 * asked the FIB for, as struct ct_nexthop (all zero: none yet). */
+	 * entry with neither, nat_* is unused (layout 2 kept a flow's next hop
+	 * there; a later build ignores it, see struct remote_range). */
 	__u8 nat_addr[16];
 	__u16 nat_port; /* host byte order */
 	__u16 nat_pad;
 	__u32 nat_pad2;
 };
 
-/* ct_nexthop is how an untranslated entry's nat_* fields hold the FIB's
- * answer for the flow's packets leaving a pod for another node's pod:
- * the device and Ethernet header to send them with, the largest packet
- * (L3 bytes) that answer was checked against the path MTU for, a tag of
- * the destination it is for (an LRU table may hand the entry to another
- * flow while a program still writes to it), and when it was asked
- * (bpf_ktime_get_coarse_ns() >> 20, about milliseconds). */
-struct ct_nexthop {
+/* nexthop is the FIB's last answer for the packets from_pod sends past
+ * the node's forwarding to another node's pod range: the device and
+ * Ethernet header to send them with, the largest packet (L3 bytes) that
+ * answer was checked against the path MTU for, and when it was asked
+ * (bpf_ktime_get_coarse_ns() >> 20, about milliseconds; ifindex 0: never).
+ * It is kept per range, not per flow: the agent routes each range through
+ * one next hop (agent/routes.go), so every flow to it shares the answer
+ * and none asks the FIB for its first packet. */
+struct nexthop {
 	__u32 ifindex;
 	__u8 dmac[6];
 	__u8 smac[6];
 	__u16 max_len;
-	__u16 dst_tag;
+	__u16 pad;
 	__u32 asked;
+};
+
+/* An entry of remote_cidrs: another node's pod range. The agent writes
+ * present = 1 and nothing else; the datapath keeps nh. Appended in pin
+ * layout 3 to the __u32 that was all of it, so a layout-2 entry,
+ * zero-extended, is a range with no answer yet. */
+struct remote_range {
+	__u32 present;
+	struct nexthop nh;
 };
 
 /* A Service frontend: ClusterIP (IPv4-mapped for IPv4), port, protocol. */
