@@ -421,9 +421,39 @@ func (d *Datapath) NetLinks() ([]string, error) {
 }
 
 func (d *Datapath) missingHooks(ifindex int, hs []hook) ([]string, error) {
+	return missingHooks(ifindex, hs, func(h hook) (*ebpf.Program, func(), error) {
+		return h.prog(d), func() {}, nil
+	})
+}
+
+// MissingPinnedHooks is MissingHooks for the pod programs pinned under
+// root, whatever the layout of the pins: it opens no map, so it answers
+// on the pins of another build too (a rollback's), which no Datapath of
+// this build may open.
+func MissingPinnedHooks(root string, ifindex int) ([]string, error) {
+	if root == "" {
+		root = DefaultRoot
+	}
+	return missingHooks(ifindex, hooks, func(h hook) (*ebpf.Program, func(), error) {
+		p, err := ebpf.LoadPinnedProgram(filepath.Join(root, "progs", h.name), nil)
+		if err != nil {
+			return nil, nil, fmt.Errorf("open pinned program %s: %w", h.name, err)
+		}
+		return p, func() { p.Close() }, nil
+	})
+}
+
+// missingHooks lists the hooks of hs at ifindex that do not run the
+// program prog gives for them.
+func missingHooks(ifindex int, hs []hook, prog func(hook) (*ebpf.Program, func(), error)) ([]string, error) {
 	var missing []string
 	for _, h := range hs {
-		info, err := h.prog(d).Info()
+		p, done, err := prog(h)
+		if err != nil {
+			return nil, err
+		}
+		info, err := p.Info()
+		done()
 		if err != nil {
 			return nil, fmt.Errorf("program info: %w", err)
 		}

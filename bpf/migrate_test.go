@@ -301,6 +301,15 @@ func TestMigrateCarriesEveryEntryAndTheFlow(t *testing.T) {
 			if attachedTo(t, s, old) {
 				t.Fatal("the veths still run the old programs")
 			}
+			// The check of the hooks that opens no map answers on pins
+			// this build cannot open.
+			for _, ifindex := range s.net.ifindex {
+				var missing []string
+				s.net.do(func() { missing, err = MissingPinnedHooks(root, ifindex) })
+				if err != nil || len(missing) > 0 {
+					t.Fatalf("ifindex %d: MissingPinnedHooks on the grown build's pins says %v missing (%v), want none", ifindex, missing, err)
+				}
+			}
 			s.pair.d = up
 			flowGoesOn(t, s, syn)
 

@@ -30,13 +30,15 @@ const refusedRollback = "nothing was changed"
 
 // oldBin is the bin/ of `make build` at an earlier commit, the build an
 // upgrade starts from and a rollback returns to: IDCNI_MIGRATE_OLD_BIN.
-// Today's reference is a82db2e, the last build of pin layout 1 (as in
-// TestRollingUpgrade). It refuses to take layout 2's pins back, changing
-// nothing (layout 2's counters have entries it has no index for): both
-// tests accept that refusal, which is what a rollback to it does, and go
-// on as the node would, on this build.
+// Two references: a82db2e, the last build of pin layout 1 (as in
+// TestRollingUpgrade before layout 3), which refuses to take later pins
+// back, changing nothing (layout 2's counters have entries it has no
+// index for), and 460f741, the last build of layout 2, which must take
+// them back (it reads the optional tails the pins' descriptor declares).
+// Both tests accept a82db2e's refusal, which is what a rollback to it
+// does, and go on as the node would, on this build.
 //
-//	git worktree add /tmp/old-migrate a82db2e && make -C /tmp/old-migrate build
+//	git worktree add /tmp/old-migrate 460f741 && make -C /tmp/old-migrate build
 //	IDCNI_MIGRATE_OLD_BIN=/tmp/old-migrate/bin go test ./e2e -run 'TestAgentUpgradeAndRollback|TestUpgradeAndRollbackWithAnEarlierBuild'
 func oldBin(t *testing.T) string {
 	t.Helper()
@@ -50,6 +52,19 @@ func oldBin(t *testing.T) string {
 		}
 	}
 	return d
+}
+
+// oldLayout is the layout of the pins the earlier build made under root,
+// which must be older than this build's. A rollback to a build of layout
+// 2 or later must succeed: it carries the pins back by their descriptor.
+// Only layout 1 (a82db2e) may refuse.
+func oldLayout(t *testing.T, root string) (mayRefuse bool) {
+	t.Helper()
+	l, err := bpf.PinnedLayout(root)
+	if err != nil || l < 1 || l >= bpf.LayoutVersion {
+		t.Fatalf("pins of the earlier build say layout %d (%v): IDCNI_MIGRATE_OLD_BIN is not a build of an earlier layout than %d", l, err, bpf.LayoutVersion)
+	}
+	return l == 1
 }
 
 // refusedKeptPrograms fails unless the programs pinned under root are
@@ -82,24 +97,23 @@ func pinnedProgramIDs(t *testing.T, root string) map[string]ebpf.ProgramID {
 }
 
 // runsPinnedPrograms fails unless the kernel runs the programs pinned now
-// at both hooks of every pod's host veth.
+// at both hooks of every pod's host veth, whichever build pinned them.
 func runsPinnedPrograms(t *testing.T, e *agentEnv, what string, pods ...*kpod) {
 	t.Helper()
-	dp := e.Datapath(t)
 	for _, p := range pods {
-		hooksRunPinned(t, dp, what, "pod "+p.name, cni.HostVethName(p.ContainerID, p.IfName))
+		hooksRunPinned(t, e.BPFRoot, what, "pod "+p.name, cni.HostVethName(p.ContainerID, p.IfName))
 	}
 }
 
-// hooksRunPinned fails unless the kernel runs dp's pinned programs at both
-// hooks of the host veth host (who, in the message).
-func hooksRunPinned(t *testing.T, dp *bpf.Datapath, what, who, host string) {
+// hooksRunPinned fails unless the kernel runs the programs pinned under
+// root at both hooks of the host veth host (who, in the message).
+func hooksRunPinned(t *testing.T, root, what, who, host string) {
 	t.Helper()
 	l, err := netlink.LinkByName(host)
 	if err != nil {
 		t.Fatal(err)
 	}
-	missing, err := dp.MissingHooks(l.Attrs().Index)
+	missing, err := bpf.MissingPinnedHooks(root, l.Attrs().Index)
 	if err != nil {
 		t.Fatal(err)
 	}
@@ -144,9 +158,7 @@ func TestAgentUpgradeAndRollbackBetweenBuilds(t *testing.T) {
 	if !echoOK(conn) {
 		t.Fatal("established connection does not carry data")
 	}
-	if l, err := bpf.PinnedLayout(e.BPFRoot); err != nil || l != 1 {
-		t.Fatalf("pins of the earlier build say layout %d (%v): IDCNI_MIGRATE_OLD_BIN is not a layout-1 build", l, err)
-	}
+	mayRefuse := oldLayout(t, e.BPFRoot)
 
 	holds := func(what string) {
 		t.Helper()
@@ -194,6 +206,10 @@ func TestAgentUpgradeAndRollbackBetweenBuilds(t *testing.T) {
 	e.agent.bin = filepath.Join(old, "idcni-agent")
 	later := late
 	if e.agent.startOrExit() {
+		if !mayRefuse {
+			log, _ := os.ReadFile(e.agent.log)
+			t.Fatalf("the earlier build's agent, of a layout that carries pins back, exited:\n%s", grepLines(string(log), "level=ERROR"))
+		}
 		if log, _ := os.ReadFile(e.agent.log); !strings.Contains(string(log), refusedRollback) {
 			t.Fatalf("the earlier build's agent exited without saying it changed nothing:\n%s", grepLines(string(log), "level=ERROR"))
 		}
@@ -243,10 +259,9 @@ func readPins(t *testing.T, e *cnitest.Env) startPins {
 // both hooks of each pod's host veth.
 func podsRunPinned(t *testing.T, e *cnitest.Env, what string, pods ...*cnitest.Pod) {
 	t.Helper()
-	dp := e.Datapath(t)
 	for _, p := range pods {
 		host := cni.HostVethName(p.ContainerID, p.IfName)
-		hooksRunPinned(t, dp, what, "host veth "+host, host)
+		hooksRunPinned(t, e.BPFRoot, what, "host veth "+host, host)
 	}
 }
 
@@ -323,9 +338,7 @@ func TestUpgradeAndRollbackWithAnEarlierBuild(t *testing.T) {
 	p1, p2 := e.NewPod(t), e.NewPod(t)
 	r1, r2 := e.MustAdd(t, p1), e.MustAdd(t, p2)
 	t.Cleanup(func() { _ = e.Del(p1); _ = e.Del(p2) })
-	if l, err := bpf.PinnedLayout(e.BPFRoot); err != nil || l != 1 {
-		t.Fatalf("pins of the earlier build say layout %d (%v): IDCNI_MIGRATE_OLD_BIN is not a layout-1 build", l, err)
-	}
+	mayRefuse := oldLayout(t, e.BPFRoot)
 
 	upgrade := func(what string) {
 		t.Helper()
@@ -343,8 +356,8 @@ func TestUpgradeAndRollbackWithAnEarlierBuild(t *testing.T) {
 		}
 	}
 	upgrade("upgrade to this build")
-	// This build cannot read layout 1's maps (their sizes differ), so
-	// the earlier build's pods are looked for in what it carried over.
+	// This build cannot read an earlier layout's maps (their sizes
+	// differ), so the earlier build's pods are looked for in what it carried over.
 	podsPinned(t, e, "after the upgrade", map[*cnitest.Pod]*current.Result{p1: r1, p2: r2})
 	podsRunPinned(t, e, "after the upgrade", p1, p2)
 
@@ -362,6 +375,9 @@ func TestUpgradeAndRollbackWithAnEarlierBuild(t *testing.T) {
 
 	ids := pinnedProgramIDs(t, e.BPFRoot)
 	if startOldAgent(t, old, e) {
+		if !mayRefuse {
+			t.Fatal("the earlier build's agent, of a layout that carries pins back, refused this build's pins")
+		}
 		// Refused: nothing of this build's may have moved.
 		refusedKeptPrograms(t, e.BPFRoot, ids)
 		if got := readPins(t, e); !reflect.DeepEqual(got, mid) {
