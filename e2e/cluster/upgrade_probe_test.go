@@ -470,9 +470,22 @@ func sampleAttachments(node, netnsPath string, pods []*podNet, interval time.Dur
 	ready := make(chan error, 1)
 	go func() {
 		// The thread stays locked and in the node's netns until the
-		// goroutine ends; the runtime then ends the thread rather than
-		// reuse it in the wrong namespace.
+		// goroutine ends, and goes back to its own netns then. The
+		// runtime ends a thread left locked, but not the process's
+		// main thread, which would stay in the node's netns (and keep
+		// it) for the rest of the test binary's life.
 		runtime.LockOSThread()
+		own, err := os.Open("/proc/thread-self/ns/net")
+		if err != nil {
+			ready <- err
+			return
+		}
+		defer func() {
+			if unix.Setns(int(own.Fd()), unix.CLONE_NEWNET) == nil {
+				runtime.UnlockOSThread()
+			}
+			own.Close()
+		}()
 		f, err := os.Open(netnsPath)
 		if err != nil {
 			ready <- err
