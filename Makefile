@@ -27,9 +27,10 @@ build:
 	$(GO) build -o $(BIN)/loopback $(CNI_PLUGINS)/main/loopback
 	$(GO) build -o $(BIN)/cnitool github.com/containernetworking/cni/cnitool
 
-# Regenerates the committed bpf2go output from bpf/kernel/*.c.
+# Regenerates the committed bpf2go output from bpf/kernel/*.c (the
+# datapath in bpf/, netbench's floor programs in e2e/netbench/).
 generate: deps
-	BPF2GO_CC=$(CLANG) BPF2GO_STRIP=$(STRIP) $(GO) generate ./bpf/...
+	BPF2GO_CC=$(CLANG) BPF2GO_STRIP=$(STRIP) $(GO) generate ./bpf/... ./e2e/netbench/
 
 # Fails when the committed objects are not what the C sources compile to.
 check-generate: deps

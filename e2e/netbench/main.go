@@ -49,6 +49,7 @@ type options struct {
 	configs    map[string]bool
 	nodes      bool
 	stackPath  bool
+	floor      bool
 	cross      []string        // with -nodes and -configs: the configurations to measure, in order
 	services   []int           // -services: Service counts
 	svcConfigs map[string]bool // the -services configurations to run
@@ -99,6 +100,7 @@ func parseFlags(args []string) (*options, error) {
 	fs.BoolVar(&o.profile, "profile", true, "after the rounds, run each workload once more per idcni configuration with BPF run-time statistics on (reported apart, not in the medians)")
 	fs.BoolVar(&o.nodes, "nodes", false, "instead: two pods on two nodes (network namespaces joined by a veth), bare, idcni and iptables, routed directly and through VXLAN (bare-direct, idcni-direct, iptables-direct, bare-vxlan, idcni-vxlan, iptables-vxlan); no CNI latency part")
 	fs.BoolVar(&o.stackPath, "stack", false, "with -nodes: also idcni-direct-stack and idcni-vxlan-stack, the idcni configurations without the fast path (both nodes forward the pods' packets)")
+	fs.BoolVar(&o.floor, "floor", false, "with -nodes: also floor-direct and floor-vxlan, the floor of a stateful datapath on this machine (bpf/kernel/floor.c: a conntrack lookup per packet and an insert per connection on each node, idcni's forwarding past the stack, no policy)")
 	services := fs.String("services", "", "instead: `N,N,...` Services (e.g. 10,1000,10000): for each count, idcni to the pod IP, idcni through a ClusterIP, and kube-proxy's iptables and nftables rules through the ClusterIP (idcni-podip, idcni-clusterip, kube-proxy-iptables, kube-proxy-nftables); no CNI latency part")
 	configs := fs.String("configs", "bare,idcni,idcni-routed,iptables", "comma-separated configurations to measure (ratios need bare; with -nodes, some of "+strings.Join(crossConfigs, ", ")+")")
 	fs.StringVar(&o.metricsArg, "metrics", "rr,crr,stream", "comma-separated workloads: rr, crr, stream")

@@ -65,6 +65,7 @@ type benchNode struct {
 	pods     netip.Prefix // its pod range
 	net      *network
 	dp       *bpf.Datapath
+	floor    *floorPath
 	pod      *pod
 	created  bool
 }
@@ -160,6 +161,10 @@ func crossNode(ctx context.Context, o *options, binDir, tmp, suffix string, cl *
 			return err
 		}
 		cl.push("datapath handle of "+n.name, n.dp.Close)
+		if n.floor, err = newFloor(); err != nil {
+			return err
+		}
+		cl.push("floor programs of "+n.name, n.floor.Close)
 		p := newPod()
 		n.pod = p
 		cl.push("pod "+p.name, func() error { return inNode(n.path, func() error { return n.net.release(p) }) })
@@ -190,9 +195,12 @@ func crossNode(ctx context.Context, o *options, binDir, tmp, suffix string, cl *
 	}
 	logf("nodes: client %s on %s (underlay %s) -> server %s:%d on %s (underlay %s)", a.pod.addr, a.name, a.underlay, b.pod.addr, o.port, b.name, b.underlay)
 
-	configs := crossConfigs[:6]
+	configs := slices.Clone(crossConfigs[:6])
 	if o.stackPath {
-		configs = crossConfigs
+		configs = append(configs, crossConfigs[6:8]...)
+	}
+	if o.floor {
+		configs = append(configs, crossConfigs[8:]...)
 	}
 	if len(o.cross) > 0 {
 		configs = o.cross
@@ -298,7 +306,13 @@ func nameCrossPods(a, b *benchNode) error {
 func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) error {
 	idcni := strings.HasPrefix(c, "idcni")
 	ipt := strings.HasPrefix(c, "iptables")
+	floor := strings.HasPrefix(c, "floor")
 	fast := idcni && !strings.HasSuffix(c, "-stack")
+	for _, n := range []*benchNode{a, b} {
+		if err := n.floor.detach(); err != nil {
+			return fmt.Errorf("take the floor off %s: %w", n.name, err)
+		}
+	}
 	for _, pair := range [][2]*benchNode{{a, b}, {b, a}} {
 		n, peer := pair[0], pair[1]
 		if err := n.forwardFilter(ctx, ipt, iptablesRules(crossChain, 10, a.pod.addr, b.pod.addr, o.port)); err != nil {
@@ -334,7 +348,18 @@ func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) erro
 				}
 			}
 			if !idcni {
-				return n.dp.Detach(n.pod.hostIf)
+				if err := n.dp.Detach(n.pod.hostIf); err != nil || !floor {
+					return err
+				}
+				lps, err := n.dp.LocalPods()
+				if err != nil {
+					return err
+				}
+				lp, ok := lps[n.pod.addr]
+				if !ok {
+					return fmt.Errorf("the plugin left no local pod entry for %s", n.pod.addr)
+				}
+				return n.floor.attach(n.pod.addr, lp, dev, peer.pods)
 			}
 			if err := n.dp.AttachNet(dev); err != nil {
 				return err
@@ -412,6 +437,18 @@ func measureCross(ctx context.Context, c string, m metric, w workload, a, b *ben
 	if err != nil {
 		return 0, err
 	}
+	floorPassed := func() (out [2]uint64, err error) {
+		for i, n := range []*benchNode{a, b} {
+			if out[i], err = n.floor.passed(); err != nil {
+				return out, err
+			}
+		}
+		return out, nil
+	}
+	fl0, err := floorPassed()
+	if err != nil {
+		return 0, err
+	}
 	ipt := strings.HasPrefix(c, "iptables")
 	var acc0 [2]uint64 // what the allow-lists of a and b accepted before
 	if ipt {
@@ -435,6 +472,16 @@ func measureCross(ctx context.Context, c string, m metric, w workload, a, b *ben
 	if idcni := strings.HasPrefix(c, "idcni"); idcni != (p1 > p0) {
 		return 0, fmt.Errorf("%s: the datapaths passed %d packets: the programs are not where the configuration says", c, p1-p0)
 	}
+	fl1, err := floorPassed()
+	if err != nil {
+		return 0, err
+	}
+	floor := strings.HasPrefix(c, "floor")
+	for i, n := range []*benchNode{a, b} {
+		if floor != (fl1[i] > fl0[i]) {
+			return 0, fmt.Errorf("%s: the floor programs of %s passed %d packets: the programs are not where the configuration says", c, n.name, fl1[i]-fl0[i])
+		}
+	}
 	if ipt {
 		for i, n := range []*benchNode{a, b} {
 			got, err := n.accepted(ctx)
@@ -453,7 +500,7 @@ func measureCross(ctx context.Context, c string, m metric, w workload, a, b *ben
 	if err != nil {
 		return 0, err
 	}
-	if fast := strings.HasPrefix(c, "idcni") && !strings.HasSuffix(c, "-stack"); fast == (f1-f0 > 100) {
+	if fast := floor || strings.HasPrefix(c, "idcni") && !strings.HasSuffix(c, "-stack"); fast == (f1-f0 > 100) {
 		return 0, fmt.Errorf("%s: the nodes' IP forwarding forwarded %d packets: the fast path is not what the configuration says", c, f1-f0)
 	}
 	return s.Value, nil
@@ -487,8 +534,9 @@ func forwDatagrams() (uint64, error) {
 	return 0, errors.New("/proc/net/snmp has no Ip: ForwDatagrams")
 }
 
-// crossConfigs are -nodes' configurations: the last two only with -stack.
-var crossConfigs = []string{"bare-direct", "idcni-direct", "iptables-direct", "bare-vxlan", "idcni-vxlan", "iptables-vxlan", "idcni-direct-stack", "idcni-vxlan-stack"}
+// crossConfigs are -nodes' configurations: the first six by default,
+// the next two with -stack, the last two with -floor.
+var crossConfigs = []string{"bare-direct", "idcni-direct", "iptables-direct", "bare-vxlan", "idcni-vxlan", "iptables-vxlan", "idcni-direct-stack", "idcni-vxlan-stack", "floor-direct", "floor-vxlan"}
 
 // crossBare is the bare configuration of c's path: what c's ratio is to.
 func crossBare(c string) string {
