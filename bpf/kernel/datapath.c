@@ -674,11 +674,12 @@ static __always_inline __u32 subject_flags(struct endpoint *ep, __u32 subject, _
 	return flags;
 }
 
-/* decide checks one side of a packet against the policy map. flags are
- * the subject identity's (subject_flags). meta packs direction (bits 0-1),
- * deny-only (bit 2), protocol (8-15) and destination port (16-31) to stay
- * within the five arguments of a BPF call. It returns a reason: ALLOW_RULE,
- * ALLOW_OPEN, DROP_DENY or DROP_NO_RULE. */
+/* decide checks one side of a packet against the policy map, for a
+ * subject with rules in that direction (judge() answers the others).
+ * flags are the subject identity's (subject_flags). meta packs direction
+ * (bits 0-1), deny-only (bit 2), protocol (8-15) and destination port
+ * (16-31) to stay within the five arguments of a BPF call. It returns a
+ * reason: ALLOW_RULE, ALLOW_OPEN, DROP_DENY or DROP_NO_RULE. */
 __noinline int decide(__u32 subject, __u32 peer, __u32 meta, __u32 flags)
 {
 	__u8 dir = meta & 3, deny_only = meta & 4, proto = (meta >> 8) & 0xff;
@@ -687,9 +688,6 @@ __noinline int decide(__u32 subject, __u32 peer, __u32 meta, __u32 flags)
 	int allow = 0, deny = 0, iso, ports = has_ports(proto), any_peer, any_proto;
 
 	iso = dir == DIR_INGRESS ? flags & IDF_ISO_INGRESS : flags & IDF_ISO_EGRESS;
-	if (!(flags & (dir == DIR_INGRESS ? IDF_RULES_INGRESS : IDF_RULES_EGRESS)))
-		return iso && !deny_only ? REASON_DROP_NO_RULE : REASON_ALLOW_OPEN;
-
 	any_peer = flags & (dir == DIR_INGRESS ? IDF_ANYPEER_INGRESS : IDF_ANYPEER_EGRESS);
 	any_proto = flags & (dir == DIR_INGRESS ? IDF_ANYPROTO_INGRESS : IDF_ANYPROTO_EGRESS);
 	for (int i = 0; i < 4; i++) {
@@ -1134,6 +1132,23 @@ static __always_inline __u32 peer(struct pctx *c, struct hook_ep *h, struct flow
 	return f->peer;
 }
 
+/* judge decides the packet of f at h by policy, meta as decide() takes
+ * it. A subject with no rules in meta's direction is decided by its
+ * isolation alone, without the peer: its identity is looked up (an
+ * ipcache lookup) only when rules are to be matched. Most subjects have
+ * rules one way only, so the first reply of a flow, whose deny check is
+ * the other way, mostly asks nothing. */
+static __always_inline int judge(struct pctx *c, struct hook_ep *h, struct flow *f, __u32 meta)
+{
+	__u32 subject = h->ep->identity, flags = subject_flags(h->ep, subject, c->rev);
+	const int in = (meta & 3) == DIR_INGRESS;
+
+	if (!(flags & (in ? IDF_RULES_INGRESS : IDF_RULES_EGRESS)))
+		return (flags & (in ? IDF_ISO_INGRESS : IDF_ISO_EGRESS)) && !(meta & 4) ? REASON_DROP_NO_RULE
+											 : REASON_ALLOW_OPEN;
+	return decide(subject, peer(c, h, f), meta, flags);
+}
+
 /* rewrite replaces a packet's destination (dst) or source address and
  * port, in the packet and in p, keeping the IP header checksum and the
  * TCP or UDP checksum, whose pseudo-header holds the addresses, right.
@@ -1349,7 +1364,6 @@ static __always_inline int policy_check(struct pctx *c, struct hook_ep *h, struc
 					int no_new)
 {
 	struct pkt *p = c->p;
-	__u32 subject = h->ep->identity;
 	const __u8 dir = h->scope == SCOPE_EGRESS ? DIR_EGRESS : DIR_INGRESS;
 	const __u8 rdir = h->scope == SCOPE_EGRESS ? DIR_INGRESS : DIR_EGRESS;
 	struct ct_value *ct = f->ct;
@@ -1364,12 +1378,11 @@ static __always_inline int policy_check(struct pctx *c, struct hook_ep *h, struc
 	case CT_BROKEN:
 		return REASON_DROP_MALFORMED;
 	case CT_RELATED:
-		reason = decide(subject, peer(c, h, f), dir | 4 | proto, subject_flags(h->ep, subject, c->rev));
+		reason = judge(c, h, f, dir | 4 | proto);
 		return reason == REASON_DROP_DENY ? REASON_DROP_DENY : REASON_ALLOW_RELATED;
 	case CT_ESTABLISHED:
 		if (ct->rev != c->rev) {
-			reason = decide(subject, peer(c, h, f), dir | f->deny_only | proto | (__u32)p->dport << 16,
-					subject_flags(h->ep, subject, c->rev));
+			reason = judge(c, h, f, dir | f->deny_only | proto | (__u32)p->dport << 16);
 			if (is_drop(reason))
 				return REASON_DROP_REVOKED;
 			ct->rev = c->rev;
@@ -1377,15 +1390,13 @@ static __always_inline int policy_check(struct pctx *c, struct hook_ep *h, struc
 		return REASON_ALLOW_ESTABLISHED;
 	case CT_REPLY:
 		if (ct->rev != c->rev) {
-			reason = decide(subject, peer(c, h, f), rdir | f->deny_only | proto | (__u32)p->sport << 16,
-					subject_flags(h->ep, subject, c->rev));
+			reason = judge(c, h, f, rdir | f->deny_only | proto | (__u32)p->sport << 16);
 			if (is_drop(reason))
 				return REASON_DROP_REVOKED;
 			ct->rev = c->rev;
 		}
 		if (ct->reply_rev != c->rev || ct->reply_rev == 0) {
-			reason = decide(subject, peer(c, h, f), dir | 4 | proto | (__u32)p->dport << 16,
-					subject_flags(h->ep, subject, c->rev));
+			reason = judge(c, h, f, dir | 4 | proto | (__u32)p->dport << 16);
 			if (reason == REASON_DROP_DENY)
 				ct->flags |= CT_F_REPLY_DENIED;
 			else
@@ -1403,13 +1414,12 @@ static __always_inline int policy_check(struct pctx *c, struct hook_ep *h, struc
 	 * such. Only what the node's own stack sends is the node: a
 	 * forwarded packet carrying a node address is judged by policy like
 	 * any other. */
+	peer(c, h, f); /* a new flow's entry and event carry it */
 	if (h->scope == SCOPE_INGRESS && h->from_host) {
-		reason = decide(subject, peer(c, h, f), dir | 4 | proto | (__u32)p->dport << 16,
-				subject_flags(h->ep, subject, c->rev));
+		reason = judge(c, h, f, dir | 4 | proto | (__u32)p->dport << 16);
 		return reason == REASON_DROP_DENY ? REASON_DROP_DENY : REASON_ALLOW_HOST;
 	}
-	reason = decide(subject, peer(c, h, f), dir | proto | (__u32)p->dport << 16,
-			subject_flags(h->ep, subject, c->rev));
+	reason = judge(c, h, f, dir | proto | (__u32)p->dport << 16);
 	if (reason == REASON_DROP_NO_RULE && mid_flow(p))
 		reason = REASON_DROP_UNKNOWN_FLOW;
 	return reason;
@@ -1559,6 +1569,16 @@ static __always_inline int untranslate(struct pctx *c, struct flow *f, int reaso
 	return reason;
 }
 
+/* report_known reports the verdict on a packet of a known flow: an event
+ * only for a drop. The peer is looked up only when something shows it (a
+ * drop's event, the debug trace): the flow's decision may not have. */
+static __always_inline int report_known(struct pctx *c, struct hook_ep *h, struct flow *f, int reason)
+{
+	int drop = is_drop(reason);
+
+	return report(c, h, h->ep->identity, drop || (c->cfg && c->cfg->debug) ? peer(c, h, f) : f->peer, reason, drop);
+}
+
 /* check decides a parsed packet at one hook of the endpoint h and reports
  * the verdict as that hook: conntrack says what the packet is to its
  * flow, a Service's address is translated, policy decides, and the
@@ -1583,7 +1603,7 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
 	case REASON_DROP_REVOKED:
 		bpf_map_delete_elem(f->table, &f->key);
 		ct_removed(ep_state(h), f->kscope);
-		return report(c, h, h->ep->identity, f->peer, reason, 1);
+		return report(c, h, h->ep->identity, peer(c, h, f), reason, 1);
 	case REASON_ALLOW_ESTABLISHED:
 	case REASON_ALLOW_REPLY:
 		if (!f->touched)
@@ -1591,14 +1611,13 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
 		f->flags = f->ct->flags;
 		if (reason == REASON_ALLOW_REPLY)
 			reason = untranslate(c, f, reason);
-		return report(c, h, h->ep->identity, c->cfg && c->cfg->debug ? peer(c, h, f) : f->peer, reason,
-			      is_drop(reason));
+		return report_known(c, h, f, reason);
 	case REASON_ALLOW_RELATED:
 		if (h->scope == SCOPE_INGRESS && f->kscope == SCOPE_EGRESS && f->ct && (f->ct->flags & CT_F_SVC_REPLY) &&
 		    has_ports(c->p->inner_proto) &&
 		    untranslate_related(c->skb, c->p, (struct addr16 *)f->ct->nat_addr, f->ct->nat_port))
 			reason = REASON_DROP_MALFORMED;
-		return report(c, h, h->ep->identity, f->peer, reason, is_drop(reason));
+		return report_known(c, h, f, reason);
 	case REASON_ALLOW_RULE:
 	case REASON_ALLOW_OPEN:
 	case REASON_ALLOW_HOST:
