@@ -221,11 +221,10 @@ func (d *Datapath) Attached(ifname string) (bool, error) {
 	}
 	ifindex := l.Attrs().Index
 	for _, h := range hooks {
-		want, err := h.prog(d).Info()
+		wantID, err := programID(h.prog(d))
 		if err != nil {
-			return false, fmt.Errorf("program info: %w", err)
+			return false, err
 		}
-		wantID, _ := want.ID()
 		ok, err := d.attachedHook(ifname, ifindex, h, wantID)
 		if err != nil || !ok {
 			return false, err
@@ -421,9 +420,7 @@ func (d *Datapath) NetLinks() ([]string, error) {
 }
 
 func (d *Datapath) missingHooks(ifindex int, hs []hook) ([]string, error) {
-	return missingHooks(ifindex, hs, func(h hook) (*ebpf.Program, func(), error) {
-		return h.prog(d), func() {}, nil
-	})
+	return missingHooks(ifindex, hs, func(h hook) (ebpf.ProgramID, error) { return programID(h.prog(d)) })
 }
 
 // MissingPinnedHooks is MissingHooks for the pod programs pinned under
@@ -434,31 +431,35 @@ func MissingPinnedHooks(root string, ifindex int) ([]string, error) {
 	if root == "" {
 		root = DefaultRoot
 	}
-	return missingHooks(ifindex, hooks, func(h hook) (*ebpf.Program, func(), error) {
+	return missingHooks(ifindex, hooks, func(h hook) (ebpf.ProgramID, error) {
 		p, err := ebpf.LoadPinnedProgram(filepath.Join(root, "progs", h.name), nil)
 		if err != nil {
-			return nil, nil, fmt.Errorf("open pinned program %s: %w", h.name, err)
+			return 0, fmt.Errorf("open pinned program %s: %w", h.name, err)
 		}
-		return p, func() { p.Close() }, nil
+		defer p.Close()
+		return programID(p)
 	})
 }
 
+func programID(p *ebpf.Program) (ebpf.ProgramID, error) {
+	info, err := p.Info()
+	if err != nil {
+		return 0, fmt.Errorf("program info: %w", err)
+	}
+	id, _ := info.ID()
+	return id, nil
+}
+
 // missingHooks lists the hooks of hs at ifindex that do not run the
-// program prog gives for them.
-func missingHooks(ifindex int, hs []hook, prog func(hook) (*ebpf.Program, func(), error)) ([]string, error) {
+// program whose id want gives for them.
+func missingHooks(ifindex int, hs []hook, want func(hook) (ebpf.ProgramID, error)) ([]string, error) {
 	var missing []string
 	for _, h := range hs {
-		p, done, err := prog(h)
+		id, err := want(h)
 		if err != nil {
 			return nil, err
 		}
-		info, err := p.Info()
-		done()
-		if err != nil {
-			return nil, fmt.Errorf("program info: %w", err)
-		}
-		want, _ := info.ID()
-		ok, err := attachedByKernel(ifindex, h, want)
+		ok, err := attachedByKernel(ifindex, h, id)
 		if err != nil {
 			return nil, err
 		}

@@ -28,7 +28,9 @@ char __license[] SEC("license") = "Dual MIT/GPL";
 
 #define AF_INET_ 2 /* linux/socket.h's, which BPF programs cannot include */
 #define NSEC 1000000000ULL
-#define FLOOR_NEXTHOP_FOR (1 * NSEC)
+/* As datapath.c's NEXTHOP_FOR: the kept FIB answer serves a second, in
+ * the units of struct nexthop's asked (2^20 ns). */
+#define NEXTHOP_FOR 1000
 
 /* What netbench tells a node's floor: its pod (host veth, the Ethernet
  * header a packet delivered to it carries, its address) and the other
@@ -41,14 +43,6 @@ struct floor_config {
 	__u32 remote_net;
 	__u32 remote_mask;
 	__u32 pad;
-};
-
-/* The FIB's answer for the remote range, as idcni's struct nexthop,
- * asked again every FLOOR_NEXTHOP_FOR. */
-struct floor_nexthop {
-	__u64 asked;
-	__u32 ifindex;
-	__u8 mac[12];
 };
 
 struct {
@@ -75,7 +69,7 @@ struct {
 struct {
 	__uint(type, BPF_MAP_TYPE_ARRAY);
 	__type(key, __u32);
-	__type(value, struct floor_nexthop);
+	__type(value, struct nexthop); /* idcni's, kept as remote_cidrs keeps it */
 	__uint(max_entries, 1);
 } floor_nexthop SEC(".maps");
 
@@ -176,10 +170,9 @@ int floor_from_pod(struct __sk_buff *skb)
 {
 	struct bpf_fib_lookup fib = {};
 	struct floor_config *cfg;
-	struct floor_nexthop *nh;
+	struct nexthop *nh;
 	struct tuple t;
-	__u32 zero = 0;
-	__u64 now;
+	__u32 zero = 0, asked;
 
 	cfg = bpf_map_lookup_elem(&floor_config, &zero);
 	nh = bpf_map_lookup_elem(&floor_nexthop, &zero);
@@ -187,20 +180,20 @@ int floor_from_pod(struct __sk_buff *skb)
 		return TC_ACT_OK;
 	if (track(&t, &floor_ct_out, &floor_ct_in, 0))
 		return TC_ACT_OK;
-	now = bpf_ktime_get_coarse_ns();
-	if (!nh->ifindex || now - nh->asked >= FLOOR_NEXTHOP_FOR) {
+	asked = bpf_ktime_get_coarse_ns() >> 20;
+	if (!nh->ifindex || asked - nh->asked >= NEXTHOP_FOR) {
 		fib.family = AF_INET_;
 		fib.ifindex = skb->ifindex;
 		fib.ipv4_src = t.saddr;
 		fib.ipv4_dst = t.daddr;
 		if (bpf_fib_lookup(skb, &fib, sizeof(fib), 0) != BPF_FIB_LKUP_RET_SUCCESS)
 			return TC_ACT_OK;
-		__builtin_memcpy(nh->mac, fib.dmac, 6);
-		__builtin_memcpy(nh->mac + 6, fib.smac, 6);
+		__builtin_memcpy(nh->dmac, fib.dmac, 6);
+		__builtin_memcpy(nh->smac, fib.smac, 6);
 		nh->ifindex = fib.ifindex;
-		nh->asked = now;
+		nh->asked = asked;
 	}
-	if (hop(skb, &t, nh->mac))
+	if (hop(skb, &t, nh->dmac))
 		return TC_ACT_SHOT;
 	passed();
 	return bpf_redirect(nh->ifindex, 0);

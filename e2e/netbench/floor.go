@@ -3,8 +3,10 @@ package main
 //go:generate go run github.com/cilium/ebpf/cmd/bpf2go -go-package main -target bpfel -cflags "-O2 -g -Wall -Werror -I/usr/include/x86_64-linux-gnu" floor ../../bpf/kernel/floor.c
 
 import (
+	"encoding/binary"
 	"errors"
 	"fmt"
+	"net"
 	"net/netip"
 
 	"github.com/cilium/ebpf"
@@ -46,16 +48,16 @@ func (f *floorPath) attach(pod netip.Addr, lp bpf.LocalPod, dev string, peer net
 	}
 	cfg := floorFloorConfig{
 		PodIfindex: uint32(lp.Ifindex),
-		PodAddr:    be32(pod),
-		RemoteNet:  be32(peer.Masked().Addr()),
-		RemoteMask: maskOf(peer.Bits()),
+		PodAddr:    be32(pod.AsSlice()),
+		RemoteNet:  be32(peer.Masked().Addr().AsSlice()),
+		RemoteMask: be32(net.CIDRMask(peer.Bits(), 32)),
 	}
 	copy(cfg.PodMac[:], lp.MAC)
 	copy(cfg.HostMac[:], lp.HostMAC)
 	if err := f.objs.FloorConfig.Put(uint32(0), cfg); err != nil {
 		return fmt.Errorf("write the floor's config: %w", err)
 	}
-	if err := f.objs.FloorNexthop.Put(uint32(0), floorFloorNexthop{}); err != nil {
+	if err := f.objs.FloorNexthop.Put(uint32(0), floorNexthop{}); err != nil {
 		return fmt.Errorf("clear the floor's next hop: %w", err)
 	}
 	for _, m := range []*ebpf.Map{f.objs.FloorCtOut, f.objs.FloorCtIn} {
@@ -113,14 +115,6 @@ func clearMap(m *ebpf.Map) error {
 	return nil
 }
 
-// be32 is an IPv4 address as the kernel's __u32 in network order reads on
-// this little-endian machine.
-func be32(a netip.Addr) uint32 {
-	b := a.As4()
-	return uint32(b[0]) | uint32(b[1])<<8 | uint32(b[2])<<16 | uint32(b[3])<<24
-}
-
-func maskOf(bits int) uint32 {
-	m := ^uint32(0) << (32 - bits)
-	return be32(netip.AddrFrom4([4]byte{byte(m >> 24), byte(m >> 16), byte(m >> 8), byte(m)}))
-}
+// be32 is 4 bytes in network order (an IPv4 address or mask) as the
+// kernel's __u32 holding them reads on this machine.
+func be32(b []byte) uint32 { return binary.NativeEndian.Uint32(b) }

@@ -50,11 +50,14 @@ type floorFloorConfig struct {
 	Pad        uint32
 }
 
-type floorFloorNexthop struct {
+type floorNexthop struct {
 	_       structs.HostLayout
-	Asked   uint64
 	Ifindex uint32
-	Mac     [12]uint8
+	Dmac    [6]uint8
+	Smac    [6]uint8
+	MaxLen  uint16
+	Pad     uint16
+	Asked   uint32
 }
 
 // Names of all BPF objects in the ELF.

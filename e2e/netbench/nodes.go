@@ -195,12 +195,12 @@ func crossNode(ctx context.Context, o *options, binDir, tmp, suffix string, cl *
 	}
 	logf("nodes: client %s on %s (underlay %s) -> server %s:%d on %s (underlay %s)", a.pod.addr, a.name, a.underlay, b.pod.addr, o.port, b.name, b.underlay)
 
-	configs := slices.Clone(crossConfigs[:6])
+	configs := slices.Clone(crossDefault)
 	if o.stackPath {
-		configs = append(configs, crossConfigs[6:8]...)
+		configs = append(configs, crossStack...)
 	}
 	if o.floor {
-		configs = append(configs, crossConfigs[8:]...)
+		configs = append(configs, crossFloor...)
 	}
 	if len(o.cross) > 0 {
 		configs = o.cross
@@ -304,10 +304,7 @@ func nameCrossPods(a, b *benchNode) error {
 // or through the tunnel, then checks that a port no rule allows is
 // refused (bare) or dropped (idcni, iptables).
 func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) error {
-	idcni := strings.HasPrefix(c, "idcni")
-	ipt := strings.HasPrefix(c, "iptables")
-	floor := strings.HasPrefix(c, "floor")
-	fast := idcni && !strings.HasSuffix(c, "-stack")
+	k := kindOf(c)
 	for _, n := range []*benchNode{a, b} {
 		if err := n.floor.detach(); err != nil {
 			return fmt.Errorf("take the floor off %s: %w", n.name, err)
@@ -315,11 +312,11 @@ func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) erro
 	}
 	for _, pair := range [][2]*benchNode{{a, b}, {b, a}} {
 		n, peer := pair[0], pair[1]
-		if err := n.forwardFilter(ctx, ipt, iptablesRules(crossChain, 10, a.pod.addr, b.pod.addr, o.port)); err != nil {
+		if err := n.forwardFilter(ctx, k.iptables, iptablesRules(crossChain, 10, a.pod.addr, b.pod.addr, o.port)); err != nil {
 			return fmt.Errorf("iptables in %s: %w", n.name, err)
 		}
 		route := []string{"route", "replace", peer.pods.String(), "via", peer.underlay.String(), "dev", "up0"}
-		if strings.Contains(c, "vxlan") {
+		if k.vxlan {
 			route = []string{"route", "replace", peer.pods.String(), "via", peer.underlay.String(), "dev", "idcni_vxlan", "onlink"}
 		}
 		if err := n.ip(ctx, route...); err != nil {
@@ -328,11 +325,11 @@ func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) erro
 		// The fast path as the agent sets it up: the peer's pod range in
 		// remote_cidrs, from_net on the device its route names.
 		dev, other := "up0", "idcni_vxlan"
-		if strings.Contains(c, "vxlan") {
+		if k.vxlan {
 			dev, other = other, dev
 		}
 		var ranges []netip.Prefix
-		if fast {
+		if k.fastPath {
 			ranges = []netip.Prefix{peer.pods}
 		}
 		if err := n.dp.SetRemoteCIDRs(ranges); err != nil {
@@ -342,13 +339,13 @@ func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) erro
 			if err := n.dp.DetachNet(other); err != nil {
 				return err
 			}
-			if !fast {
+			if !k.fastPath {
 				if err := n.dp.DetachNet(dev); err != nil {
 					return err
 				}
 			}
-			if !idcni {
-				if err := n.dp.Detach(n.pod.hostIf); err != nil || !floor {
+			if !k.idcni {
+				if err := n.dp.Detach(n.pod.hostIf); err != nil || !k.floor {
 					return err
 				}
 				lps, err := n.dp.LocalPods()
@@ -379,7 +376,7 @@ func enterCross(ctx context.Context, o *options, c string, a, b *benchNode) erro
 		return err
 	}
 	want := "refused"
-	if idcni || ipt {
+	if k.idcni || k.iptables {
 		want = "timeout"
 	}
 	if got != want {
@@ -449,9 +446,9 @@ func measureCross(ctx context.Context, c string, m metric, w workload, a, b *ben
 	if err != nil {
 		return 0, err
 	}
-	ipt := strings.HasPrefix(c, "iptables")
+	k := kindOf(c)
 	var acc0 [2]uint64 // what the allow-lists of a and b accepted before
-	if ipt {
+	if k.iptables {
 		for i, n := range []*benchNode{a, b} {
 			if acc0[i], err = n.accepted(ctx); err != nil {
 				return 0, err
@@ -469,20 +466,19 @@ func measureCross(ctx context.Context, c string, m metric, w workload, a, b *ben
 	if err != nil {
 		return 0, err
 	}
-	if idcni := strings.HasPrefix(c, "idcni"); idcni != (p1 > p0) {
+	if k.idcni != (p1 > p0) {
 		return 0, fmt.Errorf("%s: the datapaths passed %d packets: the programs are not where the configuration says", c, p1-p0)
 	}
 	fl1, err := floorPassed()
 	if err != nil {
 		return 0, err
 	}
-	floor := strings.HasPrefix(c, "floor")
 	for i, n := range []*benchNode{a, b} {
-		if floor != (fl1[i] > fl0[i]) {
+		if k.floor != (fl1[i] > fl0[i]) {
 			return 0, fmt.Errorf("%s: the floor programs of %s passed %d packets: the programs are not where the configuration says", c, n.name, fl1[i]-fl0[i])
 		}
 	}
-	if ipt {
+	if k.iptables {
 		for i, n := range []*benchNode{a, b} {
 			got, err := n.accepted(ctx)
 			if err != nil {
@@ -493,14 +489,14 @@ func measureCross(ctx context.Context, c string, m metric, w workload, a, b *ben
 			}
 		}
 	}
-	if vx := strings.Contains(c, "vxlan"); vx != (t1-t0 > 100) {
+	if k.vxlan != (t1-t0 > 100) {
 		return 0, fmt.Errorf("%s: node A's idcni_vxlan sent %d packets: the path is not what the configuration says", c, t1-t0)
 	}
 	f1, err := forwarded()
 	if err != nil {
 		return 0, err
 	}
-	if fast := floor || strings.HasPrefix(c, "idcni") && !strings.HasSuffix(c, "-stack"); fast == (f1-f0 > 100) {
+	if k.skipsForwarding() == (f1-f0 > 100) {
 		return 0, fmt.Errorf("%s: the nodes' IP forwarding forwarded %d packets: the fast path is not what the configuration says", c, f1-f0)
 	}
 	return s.Value, nil
@@ -534,13 +530,41 @@ func forwDatagrams() (uint64, error) {
 	return 0, errors.New("/proc/net/snmp has no Ip: ForwDatagrams")
 }
 
-// crossConfigs are -nodes' configurations: the first six by default,
-// the next two with -stack, the last two with -floor.
-var crossConfigs = []string{"bare-direct", "idcni-direct", "iptables-direct", "bare-vxlan", "idcni-vxlan", "iptables-vxlan", "idcni-direct-stack", "idcni-vxlan-stack", "floor-direct", "floor-vxlan"}
+// -nodes' configurations: crossDefault, crossStack with -stack,
+// crossFloor with -floor; crossConfigs all of them, for -configs.
+var (
+	crossDefault = []string{"bare-direct", "idcni-direct", "iptables-direct", "bare-vxlan", "idcni-vxlan", "iptables-vxlan"}
+	crossStack   = []string{"idcni-direct-stack", "idcni-vxlan-stack"}
+	crossFloor   = []string{"floor-direct", "floor-vxlan"}
+	crossConfigs = slices.Concat(crossDefault, crossStack, crossFloor)
+)
+
+// crossKind is what a -nodes configuration's name says; kindOf is the
+// one place that reads it.
+type crossKind struct {
+	idcni, iptables, floor bool // whose programs or rules run; none: bare
+	vxlan                  bool // through the tunnel, not routed directly
+	fastPath               bool // idcni's fast path (remote_cidrs, from_net)
+}
+
+func kindOf(c string) crossKind {
+	k := crossKind{
+		idcni:    strings.HasPrefix(c, "idcni"),
+		iptables: strings.HasPrefix(c, "iptables"),
+		floor:    strings.HasPrefix(c, "floor"),
+		vxlan:    strings.Contains(c, "vxlan"),
+	}
+	k.fastPath = k.idcni && !strings.HasSuffix(c, "-stack")
+	return k
+}
+
+// skipsForwarding: the pods' packets pass neither node's IP forwarding
+// (idcni's fast path, and the floor, which forwards the same way).
+func (k crossKind) skipsForwarding() bool { return k.fastPath || k.floor }
 
 // crossBare is the bare configuration of c's path: what c's ratio is to.
 func crossBare(c string) string {
-	if strings.Contains(c, "vxlan") {
+	if kindOf(c).vxlan {
 		return "bare-vxlan"
 	}
 	return "bare-direct"
