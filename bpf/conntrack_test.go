@@ -5,6 +5,8 @@ import (
 	"testing"
 	"time"
 
+	"golang.org/x/sys/unix"
+
 	"github.com/idcni/idcni/identity"
 	"github.com/idcni/idcni/internal/pkttest"
 	"github.com/idcni/idcni/policy"
@@ -202,5 +204,110 @@ func TestConntrackFloodEvictsOnlyItsSender(t *testing.T) {
 	full := func(u TableUsage, capacity uint32) bool { return u.Entries == capacity && u.Evicted > 0 }
 	if !full(v.Opened, 64) || !full(v.Admitted, 64) || !full(f.Opened, 256) || f.Admitted != (TableUsage{}) {
 		t.Errorf("victim %+v, flooder %+v: want both victim tables full and evicting, the flooder's opened one too", v, f)
+	}
+}
+
+// A connection that reuses a closed one's tuple (a client reconnecting
+// from the same port soon after, which a fast client does within
+// seconds) is a new flow, decided again and kept as one: the table holds
+// one entry for the tuple, the new connection's (its subject, not closing,
+// an open connection's deadline), and counts no flow more than it holds. The same holds through a Service
+// frontend, whose flow has two entries: the pod's tuple and the
+// translated one.
+func TestConntrackReusedTupleIsOneFlow(t *testing.T) {
+	p := newPair(t, 2, Options{})
+	a := p.endpointTable(0, Endpoint{Identity: idA, IPv4: ipA}, 64)
+	b := p.endpoint(1, Endpoint{Identity: idB, IPv4: ipB})
+	fe := ServiceFrontend{Addr: vip, Port: 80, Proto: unix.IPPROTO_TCP}
+	p.service(fe, Service{Backends: []ServiceBackend{{Addr: ipB, Port: 8080}}})
+	p.policy(manual(policy.ManualRule{Action: policy.Allow, Src: idA, Dst: idB, Proto: policy.ProtoTCP}))
+	epA, _, err := p.d.Endpoint(a)
+	if err != nil {
+		t.Fatal(err)
+	}
+
+	for _, tc := range []struct {
+		name    string
+		sport   uint16
+		dst     netip.Addr
+		dport   uint16
+		entries uint32 // per connection, in A's table of the flows it opened
+	}{
+		{"to the pod", 42000, ipB, 8080, 1},
+		{"through a frontend", 42001, vip, 80, 2},
+	} {
+		t.Run(tc.name, func(t *testing.T) {
+			syn := pkttest.Packet{Src: ipA, Dst: tc.dst, Proto: pkttest.TCP, SrcPort: tc.sport, DstPort: tc.dport, TCPFlags: pkttest.SYN}
+			connect := func(what string) {
+				t.Helper()
+				if r := p.send(syn.Frame(), ScopeEgress, a, 0); r != ReasonAllowRule {
+					t.Fatalf("%s: SYN %s, want rule", what, r)
+				}
+				synack := pkttest.Packet{Src: ipB, Dst: ipA, Proto: pkttest.TCP, SrcPort: 8080, DstPort: tc.sport, TCPFlags: pkttest.SYN | pkttest.ACK}
+				if r := p.send(synack.Frame(), ScopeIngress, a, b); r != ReasonAllowReply {
+					t.Fatalf("%s: SYN-ACK %s, want reply", what, r)
+				}
+				ack := syn
+				ack.TCPFlags = pkttest.ACK
+				if r := p.send(ack.Frame(), ScopeEgress, a, 0); r != ReasonAllowEstablished {
+					t.Fatalf("%s: ACK %s, want established", what, r)
+				}
+			}
+			opened := func() TableUsage {
+				t.Helper()
+				usage, err := p.d.ConntrackUsage()
+				if err != nil {
+					t.Fatal(err)
+				}
+				for _, u := range usage {
+					if u.Slot == epA.ConntrackSlot {
+						return u.Opened
+					}
+				}
+				t.Fatalf("no usage for slot %d", epA.ConntrackSlot)
+				return TableUsage{}
+			}
+
+			before := opened()
+			connect("first connection")
+			rst := syn
+			rst.TCPFlags = pkttest.RST
+			if r := p.send(rst.Frame(), ScopeEgress, a, 0); r != ReasonAllowEstablished {
+				t.Fatalf("RST: %s, want established", r)
+			}
+			// The pod is relabelled in between: the new connection's entry
+			// is its own, not the last one's with new flags.
+			relabelled := identity.ID(1100 + tc.sport - 42000)
+			p.endpointTable(0, Endpoint{Identity: relabelled, IPv4: ipA}, 64)
+			p.policy(manual(policy.ManualRule{Action: policy.Allow, Src: relabelled, Dst: idB, Proto: policy.ProtoTCP}))
+			connect("same port again")
+
+			want := TableUsage{Entries: before.Entries + tc.entries, Created: before.Created + uint64(tc.entries)}
+			if got := opened(); got != want {
+				t.Errorf("usage after two connections on one tuple: %+v, want %+v", got, want)
+			}
+			flows, err := p.d.Conntrack()
+			if err != nil {
+				t.Fatal(err)
+			}
+			var n uint32
+			for _, f := range flows {
+				if f.Slot != epA.ConntrackSlot || f.SrcPort != tc.sport || f.Scope != ScopeEgress {
+					continue
+				}
+				n++
+				if f.Subject != relabelled || f.Peer != idB {
+					t.Errorf("entry %s:%d: subject %d, peer %d; want the second connection's, %d and %d",
+						f.Dst, f.DstPort, f.Subject, f.Peer, relabelled, idB)
+				}
+				if f.Closing || f.Expires < 5*time.Hour {
+					t.Errorf("entry %s:%d after the second connection's ACK: closing %t, expires in %s; want an established flow's",
+						f.Dst, f.DstPort, f.Closing, f.Expires)
+				}
+			}
+			if n != tc.entries {
+				t.Errorf("%d entries for the tuple, want %d", n, tc.entries)
+			}
+		})
 	}
 }

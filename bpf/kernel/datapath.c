@@ -788,9 +788,10 @@ struct pctx {
 	/* A new Service flow's backend pick, to remember once the flow is
 	 * admitted (only one check of a packet translates) */
 	struct svc_pick pick;
-	__u8 svc_new;    /* this packet was translated by a new pick */
-	__u8 orig_known; /* the pod's tuple had an entry, even a dead one */
-	__u8 hairpin;    /* the check is a pod's ingress for its own flow to itself */
+	__u8 svc_new; /* this packet was translated by a new pick */
+	__u8 hairpin; /* the check is a pod's ingress for its own flow to itself */
+	/* the pod's tuple's entry, even a dead one (see flow.old) */
+	struct ct_value *orig_old;
 };
 
 /* hook_open names h's slot: its endpoint's, or the shared slot 0 when it
@@ -1033,12 +1034,15 @@ struct flow {
 	struct ct_value *ct; /* the live entry; NULL for a new flow */
 	void *table;         /* the table key is (or goes) in */
 	__u8 kscope;         /* the scope of that table's keys */
-	__u8 known;          /* the forward key had an entry, even a dead one */
 	__u8 deny_only;      /* 4 when the flow is the node's (CT_F_HOST): only deny rules hold */
 	__u8 touched;        /* translate() already brought ct up to date with this packet */
 	__u32 peer;          /* the other end's identity; ID_ANY until peer() asks */
 	__u32 flags;         /* the flow's conntrack flags after this packet */
 	struct local_pod *lp; /* for a new flow leaving a pod: the local pod it goes to */
+	/* The forward key's entry, even a dead one (expired, or closing and
+	 * reopened by a SYN): a new flow of the tuple is written over it
+	 * (ct_put). */
+	struct ct_value *old;
 };
 
 /* ct_find looks f->key up in h's table of kscope and keeps the entry in f
@@ -1100,7 +1104,7 @@ static __always_inline enum ct_status ct_lookup(struct pctx *c, struct hook_ep *
 		return CT_NO_TABLE;
 	ct_key_set(&f->key, p->saddr, p->daddr, p->sport, p->dport, p->proto, scope);
 	ct = bpf_map_lookup_elem(f->table, &f->key);
-	f->known = ct != NULL;
+	f->old = ct;
 	if (ct && ct->expires > c->now && !((ct->flags & CT_F_CLOSING) && bare_syn(p))) {
 		f->ct = ct;
 		f->deny_only = ct->flags & CT_F_HOST ? 4 : 0;
@@ -1287,7 +1291,7 @@ static __always_inline enum ct_status ct_retrack(struct pctx *c, struct flow *f)
 
 	ct_key_set(&f->key, p->saddr, p->daddr, p->sport, p->dport, p->proto, SCOPE_EGRESS);
 	ct = bpf_map_lookup_elem(f->table, &f->key);
-	f->known = ct != NULL;
+	f->old = ct;
 	f->ct = NULL;
 	if (ct && ct->expires > c->now && !((ct->flags & CT_F_CLOSING) && bare_syn(p))) {
 		f->ct = ct;
@@ -1347,7 +1351,7 @@ static __always_inline enum ct_status translate(struct pctx *c, struct hook_ep *
 	if (rewrite(c->skb, p, 1, &p->pick_addr, p->pick_port))
 		return CT_BROKEN;
 	c->svc_new = 1;
-	c->orig_known = f->known;
+	c->orig_old = f->old;
 	ct_retrack(c, f);
 	f->ct = NULL;
 	return CT_NEW;
@@ -1444,6 +1448,30 @@ __noinline int affinity_remember(struct pkt *p, __u64 now, struct svc_pick *pick
 	return bpf_map_update_elem(&affinity, &ak, &av, BPF_ANY);
 }
 
+/* ct_put writes a new flow's entry nct at key, and reports whether the
+ * table holds one flow more. A tuple whose entry is still there (old: a
+ * reused port's last connection, closing or expired) has nct written over
+ * it in place. An update of an LRU table would take a fresh element and
+ * free the old one, two trips through the table's locks (their interrupt
+ * restores are hypercalls on a paravirtual guest); a client that opens
+ * connections fast to one server reuses its ports within seconds, so on
+ * it that is most new flows. The element is the one this packet's lookup
+ * just marked as used, which the LRU evicts last; ct_touch writes through
+ * the same kind of pointer, and other CPUs see the entry change as they
+ * see it touched. */
+static __always_inline int ct_put(void *table, struct ct_key *key, struct ct_value *old, struct ct_value *nct)
+{
+	if (old) {
+		__builtin_memcpy(old, nct, sizeof(*nct));
+		return 0;
+	}
+	if (bpf_map_update_elem(table, key, nct, BPF_ANY)) {
+		stat_inc(STAT_CT_INSERT_FAIL);
+		return 0;
+	}
+	return 1;
+}
+
 /* svc_remember keeps a new flow's backend, once its translated entry nct
  * is in: an entry keyed by the tuple the pod sent, which sends the
  * flow's later packets to the same backend, and the client's affinity to
@@ -1457,9 +1485,7 @@ static __always_inline void svc_remember(struct pctx *c, struct hook_ep *h, stru
 	nct->flags = (nct->flags & CT_F_ROUTED) | CT_F_SVC_ORIG | CT_F_SEEN_REPLY;
 	__builtin_memcpy(nct->nat_addr, p->daddr, 16);
 	nct->nat_port = p->dport;
-	if (bpf_map_update_elem(f->table, &f->key, nct, BPF_ANY))
-		stat_inc(STAT_CT_INSERT_FAIL);
-	else if (!c->orig_known)
+	if (ct_put(f->table, &f->key, c->orig_old, nct))
 		ct_added(ep_state(h), SCOPE_EGRESS);
 	if (c->pick.affinity)
 		affinity_remember(p, c->now, &c->pick);
@@ -1493,9 +1519,7 @@ static __always_inline void ct_create(struct pctx *c, struct hook_ep *h, struct 
 	nct.subject = h->ep->identity;
 	nct.peer = f->peer;
 	ct_touch(&nct, c->p, c->now, 0);
-	if (bpf_map_update_elem(f->table, &f->key, &nct, BPF_ANY))
-		stat_inc(STAT_CT_INSERT_FAIL);
-	else if (!f->known)
+	if (ct_put(f->table, &f->key, f->old, &nct))
 		ct_added(ep_state(h), h->scope);
 	if (c->svc_new)
 		svc_remember(c, h, f, &nct);
