@@ -137,6 +137,7 @@ type benchLocalPod struct {
 	Ifindex uint32
 	Mac     [6]uint8
 	HostMac [6]uint8
+	CtSlot  uint32
 }
 
 type benchPolicyKey struct {

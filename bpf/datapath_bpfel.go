@@ -157,6 +157,7 @@ type datapathLocalPod struct {
 	Ifindex uint32
 	Mac     [6]uint8
 	HostMac [6]uint8
+	CtSlot  uint32
 }
 
 type datapathPolicyKey struct {

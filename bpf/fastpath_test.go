@@ -5,6 +5,7 @@ import (
 	"encoding/binary"
 	"net"
 	"net/netip"
+	"strings"
 	"testing"
 	"time"
 
@@ -264,4 +265,110 @@ func (p *pair) nexthop(t *testing.T, dst netip.Addr) nexthopMemo {
 		t.Fatalf("the range of %s in remote_cidrs: %v", dst, err)
 	}
 	return nexthopMemo{ifindex: int(v.Nh.Ifindex), dmac: v.Nh.Dmac[:], smac: v.Nh.Smac[:], maxLen: v.Nh.MaxLen}
+}
+
+// A local pod entry carries its endpoint's conntrack slot, by which
+// from_net (and from_pod's delivery) find the pod's flows without the
+// endpoint: a known flow's packet under the current policy needs nothing
+// else of it. PutLocalPod copies the slot, and refuses a pod whose
+// endpoint is not in place yet; an entry without one (as pin layout 3
+// wrote them) still works, through the endpoint, until the migration
+// fills it in; and deleting the endpoint deletes its entries first, so no
+// entry outlives it.
+func TestLocalPodEntryCarriesItsEndpointsSlot(t *testing.T) {
+	s := newRemoteSeed(t)
+	epA, _, err := s.d.Endpoint(s.a)
+	if err != nil || epA.ConntrackSlot == 0 {
+		t.Fatalf("A's endpoint: %+v, %v; want one with a table of its own", epA, err)
+	}
+	slotOf := func(a netip.Addr) (uint32, bool) {
+		t.Helper()
+		lps, err := s.d.LocalPods()
+		if err != nil {
+			t.Fatal(err)
+		}
+		lp, ok := lps[a]
+		return lp.ConntrackSlot, ok
+	}
+	if slot, _ := slotOf(ipA); slot != epA.ConntrackSlot {
+		t.Fatalf("A's local pod entry names slot %d, want its endpoint's, %d", slot, epA.ConntrackSlot)
+	}
+	stray := netip.MustParseAddr("10.13.0.77")
+	if err := s.d.PutLocalPod(stray, LocalPod{Ifindex: 9999, MAC: podMAC(1), HostMAC: hostMAC(1)}); err == nil || !strings.Contains(err.Error(), "write the endpoint first") {
+		t.Fatalf("a local pod without an endpoint: %v, want refused", err)
+	}
+
+	syn := pkttest.Packet{Src: remote4, Dst: ipA, Proto: pkttest.TCP, SrcPort: 5000, DstPort: 22, TCPFlags: pkttest.SYN}
+	ack := syn
+	ack.TCPFlags = pkttest.ACK
+	want := func(what string, frame []byte, reason Reason, delivered bool) {
+		t.Helper()
+		if o := s.sendNet(frame); o.ingress != reason || o.delivered != delivered {
+			t.Fatalf("%s: from_net %s, want %s (delivered %t)", what, o, reason, delivered)
+		}
+	}
+	want("SYN", syn.Frame(), ReasonAllowRule, true)
+	want("ACK", ack.Frame(), ReasonAllowEstablished, true)
+
+	// Without the endpoint in the map (a state the Datapath never leaves,
+	// see DeleteEndpoint), the known flow's packet still goes by the
+	// slot, and a new one, which needs the endpoint's identity, is dropped.
+	k := addr16(ipA)
+	var raw datapathEndpoint
+	if err := s.d.objs.Endpoints.Lookup(uint32(s.a), &raw); err != nil {
+		t.Fatal(err)
+	}
+	if err := s.d.objs.Endpoints.Delete(uint32(s.a)); err != nil {
+		t.Fatal(err)
+	}
+	for _, c := range []struct {
+		what      string
+		frame     []byte
+		reason    Reason
+		delivered bool
+	}{
+		{"known flow, no endpoint", ack.Frame(), ReasonAllowEstablished, true},
+		{"new flow, no endpoint", pkttest.Packet{Src: remote4, Dst: ipA, Proto: pkttest.TCP, SrcPort: 5001, DstPort: 22, TCPFlags: pkttest.SYN}.Frame(), ReasonDropNoEndpoint, false},
+	} {
+		o, err := s.execNet(c.frame)
+		if err != nil || o.ingress != c.reason || o.delivered != c.delivered {
+			t.Fatalf("%s: from_net %s (%v), want %s (delivered %t)", c.what, o, err, c.reason, c.delivered)
+		}
+	}
+	if err := s.d.objs.Endpoints.Put(uint32(s.a), &raw); err != nil {
+		t.Fatal(err)
+	}
+
+	// The entry as pin layout 3 wrote it, without the slot: the endpoint
+	// gives it, and the flow is the same one.
+	var lp datapathLocalPod
+	if err := s.d.objs.LocalPods.Lookup(&k, &lp); err != nil {
+		t.Fatal(err)
+	}
+	lp.CtSlot = 0
+	if err := s.d.objs.LocalPods.Put(&k, &lp); err != nil {
+		t.Fatal(err)
+	}
+	want("ACK by an entry without the slot", ack.Frame(), ReasonAllowEstablished, true)
+	if n, err := s.d.fillLocalPodSlots(); err != nil || n != 1 {
+		t.Fatalf("filling the slots: %d entries, %v; want 1", n, err)
+	}
+	if slot, _ := slotOf(ipA); slot != epA.ConntrackSlot {
+		t.Fatalf("after the fill A's entry names slot %d, want %d", slot, epA.ConntrackSlot)
+	}
+	want("ACK after the fill", ack.Frame(), ReasonAllowEstablished, true)
+
+	if err := s.d.DeleteEndpoint(s.a); err != nil {
+		t.Fatal(err)
+	}
+	delete(s.ref.Endpoints, s.a)
+	for _, a := range []netip.Addr{ipA, ip6A} {
+		if _, ok := slotOf(a); ok {
+			t.Fatalf("A's local pod entry for %s outlived its endpoint", a)
+		}
+	}
+	if _, ok := slotOf(ipB); !ok {
+		t.Fatal("deleting A's endpoint took B's local pod entry")
+	}
+	want("ACK after the endpoint is gone", ack.Frame(), noCheck, false)
 }

@@ -20,7 +20,7 @@ import (
 // TestLayoutVersion fails until it has, and its golden table has a row for
 // the new number. `--version` on every binary prints it, so an operator can
 // tell whether two builds can share a node's pins.
-const LayoutVersion = 3
+const LayoutVersion = 4
 
 // ErrLayoutMismatch means a pinned map's layout is not the one this build
 // was compiled with: pins of another idcni version. Nothing of this build

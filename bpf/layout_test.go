@@ -76,6 +76,29 @@ prog from_net: SchedCLS maps affinity,config,counters,ct_tables,endpoints,ep_sta
 prog from_pod: SchedCLS maps affinity,backends,config,counters,ct_tables,endpoints,ep_states,event_loss,events,fragments,identities,ipcache,local_pods,policy,remote_cidrs,services,stats
 prog to_pod: SchedCLS maps affinity,config,counters,ct_tables,endpoints,ep_states,event_loss,events,fragments,identities,ipcache,local_pods,policy,stats
 `,
+	4: `
+map affinity: LRUHash key 20 value 32 max 65536 flags 0x0
+map backends: Hash key 8 value 20 max 262144 flags 0x0
+map config: Array key 4 value 8 max 1 flags 0x0
+map conntrack: LRUHash key 40 value 56 max 262144 flags 0x0
+map counters: PerCPUArray key 4 value 16 max 34 flags 0x0
+map ct_tables: ArrayOfMaps key 4 value 4 max 32768 flags 0x0 inner(LRUHash key 40 value 56 max 262144 flags 0x0)
+map endpoints: Hash key 4 value 40 max 16384 flags 0x0
+map ep_states: Array key 4 value 72 max 16384 flags 0x0
+map event_loss: PerCPUArray key 4 value 8 max 34 flags 0x0
+map events: RingBuf key 0 value 0 max 1048576 flags 0x0
+map fragments: LRUHash key 40 value 4 max 8192 flags 0x0
+map identities: Hash key 4 value 4 max 65536 flags 0x0
+map ipcache: LPMTrie key 20 value 8 max 65536 flags 0x1
+map local_pods: Hash key 16 value 20 max 16384 flags 0x0
+map policy: Hash key 12 value 100 max 65536 flags 0x0
+map remote_cidrs: LPMTrie key 20 value 28 max 16384 flags 0x1
+map services: Hash key 20 value 16 max 65536 flags 0x0
+map stats: PerCPUArray key 4 value 8 max 4 flags 0x0
+prog from_net: SchedCLS maps affinity,config,counters,ct_tables,endpoints,ep_states,event_loss,events,fragments,identities,ipcache,local_pods,policy,remote_cidrs,stats
+prog from_pod: SchedCLS maps affinity,backends,config,counters,ct_tables,endpoints,ep_states,event_loss,events,fragments,identities,ipcache,local_pods,policy,remote_cidrs,services,stats
+prog to_pod: SchedCLS maps affinity,config,counters,ct_tables,endpoints,ep_states,event_loss,events,fragments,identities,ipcache,local_pods,policy,stats
+`,
 }
 
 func TestLayoutVersion(t *testing.T) {

@@ -38,8 +38,14 @@ func (d *Datapath) PutEndpoint(ifindex int, ep Endpoint) error {
 	return nil
 }
 
-// DeleteEndpoint removes an endpoint; a missing one is not an error.
+// DeleteEndpoint removes an endpoint, and before it the local pod entries
+// that name its host veth: they carry its conntrack slot, and from_net
+// delivers a known flow's packets by them without asking the endpoint, so
+// none may outlive it. A missing endpoint is not an error.
 func (d *Datapath) DeleteEndpoint(ifindex int) error {
+	if err := d.deleteLocalPodsOf(ifindex); err != nil {
+		return fmt.Errorf("delete endpoint %d: %w", ifindex, err)
+	}
 	err := d.objs.Endpoints.Delete(uint32(ifindex))
 	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete endpoint %d: %w", ifindex, err)
@@ -82,9 +88,16 @@ type LocalPod struct {
 	Ifindex int              `json:"ifindex"`
 	MAC     net.HardwareAddr `json:"mac"`
 	HostMAC net.HardwareAddr `json:"hostMAC"`
+	// ConntrackSlot is the pod's endpoint's, which PutLocalPod copies into
+	// the entry (whatever lp says): from_net and from_pod's delivery find
+	// the pod's flows by it without the endpoint. 0 in an entry written
+	// by a build of pin layout 3 (FillLocalPodSlots fills it in).
+	ConntrackSlot uint32 `json:"conntrackSlot,omitzero"`
 }
 
-// PutLocalPod makes from_pod deliver packets for a directly to lp.
+// PutLocalPod makes from_pod deliver packets for a directly to lp. The
+// endpoint behind lp.Ifindex must be in place: the entry carries its
+// conntrack slot.
 func (d *Datapath) PutLocalPod(a netip.Addr, lp LocalPod) error {
 	if !a.IsValid() {
 		return fmt.Errorf("local pod: invalid address")
@@ -92,7 +105,14 @@ func (d *Datapath) PutLocalPod(a netip.Addr, lp LocalPod) error {
 	if lp.Ifindex <= 0 || len(lp.MAC) != 6 || len(lp.HostMAC) != 6 {
 		return fmt.Errorf("local pod %s: need an ifindex and two 6-byte MAC addresses, got %d, %q, %q", a, lp.Ifindex, lp.MAC, lp.HostMAC)
 	}
-	v := datapathLocalPod{Ifindex: uint32(lp.Ifindex)}
+	var ep datapathEndpoint
+	if err := d.objs.Endpoints.Lookup(uint32(lp.Ifindex), &ep); err != nil {
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("local pod %s: no endpoint behind ifindex %d: write the endpoint first", a, lp.Ifindex)
+		}
+		return fmt.Errorf("local pod %s: read endpoint %d: %w", a, lp.Ifindex, err)
+	}
+	v := datapathLocalPod{Ifindex: uint32(lp.Ifindex), CtSlot: ep.CtSlot}
 	copy(v.Mac[:], lp.MAC)
 	copy(v.HostMac[:], lp.HostMAC)
 	k := addr16(a)
@@ -121,6 +141,28 @@ func (d *Datapath) DeleteLocalPod(a netip.Addr, ifindex int) error {
 	return nil
 }
 
+// deleteLocalPodsOf removes the local pod entries that name ifindex.
+func (d *Datapath) deleteLocalPodsOf(ifindex int) error {
+	var k [16]byte
+	var v datapathLocalPod
+	var keys [][16]byte
+	it := d.objs.LocalPods.Iterate()
+	for it.Next(&k, &v) {
+		if int(v.Ifindex) == ifindex {
+			keys = append(keys, k)
+		}
+	}
+	if err := it.Err(); err != nil {
+		return fmt.Errorf("list local pods: %w", err)
+	}
+	for _, k := range keys {
+		if err := d.objs.LocalPods.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
+			return fmt.Errorf("delete local pod %s: %w", addrFrom16(k), err)
+		}
+	}
+	return nil
+}
+
 // LocalPods returns every local pod entry by address.
 func (d *Datapath) LocalPods() (map[netip.Addr]LocalPod, error) {
 	out := map[netip.Addr]LocalPod{}
@@ -128,12 +170,47 @@ func (d *Datapath) LocalPods() (map[netip.Addr]LocalPod, error) {
 	var v datapathLocalPod
 	it := d.objs.LocalPods.Iterate()
 	for it.Next(&k, &v) {
-		out[addrFrom16(k)] = LocalPod{Ifindex: int(v.Ifindex), MAC: bytes.Clone(v.Mac[:]), HostMAC: bytes.Clone(v.HostMac[:])}
+		out[addrFrom16(k)] = LocalPod{Ifindex: int(v.Ifindex), MAC: bytes.Clone(v.Mac[:]), HostMAC: bytes.Clone(v.HostMac[:]), ConntrackSlot: v.CtSlot}
 	}
 	if err := it.Err(); err != nil {
 		return nil, fmt.Errorf("list local pods: %w", err)
 	}
 	return out, nil
+}
+
+// fillLocalPodSlots gives the local pod entries that name no conntrack
+// slot (written by a build of pin layout 3) their endpoint's, and returns
+// how many it filled. An entry deleted meanwhile stays deleted.
+func (d *Datapath) fillLocalPodSlots() (int, error) {
+	var k [16]byte
+	var v datapathLocalPod
+	missing := map[[16]byte]datapathLocalPod{}
+	it := d.objs.LocalPods.Iterate()
+	for it.Next(&k, &v) {
+		if v.CtSlot == 0 {
+			missing[k] = v
+		}
+	}
+	if err := it.Err(); err != nil {
+		return 0, fmt.Errorf("list local pods: %w", err)
+	}
+	filled := 0
+	for k, v := range missing {
+		var ep datapathEndpoint
+		if err := d.objs.Endpoints.Lookup(v.Ifindex, &ep); err != nil || ep.CtSlot == 0 {
+			continue // no endpoint (yet): from_net asks it, as layout 3 did
+		}
+		v.CtSlot = ep.CtSlot
+		err := d.objs.LocalPods.Update(&k, &v, ebpf.UpdateExist)
+		if errors.Is(err, ebpf.ErrKeyNotExist) {
+			continue
+		}
+		if err != nil {
+			return filled, fmt.Errorf("write local pod %s: %w", addrFrom16(k), err)
+		}
+		filled++
+	}
+	return filled, nil
 }
 
 // PutIPCache maps a prefix (a pod's /32 or /128, or a CIDR) to an identity.

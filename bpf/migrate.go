@@ -89,6 +89,11 @@ var optionalTails = map[string]uint32{
 	// of layout 2 taking the pins back keeps every range; its flows ask
 	// the FIB again, as every new flow of that build does.
 	"remote_cidrs": 4,
+	// Layout 4 appended the pod's conntrack slot to local_pods' values (a
+	// copy of its endpoint's). A build of layout 3 taking the pins back
+	// keeps every pod; it looks the endpoint up for the slot, as it
+	// always did.
+	"local_pods": 16,
 }
 
 // optionalEntries is, per pinned array, its size in the oldest layout

@@ -227,6 +227,15 @@ func (d *Datapath) load(opts Options) (err error) {
 	} else if err := mg.catchUp(); err != nil {
 		log.Warn("copying the flows opened during the migration failed; those flows are checked again as new", "root", d.root, "error", err)
 	}
+	if slices.Contains(converted, "local_pods") {
+		// Layout 4 appended the pod's conntrack slot; without it a pod's
+		// entry still works, through its endpoint.
+		if n, err := nd.fillLocalPodSlots(); err != nil {
+			log.Warn("giving local pod entries their conntrack slot failed; those pods' packets from other nodes look their endpoint up as before", "root", d.root, "error", err)
+		} else if n > 0 {
+			log.Info("local pod entries given their conntrack slot", "root", d.root, "pods", n)
+		}
+	}
 	if len(converted) > 0 {
 		log.Info("migrated pinned maps; every attachment runs this build's programs", "root", d.root, "from", from, "to", b.version, "maps", converted,
 			"copy", filled.Round(time.Millisecond), "total", time.Since(began).Round(time.Millisecond))

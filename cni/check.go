@@ -249,7 +249,7 @@ func (c *checker) checkDatapath(hostMAC, podMAC net.HardwareAddr) {
 	if got, want := ep.Addrs(), rec.Addresses; !slices.Equal(slices.SortedFunc(slices.Values(got), netip.Addr.Compare), slices.SortedFunc(slices.Values(want), netip.Addr.Compare)) {
 		c.fail("the endpoint entry of ifindex %d has addresses %v, want %v", rec.HostIfIndex, got, want)
 	}
-	c.checkLocal(dp, hostMAC, podMAC)
+	c.checkLocal(dp, ep.ConntrackSlot, hostMAC, podMAC)
 	for _, a := range rec.Addresses {
 		id, ok, err := dp.IPCacheLookup(a)
 		switch {
@@ -264,9 +264,10 @@ func (c *checker) checkDatapath(hostMAC, podMAC net.HardwareAddr) {
 }
 
 // checkLocal checks the local pod entries of the pod's addresses: with
-// direct local delivery each names the host veth and both MAC addresses
-// (where CHECK knows them); with routed delivery none names the pod.
-func (c *checker) checkLocal(dp *bpf.Datapath, hostMAC, podMAC net.HardwareAddr) {
+// direct local delivery each names the host veth, both MAC addresses
+// (where CHECK knows them) and the endpoint's conntrack slot (or none, as
+// pin layout 3 wrote them); with routed delivery none names the pod.
+func (c *checker) checkLocal(dp *bpf.Datapath, slot uint32, hostMAC, podMAC net.HardwareAddr) {
 	rec := c.rec
 	locals, err := dp.LocalPods()
 	if err != nil {
@@ -290,6 +291,8 @@ func (c *checker) checkLocal(dp *bpf.Datapath, hostMAC, podMAC net.HardwareAddr)
 			c.fail("the local pod entry of %s has host MAC %s, host veth %s has %s", a, lp.HostMAC, rec.HostIfName, hostMAC)
 		case podMAC != nil && lp.MAC.String() != podMAC.String():
 			c.fail("the local pod entry of %s has pod MAC %s, prevResult says %s", a, lp.MAC, podMAC)
+		case lp.ConntrackSlot != 0 && lp.ConntrackSlot != slot:
+			c.fail("the local pod entry of %s names conntrack slot %d, but its endpoint's is %d: packets from other nodes would miss the pod's flows", a, lp.ConntrackSlot, slot)
 		}
 	}
 }

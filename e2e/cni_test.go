@@ -151,9 +151,10 @@ func TestAddGivesAddressRoutesAndUnresolvedIdentity(t *testing.T) {
 	}
 	locals, err := dp.LocalPods()
 	if lp, ok := locals[addr]; err != nil || !ok || lp.Ifindex != hostLink.Attrs().Index ||
-		lp.HostMAC.String() != hostLink.Attrs().HardwareAddr.String() || lp.MAC.String() != res.Interfaces[1].Mac {
-		t.Errorf("local pod entry of %s = %+v, %v, %v; want ifindex %d, MAC %s, host MAC %s", addr, lp, ok, err,
-			hostLink.Attrs().Index, res.Interfaces[1].Mac, hostLink.Attrs().HardwareAddr)
+		lp.HostMAC.String() != hostLink.Attrs().HardwareAddr.String() || lp.MAC.String() != res.Interfaces[1].Mac ||
+		lp.ConntrackSlot == 0 || lp.ConntrackSlot != ep.ConntrackSlot {
+		t.Errorf("local pod entry of %s = %+v, %v, %v; want ifindex %d, MAC %s, host MAC %s, the endpoint's conntrack slot %d", addr, lp, ok, err,
+			hostLink.Attrs().Index, res.Interfaces[1].Mac, hostLink.Attrs().HardwareAddr, ep.ConntrackSlot)
 	}
 
 	if err := e.Check(pod); err != nil {

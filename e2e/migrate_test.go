@@ -406,7 +406,9 @@ func TestUpgradeAndRollbackWithAnEarlierBuild(t *testing.T) {
 }
 
 // podsPinned fails unless every pod has its endpoint (by host veth) and a
-// local pod entry for each of its addresses.
+// local pod entry for each of its addresses that names the endpoint's
+// conntrack slot (layout 4 appended it; the migration fills it in for the
+// pods an earlier build made).
 func podsPinned(t *testing.T, e *cnitest.Env, what string, pods map[*cnitest.Pod]*current.Result) {
 	t.Helper()
 	got := readPins(t, e)
@@ -416,13 +418,18 @@ func podsPinned(t *testing.T, e *cnitest.Env, what string, pods map[*cnitest.Pod
 		if err != nil {
 			t.Fatalf("%s: %v", what, err)
 		}
-		if _, ok := got.endpoints[l.Attrs().Index]; !ok {
+		ep, ok := got.endpoints[l.Attrs().Index]
+		if !ok {
 			t.Fatalf("%s: no endpoint for %s (ifindex %d) in %+v", what, host, l.Attrs().Index, got.endpoints)
 		}
 		for _, ip := range r.IPs {
 			a, _ := netip.AddrFromSlice(ip.Address.IP)
-			if _, ok := got.local[a.Unmap()]; !ok {
+			lp, ok := got.local[a.Unmap()]
+			if !ok {
 				t.Fatalf("%s: no local pod entry for %s (%s) in %+v", what, a, host, got.local)
+			}
+			if lp.ConntrackSlot == 0 || lp.ConntrackSlot != ep.ConntrackSlot {
+				t.Fatalf("%s: the local pod entry for %s (%s) names conntrack slot %d, its endpoint %d", what, a, host, lp.ConntrackSlot, ep.ConntrackSlot)
 			}
 		}
 	}

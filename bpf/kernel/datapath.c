@@ -764,7 +764,9 @@ static __always_inline void trace(struct pkt *p, __u32 src, __u32 dst, int reaso
 struct hook_ep {
 	__u32 ifindex;
 	__u32 slot;
-	struct endpoint *ep; /* NULL: no endpoint behind this veth */
+	/* NULL: no endpoint behind this veth, or not looked up yet (see
+	 * hook_local) */
+	struct endpoint *ep;
 	__u8 scope;
 	__u8 from_host; /* the node's own stack sent the packet */
 	__u8 from_net;  /* from_net took it in: it comes from another node's pod */
@@ -799,6 +801,37 @@ struct pctx {
 static __always_inline void hook_open(struct hook_ep *h)
 {
 	h->slot = h->ep && h->ep->ct_slot < MAX_ENDPOINTS ? h->ep->ct_slot : 0;
+}
+
+/* hook_endpoint is h's endpoint, looked up the first time a step needs
+ * it when hook_local opened h without it. NULL: there is none. */
+static __always_inline struct endpoint *hook_endpoint(struct hook_ep *h)
+{
+	__u32 ifindex = h->ifindex;
+
+	if (!h->ep)
+		h->ep = bpf_map_lookup_elem(&endpoints, &ifindex);
+	return h->ep;
+}
+
+/* hook_local opens the ingress hook of the local pod lp for a packet
+ * handed to it past its own to_pod (from_net, from_pod's delivery). Its
+ * entry names the pod's conntrack slot, so a known flow's packet under
+ * the current policy, which needs nothing else of the endpoint, costs no
+ * endpoint lookup: the first step that needs the endpoint looks it up
+ * (hook_endpoint). An entry that names no slot (pin layout 3's) leaves
+ * it to the endpoint. Returns 0 when that finds none. */
+static __always_inline int hook_local(struct hook_ep *h, struct local_pod *lp)
+{
+	h->ifindex = lp->ifindex;
+	if (lp->ct_slot && lp->ct_slot < MAX_ENDPOINTS) {
+		h->slot = lp->ct_slot;
+		return 1;
+	}
+	if (!hook_endpoint(h))
+		return 0;
+	hook_open(h);
+	return 1;
 }
 
 /* ct_table is h's conntrack table for keys of scope kscope, or the shared
@@ -911,15 +944,23 @@ static __always_inline void emit(struct pctx *c, struct hook_ep *h, __u32 src, _
 
 /* report counts, traces and reports the verdict of one hook of h and
  * returns its reason. Events go out for every drop and for the first
- * packet of every flow, within the endpoint's event budget. */
-static __always_inline int report(struct pctx *c, struct hook_ep *h, __u32 subject, __u32 peer, int reason,
-				  int event)
+ * packet of every flow, within the endpoint's event budget. The subject
+ * is h's endpoint's identity (0 without one), asked only when something
+ * shows it. */
+static __always_inline int report(struct pctx *c, struct hook_ep *h, __u32 peer, int reason, int event)
 {
-	__u32 src = h->scope == SCOPE_EGRESS ? subject : peer;
-	__u32 dst = h->scope == SCOPE_EGRESS ? peer : subject;
+	int debug = c->cfg && c->cfg->debug;
+	struct endpoint *ep;
+	__u32 subject, src, dst;
 
 	count(reason, h->scope, c->skb->len);
-	if (c->cfg && c->cfg->debug)
+	if (!debug && !event && !is_drop(reason))
+		return reason;
+	ep = hook_endpoint(h);
+	subject = ep ? ep->identity : 0;
+	src = h->scope == SCOPE_EGRESS ? subject : peer;
+	dst = h->scope == SCOPE_EGRESS ? peer : subject;
+	if (debug)
 		trace(c->p, src, dst, reason);
 	if (event || is_drop(reason))
 		emit(c, h, src, dst, reason);
@@ -1141,11 +1182,18 @@ static __always_inline __u32 peer(struct pctx *c, struct hook_ep *h, struct flow
  * isolation alone, without the peer: its identity is looked up (an
  * ipcache lookup) only when rules are to be matched. Most subjects have
  * rules one way only, so the first reply of a flow, whose deny check is
- * the other way, mostly asks nothing. */
+ * the other way, mostly asks nothing. A hook whose endpoint is gone
+ * drops the packet as no-endpoint, whatever meta asks. */
 static __always_inline int judge(struct pctx *c, struct hook_ep *h, struct flow *f, __u32 meta)
 {
-	__u32 subject = h->ep->identity, flags = subject_flags(h->ep, subject, c->rev);
+	struct endpoint *ep = hook_endpoint(h);
 	const int in = (meta & 3) == DIR_INGRESS;
+	__u32 subject, flags;
+
+	if (!ep)
+		return REASON_DROP_NO_ENDPOINT;
+	subject = ep->identity;
+	flags = subject_flags(ep, subject, c->rev);
 
 	if (!(flags & (in ? IDF_RULES_INGRESS : IDF_RULES_EGRESS)))
 		return (flags & (in ? IDF_ISO_INGRESS : IDF_ISO_EGRESS)) && !(meta & 4) ? REASON_DROP_NO_RULE
@@ -1383,7 +1431,7 @@ static __always_inline int policy_check(struct pctx *c, struct hook_ep *h, struc
 		return REASON_DROP_MALFORMED;
 	case CT_RELATED:
 		reason = judge(c, h, f, dir | 4 | proto);
-		return reason == REASON_DROP_DENY ? REASON_DROP_DENY : REASON_ALLOW_RELATED;
+		return is_drop(reason) ? reason : REASON_ALLOW_RELATED;
 	case CT_ESTABLISHED:
 		if (ct->rev != c->rev) {
 			reason = judge(c, h, f, dir | f->deny_only | proto | (__u32)p->dport << 16);
@@ -1401,6 +1449,8 @@ static __always_inline int policy_check(struct pctx *c, struct hook_ep *h, struc
 		}
 		if (ct->reply_rev != c->rev || ct->reply_rev == 0) {
 			reason = judge(c, h, f, dir | 4 | proto | (__u32)p->dport << 16);
+			if (reason == REASON_DROP_NO_ENDPOINT)
+				return reason;
 			if (reason == REASON_DROP_DENY)
 				ct->flags |= CT_F_REPLY_DENIED;
 			else
@@ -1421,7 +1471,7 @@ static __always_inline int policy_check(struct pctx *c, struct hook_ep *h, struc
 	peer(c, h, f); /* a new flow's entry and event carry it */
 	if (h->scope == SCOPE_INGRESS && h->from_host) {
 		reason = judge(c, h, f, dir | 4 | proto | (__u32)p->dport << 16);
-		return reason == REASON_DROP_DENY ? REASON_DROP_DENY : REASON_ALLOW_HOST;
+		return is_drop(reason) ? reason : REASON_ALLOW_HOST;
 	}
 	reason = judge(c, h, f, dir | proto | (__u32)p->dport << 16);
 	if (reason == REASON_DROP_NO_RULE && mid_flow(p))
@@ -1516,7 +1566,7 @@ static __always_inline void ct_create(struct pctx *c, struct hook_ep *h, struct 
 	}
 	f->flags = nct.flags;
 	nct.rev = c->rev;
-	nct.subject = h->ep->identity;
+	nct.subject = h->ep ? h->ep->identity : 0; /* judge() looked it up */
 	nct.peer = f->peer;
 	ct_touch(&nct, c->p, c->now, 0);
 	if (ct_put(f->table, &f->key, f->old, &nct))
@@ -1600,7 +1650,7 @@ static __always_inline int report_known(struct pctx *c, struct hook_ep *h, struc
 {
 	int drop = is_drop(reason);
 
-	return report(c, h, h->ep->identity, drop || (c->cfg && c->cfg->debug) ? peer(c, h, f) : f->peer, reason, drop);
+	return report(c, h, drop || (c->cfg && c->cfg->debug) ? peer(c, h, f) : f->peer, reason, drop);
 }
 
 /* check decides a parsed packet at one hook of the endpoint h and reports
@@ -1623,11 +1673,11 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
 	case CHECK_STACK:
 		return CHECK_STACK;
 	case REASON_DROP_NO_ENDPOINT:
-		return report(c, h, h->ep->identity, 0, reason, 1);
+		return report(c, h, 0, reason, 1);
 	case REASON_DROP_REVOKED:
 		bpf_map_delete_elem(f->table, &f->key);
 		ct_removed(ep_state(h), f->kscope);
-		return report(c, h, h->ep->identity, peer(c, h, f), reason, 1);
+		return report(c, h, peer(c, h, f), reason, 1);
 	case REASON_ALLOW_ESTABLISHED:
 	case REASON_ALLOW_REPLY:
 		if (!f->touched)
@@ -1646,10 +1696,10 @@ static __always_inline int check(struct pctx *c, struct hook_ep *h, int no_new, 
 	case REASON_ALLOW_OPEN:
 	case REASON_ALLOW_HOST:
 		ct_create(c, h, f, reason);
-		return report(c, h, h->ep->identity, f->peer, reason, 1);
+		return report(c, h, f->peer, reason, 1);
 	default:
 		/* a drop of a new flow, or a deny rule on a related packet or a reply */
-		return report(c, h, h->ep->identity, peer(c, h, f), reason, st == CT_NEW);
+		return report(c, h, peer(c, h, f), reason, st == CT_NEW);
 	}
 }
 
@@ -1983,15 +2033,15 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	h.ep = bpf_map_lookup_elem(&endpoints, &ifindex);
 	hook_open(&h);
 	if (ret == PARSE_MALFORMED) {
-		report(&c, &h, 0, 0, REASON_DROP_MALFORMED, 1);
+		report(&c, &h, 0, REASON_DROP_MALFORMED, 1);
 		return TC_ACT_SHOT;
 	}
 	if (!h.ep) {
-		report(&c, &h, 0, 0, REASON_DROP_NO_ENDPOINT, 1);
+		report(&c, &h, 0, REASON_DROP_NO_ENDPOINT, 1);
 		return TC_ACT_SHOT;
 	}
 	if (scope == SCOPE_EGRESS && !source_ok(h.ep, &p, ret == PARSE_ND)) {
-		report(&c, &h, h.ep->identity, peer_identity(&p, scope, h.from_host), REASON_DROP_SPOOF, 1);
+		report(&c, &h, peer_identity(&p, scope, h.from_host), REASON_DROP_SPOOF, 1);
 		return TC_ACT_SHOT;
 	}
 	if (ret == PARSE_ND) {
@@ -1999,7 +2049,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 		return TC_ACT_OK;
 	}
 	if (ret == PARSE_FRAG_UNKNOWN) {
-		report(&c, &h, h.ep->identity, peer_identity(&p, scope, h.from_host), REASON_DROP_FRAG, 1);
+		report(&c, &h, peer_identity(&p, scope, h.from_host), REASON_DROP_FRAG, 1);
 		return TC_ACT_SHOT;
 	}
 
@@ -2030,14 +2080,8 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	lp = f.lp ? f.lp : bpf_map_lookup_elem(&local_pods, p.daddr);
 	if (!lp)
 		return routed(&c, h.ifindex);
-	if (lp->ifindex == h.ifindex || p.ttl <= 1)
+	if (lp->ifindex == h.ifindex || p.ttl <= 1 || !hook_local(&dh, lp))
 		return pass(&p);
-	ifindex = lp->ifindex;
-	dh.ifindex = ifindex;
-	dh.ep = bpf_map_lookup_elem(&endpoints, &ifindex);
-	if (!dh.ep)
-		return pass(&p);
-	hook_open(&dh);
 	__builtin_memset(&f, 0, sizeof(f));
 	reason = check(&c, &dh, reason == REASON_ALLOW_REPLY, &f);
 	if (reason == CHECK_STACK)
@@ -2079,20 +2123,14 @@ int from_net(struct __sk_buff *skb)
 	struct pctx c = { .skb = skb, .p = &p };
 	struct flow df = {};
 	struct local_pod *lp;
-	__u32 zero = 0, ifindex;
+	__u32 zero = 0;
 	int reason;
 
 	if (parse(skb, &p) != PARSE_OK || p.ttl <= 1)
 		return TC_ACT_OK;
 	lp = bpf_map_lookup_elem(&local_pods, p.daddr);
-	if (!lp || !remote_range(p.saddr))
+	if (!lp || !remote_range(p.saddr) || !hook_local(&dh, lp))
 		return TC_ACT_OK;
-	ifindex = lp->ifindex;
-	dh.ifindex = ifindex;
-	dh.ep = bpf_map_lookup_elem(&endpoints, &ifindex);
-	if (!dh.ep)
-		return TC_ACT_OK;
-	hook_open(&dh);
 	c.cfg = bpf_map_lookup_elem(&config, &zero);
 	c.rev = c.cfg ? c.cfg->rev : 0;
 	c.now = bpf_ktime_get_coarse_ns();

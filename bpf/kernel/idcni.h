@@ -108,6 +108,12 @@ struct local_pod {
 	__u32 ifindex;
 	__u8 mac[6];
 	__u8 host_mac[6];
+	/* Appended in pin layout 4: the pod's conntrack slot, a copy of its
+	 * endpoint's ct_slot (which never changes while the pod lives), so
+	 * that a packet handed to the pod past its to_pod finds its flow
+	 * without the endpoint. 0: not known (an entry of layout 3), the
+	 * endpoint says. */
+	__u32 ct_slot;
 };
 
 struct policy_key {
