@@ -39,14 +39,23 @@ func (d *Datapath) PutEndpoint(ifindex int, ep Endpoint) error {
 }
 
 // DeleteEndpoint removes an endpoint, and before it the local pod entries
-// that name its host veth: they carry its conntrack slot, and from_net
-// delivers a known flow's packets by them without asking the endpoint, so
-// none may outlive it. A missing endpoint is not an error.
+// of its addresses that name its host veth: they carry its conntrack
+// slot, and from_net delivers a known flow's packets by them without
+// asking the endpoint, so none may outlive it. A missing endpoint is not
+// an error.
 func (d *Datapath) DeleteEndpoint(ifindex int) error {
-	if err := d.deleteLocalPodsOf(ifindex); err != nil {
-		return fmt.Errorf("delete endpoint %d: %w", ifindex, err)
+	ep, ok, err := d.Endpoint(ifindex)
+	if err != nil {
+		return err
 	}
-	err := d.objs.Endpoints.Delete(uint32(ifindex))
+	if ok {
+		for _, a := range ep.Addrs() {
+			if err := d.DeleteLocalPod(a, ifindex); err != nil {
+				return fmt.Errorf("delete endpoint %d: %w", ifindex, err)
+			}
+		}
+	}
+	err = d.objs.Endpoints.Delete(uint32(ifindex))
 	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete endpoint %d: %w", ifindex, err)
 	}
@@ -137,28 +146,6 @@ func (d *Datapath) DeleteLocalPod(a netip.Addr, ifindex int) error {
 	}
 	if err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
 		return fmt.Errorf("delete local pod %s: %w", a, err)
-	}
-	return nil
-}
-
-// deleteLocalPodsOf removes the local pod entries that name ifindex.
-func (d *Datapath) deleteLocalPodsOf(ifindex int) error {
-	var k [16]byte
-	var v datapathLocalPod
-	var keys [][16]byte
-	it := d.objs.LocalPods.Iterate()
-	for it.Next(&k, &v) {
-		if int(v.Ifindex) == ifindex {
-			keys = append(keys, k)
-		}
-	}
-	if err := it.Err(); err != nil {
-		return fmt.Errorf("list local pods: %w", err)
-	}
-	for _, k := range keys {
-		if err := d.objs.LocalPods.Delete(&k); err != nil && !errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("delete local pod %s: %w", addrFrom16(k), err)
-		}
 	}
 	return nil
 }
