@@ -100,7 +100,7 @@ type LocalPod struct {
 	// ConntrackSlot is the pod's endpoint's, which PutLocalPod copies into
 	// the entry (whatever lp says): from_net and from_pod's delivery find
 	// the pod's flows by it without the endpoint. 0 in an entry written
-	// by a build of pin layout 3 (FillLocalPodSlots fills it in).
+	// by a build of pin layout 3 (the migration fills it in).
 	ConntrackSlot uint32 `json:"conntrackSlot,omitzero"`
 }
 
@@ -114,14 +114,14 @@ func (d *Datapath) PutLocalPod(a netip.Addr, lp LocalPod) error {
 	if lp.Ifindex <= 0 || len(lp.MAC) != 6 || len(lp.HostMAC) != 6 {
 		return fmt.Errorf("local pod %s: need an ifindex and two 6-byte MAC addresses, got %d, %q, %q", a, lp.Ifindex, lp.MAC, lp.HostMAC)
 	}
-	var ep datapathEndpoint
-	if err := d.objs.Endpoints.Lookup(uint32(lp.Ifindex), &ep); err != nil {
-		if errors.Is(err, ebpf.ErrKeyNotExist) {
-			return fmt.Errorf("local pod %s: no endpoint behind ifindex %d: write the endpoint first", a, lp.Ifindex)
-		}
-		return fmt.Errorf("local pod %s: read endpoint %d: %w", a, lp.Ifindex, err)
+	ep, ok, err := d.Endpoint(lp.Ifindex)
+	if err != nil {
+		return fmt.Errorf("local pod %s: %w", a, err)
 	}
-	v := datapathLocalPod{Ifindex: uint32(lp.Ifindex), CtSlot: ep.CtSlot}
+	if !ok {
+		return fmt.Errorf("local pod %s: no endpoint behind ifindex %d: write the endpoint first", a, lp.Ifindex)
+	}
+	v := datapathLocalPod{Ifindex: uint32(lp.Ifindex), CtSlot: ep.ConntrackSlot}
 	copy(v.Mac[:], lp.MAC)
 	copy(v.HostMac[:], lp.HostMAC)
 	k := addr16(a)
@@ -183,12 +183,12 @@ func (d *Datapath) fillLocalPodSlots() (int, error) {
 	}
 	filled := 0
 	for k, v := range missing {
-		var ep datapathEndpoint
-		if err := d.objs.Endpoints.Lookup(v.Ifindex, &ep); err != nil || ep.CtSlot == 0 {
+		ep, ok, err := d.Endpoint(int(v.Ifindex))
+		if err != nil || !ok || ep.ConntrackSlot == 0 {
 			continue // no endpoint (yet): from_net asks it, as layout 3 did
 		}
-		v.CtSlot = ep.CtSlot
-		err := d.objs.LocalPods.Update(&k, &v, ebpf.UpdateExist)
+		v.CtSlot = ep.ConntrackSlot
+		err = d.objs.LocalPods.Update(&k, &v, ebpf.UpdateExist)
 		if errors.Is(err, ebpf.ErrKeyNotExist) {
 			continue
 		}

@@ -942,6 +942,12 @@ static __always_inline void emit(struct pctx *c, struct hook_ep *h, __u32 src, _
 				      : BPF_RB_NO_WAKEUP);
 }
 
+/* debugging reports whether the loader asked for seed-style trace lines. */
+static __always_inline int debugging(const struct pctx *c)
+{
+	return c->cfg && c->cfg->debug;
+}
+
 /* report counts, traces and reports the verdict of one hook of h and
  * returns its reason. Events go out for every drop and for the first
  * packet of every flow, within the endpoint's event budget. The subject
@@ -949,7 +955,7 @@ static __always_inline void emit(struct pctx *c, struct hook_ep *h, __u32 src, _
  * shows it. */
 static __always_inline int report(struct pctx *c, struct hook_ep *h, __u32 peer, int reason, int event)
 {
-	int debug = c->cfg && c->cfg->debug;
+	int debug = debugging(c);
 	struct endpoint *ep;
 	__u32 subject, src, dst;
 
@@ -1650,7 +1656,7 @@ static __always_inline int report_known(struct pctx *c, struct hook_ep *h, struc
 {
 	int drop = is_drop(reason);
 
-	return report(c, h, drop || (c->cfg && c->cfg->debug) ? peer(c, h, f) : f->peer, reason, drop);
+	return report(c, h, drop || debugging(c) ? peer(c, h, f) : f->peer, reason, drop);
 }
 
 /* check decides a parsed packet at one hook of the endpoint h and reports
@@ -2019,7 +2025,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	struct pctx c = { .skb = skb, .p = &p };
 	struct flow f = {};
 	struct local_pod *lp;
-	__u32 zero = 0, ifindex = skb->ifindex;
+	__u32 zero = 0;
 	int ret, reason;
 
 	h.from_host = scope == SCOPE_INGRESS && skb->ingress_ifindex == 0;
@@ -2030,7 +2036,7 @@ static __always_inline int handle(struct __sk_buff *skb, const __u8 scope)
 	}
 	c.cfg = bpf_map_lookup_elem(&config, &zero);
 	c.rev = c.cfg ? c.cfg->rev : 0;
-	h.ep = bpf_map_lookup_elem(&endpoints, &ifindex);
+	hook_endpoint(&h);
 	hook_open(&h);
 	if (ret == PARSE_MALFORMED) {
 		report(&c, &h, 0, REASON_DROP_MALFORMED, 1);
